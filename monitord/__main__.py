@@ -1,0 +1,5 @@
+import sys
+
+from monitord.cli import main
+
+sys.exit(main())

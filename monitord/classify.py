@@ -1,0 +1,86 @@
+"""Offline scoring of a file through the same gate, windows and models as the daemon."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from monitord.config import Config
+from monitord.models import Model
+from monitord.windows import Window, WindowCutter, window_starts
+
+
+class AudioFileError(Exception):
+    """The file cannot be decoded as audio."""
+
+
+def read_mono(path: Path) -> tuple[np.ndarray, int]:
+    """The whole file as mono float32 and its sample rate."""
+    import soundfile as sf
+
+    try:
+        data, rate = sf.read(str(path), dtype="float32", always_2d=True)
+    except (RuntimeError, sf.LibsndfileError) as exc:
+        raise AudioFileError(f"cannot read audio file {path}: {exc}") from None
+    if data.shape[0] == 0:
+        raise AudioFileError(f"audio file {path} holds no samples")
+    mono = data[:, 0] if data.shape[1] == 1 else data.mean(axis=1, dtype=np.float32)
+    return np.ascontiguousarray(mono), int(rate)
+
+
+@dataclass(frozen=True)
+class WindowResult:
+    window: Window
+    passed: bool
+    scores: dict[str, dict[str, float]]
+    """model name -> label -> probability (empty when the gate rejected the window)."""
+
+    def to_dict(self) -> dict[str, Any]:
+        w = self.window
+        return {
+            "source": w.source,
+            "stream_start": round(w.stream_start, 6),
+            "stream_end": round(w.stream_end, 6),
+            "gate": {"passed": self.passed, **w.facts.to_dict()},
+            "scores": {m: {k: round(v, 6) for k, v in p.items()} for m, p in self.scores.items()},
+        }
+
+    def to_text(self, top: int) -> str:
+        w = self.window
+        head = f"{w.stream_start:8.2f}-{w.stream_end:8.2f}s"
+        if not self.passed:
+            return f"{head}  (gated out: {w.facts.rms_dbfs:.1f} dBFS)"
+        parts = []
+        for model, probs in self.scores.items():
+            best = sorted(probs.items(), key=lambda kv: -kv[1])[:top]
+            labels = "  ".join(f"{label} {p:.3f}" for label, p in best)
+            parts.append(f"[{model}] {labels}" if len(self.scores) > 1 else labels)
+        return f"{head}  " + "  ".join(parts)
+
+
+def classify_file(path: Path, config: Config, models: Mapping[str, Model]) -> Iterator[WindowResult]:
+    """One WindowResult per window of the file, in order; gated-out windows included."""
+    samples, rate = read_mono(path)
+    cutter = WindowCutter(path.stem, rate, config.window, config.gate, {m.sample_rate for m in models.values()})
+    batch_max = max(m.batch_max for m in models.values())
+    pending: list[Window] = []
+
+    def flush() -> Iterator[WindowResult]:
+        passed = [w for w in pending if w.passed]
+        scored: dict[int, dict[str, dict[str, float]]] = {id(w): {} for w in passed}
+        for name, model in models.items():
+            for s in model.score(passed):
+                scored[id(s.window)][name] = s.probabilities
+        for window in pending:
+            yield WindowResult(window, window.passed, scored.get(id(window), {}))
+        pending.clear()
+
+    for start in window_starts(len(samples), cutter.length, cutter.hop):
+        pending.append(cutter.cut(samples[start : start + cutter.length], start, start / rate, (start + cutter.length) / rate))
+        if sum(w.passed for w in pending) >= batch_max:
+            yield from flush()
+    yield from flush()

@@ -1,0 +1,194 @@
+"""``monitord`` command line: run, check-config, devices, classify, tail."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import signal
+import sys
+import threading
+from pathlib import Path
+
+from monitord.config import Config, ConfigError, load_config
+
+log = logging.getLogger("monitord")
+
+EXIT_OK = 0
+EXIT_FAILURE = 1
+EXIT_USAGE = 2
+
+
+def _setup_logging(level: str) -> None:
+    logging.basicConfig(level=getattr(logging, level.upper()), format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr)
+    for noisy in ("transformers", "huggingface_hub", "urllib3", "httpx"):
+        logging.getLogger(noisy).setLevel(logging.ERROR)
+
+
+def _load(path: str) -> Config | None:
+    try:
+        return load_config(path)
+    except ConfigError as exc:
+        print(f"{path}: invalid configuration", file=sys.stderr)
+        for problem in exc.problems:
+            print(str(problem), file=sys.stderr)
+        return None
+
+
+def _fail(message: str) -> int:
+    print(f"monitord: {message}", file=sys.stderr)
+    return EXIT_USAGE
+
+
+def cmd_check_config(args: argparse.Namespace) -> int:
+    config = _load(args.config)
+    if config is None:
+        return EXIT_USAGE
+    print(f"{args.config}: ok ({len(config.sources)} sources, {len(config.models)} models, {len(config.rules)} rules)")
+    return EXIT_OK
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    config = _load(args.config)
+    if config is None:
+        return EXIT_USAGE
+    stop = threading.Event()
+
+    def on_signal(signum: int, _frame: object) -> None:
+        log.info("received %s, stopping", signal.Signals(signum).name)
+        stop.set()
+
+    signal.signal(signal.SIGTERM, on_signal)
+    signal.signal(signal.SIGINT, on_signal)
+
+    from monitord.capture import SourceError
+    from monitord.daemon import Daemon, load_models
+    from monitord.models import ModelUnavailable
+    from monitord.publish import PublishError
+
+    try:
+        models = load_models(config)
+    except ModelUnavailable as exc:
+        return _fail(str(exc))
+    if stop.is_set():
+        return EXIT_OK
+    daemon = Daemon(config, models)
+    try:
+        daemon.start()
+    except (SourceError, PublishError) as exc:
+        return _fail(str(exc))
+    log.info("monitord running: %d sources, %d models, %d rules", len(config.sources), len(models), len(config.rules))
+    try:
+        daemon.wait(stop, until_done=args.until_done)
+    finally:
+        daemon.stop()
+    return EXIT_OK
+
+
+def cmd_devices(args: argparse.Namespace) -> int:
+    try:
+        import sounddevice as sd
+
+        from monitord.capture import list_input_devices
+
+        devices = list_input_devices()
+    except (OSError, ImportError) as exc:  # PortAudio library missing
+        return _fail(f"cannot use PortAudio: {exc}")
+    except Exception as exc:
+        return _fail(f"cannot list devices: {exc}")
+    default = sd.default.device[0]
+    if args.json:
+        for d in devices:
+            print(json.dumps({**d, "default": d["index"] == default}))
+        return EXIT_OK
+    if not devices:
+        print("no input devices (is a sound server running, and can this user reach it?)")
+    print(f"{'index':>5}  {'ch':>3}  {'rate':>7}  name")
+    for d in devices:
+        mark = " *" if d["index"] == default else ""
+        print(f"{d['index']:>5}  {d['channels']:>3}  {d['sample_rate']:>7.0f}  {d['name']}{mark}")
+    return EXIT_OK
+
+
+def cmd_classify(args: argparse.Namespace) -> int:
+    config = _load(args.config)
+    if config is None:
+        return EXIT_USAGE
+    from monitord.classify import AudioFileError, classify_file
+    from monitord.daemon import load_models
+    from monitord.models import ModelUnavailable
+
+    try:
+        models = load_models(config)
+    except ModelUnavailable as exc:
+        return _fail(str(exc))
+    try:
+        for row in classify_file(Path(args.file), config, models):
+            print(json.dumps(row.to_dict()) if args.json else row.to_text(args.top))
+            sys.stdout.flush()
+    except AudioFileError as exc:
+        return _fail(str(exc))
+    except BrokenPipeError:
+        return EXIT_OK
+    return EXIT_OK
+
+
+def cmd_tail(args: argparse.Namespace) -> int:
+    from monitord.tail import tail
+
+    endpoint = args.connect
+    if endpoint is None and args.config:
+        config = _load(args.config)
+        if config is None:
+            return EXIT_USAGE
+        endpoint = config.publish.endpoint
+    return tail(endpoint or "tcp://127.0.0.1:5556", args.topic, as_json=args.json, count=args.count, timeout_s=args.timeout)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="monitord", description="Real-time audio monitoring daemon.")
+    parser.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("run", help="run the daemon until SIGTERM/SIGINT")
+    p.add_argument("-c", "--config", required=True)
+    p.add_argument("--until-done", action="store_true", help="exit once every (file) source has ended and been scored")
+    p.set_defaults(func=cmd_run)
+
+    p = sub.add_parser("check-config", help="validate a config file (exit 2 with one line per problem)")
+    p.add_argument("config")
+    p.set_defaults(func=cmd_check_config)
+
+    p = sub.add_parser("devices", help="list capture devices")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_devices)
+
+    p = sub.add_parser("classify", help="score an audio file offline with the configured gate, windows and models")
+    p.add_argument("file")
+    p.add_argument("-c", "--config", required=True)
+    p.add_argument("--json", action="store_true", help="one JSON object per window")
+    p.add_argument("--top", type=int, default=3, help="labels shown per row")
+    p.set_defaults(func=cmd_classify)
+
+    p = sub.add_parser("tail", help="subscribe to a daemon and print its events")
+    p.add_argument("--connect", help="endpoint (default: from -c CONFIG, else tcp://127.0.0.1:5556)")
+    p.add_argument("-c", "--config")
+    p.add_argument("--topic", default="", help="topic prefix, e.g. alert.kitchen")
+    p.add_argument("--json", action="store_true", help="print each event's JSON")
+    p.add_argument("--count", type=int, help="exit after this many events")
+    p.add_argument("--timeout", type=float, help="exit (status 1) after this many seconds without an event")
+    p.set_defaults(func=cmd_tail)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    _setup_logging(args.log_level)
+    try:
+        return args.func(args)
+    except KeyboardInterrupt:
+        return EXIT_OK
+
+
+if __name__ == "__main__":
+    sys.exit(main())

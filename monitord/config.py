@@ -1,0 +1,400 @@
+"""YAML configuration: parsed, validated and frozen before anything starts.
+
+Every problem is reported as ``path.to.key: what is wrong (line N)``; the daemon and
+``check-config`` exit with status 2 when there is any.
+"""
+
+from __future__ import annotations
+
+import difflib
+import ipaddress
+import os
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal, Union
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+ID_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_\-]*$"
+DEFAULT_CLAP_MODEL = "laion/clap-htsat-unfused"
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True, strict=False)
+
+
+class GateConfig(_Strict):
+    """Which windows are worth scoring."""
+
+    mode: Literal["energy", "speech", "always"] = "energy"
+    threshold_dbfs: float = Field(-50.0, ge=-120.0, le=0.0)
+    onset_db: float = Field(10.0, gt=0.0, le=60.0)
+    """A 20 ms frame this much louder than the window's median frame counts as an onset."""
+    speech_ratio: float = Field(0.3, ge=0.0, le=1.0)
+    """speech mode: share of 30 ms frames webrtcvad must call speech."""
+    vad_aggressiveness: int = Field(2, ge=0, le=3)
+
+
+class SourceConfig(_Strict):
+    id: str = Field(pattern=ID_PATTERN, max_length=64)
+    device: Union[int, str, None] = None
+    """sounddevice index, a substring of the device name, or "default"."""
+    file: str | None = None
+    sample_rate: int | None = Field(None, ge=8000, le=384000)
+    """Capture rate for devices (default 48000); files play at their own rate."""
+    channels: int = Field(1, ge=1, le=64)
+    """Channels opened on a device; mixed down to mono."""
+    blocksize: int = Field(0, ge=0, le=65536)
+    """Frames per capture callback; 0 lets PortAudio choose."""
+    realtime: bool = False
+    """File sources: pace like a live source instead of running as fast as the worker goes."""
+    gate: GateConfig | None = None
+
+    @property
+    def kind(self) -> str:
+        return "file" if self.file is not None else "device"
+
+
+class WindowConfig(_Strict):
+    seconds: float = Field(2.0, gt=0.0, le=60.0)
+    hop_s: float = Field(0.5, gt=0.0, le=60.0)
+
+
+class ClapModelConfig(_Strict):
+    kind: Literal["clap"] = "clap"
+    model: str = DEFAULT_CLAP_MODEL
+    """Hugging Face model id or local directory."""
+    device: str = Field("auto", pattern=r"^(auto|cpu|cuda|cuda:\d+)$")
+    dtype: Literal["auto", "float32", "float16", "bfloat16"] = "auto"
+    labels: tuple[str, ...] = Field(min_length=2)
+    prompt: str = "This is a sound of {label}."
+    batch_max: int = Field(8, ge=1, le=512)
+    batch_wait_ms: float = Field(20.0, ge=0.0, le=5000.0)
+
+    @field_validator("labels")
+    @classmethod
+    def _labels_unique(cls, labels: tuple[str, ...]) -> tuple[str, ...]:
+        cleaned = tuple(label.strip() for label in labels)
+        if any(not label for label in cleaned):
+            raise ValueError("labels must not be empty strings")
+        duplicates = sorted({label for label in cleaned if cleaned.count(label) > 1})
+        if duplicates:
+            raise ValueError(f"duplicate labels: {', '.join(duplicates)}")
+        return cleaned
+
+    @field_validator("prompt")
+    @classmethod
+    def _prompt_has_label(cls, prompt: str) -> str:
+        if "{label}" not in prompt:
+            raise ValueError('prompt must contain "{label}"')
+        try:
+            prompt.format(label="x")
+        except (KeyError, IndexError, ValueError) as exc:
+            raise ValueError(f"prompt is not a valid template ({exc}); only {{label}} may be used") from None
+        return prompt
+
+
+ModelConfig = ClapModelConfig
+
+
+class RuleConfig(_Strict):
+    id: str = Field(pattern=ID_PATTERN, max_length=64)
+    model: str
+    label: str
+    sources: tuple[str, ...] | None = None
+    """Sources this rule watches; all when absent."""
+    threshold: float = Field(ge=0.0, le=1.0)
+    release: float | None = Field(None, ge=0.0, le=1.0)
+    """Score below which an active alert ends; defaults to the threshold."""
+    min_windows: int = Field(1, ge=1, le=1000)
+    of_windows: int = Field(1, ge=1, le=1000)
+    cooldown_s: float = Field(0.0, ge=0.0)
+
+    @property
+    def release_level(self) -> float:
+        return self.threshold if self.release is None else self.release
+
+
+class PublishConfig(_Strict):
+    endpoint: str = "tcp://127.0.0.1:5556"
+    event_log: str | None = "events.jsonl"
+    fsync: bool = False
+    """fsync the event log after every event (durable across power loss; slower)."""
+    send_hwm: int = Field(10000, ge=1)
+    """ZeroMQ send high-water mark per subscriber: bounds memory held for slow subscribers."""
+    allow_insecure_remote: bool = False
+    host: str | None = None
+    """Host name stamped on events; the machine's name when absent."""
+
+
+class PipelineConfig(_Strict):
+    queue_max_windows: int = Field(64, ge=1, le=100000)
+    """Bounded window queue; live sources drop the oldest window when it is full."""
+    shutdown_timeout_s: float = Field(5.0, ge=0.0, le=600.0)
+    overload_status_interval_s: float = Field(10.0, ge=0.0)
+    ring_seconds: float = Field(10.0, ge=1.0, le=3600.0)
+    """Ring buffer length per source (must exceed the window)."""
+
+
+class Config(_Strict):
+    sources: tuple[SourceConfig, ...] = Field(min_length=1)
+    gate: GateConfig = GateConfig()
+    window: WindowConfig = WindowConfig()
+    models: dict[str, ModelConfig] = Field(min_length=1)
+    rules: tuple[RuleConfig, ...] = ()
+    publish: PublishConfig = PublishConfig()
+    pipeline: PipelineConfig = PipelineConfig()
+
+    def gate_for(self, source: SourceConfig) -> GateConfig:
+        return source.gate if source.gate is not None else self.gate
+
+
+@dataclass(frozen=True)
+class Problem:
+    path: str
+    message: str
+    line: int | None = None
+
+    def __str__(self) -> str:
+        where = f" (line {self.line})" if self.line is not None else ""
+        return f"{self.path}: {self.message}{where}"
+
+
+class ConfigError(Exception):
+    """The configuration is invalid; ``problems`` lists every reason."""
+
+    def __init__(self, problems: list[Problem]):
+        self.problems = problems
+        super().__init__("\n".join(str(p) for p in problems))
+
+
+def load_config(path: str | os.PathLike[str]) -> Config:
+    """Read, validate and resolve a YAML config file; raises ConfigError."""
+    path = Path(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise ConfigError([Problem("config", f"file not found: {path}")]) from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ConfigError([Problem("config", f"cannot read {path}: {exc}")]) from None
+    return parse_config(text, base_dir=path.resolve().parent)
+
+
+def parse_config(text: str, base_dir: Path) -> Config:
+    try:
+        root_node = yaml.compose(text, Loader=yaml.SafeLoader)
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        line = mark.line + 1 if mark is not None else None
+        problem = getattr(exc, "problem", None) or str(exc)
+        raise ConfigError([Problem("config", f"invalid YAML: {problem}", line)]) from None
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise ConfigError([Problem("config", f"top level must be a mapping of sections, not {type(data).__name__}")])
+
+    try:
+        config = Config.model_validate(data)
+    except ValidationError as exc:
+        problems = [_problem_from_pydantic(err, root_node) for err in exc.errors()]
+        raise ConfigError(_unique(problems)) from None
+
+    config = _resolve_paths(config, base_dir)
+    problems = _cross_check(config)
+    if problems:
+        raise ConfigError([Problem(p.path, p.message, _line_of(root_node, p.path)) for p in problems])
+    return config
+
+
+def _unique(problems: list[Problem]) -> list[Problem]:
+    seen: set[str] = set()
+    out = []
+    for p in problems:
+        if str(p) not in seen:
+            seen.add(str(p))
+            out.append(p)
+    return out
+
+
+def _problem_from_pydantic(err: dict[str, Any], root_node: yaml.Node | None) -> Problem:
+    # Union members add their type name to the location ("device.int"): not a key the user wrote.
+    loc = [part for part in err["loc"] if part not in ("int", "str", "none", "function-after[_labels_unique(), tuple[str, ...]]")]
+    path = ".".join(str(part) for part in loc) or "config"
+    kind = err["type"]
+    if kind == "extra_forbidden":
+        message = "unknown key" + _suggestion(loc)
+    elif kind == "missing":
+        message = "required key is missing"
+    elif kind == "value_error":
+        message = str(err["msg"]).removeprefix("Value error, ")
+    elif kind == "string_pattern_mismatch" and loc and loc[-1] == "id":
+        message = f"{err['input']!r} is not a valid id: use letters, digits, '-' and '_'"
+    elif kind == "string_pattern_mismatch" and loc and loc[-1] == "device":
+        message = f"{err['input']!r} is not a device: use auto, cpu, cuda or cuda:N"
+    else:
+        message = f"{err['msg']} (got {_short(err.get('input'))})"
+    return Problem(path, message, _line_of(root_node, path))
+
+
+def _short(value: Any) -> str:
+    text = repr(value)
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
+_ALLOWED_KEYS: dict[str, type[BaseModel]] = {
+    "": Config,
+    "sources": SourceConfig,
+    "gate": GateConfig,
+    "window": WindowConfig,
+    "models": ClapModelConfig,
+    "rules": RuleConfig,
+    "publish": PublishConfig,
+    "pipeline": PipelineConfig,
+}
+
+
+def _suggestion(loc: list[Any]) -> str:
+    """' (did you mean X?)' for a misspelt key, from the fields of the section it sits in."""
+    key = str(loc[-1])
+    parents = [str(p) for p in loc[:-1] if not isinstance(p, int)]
+    section = parents[-1] if parents else ""
+    if section not in _ALLOWED_KEYS and len(parents) >= 2 and parents[-2] == "models":
+        section = "models"
+    if len(parents) >= 2 and parents[-1] == "gate":
+        section = "gate"
+    model = _ALLOWED_KEYS.get(section)
+    if model is None:
+        return ""
+    allowed = list(model.model_fields)
+    close = difflib.get_close_matches(key, allowed, n=1)
+    if close:
+        return f" (did you mean {close[0]!r}?)"
+    return f" (allowed: {', '.join(allowed)})"
+
+
+def _line_of(root_node: yaml.Node | None, dotted: str) -> int | None:
+    """1-based line of the YAML node at a dotted path, or of its nearest existing parent."""
+    node = root_node
+    line = None
+    if node is None:
+        return None
+    for part in dotted.split("."):
+        if isinstance(node, yaml.MappingNode):
+            match = next((v for k, v in node.value if getattr(k, "value", None) == part), None)
+            key_node = next((k for k, v in node.value if getattr(k, "value", None) == part), None)
+            if match is None:
+                break
+            line = key_node.start_mark.line + 1
+            node = match
+        elif isinstance(node, yaml.SequenceNode) and part.isdigit() and int(part) < len(node.value):
+            node = node.value[int(part)]
+            line = node.start_mark.line + 1
+        else:
+            break
+    return line
+
+
+def _resolve(base_dir: Path, value: str) -> str:
+    path = Path(os.path.expanduser(value))
+    return str(path if path.is_absolute() else (base_dir / path).resolve())
+
+
+def _resolve_paths(config: Config, base_dir: Path) -> Config:
+    sources = tuple(
+        s.model_copy(update={"file": _resolve(base_dir, s.file)}) if s.file is not None else s for s in config.sources
+    )
+    models = {}
+    for name, model in config.models.items():
+        local = Path(_resolve(base_dir, model.model))
+        looks_like_path = model.model.startswith((".", "/", "~")) or local.exists()
+        models[name] = model.model_copy(update={"model": str(local)}) if looks_like_path else model
+    publish = config.publish
+    if publish.event_log is not None:
+        publish = publish.model_copy(update={"event_log": _resolve(base_dir, publish.event_log)})
+    return config.model_copy(update={"sources": sources, "models": models, "publish": publish})
+
+
+def _cross_check(config: Config) -> list[Problem]:
+    problems: list[Problem] = []
+    add = lambda path, message: problems.append(Problem(path, message))  # noqa: E731
+
+    seen_ids: set[str] = set()
+    for i, source in enumerate(config.sources):
+        where = f"sources.{i}"
+        if source.id in seen_ids:
+            add(f"{where}.id", f"duplicate source id {source.id!r}")
+        seen_ids.add(source.id)
+        if (source.device is None) == (source.file is None):
+            add(where, "give exactly one of 'device' or 'file'")
+        if source.file is not None:
+            if not Path(source.file).is_file():
+                add(f"{where}.file", f"file not found: {source.file}")
+        if source.device is not None and source.realtime:
+            add(f"{where}.realtime", "only file sources take 'realtime' (devices are always real time)")
+
+    window = config.window
+    if window.hop_s > window.seconds:
+        add("window.hop_s", f"hop ({window.hop_s} s) is longer than the window ({window.seconds} s): audio would be skipped")
+    if config.pipeline.ring_seconds < window.seconds + window.hop_s:
+        add("pipeline.ring_seconds", f"must be at least window.seconds + window.hop_s ({window.seconds + window.hop_s} s)")
+
+    seen_rules: set[str] = set()
+    for i, rule in enumerate(config.rules):
+        where = f"rules.{i}"
+        if rule.id in seen_rules:
+            add(f"{where}.id", f"duplicate rule id {rule.id!r}")
+        seen_rules.add(rule.id)
+        model = config.models.get(rule.model)
+        if model is None:
+            add(f"{where}.model", f"no model named {rule.model!r} (models: {', '.join(config.models)})")
+        elif rule.label not in model.labels:
+            close = difflib.get_close_matches(rule.label, model.labels, n=1)
+            hint = f"; did you mean {close[0]!r}?" if close else ""
+            add(f"{where}.label", f"{rule.label!r} is not a label of model {rule.model!r}{hint}")
+        if rule.release is not None and rule.release > rule.threshold:
+            add(f"{where}.release", f"release ({rule.release}) must not exceed threshold ({rule.threshold})")
+        if rule.min_windows > rule.of_windows:
+            add(f"{where}.min_windows", f"min_windows ({rule.min_windows}) exceeds of_windows ({rule.of_windows})")
+        for j, source_id in enumerate(rule.sources or ()):
+            if source_id not in seen_ids and source_id not in {s.id for s in config.sources}:
+                add(f"{where}.sources.{j}", f"no source named {source_id!r}")
+
+    for name in config.models:
+        if not re.match(ID_PATTERN, name):
+            add(f"models.{name}", f"{name!r} is not a valid model name: use letters, digits, '-' and '_'")
+
+    problems.extend(_check_endpoint(config.publish))
+    return problems
+
+
+def _check_endpoint(publish: PublishConfig) -> list[Problem]:
+    endpoint = publish.endpoint
+    match = re.match(r"^(tcp|ipc|inproc)://(.+)$", endpoint)
+    if not match:
+        return [Problem("publish.endpoint", f"{endpoint!r} is not a ZeroMQ endpoint (tcp://HOST:PORT, ipc://PATH)")]
+    if match.group(1) != "tcp":
+        return []
+    host, _, port = match.group(2).rpartition(":")
+    if not port.isdigit() or not host:
+        return [Problem("publish.endpoint", f"{endpoint!r}: expected tcp://HOST:PORT")]
+    if not _is_loopback(host.strip("[]")) and not publish.allow_insecure_remote:
+        return [
+            Problem(
+                "publish.endpoint",
+                f"binds a non-loopback address ({host}) without encryption: events would be readable on the "
+                "network; bind 127.0.0.1, or set publish.allow_insecure_remote: true",
+            )
+        ]
+    return []
+
+
+def _is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False

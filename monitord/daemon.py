@@ -1,0 +1,169 @@
+"""Wires the stages together and owns their lifecycle.
+
+sources -> ring buffers -> windowers (gate) -> window queue -> model worker -> alert engine -> publisher
+"""
+
+from __future__ import annotations
+
+import logging
+import socket
+import threading
+import time
+from collections.abc import Mapping
+
+from monitord.alerts import AlertEngine
+from monitord.capture import DeviceSource, FileSource, open_source
+from monitord.config import Config
+from monitord.events import Event, iso_utc
+from monitord.models import Model, Scores, build_model
+from monitord.publish import Publisher
+from monitord.windowqueue import WindowQueue
+from monitord.windows import Window, WindowCutter, Windower
+from monitord.worker import ModelWorker
+
+log = logging.getLogger(__name__)
+
+
+def load_models(config: Config) -> dict[str, Model]:
+    """Build every configured model (raises ModelUnavailable with a readable reason)."""
+    return {name: build_model(name, model_config) for name, model_config in config.models.items()}
+
+
+class Daemon:
+    """start() opens everything, stop() closes it in order; models and publisher may be injected."""
+
+    def __init__(self, config: Config, models: Mapping[str, Model], publisher: Publisher | None = None):
+        self.config = config
+        self.models = dict(models)
+        self.publisher = publisher or Publisher(config.publish)
+        self.host = config.publish.host or socket.gethostname()
+        self.engine = AlertEngine(config.rules)
+        self.queue = WindowQueue(config.pipeline.queue_max_windows)
+        self.stop_event = threading.Event()
+        self.sources: list[DeviceSource | FileSource] = []
+        self.windowers: list[Windower] = []
+        self.worker = ModelWorker(self.queue, list(self.models.values()), self._on_scores, self._on_model_error, self._on_gated)
+        self._finished_windowers = 0
+        self._finished_lock = threading.Lock()
+        self._all_sources_done = threading.Event()
+        self._last_overload: dict[str, float] = {}
+
+    # lifecycle
+
+    def start(self) -> None:
+        """Open the publisher and every source; raises SourceError/PublishError before capturing anything."""
+        self.publisher.start()
+        try:
+            self.sources = [open_source(s, self.config.pipeline.ring_seconds, self._on_status) for s in self.config.sources]
+        except Exception:
+            self.publisher.close()
+            raise
+        rates = {model.sample_rate for model in self.models.values()}
+        for source in self.sources:
+            cutter = WindowCutter(source.id, source.sample_rate, self.config.window, self.config.gate_for(source.config), rates)
+            self.windowers.append(
+                Windower(source.ring, cutter, self._sink_for(source), self.stop_event, on_finished=self._windower_finished)
+            )
+        self.worker.start()
+        for windower in self.windowers:
+            windower.start()
+        for source in self.sources:
+            source.start()
+
+    def wait(self, stop: threading.Event, until_done: bool = False) -> None:
+        """Block until ``stop`` is set (a signal), or with ``until_done`` until every source has ended
+        and every window it produced has been scored."""
+        finishing = False
+        while not stop.is_set():
+            if until_done and self._all_sources_done.is_set():
+                if not finishing:
+                    self.worker.finish(drain_timeout_s=float("inf"))
+                    finishing = True
+                if not self.worker.alive:
+                    return
+            stop.wait(0.1)
+
+    def stop(self) -> None:
+        """Stop sources, drain the queue for at most shutdown_timeout_s, flush the log, close sockets."""
+        timeout = self.config.pipeline.shutdown_timeout_s
+        for source in self.sources:
+            source.stop()
+        self.stop_event.set()
+        for thread in [*self.sources, *self.windowers]:
+            if not thread.join(timeout=2.0):
+                log.warning("%s did not stop within 2 s", thread)
+        self.worker.finish(drain_timeout_s=timeout)
+        if not self.worker.join(timeout + 5.0):
+            log.warning("model worker still busy after %.1f s; exiting without it", timeout + 5.0)
+        self.publisher.close()
+        log.info(
+            "stopped: %d windows scored, %d events published, dropped per source %s",
+            self.worker.stats.windows,
+            self.publisher.published,
+            dict(self.queue.dropped) or "{}",
+        )
+
+    # stage hand-offs
+
+    def _sink_for(self, source: DeviceSource | FileSource):
+        def sink(window: Window) -> None:
+            dropped = self.queue.put(window, wait=source.waits_for_worker, stop=self.stop_event)
+            if dropped is not None:
+                self._report_overload(dropped.source)
+
+        return sink
+
+    def _windower_finished(self) -> None:
+        with self._finished_lock:
+            self._finished_windowers += 1
+            if self._finished_windowers == len(self.windowers):
+                self._all_sources_done.set()
+
+    def _report_overload(self, source: str) -> None:
+        now = time.monotonic()
+        last = self._last_overload.get(source)
+        if last is not None and now - last < self.config.pipeline.overload_status_interval_s:
+            return
+        self._last_overload[source] = now
+        dropped = self.queue.dropped[source]
+        log.warning("source %s: model worker behind, %d windows dropped so far", source, dropped)
+        self._publish_status(source, "overload", f"window queue full: {dropped} windows dropped so far", dropped=dropped)
+
+    def _on_status(self, source: str, status: str, detail: str) -> None:
+        self._publish_status(source, status, detail)
+
+    def _publish_status(self, source: str, status: str, detail: str, **extra: object) -> None:
+        event = Event(kind="status", source=source, time=iso_utc(time.time()), host=self.host, status=status, detail=detail, extra=extra)
+        self.publisher.publish(event)
+
+    def _on_scores(self, scores: Scores) -> None:
+        window = scores.window
+        fired = self.engine.observe(scores.model, window.source, scores.probabilities, window.stream_end)
+        self._publish_alerts(window, fired, scores)
+
+    def _on_gated(self, window: Window) -> None:
+        self._publish_alerts(window, self.engine.observe_quiet(window.source, window.stream_end), None)
+
+    def _publish_alerts(self, window: Window, fired: list, scores: Scores | None) -> None:
+        for rule, phase, score in fired:
+            event = Event(
+                kind="alert",
+                source=window.source,
+                time=iso_utc(window.wall_start),
+                host=self.host,
+                rule=rule.id,
+                label=rule.label,
+                phase=phase,
+                score=round(score, 6),
+                scores=None if scores is None else {label: round(p, 6) for label, p in scores.probabilities.items()},
+                model=self.models[rule.model].model_id,
+                stream_start=round(window.stream_start, 6),
+                stream_end=round(window.stream_end, 6),
+                facts=window.facts.to_dict(),
+            )
+            published = self.publisher.publish(event, ready_at=window.ready_at)
+            log.info("%s %s score=%.3f stream %.2f-%.2f s", published.topic, phase, score, window.stream_start, window.stream_end)
+
+    def _on_model_error(self, model: Model, windows: list[Window], exc: Exception) -> None:
+        for source in sorted({w.source for w in windows}):
+            self._publish_status(source, "model_error", f"model {model.name} failed on {len(windows)} windows: {exc}")

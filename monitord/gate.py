@@ -1,0 +1,143 @@
+"""Activity gate: which windows are worth a model's time.
+
+Facts about a window (level, onset, clipping, speech share) are measured once; the
+decision is a pure function of those facts and the gate config.
+
+About ``speech`` mode: webrtcvad separates sound from silence, not speech from other
+sound. Measured on these machines it calls pure tones, white noise, engines, rain and
+applause speech in nearly every 30 ms frame, in all of its modes; it rejects silence and
+quiet background. So ``speech`` here means "loud enough and voice-band active": use it to
+skip silence before a speech model, not to tell speech from a siren.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, replace
+
+import numpy as np
+import soxr
+
+from monitord.config import GateConfig
+
+FRAME_S = 0.02
+VAD_RATE = 16000
+VAD_FRAME = 480  # 30 ms at 16 kHz
+CLIP_LEVEL = 0.999
+DC_LIMIT = 0.01
+SILENCE_DBFS = -240.0
+
+
+@dataclass(frozen=True)
+class WindowFacts:
+    """What the gate measured (levels in dBFS: 20*log10 of RMS against a full scale of 1.0)."""
+
+    rms_dbfs: float
+    peak_frame_dbfs: float
+    median_frame_dbfs: float
+    clipped_ratio: float
+    non_finite: int
+    """Samples that were NaN or Inf and were replaced by zero."""
+    dc_offset: float
+    """Mean removed from the window (0.0 when below DC_LIMIT and left alone)."""
+    speech_ratio: float | None = None
+    """Share of 30 ms frames webrtcvad called speech; None when not measured."""
+
+    def to_dict(self) -> dict[str, float | int | None]:
+        return {
+            "rms_dbfs": round(self.rms_dbfs, 2),
+            "peak_frame_dbfs": round(self.peak_frame_dbfs, 2),
+            "clipped_ratio": round(self.clipped_ratio, 5),
+            "non_finite": self.non_finite,
+            "dc_offset": round(self.dc_offset, 5),
+            "speech_ratio": None if self.speech_ratio is None else round(self.speech_ratio, 3),
+        }
+
+
+def dbfs(rms: float) -> float:
+    return 20.0 * math.log10(rms) if rms > 0 else SILENCE_DBFS
+
+
+def clean(samples: np.ndarray) -> tuple[np.ndarray, int, float]:
+    """Replace NaN/Inf by zero and remove a significant DC offset, in place on a copy we own."""
+    finite = np.isfinite(samples)
+    non_finite = int(samples.size - np.count_nonzero(finite))
+    if non_finite:
+        samples = np.where(finite, samples, np.float32(0.0)).astype(np.float32)
+    dc = float(samples.mean()) if samples.size else 0.0
+    if abs(dc) >= DC_LIMIT:
+        samples = samples - np.float32(dc)
+    else:
+        dc = 0.0
+    return samples, non_finite, dc
+
+
+def measure(samples: np.ndarray, sample_rate: int, non_finite: int = 0, dc_offset: float = 0.0) -> WindowFacts:
+    """Level, per-frame level and clipping of a clean mono window."""
+    x = samples.astype(np.float64, copy=False)
+    rms = float(np.sqrt(np.mean(x * x))) if x.size else 0.0
+    frame = max(1, int(sample_rate * FRAME_S))
+    n_frames = x.size // frame
+    if n_frames:
+        frame_rms = np.sqrt(np.mean(x[: n_frames * frame].reshape(n_frames, frame) ** 2, axis=1))
+        frame_db = 20.0 * np.log10(np.maximum(frame_rms, 1e-12))
+        peak, median = float(frame_db.max()), float(np.median(frame_db))
+    else:
+        peak = median = dbfs(rms)
+    clipped = float(np.count_nonzero(np.abs(x) >= CLIP_LEVEL)) / x.size if x.size else 0.0
+    return WindowFacts(dbfs(rms), max(peak, SILENCE_DBFS), max(median, SILENCE_DBFS), clipped, non_finite, dc_offset)
+
+
+def energy_passes(facts: WindowFacts, gate: GateConfig) -> bool:
+    """Loud enough over the window, or one 20 ms frame jumps out of it (a bang)."""
+    if facts.rms_dbfs >= gate.threshold_dbfs:
+        return True
+    return facts.peak_frame_dbfs >= gate.threshold_dbfs and facts.peak_frame_dbfs - facts.median_frame_dbfs >= gate.onset_db
+
+
+def decide(facts: WindowFacts, gate: GateConfig) -> bool:
+    """The gate's verdict; speech mode needs speech_ratio to have been measured."""
+    if gate.mode == "always":
+        return True
+    if not energy_passes(facts, gate):
+        return False
+    if gate.mode == "energy":
+        return True
+    return facts.speech_ratio is not None and facts.speech_ratio >= gate.speech_ratio
+
+
+class WebrtcSpeechMeter:
+    """Share of 30 ms frames at 16 kHz that webrtcvad calls speech."""
+
+    def __init__(self, aggressiveness: int):
+        import webrtcvad
+
+        self._vad = webrtcvad.Vad(aggressiveness)
+
+    def __call__(self, samples: np.ndarray, sample_rate: int) -> float:
+        audio = samples if sample_rate == VAD_RATE else soxr.resample(samples, sample_rate, VAD_RATE)
+        pcm = (np.clip(audio, -1.0, 1.0) * 32767.0).astype("<i2")
+        n_frames = pcm.size // VAD_FRAME
+        if n_frames == 0:
+            return 0.0
+        speech = sum(
+            self._vad.is_speech(pcm[i * VAD_FRAME : (i + 1) * VAD_FRAME].tobytes(), VAD_RATE) for i in range(n_frames)
+        )
+        return speech / n_frames
+
+
+class Gate:
+    """Measures a window and decides; one per source (webrtcvad state is not shared across threads)."""
+
+    def __init__(self, config: GateConfig):
+        self.config = config
+        self._speech = WebrtcSpeechMeter(config.vad_aggressiveness) if config.mode == "speech" else None
+
+    def inspect(self, raw: np.ndarray, sample_rate: int) -> tuple[np.ndarray, WindowFacts, bool]:
+        """Clean the window, measure it, and say whether it passes."""
+        samples, non_finite, dc = clean(raw)
+        facts = measure(samples, sample_rate, non_finite, dc)
+        if self._speech is not None and energy_passes(facts, self.config):
+            facts = replace(facts, speech_ratio=self._speech(samples, sample_rate))
+        return samples, facts, decide(facts, self.config)
+

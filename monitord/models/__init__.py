@@ -1,0 +1,21 @@
+"""Models behind one narrow interface: ``score(windows) -> list[Scores]``.
+
+torch and transformers are imported only when a model is built, so the CLI and config
+checks start fast.
+"""
+
+from __future__ import annotations
+
+from monitord.models.base import Model, ModelUnavailable, Scores
+
+
+def build_model(name: str, config) -> Model:
+    """The model a config entry describes, loaded and ready."""
+    if config.kind == "clap":
+        from monitord.models.clap import ClapZeroShot
+
+        return ClapZeroShot(name, config)
+    raise ValueError(f"unknown model kind {config.kind!r}")
+
+
+__all__ = ["Model", "ModelUnavailable", "Scores", "build_model"]

@@ -1,0 +1,42 @@
+"""What every model produces, and the interface the worker relies on."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Protocol
+
+import numpy as np
+
+from monitord.windows import Window
+
+
+class ModelUnavailable(Exception):
+    """Weights or processor files cannot be found; the message says where to get them."""
+
+
+@dataclass(frozen=True, eq=False)
+class Scores:
+    """One model's verdict on one window."""
+
+    window: Window
+    model: str
+    """The model's name in the config."""
+    model_id: str
+    """HF id or local path the weights came from."""
+    probabilities: dict[str, float]
+    embedding: np.ndarray | None = None
+
+    def top(self, k: int) -> list[tuple[str, float]]:
+        return sorted(self.probabilities.items(), key=lambda kv: -kv[1])[:k]
+
+
+class Model(Protocol):
+    name: str
+    model_id: str
+    sample_rate: int
+    labels: tuple[str, ...]
+    batch_max: int
+    batch_wait_ms: float
+
+    def score(self, windows: Sequence[Window]) -> list[Scores]: ...

@@ -1,0 +1,107 @@
+"""Shared fixtures: tiny offline models, test audio, the PulseAudio null sink, free ports."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import soundfile as sf
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED = REPO.parent / "shared"
+IN_CI = bool(os.environ.get("CI"))
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+
+
+def need(condition: bool, reason: str) -> None:
+    """Skip with a reason where the machine lacks something; in CI, where it must be there, fail."""
+    if not condition:
+        if IN_CI:
+            pytest.fail(f"CI must provide this: {reason}")
+        pytest.skip(reason)
+
+
+def tone(freq: float, seconds: float, rate: int, dbfs: float = -12.0) -> np.ndarray:
+    """A sine whose RMS is ``dbfs``."""
+    t = np.arange(int(round(seconds * rate))) / rate
+    return (10 ** (dbfs / 20) * np.sqrt(2) * np.sin(2 * np.pi * freq * t)).astype(np.float32)
+
+
+def noise(seconds: float, rate: int, dbfs: float, seed: int = 0) -> np.ndarray:
+    x = np.random.default_rng(seed).standard_normal(int(round(seconds * rate)))
+    return (10 ** (dbfs / 20) * x / x.std()).astype(np.float32)
+
+
+def silence(seconds: float, rate: int) -> np.ndarray:
+    return np.zeros(int(round(seconds * rate)), dtype=np.float32)
+
+
+def write_wav(path: Path, samples: np.ndarray, rate: int) -> Path:
+    sf.write(str(path), samples, rate, subtype="FLOAT" if samples.dtype == np.float32 else "PCM_16")
+    return path
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def dominant_frequency(samples: np.ndarray, rate: int) -> float:
+    spectrum = np.abs(np.fft.rfft(samples * np.hanning(len(samples))))
+    return float(np.argmax(spectrum) * rate / len(samples))
+
+
+def rms_dbfs(samples: np.ndarray) -> float:
+    return float(20 * np.log10(np.sqrt(np.mean(np.square(samples, dtype=np.float64))) + 1e-12))
+
+
+@pytest.fixture(scope="session")
+def tiny_clap(tmp_path_factory) -> Path:
+    """A tiny CLAP checkpoint, trained for a few seconds to tell tones from noise, saved to disk."""
+    from tests.tiny_models import build_clap, train_clap
+
+    folder = tmp_path_factory.mktemp("models") / "clap"
+    build_clap(folder)
+    return train_clap(folder)
+
+
+@pytest.fixture(scope="session")
+def random_clap(tmp_path_factory) -> Path:
+    """A tiny CLAP checkpoint with random weights (for exact-equality checks)."""
+    from tests.tiny_models import build_clap
+
+    return build_clap(tmp_path_factory.mktemp("models") / "clap-random")
+
+
+@pytest.fixture(scope="session")
+def sound_server() -> dict[str, str]:
+    """The PulseAudio null sink 'vsink' (its monitor is the default capture source); returns env."""
+    need(shutil.which("pulseaudio") is not None and shutil.which("paplay") is not None,
+         "PulseAudio is not installed (tests/sound-server.sh install)")
+    out = subprocess.run(["bash", str(REPO / "tests" / "sound-server.sh"), "start"], capture_output=True, text=True, timeout=60)
+    need(out.returncode == 0, f"the sound server did not start: {out.stderr.strip()}")
+    runtime_dir = out.stdout.strip().split("=", 1)[1]
+    os.environ["XDG_RUNTIME_DIR"] = runtime_dir
+    import sounddevice as sd
+
+    sd._terminate()  # PortAudio lists devices as they were when it was initialised
+    sd._initialize()
+    return {"XDG_RUNTIME_DIR": runtime_dir}
+
+
+def play(path: Path, env: dict[str, str]) -> subprocess.Popen:
+    """Play a file into the null sink, as a speaker would into a microphone."""
+    return subprocess.Popen(["paplay", "--device=vsink", str(path)], env={**os.environ, **env})
+
+
+def monitord_cmd(*args: str) -> list[str]:
+    return [sys.executable, "-m", "monitord", *args]

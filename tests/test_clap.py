@@ -1,0 +1,109 @@
+"""The CLAP worker: real transformers classes loaded from disk, compared with the pipeline."""
+
+from __future__ import annotations
+
+import subprocess
+import time
+
+import numpy as np
+import pytest
+
+from monitord.config import ClapModelConfig, GateConfig, WindowConfig
+from monitord.daemon import load_models
+from monitord.models import ModelUnavailable
+from monitord.models.clap import ClapZeroShot
+from monitord.windows import WindowCutter
+from tests.conftest import REPO, monitord_cmd, noise, tone
+from tests.tiny_models import TRAIN_LABELS
+
+LABELS = ("glass breaking", "dog barking", "speech", "music", "silence")
+
+
+def windows(rate=44100):
+    cutter = WindowCutter("s", rate, WindowConfig(), GateConfig(mode="always"), [48000])
+    clips = [
+        tone(1000, 2.0, rate, -12),
+        noise(2.0, rate, -20),
+        tone(300, 2.0, rate, -30) + noise(2.0, rate, -40, seed=4),
+        np.concatenate([np.zeros(rate, np.float32), tone(2500, 1.0, rate, -6)]),
+        tone(60, 2.0, rate, -3),
+    ]
+    return [cutter.cut(c, i * rate, 0.0, 0.0) for i, c in enumerate(clips)]
+
+
+def test_probabilities_equal_the_transformers_pipeline(random_clap):
+    from transformers import pipeline
+
+    model = ClapZeroShot("clap", ClapModelConfig(model=str(random_clap), labels=LABELS))
+    ws = windows()
+    ours = model.score(ws)
+    pipe = pipeline("zero-shot-audio-classification", model=str(random_clap))
+    worst = 0.0
+    for window, scores in zip(ws, ours):
+        theirs = {r["label"]: r["score"] for r in pipe(window.at_rate(48000), candidate_labels=list(LABELS), hypothesis_template="This is a sound of {}.")}
+        assert set(theirs) == set(scores.probabilities)
+        worst = max(worst, max(abs(theirs[k] - scores.probabilities[k]) for k in LABELS))
+        assert abs(sum(scores.probabilities.values()) - 1.0) < 1e-5
+    assert worst <= 1e-4
+
+
+def test_a_windows_scores_do_not_depend_on_its_batch(random_clap):
+    model = ClapZeroShot("clap", ClapModelConfig(model=str(random_clap), labels=LABELS))
+    ws = windows()
+    together = model.score(ws)
+    for window, batched in zip(ws, together):
+        alone = model.score([window])[0]
+        for label in LABELS:
+            assert abs(alone.probabilities[label] - batched.probabilities[label]) < 1e-5
+
+
+def test_the_trained_tiny_model_tells_tone_from_noise(tiny_clap):
+    model = ClapZeroShot("clap", ClapModelConfig(model=str(tiny_clap), labels=TRAIN_LABELS))
+    ws = windows()
+    top = [s.top(1)[0][0] for s in model.score(ws[:2])]
+    assert top == ["tone", "noise"]
+
+
+def test_load_models_reads_a_local_directory(tiny_clap, tmp_path):
+    from monitord.config import parse_config
+
+    text = f"""
+sources: [{{id: a, device: default}}]
+models:
+  clap: {{kind: clap, model: {tiny_clap}, labels: [tone, noise]}}
+"""
+    models = load_models(parse_config(text, tmp_path))
+    assert models["clap"].sample_rate == 48000 and models["clap"].labels == ("tone", "noise")
+    assert models["clap"].text_embeddings.shape == (2, 16)
+
+
+def test_a_missing_directory_is_named(tmp_path):
+    with pytest.raises(ModelUnavailable, match="does not exist"):
+        ClapZeroShot("clap", ClapModelConfig(model=str(tmp_path / "nothing-here"), labels=LABELS))
+
+
+def test_an_incomplete_directory_is_explained(tmp_path):
+    (tmp_path / "config.json").write_text("{}")
+    with pytest.raises(ModelUnavailable, match="does not hold a complete"):
+        ClapZeroShot("clap", ClapModelConfig(model=str(tmp_path), labels=LABELS))
+
+
+def test_an_uncached_hub_id_offline_fails_fast_with_advice(monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    began = time.monotonic()
+    with pytest.raises(ModelUnavailable) as info:
+        ClapZeroShot("clap", ClapModelConfig(model="laion/clap-model-that-is-not-cached", labels=LABELS))
+    assert time.monotonic() - began < 30
+    message = str(info.value)
+    assert "laion/clap-model-that-is-not-cached" in message and "huggingface-cli download" in message
+
+
+def test_run_with_unavailable_weights_exits_2_without_traceback(tmp_path):
+    config = tmp_path / "c.yaml"
+    config.write_text(
+        "sources: [{id: a, device: default}]\n"
+        "models:\n  clap: {kind: clap, model: ./no-such-model, labels: [a, b]}\n"
+    )
+    out = subprocess.run(monitord_cmd("run", "-c", str(config)), capture_output=True, text=True, cwd=REPO, timeout=120)
+    assert out.returncode == 2
+    assert "no-such-model" in out.stderr and "Traceback" not in out.stderr

@@ -1,0 +1,195 @@
+"""The real daemon process: file and null-sink sources, events received over ZeroMQ on loopback."""
+
+from __future__ import annotations
+
+import json
+import signal
+import subprocess
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import zmq
+
+from monitord.events import SCHEMA
+from tests.conftest import REPO, free_port, monitord_cmd, noise, play, silence, tone, write_wav
+from tests.tiny_models import TRAIN_LABELS
+
+RATE = 44100
+EVENT_KEYS = {"schema", "seq", "id", "kind", "source", "rule", "label", "phase", "score", "scores", "model",
+              "stream_start", "stream_end", "time", "latency_ms", "host", "clip"}
+TONE_AT, TONE_S, NOISE_AT, NOISE_S = 4.0, 1.5, 7.5, 1.5
+
+
+def write_config(tmp_path: Path, model: Path, source: str, port: int) -> Path:
+    path = tmp_path / "monitord.yaml"
+    path.write_text(f"""
+sources:
+  - {source}
+gate: {{mode: energy, threshold_dbfs: -45}}
+window: {{seconds: 2.0, hop_s: 0.5}}
+models:
+  clap: {{kind: clap, model: {model}, labels: [{", ".join(TRAIN_LABELS)}], batch_max: 4, batch_wait_ms: 10}}
+rules:
+  - {{id: tone, model: clap, label: tone, threshold: 0.6, release: 0.4}}
+  - {{id: noise, model: clap, label: noise, threshold: 0.6, release: 0.4, min_windows: 2, of_windows: 3}}
+publish:
+  endpoint: tcp://127.0.0.1:{port}
+  event_log: events.jsonl
+""")
+    return path
+
+
+class Subscriber:
+    """Collects every message on the endpoint in a background thread."""
+
+    def __init__(self, endpoint: str):
+        self.messages: list[tuple[bytes, bytes]] = []
+        self._ctx = zmq.Context()
+        self._socket = self._ctx.socket(zmq.SUB)
+        self._socket.setsockopt(zmq.SUBSCRIBE, b"")
+        self._socket.connect(endpoint)
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            if self._socket.poll(50):
+                frames = self._socket.recv_multipart()
+                self.messages.append((frames[0], frames[1]))
+
+    @property
+    def events(self) -> list[dict]:
+        return [json.loads(payload) for _, payload in self.messages]
+
+    def wait_for(self, predicate, timeout: float) -> bool:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if any(predicate(e) for e in self.events):
+                return True
+            time.sleep(0.05)
+        return False
+
+    def close(self) -> None:
+        self._stop.set()
+        self._thread.join(2)
+        self._socket.close(0)
+        self._ctx.term()
+
+
+def start_daemon(config: Path, env: dict | None = None) -> subprocess.Popen:
+    import os
+
+    return subprocess.Popen(monitord_cmd("run", "-c", str(config)), cwd=REPO, env={**os.environ, **(env or {})},
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def stop_daemon(proc: subprocess.Popen) -> tuple[int, float, str]:
+    began = time.monotonic()
+    proc.send_signal(signal.SIGTERM)
+    try:
+        _, err = proc.communicate(timeout=20)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        _, err = proc.communicate()
+    return proc.returncode, time.monotonic() - began, err
+
+
+def read_log(path: Path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text().splitlines()]
+
+
+def is_alert(rule: str, phase: str):
+    return lambda e: e["kind"] == "alert" and e["rule"] == rule and e["phase"] == phase
+
+
+def test_file_source_end_to_end(tiny_clap, tmp_path):
+    audio = np.concatenate([
+        silence(TONE_AT, RATE), tone(1000, TONE_S, RATE, -12), silence(NOISE_AT - TONE_AT - TONE_S, RATE),
+        noise(NOISE_S, RATE, -20), silence(3.0, RATE),
+    ])
+    write_wav(tmp_path / "clip.wav", audio, RATE)
+    port = free_port()
+    config = write_config(tmp_path, tiny_clap, "{id: rec, file: clip.wav, realtime: true}", port)
+    sub = Subscriber(f"tcp://127.0.0.1:{port}")
+    proc = start_daemon(config)
+    try:
+        finished = sub.wait_for(is_alert("noise", "offset"), timeout=60)
+    finally:
+        code, took, err = stop_daemon(proc)
+        sub.close()
+    assert finished, err[-3000:]
+    assert code == 0 and took < 5.0, (code, took, err[-2000:])
+    assert "Traceback" not in err
+
+    logged = read_log(tmp_path / "events.jsonl")
+    assert [e["seq"] for e in logged] == list(range(1, len(logged) + 1))
+    received = sub.events
+    seqs = [e["seq"] for e in received]
+    assert seqs == list(range(seqs[0], seqs[0] + len(seqs))), seqs  # gapless
+    by_seq = {e["seq"]: e for e in logged}
+    for topic, payload in sub.messages:
+        event = json.loads(payload)
+        assert by_seq[event["seq"]] == event
+        expected_topic = f"alert.rec.{event['rule']}" if event["kind"] == "alert" else "status.rec"
+        assert topic.decode() == expected_topic
+
+    alerts = [e for e in logged if e["kind"] == "alert"]
+    for e in alerts:
+        assert set(e) >= EVENT_KEYS and e["schema"] == SCHEMA and e["source"] == "rec"
+        assert e["model"] == str(tiny_clap) and e["time"].endswith("Z")
+    transitions = [(e["rule"], e["phase"]) for e in alerts]
+    assert transitions == [("tone", "onset"), ("tone", "offset"), ("noise", "onset"), ("noise", "offset")], transitions
+    tone_on, tone_off, noise_on, noise_off = alerts
+    # the first window that holds the tone's start raises the alert
+    assert tone_on["stream_start"] < TONE_AT < tone_on["stream_end"] <= TONE_AT + 0.5 + 1e-6
+    assert tone_on["score"] > 0.6 and max(tone_on["scores"], key=tone_on["scores"].get) == "tone"
+    assert tone_off["stream_start"] >= TONE_AT + TONE_S - 2.0 and tone_off["stream_start"] > tone_on["stream_start"]
+    # noise needs two of three windows: the second window that holds it
+    assert noise_on["stream_start"] < NOISE_AT < noise_on["stream_end"] <= NOISE_AT + 1.0 + 1e-6
+    assert noise_off["stream_start"] >= NOISE_AT + NOISE_S - 2.0
+    assert all(e["latency_ms"] is not None and e["latency_ms"] >= 0 for e in alerts)
+
+
+def test_file_source_until_done_and_seq_across_restart(tiny_clap, tmp_path):
+    audio = np.concatenate([silence(1.0, RATE), tone(800, 1.0, RATE, -10), silence(1.0, RATE)])
+    write_wav(tmp_path / "clip.wav", audio, RATE)
+    config = write_config(tmp_path, tiny_clap, "{id: rec, file: clip.wav}", free_port())
+    for _ in range(2):
+        out = subprocess.run(monitord_cmd("run", "-c", str(config), "--until-done"), cwd=REPO, capture_output=True, text=True, timeout=120)
+        assert out.returncode == 0, out.stderr[-2000:]
+    logged = read_log(tmp_path / "events.jsonl")
+    assert [e["seq"] for e in logged] == list(range(1, len(logged) + 1))
+    onsets = [e for e in logged if e["kind"] == "alert" and e["phase"] == "onset"]
+    assert [e["rule"] for e in onsets] == ["tone", "tone"]  # one per run, same stream time
+    assert onsets[0]["stream_start"] == onsets[1]["stream_start"]
+
+
+@pytest.mark.sound
+def test_null_sink_device_end_to_end(tiny_clap, tmp_path, sound_server):
+    write_wav(tmp_path / "tone.wav", np.concatenate([tone(1000, 1.5, 48000, -12), silence(0.5, 48000)]), 48000)
+    port = free_port()
+    config = write_config(tmp_path, tiny_clap, "{id: mic, device: default, sample_rate: 48000}", port)
+    sub = Subscriber(f"tcp://127.0.0.1:{port}")
+    proc = start_daemon(config, sound_server)
+    log = tmp_path / "events.jsonl"
+    try:
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline and not (log.exists() and '"status":"up"' in log.read_text()):
+            assert proc.poll() is None, proc.communicate()[1][-3000:]
+            time.sleep(0.1)
+        time.sleep(1.0)
+        played_from = max(e["stream_end"] or 0 for e in read_log(log)) if log.exists() else 0
+        assert play(tmp_path / "tone.wav", sound_server).wait(timeout=15) == 0
+        got = sub.wait_for(is_alert("tone", "onset"), timeout=20)
+    finally:
+        code, took, err = stop_daemon(proc)
+        sub.close()
+    assert got, err[-3000:]
+    assert code == 0 and took < 5.0 and "Traceback" not in err
+    onset = next(e for e in sub.events if is_alert("tone", "onset")(e))
+    assert onset["source"] == "mic" and onset["stream_end"] > played_from
+    assert 20 * np.log10(10 ** (onset["facts"]["rms_dbfs"] / 20)) > -45

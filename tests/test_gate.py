@@ -1,0 +1,75 @@
+"""The activity gate on synthetic and spoken sound."""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+
+import numpy as np
+import pytest
+
+from monitord.config import GateConfig
+from monitord.gate import Gate, clean, measure
+from tests.conftest import need, noise, silence, tone
+
+RATE = 48000
+
+
+def verdict(samples: np.ndarray, rate: int = RATE, **gate) -> bool:
+    return Gate(GateConfig(**gate)).inspect(samples, rate)[2]
+
+
+@pytest.mark.parametrize("mode", ["energy", "speech"])
+def test_silence_and_quiet_noise_do_not_pass(mode):
+    assert not verdict(silence(2.0, RATE), mode=mode, threshold_dbfs=-50)
+    assert not verdict(noise(2.0, RATE, dbfs=-65), mode=mode, threshold_dbfs=-50)
+
+
+def test_steady_tone_below_threshold_does_not_pass_energy():
+    assert not verdict(tone(1000, 2.0, RATE, dbfs=-55), mode="energy", threshold_dbfs=-50)
+    assert verdict(tone(1000, 2.0, RATE, dbfs=-45), mode="energy", threshold_dbfs=-50)
+
+
+def test_short_bang_in_a_quiet_window_passes_energy_by_onset():
+    window = noise(2.0, RATE, dbfs=-75)
+    bang = noise(0.03, RATE, dbfs=-20, seed=3)
+    window[RATE : RATE + bang.size] += bang
+    facts = measure(window, RATE)
+    assert facts.rms_dbfs < -35  # averaged over 2 s the bang is below the threshold...
+    assert verdict(window, mode="energy", threshold_dbfs=-30)  # ...but its frame jumps out
+
+
+def test_always_passes_everything():
+    assert verdict(silence(2.0, RATE), mode="always")
+
+
+def test_cleaning_replaces_non_finite_and_removes_dc():
+    x = tone(440, 1.0, RATE, dbfs=-20) + np.float32(0.2)
+    x[100:110] = np.nan
+    x[200] = np.inf
+    cleaned, non_finite, dc = clean(x)
+    assert non_finite == 11 and np.isfinite(cleaned).all()
+    assert abs(dc - 0.2) < 0.01 and abs(float(cleaned.mean())) < 1e-3
+
+
+def test_clipping_is_measured():
+    x = np.clip(tone(440, 1.0, RATE, dbfs=0) * 2, -1, 1)
+    assert measure(x, RATE).clipped_ratio > 0.3
+
+
+def espeak(text: str, tmp_path) -> tuple[np.ndarray, int]:
+    import soundfile as sf
+
+    need(shutil.which("espeak-ng") is not None, "espeak-ng is not installed")
+    path = tmp_path / "speech.wav"
+    subprocess.run(["espeak-ng", "-w", str(path), text], check=True, timeout=30)
+    data, rate = sf.read(str(path), dtype="float32")
+    return data, rate
+
+
+def test_espeak_speech_passes_speech_mode(tmp_path):
+    speech, rate = espeak("The quick brown fox jumps over the lazy dog near the river bank.", tmp_path)
+    window = speech[: 2 * rate]
+    gate = Gate(GateConfig(mode="speech", threshold_dbfs=-50))
+    _, facts, passed = gate.inspect(window, rate)
+    assert passed and facts.speech_ratio is not None and facts.speech_ratio >= 0.5

@@ -1,0 +1,95 @@
+"""Event log and ZeroMQ publishing over loopback."""
+
+from __future__ import annotations
+
+import json
+import time
+
+import zmq
+
+from monitord.config import PublishConfig
+from monitord.events import SCHEMA, Event, iso_utc
+from monitord.publish import Publisher, PublishError, last_seq
+from tests.conftest import free_port
+
+
+def status(source="s", status="up"):
+    return Event(kind="status", source=source, time=iso_utc(time.time()), host="h", status=status, detail="d")
+
+
+def alert(source="kitchen", rule="glass"):
+    return Event(kind="alert", source=source, time=iso_utc(0.0), host="h", rule=rule, label="glass breaking", phase="onset", score=0.9, scores={"glass breaking": 0.9, "speech": 0.1}, model="m", stream_start=1.0, stream_end=3.0)
+
+
+def test_event_json_round_trip_and_topics():
+    e = alert().with_sequence(7, "abc", 12.5)
+    data = json.loads(e.to_json())
+    assert list(data)[:4] == ["schema", "seq", "id", "kind"] and data["schema"] == SCHEMA
+    assert Event.from_json(e.to_json()) == e
+    assert e.topic == "alert.kitchen.glass" and status("kitchen").topic == "status.kitchen"
+    assert iso_utc(0.5) == "1970-01-01T00:00:00.500Z"
+
+
+def test_seq_continues_across_restarts_and_survives_a_torn_line(tmp_path):
+    log = tmp_path / "events.jsonl"
+    config = PublishConfig(endpoint=f"tcp://127.0.0.1:{free_port()}", event_log=str(log))
+    p = Publisher(config, zmq.Context())
+    p.start()
+    for _ in range(3):
+        p.publish(status())
+    p.close()
+    with log.open("ab") as f:
+        f.write(b'{"schema":"monitord.event/1","seq":4,"kin')  # a crash in the middle of a line
+    assert last_seq(log) == 3
+    p = Publisher(config, zmq.Context())
+    p.start()
+    assert p.publish(status()).seq == 4
+    p.close()
+    seqs = []
+    for line in log.read_bytes().splitlines():
+        try:
+            seqs.append(json.loads(line)["seq"])
+        except ValueError:
+            pass
+    assert seqs == [1, 2, 3, 4]
+    assert oct(log.stat().st_mode & 0o777) == "0o600"
+
+
+def test_subscriber_receives_two_frame_messages_equal_to_the_log(tmp_path):
+    endpoint = f"tcp://127.0.0.1:{free_port()}"
+    ctx = zmq.Context()
+    p = Publisher(PublishConfig(endpoint=endpoint, event_log=str(tmp_path / "e.jsonl")), ctx)
+    p.start()
+    sub = ctx.socket(zmq.SUB)
+    sub.setsockopt(zmq.SUBSCRIBE, b"alert.")
+    sub.connect(endpoint)
+    deadline = time.monotonic() + 10
+    received = []
+    while time.monotonic() < deadline and not received:  # wait out the slow-joiner handshake
+        p.publish(status())
+        p.publish(alert())
+        if sub.poll(100):
+            received.append(sub.recv_multipart())
+    p.close()
+    assert received, "no message within 10 s"
+    topic, payload = received[0]
+    assert topic == b"alert.kitchen.glass"
+    logged = {json.loads(line)["seq"]: line for line in (tmp_path / "e.jsonl").read_bytes().splitlines()}
+    event = json.loads(payload)
+    assert logged[event["seq"]] == payload
+    sub.close()
+
+
+def test_binding_a_busy_port_is_a_clear_error(tmp_path):
+    endpoint = f"tcp://127.0.0.1:{free_port()}"
+    ctx = zmq.Context()
+    first = Publisher(PublishConfig(endpoint=endpoint, event_log=None), ctx)
+    first.start()
+    second = Publisher(PublishConfig(endpoint=endpoint, event_log=None), ctx)
+    try:
+        second.start()
+        raise AssertionError("second bind succeeded")
+    except PublishError as exc:
+        assert "publish.endpoint: cannot bind" in str(exc)
+    finally:
+        first.close()

@@ -1,0 +1,94 @@
+"""Ring buffer, windowing and resampling."""
+
+from __future__ import annotations
+
+import threading
+
+import numpy as np
+import pytest
+
+from monitord.capture import FileSource
+from monitord.config import GateConfig, SourceConfig, WindowConfig
+from monitord.ringbuffer import Overrun, RingBuffer
+from monitord.windows import WindowCutter, Windower, resample, window_starts
+from tests.conftest import dominant_frequency, noise, silence, tone, write_wav
+
+
+def test_window_starts_cover_the_stream():
+    assert list(window_starts(10, 4, 2)) == [0, 2, 4, 6]
+    assert list(window_starts(11, 4, 2)) == [0, 2, 4, 6, 7]  # a final window aligned to the end
+    assert list(window_starts(3, 4, 2)) == [0]
+    assert list(window_starts(0, 4, 2)) == []
+
+
+def test_ring_buffer_wraps_and_detects_overrun():
+    ring = RingBuffer(10, 1)
+    ring.write(np.arange(7, dtype=np.float32))
+    ring.write(np.arange(7, 14, dtype=np.float32))
+    assert ring.written == 14
+    np.testing.assert_array_equal(ring.read(6, 8), np.arange(6, 14, dtype=np.float32))
+    with pytest.raises(Overrun):
+        ring.read(2, 4)
+    with pytest.raises(ValueError):
+        ring.read(12, 5)
+
+
+def test_resampling_keeps_frequency_and_length():
+    x = tone(1000, 2.0, 44100, dbfs=-12)
+    y = resample(x, 44100, 48000)
+    assert len(y) == 96000
+    assert abs(dominant_frequency(y, 48000) - 1000) < 1.0
+    assert abs(20 * np.log10(y[1000:-1000].std()) + 12) < 0.2
+
+
+def run_file_windows(path, realtime=False, block_s=None, hop_s=0.5):
+    config = SourceConfig(id="f", file=str(path), realtime=realtime)
+    statuses = []
+    source = FileSource(config, ring_seconds=4.0, on_status=lambda *a: statuses.append(a[1:]))
+    if block_s is not None:
+        import monitord.capture as capture
+
+        capture.FILE_BLOCK_S, old = block_s, capture.FILE_BLOCK_S
+    cutter = WindowCutter("f", source.sample_rate, WindowConfig(seconds=2.0, hop_s=hop_s), GateConfig(mode="energy", threshold_dbfs=-50), [48000])
+    windows, stop, done = [], threading.Event(), threading.Event()
+    windower = Windower(source.ring, cutter, windows.append, stop, on_finished=done.set)
+    windower.start()
+    source.start()
+    try:
+        assert done.wait(30)
+    finally:
+        if block_s is not None:
+            capture.FILE_BLOCK_S = old
+    return windows, statuses
+
+
+def test_file_windows_have_exact_stream_times_and_gate_verdicts(tmp_path):
+    rate = 16000
+    audio = np.concatenate([silence(3.0, rate), tone(1000, 1.0, rate, dbfs=-20), silence(2.3, rate)])
+    windows, statuses = run_file_windows(write_wav(tmp_path / "a.wav", audio, rate))
+    starts = [w.stream_start for w in windows]
+    assert starts == [i * 0.5 for i in range(9)] + [4.3]  # 6.3 s: every hop, then one aligned to the end
+    passed = [(w.stream_start, w.stream_end) for w in windows if w.passed]
+    assert passed == [(1.5, 3.5), (2.0, 4.0), (2.5, 4.5), (3.0, 5.0), (3.5, 5.5)]
+    assert [s[0] for s in statuses] == ["up", "eof"]
+    # every window of one rate has one length, resampled for the model
+    assert {len(w.at_rate(48000)) for w in windows if w.passed} == {96000}
+
+
+def test_windows_do_not_depend_on_block_size(tmp_path):
+    rate = 22050
+    audio = np.concatenate([noise(1.3, rate, -30), tone(700, 2.0, rate, -10), noise(1.0, rate, -40, seed=2)])
+    path = write_wav(tmp_path / "b.wav", audio, rate)
+    a, _ = run_file_windows(path, block_s=0.013)
+    b, _ = run_file_windows(path, block_s=0.37)
+    assert [w.start_index for w in a] == [w.start_index for w in b]
+    for wa, wb in zip(a, b):
+        np.testing.assert_array_equal(wa.samples, wb.samples)
+
+
+def test_short_file_gives_one_padded_window(tmp_path):
+    rate = 16000
+    windows, _ = run_file_windows(write_wav(tmp_path / "c.wav", tone(500, 0.7, rate), rate))
+    assert len(windows) == 1
+    w = windows[0]
+    assert w.stream_start == 0.0 and w.stream_end == pytest.approx(0.7) and len(w.samples) == 2 * rate
