@@ -102,7 +102,7 @@ class DeviceSource:
         self.on_status = on_status
         self.waits_for_worker = False
         self._stopping = False
-        self._mix = np.zeros(max(config.blocksize, 1) * 4 or 4096, dtype=np.float32)
+        self._mix = np.zeros(max(config.blocksize, 4096), dtype=np.float32)  # grown only if a block is larger
         try:
             self._stream = sd.InputStream(
                 device=self.device["index"],

@@ -60,6 +60,7 @@ def cmd_run(args: argparse.Namespace) -> int:
 
     signal.signal(signal.SIGTERM, on_signal)
     signal.signal(signal.SIGINT, on_signal)
+    signal.signal(signal.SIGHUP, signal.SIG_IGN)  # until the daemon can reload
 
     from monitord.capture import SourceError
     from monitord.daemon import Daemon, load_models
@@ -78,6 +79,20 @@ def cmd_run(args: argparse.Namespace) -> int:
     except (SourceError, PublishError) as exc:
         return _fail(str(exc))
     log.info("monitord running: %d sources, %d models, %d rules", len(config.sources), len(models), len(config.rules))
+    def on_hangup(_signum: int, _frame: object) -> None:
+        from monitord.daemon import ReloadError
+
+        log.info("SIGHUP: reloading %s", args.config)
+        new = _load(args.config)
+        if new is None:
+            log.error("reload refused: the new configuration is invalid (see above); the running one stays")
+            return
+        try:
+            daemon.reload(new)
+        except ReloadError as exc:
+            log.error("reload refused: %s; the running configuration stays", exc)
+
+    signal.signal(signal.SIGHUP, on_hangup)
     try:
         daemon.wait(stop, until_done=args.until_done)
     finally:

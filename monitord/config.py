@@ -199,8 +199,11 @@ def parse_config(text: str, base_dir: Path) -> Config:
     try:
         config = Config.model_validate(data)
     except ValidationError as exc:
-        problems = [_problem_from_pydantic(err, root_node) for err in exc.errors()]
-        raise ConfigError(_unique(problems)) from None
+        errors = exc.errors()
+        # A list whose item failed also reports itself "too short": the item's error says it all.
+        paths = {_path(err) for err in errors}
+        errors = [e for e in errors if not (e["type"] == "too_short" and any(p.startswith(_path(e) + ".") for p in paths))]
+        raise ConfigError(_merge([_problem_from_pydantic(err, root_node) for err in errors])) from None
 
     config = _resolve_paths(config, base_dir)
     problems = _cross_check(config)
@@ -209,20 +212,30 @@ def parse_config(text: str, base_dir: Path) -> Config:
     return config
 
 
-def _unique(problems: list[Problem]) -> list[Problem]:
-    seen: set[str] = set()
-    out = []
+def _merge(problems: list[Problem]) -> list[Problem]:
+    """One line per key: the alternatives of a union ("a valid integer", "a valid string") joined."""
+    merged: dict[str, Problem] = {}
     for p in problems:
-        if str(p) not in seen:
-            seen.add(str(p))
-            out.append(p)
-    return out
+        if p.path in merged and p.message not in merged[p.path].message:
+            first = merged[p.path]
+            merged[p.path] = Problem(p.path, f"{first.message}; or {p.message}", first.line)
+        else:
+            merged.setdefault(p.path, p)
+    return list(merged.values())
+
+
+def _loc(err: dict[str, Any]) -> list[Any]:
+    # Union members add their type name to the location ("device.int"): not a key the user wrote.
+    return [part for part in err["loc"] if part not in ("int", "str", "none")]
+
+
+def _path(err: dict[str, Any]) -> str:
+    return ".".join(str(part) for part in _loc(err)) or "config"
 
 
 def _problem_from_pydantic(err: dict[str, Any], root_node: yaml.Node | None) -> Problem:
-    # Union members add their type name to the location ("device.int"): not a key the user wrote.
-    loc = [part for part in err["loc"] if part not in ("int", "str", "none", "function-after[_labels_unique(), tuple[str, ...]]")]
-    path = ".".join(str(part) for part in loc) or "config"
+    loc = _loc(err)
+    path = _path(err)
     kind = err["type"]
     if kind == "extra_forbidden":
         message = "unknown key" + _suggestion(loc)

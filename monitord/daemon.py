@@ -24,6 +24,10 @@ from monitord.worker import ModelWorker
 log = logging.getLogger(__name__)
 
 
+class ReloadError(Exception):
+    """A new config cannot be applied while running."""
+
+
 def load_models(config: Config) -> dict[str, Model]:
     """Build every configured model (raises ModelUnavailable with a readable reason)."""
     return {name: build_model(name, model_config) for name, model_config in config.models.items()}
@@ -102,6 +106,34 @@ class Daemon:
             self.publisher.published,
             dict(self.queue.dropped) or "{}",
         )
+
+    def reload(self, new: Config) -> None:
+        """Apply new rules, thresholds, labels and prompts without stopping capture.
+
+        Sources, gates, windows, publishing and model weights need a restart: a config that
+        changes them is refused whole (ReloadError) and the running one stays.
+        """
+        restart_only = [k for k in ("sources", "gate", "window", "publish", "pipeline") if getattr(new, k) != getattr(self.config, k)]
+        swappable = {"labels", "prompt"}
+        old_models = {n: m.model_dump(exclude=swappable) for n, m in self.config.models.items()}
+        new_models = {n: m.model_dump(exclude=swappable) for n, m in new.models.items()}
+        if old_models != new_models:
+            restart_only.append("models (other than labels and prompt)")
+        if restart_only:
+            raise ReloadError(f"{', '.join(restart_only)} changed: restart monitord to apply them")
+        self.worker.call_soon(lambda: self._apply(new))
+
+    def _apply(self, new: Config) -> None:
+        for name, model_config in new.models.items():
+            old = self.config.models[name]
+            if (model_config.labels, model_config.prompt) != (old.labels, old.prompt):
+                self.models[name].set_labels(model_config.labels, model_config.prompt)
+        unchanged = {r.id for r in self.config.rules if r in new.rules}
+        engine = AlertEngine(new.rules)
+        engine.states.update({key: state for key, state in self.engine.states.items() if key[0] in unchanged})
+        self.engine, self.config = engine, new
+        log.info("reloaded: %d rules (%d kept their state), labels %s", len(new.rules), len(unchanged),
+                 {n: len(m.labels) for n, m in new.models.items()})
 
     # stage hand-offs
 

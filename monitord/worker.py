@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+from queue import SimpleQueue
 import threading
 import time
 from collections.abc import Callable, Sequence
@@ -49,10 +50,15 @@ class ModelWorker:
         self.batch_max = max(m.batch_max for m in self.models)
         self.batch_wait_s = max(m.batch_wait_ms for m in self.models) / 1000.0
         self._drain_deadline: float | None = None
+        self._pending: SimpleQueue[Callable[[], None]] = SimpleQueue()
         self._thread = threading.Thread(target=self._run, name="model-worker", daemon=True)
 
     def start(self) -> None:
         self._thread.start()
+
+    def call_soon(self, fn: Callable[[], None]) -> None:
+        """Run ``fn`` on the worker thread between two batches (e.g. swapping rules or labels)."""
+        self._pending.put(fn)
 
     def finish(self, drain_timeout_s: float) -> None:
         """Stop after the queue is empty, or after ``drain_timeout_s``, whichever is first."""
@@ -69,6 +75,8 @@ class ModelWorker:
 
     def _run(self) -> None:
         while True:
+            while not self._pending.empty():
+                self._pending.get()()
             if self._drain_deadline is not None and time.monotonic() > self._drain_deadline:
                 self.stats.abandoned_at_shutdown = len(self.queue)
                 if self.stats.abandoned_at_shutdown:

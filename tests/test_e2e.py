@@ -193,3 +193,34 @@ def test_null_sink_device_end_to_end(tiny_clap, tmp_path, sound_server):
     onset = next(e for e in sub.events if is_alert("tone", "onset")(e))
     assert onset["source"] == "mic" and onset["stream_end"] > played_from
     assert 20 * np.log10(10 ** (onset["facts"]["rms_dbfs"] / 20)) > -45
+
+
+def test_sighup_reloads_rules_without_stopping_capture(tiny_clap, tmp_path):
+    beep = np.concatenate([silence(1.0, RATE), tone(1000, 1.0, RATE, -12), silence(2.0, RATE)])
+    audio = np.concatenate([beep] * 5)  # a beep every 4 s, 20 s in all
+    write_wav(tmp_path / "clip.wav", audio, RATE)
+    port = free_port()
+    config = write_config(tmp_path, tiny_clap, "{id: rec, file: clip.wav, realtime: true}", port)
+    original = config.read_text()
+    sub = Subscriber(f"tcp://127.0.0.1:{port}")
+    proc = start_daemon(config)
+    try:
+        assert sub.wait_for(is_alert("tone", "onset"), timeout=60)
+        config.write_text(original.replace("label: tone, threshold: 0.6", "label: tonne, threshold: 0.6"))
+        proc.send_signal(signal.SIGHUP)  # invalid: refused, the old rules keep running
+        time.sleep(0.5)
+        config.write_text(original.replace("{id: tone,", "{id: beep,"))
+        proc.send_signal(signal.SIGHUP)
+        got_new_rule = sub.wait_for(is_alert("beep", "onset"), timeout=30)
+    finally:
+        code, _, err = stop_daemon(proc)
+        sub.close()
+    assert got_new_rule and code == 0, err[-3000:]
+    assert "rules.0.label: 'tonne' is not a label" in err and "reload refused" in err
+    alerts = [e for e in read_log(tmp_path / "events.jsonl") if e["kind"] == "alert" and e["phase"] == "onset"]
+    first_beep = next(e for e in alerts if e["rule"] == "beep")
+    last_tone = [e for e in alerts if e["rule"] == "tone"][-1]
+    # the stream clock went on: the new rule's first onset is later in the same stream, on a beep
+    # (beeps sound from 4k+1 to 4k+2 s)
+    assert first_beep["stream_start"] > last_tone["stream_start"]
+    assert any(first_beep["stream_start"] < 4 * k + 2 and first_beep["stream_end"] > 4 * k + 1 for k in range(5))

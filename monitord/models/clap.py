@@ -51,6 +51,12 @@ class ClapZeroShot:
             self.model.audio_projection.to(self.dtype)
         log.info("model %s: CLAP %s on %s (%s), %d labels", name, self.model_id, self.device, self.dtype, len(self.labels))
 
+    def set_labels(self, labels: Sequence[str], prompt: str) -> None:
+        """New candidate labels or prompt: their text embeddings are computed once, here."""
+        self.prompt = prompt
+        self.text_embeddings = self._embed_labels(labels)
+        self.labels = tuple(labels)
+
     def _embed_labels(self, labels: Sequence[str]):
         """L2-normalised text embeddings of the label prompts (float32, on the model's device)."""
         torch = self._torch
