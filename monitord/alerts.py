@@ -83,9 +83,11 @@ class AlertEngine:
         rules = [r for r in self.rules if r.model == model and _watches(r, source)]
         return self._advance(rules, source, lambda rule: probabilities[rule.label], t)
 
-    def observe_quiet(self, source: str, t: float) -> list[tuple[RuleConfig, Phase, float]]:
-        """A window the gate rejected: every rule on the source sees a score of 0."""
-        return self._advance([r for r in self.rules if _watches(r, source)], source, lambda rule: 0.0, t)
+    def observe_quiet(self, source: str, t: float, model: str | None = None) -> list[tuple[RuleConfig, Phase, float]]:
+        """A window no model heard anything in (the gate rejected it, or a cascade kept it from
+        ``model``): the rules on the source (of that model) see a score of 0."""
+        rules = [r for r in self.rules if _watches(r, source) and (model is None or r.model == model)]
+        return self._advance(rules, source, lambda rule: 0.0, t)
 
     def _advance(self, rules: list[RuleConfig], source: str, score_of, t: float) -> list[tuple[RuleConfig, Phase, float]]:
         fired = []

@@ -10,8 +10,10 @@ from typing import Any
 import numpy as np
 
 from monitord.config import Config
-from monitord.models import Model
+from monitord.models import Model, Scores
+from monitord.windowqueue import WindowQueue
 from monitord.windows import Window, WindowCutter, window_starts
+from monitord.worker import ModelWorker
 
 
 class AudioFileError(Exception):
@@ -63,24 +65,31 @@ class WindowResult:
 
 
 def classify_file(path: Path, config: Config, models: Mapping[str, Model]) -> Iterator[WindowResult]:
-    """One WindowResult per window of the file, in order; gated-out windows included."""
+    """One WindowResult per window of the file, in order; gated-out windows included.
+
+    Windows go through the daemon's own cutter (gate, resampling) and worker (batching, cascades).
+    """
     samples, rate = read_mono(path)
     cutter = WindowCutter(path.stem, rate, config.window, config.gate, {m.sample_rate for m in models.values()})
-    batch_max = max(m.batch_max for m in models.values())
+    scored: dict[int, dict[str, dict[str, float]]] = {}
+
+    def keep(scores: Scores) -> None:
+        scored.setdefault(id(scores.window), {})[scores.model] = scores.probabilities
+
+    def failed(model: Model, windows: list[Window], exc: Exception) -> None:
+        raise exc
+
+    worker = ModelWorker(WindowQueue(1), list(models.values()), keep, failed)
     pending: list[Window] = []
 
     def flush() -> Iterator[WindowResult]:
-        passed = [w for w in pending if w.passed]
-        scored: dict[int, dict[str, dict[str, float]]] = {id(w): {} for w in passed}
-        for name, model in models.items():
-            for s in model.score(passed):
-                scored[id(s.window)][name] = s.probabilities
+        worker.process(pending)
         for window in pending:
-            yield WindowResult(window, window.passed, scored.get(id(window), {}))
+            yield WindowResult(window, window.passed, scored.pop(id(window), {}))
         pending.clear()
 
     for start in window_starts(len(samples), cutter.length, cutter.hop):
         pending.append(cutter.cut(samples[start : start + cutter.length], start, start / rate, (start + cutter.length) / rate))
-        if sum(w.passed for w in pending) >= batch_max:
+        if sum(w.passed for w in pending) >= worker.batch_max:
             yield from flush()
     yield from flush()

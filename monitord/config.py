@@ -12,10 +12,10 @@ import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal, Union
+from typing import Annotated, Any, Literal, Union
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Discriminator, Field, Tag, ValidationError, field_validator
 
 ID_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_\-]*$"
 DEFAULT_CLAP_MODEL = "laion/clap-htsat-unfused"
@@ -33,8 +33,13 @@ class GateConfig(_Strict):
     onset_db: float = Field(10.0, gt=0.0, le=60.0)
     """A 20 ms frame this much louder than the window's median frame counts as an onset."""
     speech_ratio: float = Field(0.3, ge=0.0, le=1.0)
-    """speech mode: share of 30 ms frames webrtcvad must call speech."""
+    """speech mode: share of the window's VAD frames that must be speech."""
+    vad: Literal["silero", "webrtc"] = "silero"
+    """silero tells speech from other sound; webrtc only tells sound from silence."""
+    vad_threshold: float = Field(0.5, gt=0.0, lt=1.0)
+    """silero: speech probability above which a 32 ms frame counts as speech."""
     vad_aggressiveness: int = Field(2, ge=0, le=3)
+    """webrtc: its mode, 0-3."""
 
 
 class SourceConfig(_Strict):
@@ -62,6 +67,15 @@ class WindowConfig(_Strict):
     hop_s: float = Field(0.5, gt=0.0, le=60.0)
 
 
+class CascadeConfig(_Strict):
+    """Score a window with this model only where another model already heard something relevant."""
+
+    model: str
+    labels: tuple[str, ...] = Field(min_length=1)
+    threshold: float = Field(ge=0.0, le=1.0)
+    """The window goes on when the best of ``labels`` reaches this."""
+
+
 class ClapModelConfig(_Strict):
     kind: Literal["clap"] = "clap"
     model: str = DEFAULT_CLAP_MODEL
@@ -72,6 +86,7 @@ class ClapModelConfig(_Strict):
     prompt: str = "This is a sound of {label}."
     batch_max: int = Field(8, ge=1, le=512)
     batch_wait_ms: float = Field(20.0, ge=0.0, le=5000.0)
+    gated_by: CascadeConfig | None = None
 
     @field_validator("labels")
     @classmethod
@@ -96,7 +111,34 @@ class ClapModelConfig(_Strict):
         return prompt
 
 
-ModelConfig = ClapModelConfig
+class YamnetModelConfig(_Strict):
+    """Google's YAMNet (TFLite classification export, 521 AudioSet classes) on CPU."""
+
+    kind: Literal["yamnet"]
+    model: str
+    """Path to the .tflite file."""
+    class_map: str | None = None
+    """CSV of class names in output order; the AudioSet map shipped with monitord when absent."""
+    groups: dict[str, tuple[str, ...]] = {}
+    """Named groups of classes; a group's score is the best of its members."""
+    pool: Literal["max", "mean"] = "max"
+    """How the 0.975 s frames inside a window are combined."""
+    threads: int = Field(1, ge=1, le=64)
+    batch_max: int = Field(16, ge=1, le=512)
+    batch_wait_ms: float = Field(20.0, ge=0.0, le=5000.0)
+    gated_by: CascadeConfig | None = None
+
+
+def _model_kind(value: Any) -> str:
+    kind = value.get("kind", "clap") if isinstance(value, dict) else getattr(value, "kind", "clap")
+    return kind if kind in ("clap", "yamnet") else "clap"
+
+
+ModelConfig = Annotated[
+    Union[Annotated[ClapModelConfig, Tag("clap")], Annotated[YamnetModelConfig, Tag("yamnet")]],
+    Discriminator(_model_kind),
+]
+MODEL_KINDS = ("clap", "yamnet")
 
 
 class RuleConfig(_Strict):
@@ -225,8 +267,11 @@ def _merge(problems: list[Problem]) -> list[Problem]:
 
 
 def _loc(err: dict[str, Any]) -> list[Any]:
-    # Union members add their type name to the location ("device.int"): not a key the user wrote.
-    return [part for part in err["loc"] if part not in ("int", "str", "none")]
+    # Unions add their member's name to the location ("device.int", "models.x.clap"): not keys the user wrote.
+    loc = list(err["loc"])
+    if len(loc) >= 3 and loc[0] == "models" and loc[2] in MODEL_KINDS:
+        del loc[2]
+    return [part for part in loc if part not in ("int", "str", "none")]
 
 
 def _path(err: dict[str, Any]) -> str:
@@ -238,7 +283,7 @@ def _problem_from_pydantic(err: dict[str, Any], root_node: yaml.Node | None) -> 
     path = _path(err)
     kind = err["type"]
     if kind == "extra_forbidden":
-        message = "unknown key" + _suggestion(loc)
+        message = "unknown key" + _suggestion(loc, raw_loc=err["loc"])
     elif kind == "missing":
         message = "required key is missing"
     elif kind == "value_error":
@@ -263,21 +308,23 @@ _ALLOWED_KEYS: dict[str, type[BaseModel]] = {
     "gate": GateConfig,
     "window": WindowConfig,
     "models": ClapModelConfig,
+    "yamnet": YamnetModelConfig,
+    "gated_by": CascadeConfig,
     "rules": RuleConfig,
     "publish": PublishConfig,
     "pipeline": PipelineConfig,
 }
 
 
-def _suggestion(loc: list[Any]) -> str:
+def _suggestion(loc: list[Any], raw_loc: tuple[Any, ...]) -> str:
     """' (did you mean X?)' for a misspelt key, from the fields of the section it sits in."""
     key = str(loc[-1])
     parents = [str(p) for p in loc[:-1] if not isinstance(p, int)]
     section = parents[-1] if parents else ""
-    if section not in _ALLOWED_KEYS and len(parents) >= 2 and parents[-2] == "models":
-        section = "models"
-    if len(parents) >= 2 and parents[-1] == "gate":
-        section = "gate"
+    if len(parents) == 2 and parents[0] == "models":
+        section = "yamnet" if "yamnet" in raw_loc else "models"
+    elif len(parents) == 3 and parents[0] == "models":
+        section = parents[2]
     model = _ALLOWED_KEYS.get(section)
     if model is None:
         return ""
@@ -322,8 +369,11 @@ def _resolve_paths(config: Config, base_dir: Path) -> Config:
     models = {}
     for name, model in config.models.items():
         local = Path(_resolve(base_dir, model.model))
-        looks_like_path = model.model.startswith((".", "/", "~")) or local.exists()
-        models[name] = model.model_copy(update={"model": str(local)}) if looks_like_path else model
+        looks_like_path = model.kind == "yamnet" or model.model.startswith((".", "/", "~")) or local.exists()
+        update: dict[str, Any] = {"model": str(local)} if looks_like_path else {}
+        if getattr(model, "class_map", None) is not None:
+            update["class_map"] = _resolve(base_dir, model.class_map)
+        models[name] = model.model_copy(update=update)
     publish = config.publish
     if publish.event_log is not None:
         publish = publish.model_copy(update={"event_log": _resolve(base_dir, publish.event_log)})
@@ -354,19 +404,26 @@ def _cross_check(config: Config) -> list[Problem]:
     if config.pipeline.ring_seconds < window.seconds + window.hop_s:
         add("pipeline.ring_seconds", f"must be at least window.seconds + window.hop_s ({window.seconds + window.hop_s} s)")
 
+    vocabularies: dict[str, tuple[str, ...]] = {}
+    for name, model in config.models.items():
+        labels, model_problems = _model_vocabulary(name, model)
+        problems.extend(model_problems)
+        if labels is not None:
+            vocabularies[name] = labels
+    problems.extend(_check_cascades(config, vocabularies))
+
     seen_rules: set[str] = set()
     for i, rule in enumerate(config.rules):
         where = f"rules.{i}"
         if rule.id in seen_rules:
             add(f"{where}.id", f"duplicate rule id {rule.id!r}")
         seen_rules.add(rule.id)
-        model = config.models.get(rule.model)
-        if model is None:
+        if rule.model not in config.models:
             add(f"{where}.model", f"no model named {rule.model!r} (models: {', '.join(config.models)})")
-        elif rule.label not in model.labels:
-            close = difflib.get_close_matches(rule.label, model.labels, n=1)
-            hint = f"; did you mean {close[0]!r}?" if close else ""
-            add(f"{where}.label", f"{rule.label!r} is not a label of model {rule.model!r}{hint}")
+        elif rule.model in vocabularies:
+            problem = _unknown_label(rule.label, vocabularies[rule.model], rule.model)
+            if problem:
+                add(f"{where}.label", problem)
         if rule.release is not None and rule.release > rule.threshold:
             add(f"{where}.release", f"release ({rule.release}) must not exceed threshold ({rule.threshold})")
         if rule.min_windows > rule.of_windows:
@@ -380,6 +437,70 @@ def _cross_check(config: Config) -> list[Problem]:
             add(f"models.{name}", f"{name!r} is not a valid model name: use letters, digits, '-' and '_'")
 
     problems.extend(_check_endpoint(config.publish))
+    return problems
+
+
+def _unknown_label(label: str, vocabulary: tuple[str, ...], model: str) -> str | None:
+    if label in vocabulary:
+        return None
+    close = difflib.get_close_matches(label, vocabulary, n=1, cutoff=0.5)
+    hint = f"; did you mean {close[0]!r}?" if close else ""
+    return f"{label!r} is not a label of model {model!r}{hint}"
+
+
+def yamnet_class_names(class_map: str | None) -> tuple[str, ...]:
+    """Display names in output order, from YAMNet's class map CSV (index, mid, display_name)."""
+    import csv
+
+    path = Path(class_map) if class_map else Path(__file__).parent / "models" / "yamnet_class_map.csv"
+    with path.open(newline="", encoding="utf-8") as f:
+        return tuple(row["display_name"] for row in csv.DictReader(f))
+
+
+def model_vocabulary(model: Any) -> tuple[str, ...]:
+    """Every label a rule may name on this model."""
+    if model.kind == "yamnet":
+        return yamnet_class_names(model.class_map) + tuple(model.groups)
+    return model.labels
+
+
+def _model_vocabulary(name: str, model: Any) -> tuple[tuple[str, ...] | None, list[Problem]]:
+    if model.kind != "yamnet":
+        return model.labels, []
+    where = f"models.{name}"
+    try:
+        classes = yamnet_class_names(model.class_map)
+    except (OSError, KeyError, UnicodeDecodeError) as exc:
+        return None, [Problem(f"{where}.class_map", f"cannot read the class map: {exc}")]
+    problems = []
+    for group, members in model.groups.items():
+        if group in classes:
+            problems.append(Problem(f"{where}.groups.{group}", f"group name {group!r} is also a class name: pick another"))
+        if not members:
+            problems.append(Problem(f"{where}.groups.{group}", "a group needs at least one class"))
+        for j, member in enumerate(members):
+            problem = _unknown_label(member, classes, name)
+            if problem:
+                problems.append(Problem(f"{where}.groups.{group}.{j}", problem.replace("is not a label", "is not a class")))
+    return classes + tuple(model.groups), problems
+
+
+def _check_cascades(config: Config, vocabularies: dict[str, tuple[str, ...]]) -> list[Problem]:
+    problems = []
+    for name, model in config.models.items():
+        cascade = model.gated_by
+        if cascade is None:
+            continue
+        where = f"models.{name}.gated_by"
+        if cascade.model == name or cascade.model not in config.models:
+            problems.append(Problem(f"{where}.model", f"no other model named {cascade.model!r}"))
+            continue
+        if config.models[cascade.model].gated_by is not None:
+            problems.append(Problem(f"{where}.model", f"{cascade.model!r} is itself gated: cascades are one level deep"))
+        for j, label in enumerate(cascade.labels):
+            problem = _unknown_label(label, vocabularies.get(cascade.model, (label,)), cascade.model)
+            if problem:
+                problems.append(Problem(f"{where}.labels.{j}", problem))
     return problems
 
 

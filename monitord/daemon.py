@@ -33,6 +33,17 @@ def load_models(config: Config) -> dict[str, Model]:
     return {name: build_model(name, model_config) for name, model_config in config.models.items()}
 
 
+EVENT_TOP_LABELS = 10
+
+
+def event_scores(probabilities: dict[str, float], label: str) -> dict[str, float]:
+    """The scores an event carries: the rule's label and the best EVENT_TOP_LABELS others
+    (all of them for a CLAP label set; YAMNet has 521 classes)."""
+    best = sorted(probabilities, key=probabilities.get, reverse=True)[:EVENT_TOP_LABELS]
+    keep = best if label in best else [*best, label]
+    return {name: round(probabilities[name], 6) for name in keep}
+
+
 class Daemon:
     """start() opens everything, stop() closes it in order; models and publisher may be injected."""
 
@@ -46,7 +57,7 @@ class Daemon:
         self.stop_event = threading.Event()
         self.sources: list[DeviceSource | FileSource] = []
         self.windowers: list[Windower] = []
-        self.worker = ModelWorker(self.queue, list(self.models.values()), self._on_scores, self._on_model_error, self._on_gated)
+        self.worker = ModelWorker(self.queue, list(self.models.values()), self._on_scores, self._on_model_error, self._on_quiet)
         self._finished_windowers = 0
         self._finished_lock = threading.Lock()
         self._all_sources_done = threading.Event()
@@ -126,7 +137,7 @@ class Daemon:
     def _apply(self, new: Config) -> None:
         for name, model_config in new.models.items():
             old = self.config.models[name]
-            if (model_config.labels, model_config.prompt) != (old.labels, old.prompt):
+            if model_config.kind == "clap" and (model_config.labels, model_config.prompt) != (old.labels, old.prompt):
                 self.models[name].set_labels(model_config.labels, model_config.prompt)
         unchanged = {r.id for r in self.config.rules if r in new.rules}
         engine = AlertEngine(new.rules)
@@ -173,8 +184,8 @@ class Daemon:
         fired = self.engine.observe(scores.model, window.source, scores.probabilities, window.stream_end)
         self._publish_alerts(window, fired, scores)
 
-    def _on_gated(self, window: Window) -> None:
-        self._publish_alerts(window, self.engine.observe_quiet(window.source, window.stream_end), None)
+    def _on_quiet(self, window: Window, model: str | None) -> None:
+        self._publish_alerts(window, self.engine.observe_quiet(window.source, window.stream_end, model), None)
 
     def _publish_alerts(self, window: Window, fired: list, scores: Scores | None) -> None:
         for rule, phase, score in fired:
@@ -187,7 +198,7 @@ class Daemon:
                 label=rule.label,
                 phase=phase,
                 score=round(score, 6),
-                scores=None if scores is None else {label: round(p, 6) for label, p in scores.probabilities.items()},
+                scores=None if scores is None else event_scores(scores.probabilities, rule.label),
                 model=self.models[rule.model].model_id,
                 stream_start=round(window.stream_start, 6),
                 stream_end=round(window.stream_end, 6),

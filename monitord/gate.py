@@ -3,11 +3,14 @@
 Facts about a window (level, onset, clipping, speech share) are measured once; the
 decision is a pure function of those facts and the gate config.
 
-About ``speech`` mode: webrtcvad separates sound from silence, not speech from other
-sound. Measured on these machines it calls pure tones, white noise, engines, rain and
-applause speech in nearly every 30 ms frame, in all of its modes; it rejects silence and
-quiet background. So ``speech`` here means "loud enough and voice-band active": use it to
-skip silence before a speech model, not to tell speech from a siren.
+``speech`` mode needs the energy gate and a share of speech frames from a VAD:
+
+- ``silero`` (default): silero-vad's neural model (weights inside its wheel, MIT), 32 ms
+  frames at 16 kHz. Measured on real recordings it passes acted speech (best 2 s window
+  0.73-0.92 speech frames) and calls engines, rain, applause, trains, tones and noise 0.00.
+- ``webrtc``: webrtcvad separates sound from silence, not speech from other sound: measured
+  here it calls pure tones, white noise, engines, rain and applause speech in nearly every
+  30 ms frame, in all of its modes. Cheap, but only a silence filter.
 """
 
 from __future__ import annotations
@@ -41,7 +44,7 @@ class WindowFacts:
     dc_offset: float
     """Mean removed from the window (0.0 when below DC_LIMIT and left alone)."""
     speech_ratio: float | None = None
-    """Share of 30 ms frames webrtcvad called speech; None when not measured."""
+    """Share of VAD frames called speech; None when not measured."""
 
     def to_dict(self) -> dict[str, float | int | None]:
         return {
@@ -126,12 +129,43 @@ class WebrtcSpeechMeter:
         return speech / n_frames
 
 
+class SileroSpeechMeter:
+    """Share of 32 ms frames at 16 kHz that silero-vad scores above ``threshold``."""
+
+    CHUNK = 512
+
+    def __init__(self, threshold: float):
+        import torch
+        from silero_vad import load_silero_vad
+
+        self._torch = torch
+        self._model = load_silero_vad()
+        self.threshold = threshold
+
+    def __call__(self, samples: np.ndarray, sample_rate: int) -> float:
+        audio = samples if sample_rate == VAD_RATE else soxr.resample(samples, sample_rate, VAD_RATE)
+        n_chunks = len(audio) // self.CHUNK
+        if n_chunks == 0:
+            return 0.0
+        chunks = self._torch.from_numpy(np.ascontiguousarray(audio[: n_chunks * self.CHUNK], dtype=np.float32))
+        self._model.reset_states()  # each window is judged on its own
+        with self._torch.inference_mode():
+            probs = [float(self._model(chunk, VAD_RATE)) for chunk in chunks.view(n_chunks, self.CHUNK)]
+        return sum(p > self.threshold for p in probs) / n_chunks
+
+
+def speech_meter(config: GateConfig):
+    if config.vad == "silero":
+        return SileroSpeechMeter(config.vad_threshold)
+    return WebrtcSpeechMeter(config.vad_aggressiveness)
+
+
 class Gate:
-    """Measures a window and decides; one per source (webrtcvad state is not shared across threads)."""
+    """Measures a window and decides; one per source (VAD state is not shared across threads)."""
 
     def __init__(self, config: GateConfig):
         self.config = config
-        self._speech = WebrtcSpeechMeter(config.vad_aggressiveness) if config.mode == "speech" else None
+        self._speech = speech_meter(config) if config.mode == "speech" else None
 
     def inspect(self, raw: np.ndarray, sample_rate: int) -> tuple[np.ndarray, WindowFacts, bool]:
         """Clean the window, measure it, and say whether it passes."""

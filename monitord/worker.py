@@ -6,6 +6,7 @@ import logging
 from queue import SimpleQueue
 import threading
 import time
+from collections import Counter
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
@@ -19,17 +20,30 @@ log = logging.getLogger(__name__)
 @dataclass
 class WorkerStats:
     windows: int = 0
+    """Windows that passed their gate."""
     batches: int = 0
+    scored: Counter[str] = field(default_factory=Counter)
+    """Windows scored, per model (a cascaded model sees fewer)."""
     model_seconds: dict[str, float] = field(default_factory=dict)
     failures: int = 0
     abandoned_at_shutdown: int = 0
+
+
+def cascade_order(models: Sequence[Model]) -> list[Model]:
+    """Models that gate others first (cascades are one level deep, checked by the config)."""
+    return sorted(models, key=lambda m: m.gated_by is not None)
+
+
+def cascade_passes(scores: Scores, cascade) -> bool:
+    return max(scores.probabilities.get(label, 0.0) for label in cascade.labels) >= cascade.threshold
 
 
 class ModelWorker:
     """One thread; every window that passed its gate is scored by each model, in batches.
 
     Results leave in queue order (so per-source order holds): ``on_scores`` for each scored
-    window and model, ``on_gated`` for a window the gate rejected; ``on_error`` hears about
+    window and model; ``on_quiet(window, None)`` for a window the gate rejected and
+    ``on_quiet(window, model)`` for one a cascade kept from ``model``; ``on_error`` hears about
     windows a model could not score.
     """
 
@@ -39,13 +53,13 @@ class ModelWorker:
         models: Sequence[Model],
         on_scores: Callable[[Scores], None],
         on_error: Callable[[Model, list[Window], Exception], None],
-        on_gated: Callable[[Window], None] = lambda window: None,
+        on_quiet: Callable[[Window, str | None], None] = lambda window, model: None,
     ):
         self.queue = queue
-        self.models = list(models)
+        self.models = cascade_order(models)
         self.on_scores = on_scores
         self.on_error = on_error
-        self.on_gated = on_gated
+        self.on_quiet = on_quiet
         self.stats = WorkerStats()
         self.batch_max = max(m.batch_max for m in self.models)
         self.batch_wait_s = max(m.batch_wait_ms for m in self.models) / 1000.0
@@ -93,25 +107,42 @@ class ModelWorker:
         self.stats.batches += 1
         passed = [w for w in batch if w.passed]
         self.stats.windows += len(passed)
-        results: dict[int, list[Scores]] = {id(w): [] for w in passed}
+        results: dict[int, dict[str, Scores]] = {id(w): {} for w in passed}
+        skipped: dict[int, list[str]] = {}
         for model in self.models:
-            for i in range(0, len(passed), model.batch_max):
-                chunk = passed[i : i + model.batch_max]
-                began = time.perf_counter()
-                try:
-                    scored = model.score(chunk)
-                except Exception as exc:  # a model failure must not stop listening
-                    self.stats.failures += 1
-                    log.exception("model %s failed on %d windows", model.name, len(chunk))
-                    self.on_error(model, chunk, exc)
-                    continue
-                finally:
-                    spent = time.perf_counter() - began
-                    self.stats.model_seconds[model.name] = self.stats.model_seconds.get(model.name, 0.0) + spent
-                for scores in scored:
-                    results[id(scores.window)].append(scores)
+            todo = passed
+            if model.gated_by is not None:
+                cascade = model.gated_by
+                gating = {id(w): results[id(w)].get(cascade.model) for w in passed}
+                todo = [w for w in passed if gating[id(w)] is not None and cascade_passes(gating[id(w)], cascade)]
+                kept = {id(w) for w in todo}
+                for w in passed:
+                    if id(w) not in kept:
+                        skipped.setdefault(id(w), []).append(model.name)
+            for scores in self._score(model, todo):
+                results[id(scores.window)][model.name] = scores
         for window in batch:
             if not window.passed:
-                self.on_gated(window)
-            for scores in results.get(id(window), ()):
+                self.on_quiet(window, None)
+                continue
+            for scores in results[id(window)].values():
                 self.on_scores(scores)
+            for model_name in skipped.get(id(window), ()):
+                self.on_quiet(window, model_name)
+
+    def _score(self, model: Model, windows: list[Window]) -> list[Scores]:
+        out: list[Scores] = []
+        for i in range(0, len(windows), model.batch_max):
+            chunk = windows[i : i + model.batch_max]
+            began = time.perf_counter()
+            try:
+                out.extend(model.score(chunk))
+                self.stats.scored[model.name] += len(chunk)
+            except Exception as exc:  # a model failure must not stop listening
+                self.stats.failures += 1
+                log.exception("model %s failed on %d windows", model.name, len(chunk))
+                self.on_error(model, chunk, exc)
+            finally:
+                spent = time.perf_counter() - began
+                self.stats.model_seconds[model.name] = self.stats.model_seconds.get(model.name, 0.0) + spent
+        return out

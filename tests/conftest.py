@@ -105,3 +105,14 @@ def play(path: Path, env: dict[str, str]) -> subprocess.Popen:
 
 def monitord_cmd(*args: str) -> list[str]:
     return [sys.executable, "-m", "monitord", *args]
+
+
+YAMNET = SHARED / "models" / "yamnet" / "yamnet.tflite"
+AUDIO = SHARED / "audio"
+
+
+def shared_path(path: Path) -> Path:
+    """A file from ../shared (real recordings, YAMNet); the test skips, saying so, where it is absent."""
+    if not path.exists():
+        pytest.skip(f"{path} is absent: these tests use the real material in ../shared (CI has it)")
+    return path

@@ -15,6 +15,10 @@ def build_model(name: str, config) -> Model:
         from monitord.models.clap import ClapZeroShot
 
         return ClapZeroShot(name, config)
+    if config.kind == "yamnet":
+        from monitord.models.yamnet import YamnetClassifier
+
+        return YamnetClassifier(name, config)
     raise ValueError(f"unknown model kind {config.kind!r}")
 
 

@@ -8,6 +8,7 @@ from typing import Protocol
 
 import numpy as np
 
+from monitord.config import CascadeConfig
 from monitord.windows import Window
 
 
@@ -38,6 +39,8 @@ class Model(Protocol):
     labels: tuple[str, ...]
     batch_max: int
     batch_wait_ms: float
+    gated_by: CascadeConfig | None
+    """Score only windows where another model's listed labels reached a threshold."""
 
     def score(self, windows: Sequence[Window]) -> list[Scores]: ...
 

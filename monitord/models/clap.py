@@ -35,6 +35,7 @@ class ClapZeroShot:
         self.prompt = config.prompt
         self.batch_max = config.batch_max
         self.batch_wait_ms = config.batch_wait_ms
+        self.gated_by = config.gated_by
         self.device = pick_device(config.device)
         self.dtype = pick_dtype(config.dtype, self.device)
 

@@ -1,0 +1,186 @@
+"""The CPU edge tier on real sound: YAMNet (real pretrained weights), the silero speech gate, cascades."""
+
+from __future__ import annotations
+
+import json
+import sys
+import threading
+import time
+
+import numpy as np
+import pytest
+import soundfile as sf
+
+from monitord.capture import FileSource
+from monitord.config import ConfigError, GateConfig, SourceConfig, WindowConfig, YamnetModelConfig, parse_config
+from monitord.gate import Gate
+from monitord.models import ModelUnavailable
+from monitord.models.yamnet import YamnetClassifier
+from monitord.windows import WindowCutter, Windower
+from tests.conftest import AUDIO, YAMNET, free_port, shared_path, silence, tone, write_wav
+
+RAVDESS = sorted(AUDIO.glob("speech_*/*.wav"))
+GROUPS = {"cat": ("Cat", "Meow", "Caterwaul", "Purr"), "crowd": ("Crowd", "Cheering", "Applause")}
+
+
+@pytest.fixture(scope="module")
+def yamnet() -> YamnetClassifier:
+    return YamnetClassifier("yam", YamnetModelConfig(kind="yamnet", model=str(shared_path(YAMNET)), groups=GROUPS))
+
+
+def file_windows(path, gate: GateConfig, rates=(16000,)):
+    """Every window of a file, through the daemon's own file source, ring buffer and windower."""
+    source = FileSource(SourceConfig(id="f", file=str(path)), ring_seconds=10.0, on_status=lambda *a: None)
+    cutter = WindowCutter("f", source.sample_rate, WindowConfig(seconds=2.0, hop_s=0.5), gate, rates)
+    windows, done = [], threading.Event()
+    Windower(source.ring, cutter, windows.append, threading.Event(), on_finished=done.set).start()
+    source.start()
+    assert done.wait(60)
+    return source.sample_rate, windows
+
+
+def top5(yamnet, path) -> list[set[str]]:
+    rate, windows = file_windows(path, GateConfig(mode="always"))
+    assert rate == sf.info(str(path)).samplerate
+    return [{label for label, _ in s.top(5)} for s in yamnet.score(windows)]
+
+
+def test_yamnet_tags_real_recordings(yamnet):
+    assert any("Cat" in top for top in top5(yamnet, shared_path(AUDIO / "cat" / "esc50_cat_3-95694-A-5.wav")))
+    assert any(top & {"Crowd", "Cheering"} for top in top5(yamnet, shared_path(AUDIO / "cheering" / "crowd_cheering.wav")))
+    assert RAVDESS, "no RAVDESS clips"
+    for clip in RAVDESS:
+        assert any("Speech" in top for top in top5(yamnet, clip)), clip.name
+
+
+def test_silero_gate_passes_speech_and_not_engines_rain_or_trains():
+    gate = GateConfig(mode="speech", vad="silero", threshold_dbfs=-60)
+    for clip in [shared_path(p) for p in RAVDESS]:
+        _, windows = file_windows(clip, gate)
+        assert any(w.passed for w in windows), clip.name
+    for name in ("engine/car_engine.wav", "rain/rain.wav", "train/train.wav"):
+        _, windows = file_windows(shared_path(AUDIO / name), gate)
+        assert not any(w.passed for w in windows), name
+        assert max(w.facts.rms_dbfs for w in windows) > -60  # loud enough: the VAD is what said no
+
+
+def test_silero_tells_a_tone_from_speech_where_webrtc_cannot():
+    window = tone(440, 2.0, 16000, dbfs=-12)
+    assert Gate(GateConfig(mode="speech", vad="webrtc")).inspect(window, 16000)[2]  # webrtcvad: "speech"
+    assert not Gate(GateConfig(mode="speech", vad="silero")).inspect(window, 16000)[2]
+
+
+def test_group_and_class_names_are_validated(tmp_path):
+    text = """
+sources: [{id: a, device: default}]
+models:
+  yam: {kind: yamnet, model: yamnet.tflite, groups: {glass: [Glass, Shatterr]}}
+rules:
+  - {id: g, model: yam, label: Glas, threshold: 0.3}
+"""
+    with pytest.raises(ConfigError) as info:
+        parse_config(text, tmp_path)
+    found = [str(p) for p in info.value.problems]
+    assert any(p.startswith("models.yam.groups.glass.1: 'Shatterr' is not a class of model 'yam'; did you mean 'Shatter'?") for p in found), found
+    assert any(p.startswith("rules.0.label: 'Glas' is not a label of model 'yam'; did you mean 'Glass'?") for p in found), found
+
+
+def test_a_missing_model_file_says_where_to_get_it(tmp_path):
+    with pytest.raises(ModelUnavailable, match="official YAMNet distribution"):
+        YamnetClassifier("yam", YamnetModelConfig(kind="yamnet", model=str(tmp_path / "yamnet.tflite")))
+
+
+def mix(seconds_of_silence: float, clip, rate_hint: int = 44100):
+    data, rate = sf.read(str(clip), dtype="float32", always_2d=True)
+    return np.concatenate([silence(seconds_of_silence, rate), data.mean(axis=1)]), rate
+
+
+def test_group_rule_fires_over_zeromq_at_the_right_stream_time(tmp_path):
+    from tests.test_e2e import Subscriber, is_alert, read_log, start_daemon, stop_daemon
+
+    clip = shared_path(AUDIO / "cat" / "esc50_cat_3-95694-A-5.wav")
+    audio, rate = mix(5.0, clip)
+    audio = np.concatenate([audio, silence(3.0, rate)])
+    write_wav(tmp_path / "cat.wav", audio, rate)
+    port = free_port()
+    config = tmp_path / "edge.yaml"
+    config.write_text(f"""
+sources: [{{id: porch, file: cat.wav, realtime: true}}]
+gate: {{mode: energy, threshold_dbfs: -50}}
+models:
+  yam: {{kind: yamnet, model: {shared_path(YAMNET)}, groups: {{cat: [Cat, Meow, Caterwaul, Purr]}}}}
+rules:
+  - {{id: cat, model: yam, label: cat, threshold: 0.3, release: 0.2}}
+publish: {{endpoint: "tcp://127.0.0.1:{port}", event_log: events.jsonl}}
+""")
+    sub = Subscriber(f"tcp://127.0.0.1:{port}")
+    proc = start_daemon(config)
+    try:
+        got = sub.wait_for(is_alert("cat", "onset"), timeout=60)
+    finally:
+        code, _, err = stop_daemon(proc)
+        sub.close()
+    assert got and code == 0, err[-3000:]
+    onset = next(e for e in sub.events if is_alert("cat", "onset")(e))
+    clip_start = 5.0 + first_sound(clip)
+    assert onset["stream_start"] < clip_start + 1.0 and onset["stream_end"] > clip_start, (onset, clip_start)
+    assert onset["label"] == "cat" and onset["score"] >= 0.3 and "cat" in onset["scores"]
+    assert onset == next(e for e in read_log(tmp_path / "events.jsonl") if e["seq"] == onset["seq"])
+
+
+def first_sound(clip) -> float:
+    """Seconds into the clip where it first rises above -40 dBFS in a 20 ms frame."""
+    data, rate = sf.read(str(clip), dtype="float32", always_2d=True)
+    x = data.mean(axis=1)
+    frame = rate // 50
+    levels = [20 * np.log10(np.sqrt(np.mean(x[i : i + frame] ** 2)) + 1e-12) for i in range(0, len(x) - frame, frame)]
+    return next(i for i, level in enumerate(levels) if level > -40) * frame / rate
+
+
+def real_mix(seconds: float = 60.0, rate: int = 44100) -> np.ndarray:
+    """Real clips back to back with 1 s of silence between them, resampled to one rate."""
+    from monitord.windows import resample
+
+    parts, total = [], 0.0
+    clips = sorted(AUDIO.glob("*/*.wav"))
+    for clip in clips * 3:
+        data, clip_rate = sf.read(str(clip), dtype="float32", always_2d=True)
+        parts += [resample(data.mean(axis=1), clip_rate, rate), silence(1.0, rate)]
+        total += len(parts[-2]) / rate + 1.0
+        if total >= seconds:
+            break
+    return np.concatenate(parts)[: int(seconds * rate)]
+
+
+def test_full_pipeline_on_a_minute_of_real_sound_with_a_cascade(tmp_path, tiny_clap, capsys):
+    from monitord.classify import classify_file
+    from monitord.daemon import load_models
+
+    shared_path(AUDIO)
+    write_wav(tmp_path / "mix.wav", real_mix(60.0), 44100)
+    config = parse_config(f"""
+sources: [{{id: mix, file: mix.wav}}]
+gate: {{mode: energy, threshold_dbfs: -45}}
+models:
+  yam: {{kind: yamnet, model: {shared_path(YAMNET)}, groups: {{crowd: [Crowd, Cheering, Applause], animal: [Animal]}}}}
+  clap:
+    kind: clap
+    model: {tiny_clap}
+    labels: [tone, noise, speech, music]
+    gated_by: {{model: yam, labels: [crowd, animal], threshold: 0.2}}
+""", tmp_path)
+    models = load_models(config)
+    began = time.perf_counter()
+    rows = list(classify_file(tmp_path / "mix.wav", config, models))
+    elapsed = time.perf_counter() - began
+    passed = [r for r in rows if r.passed]
+    assert len(rows) == 117 and passed  # 60 s at 0.5 s hop: 2 s windows at 0, 0.5, ..., 58
+    assert all("yam" in r.scores for r in passed)
+    reached_clap = [r for r in passed if "clap" in r.scores]
+    assert 0 < len(reached_clap) < len(passed)  # the cascade let some windows through, not all
+    for r in reached_clap:
+        assert max(r.scores["yam"]["crowd"], r.scores["yam"]["animal"]) >= 0.2
+    with capsys.disabled():
+        print(f"\n[edge] 60 s real mix: {len(rows)} windows, {len(passed)} passed the gate, "
+              f"{len(reached_clap)} reached CLAP ({len(reached_clap) / len(passed):.0%}); "
+              f"{elapsed / len(rows) * 1000:.1f} ms per window all in", file=sys.stderr)
