@@ -34,7 +34,7 @@ def windows(rate=44100):
 def test_probabilities_equal_the_transformers_pipeline(random_clap):
     from transformers import pipeline
 
-    model = ClapZeroShot("clap", ClapModelConfig(model=str(random_clap), labels=LABELS))
+    model = ClapZeroShot("clap", ClapModelConfig(model=str(random_clap), labels=LABELS, dtype="float32"))
     ws = windows()
     ours = model.score(ws)
     pipe = pipeline("zero-shot-audio-classification", model=str(random_clap))
@@ -48,13 +48,41 @@ def test_probabilities_equal_the_transformers_pipeline(random_clap):
 
 
 def test_a_windows_scores_do_not_depend_on_its_batch(random_clap):
-    model = ClapZeroShot("clap", ClapModelConfig(model=str(random_clap), labels=LABELS))
+    model = ClapZeroShot("clap", ClapModelConfig(model=str(random_clap), labels=LABELS, dtype="float32"))
     ws = windows()
     together = model.score(ws)
     for window, batched in zip(ws, together):
         alone = model.score([window])[0]
         for label in LABELS:
             assert abs(alone.probabilities[label] - batched.probabilities[label]) < 1e-5
+
+
+@pytest.mark.parametrize("truncation", ["rand_trunc", "fusion"])
+@pytest.mark.parametrize("seconds", [2.0, 2.03, 1.0, 3.7, 10.0, 0.01])
+def test_torch_features_equal_the_feature_extractor(truncation, seconds):
+    import torch
+    from transformers import ClapFeatureExtractor
+
+    from monitord.models.clap_features import ClapFeatures
+
+    extractor = ClapFeatureExtractor(truncation=truncation, padding="repeatpad", frequency_min=50, frequency_max=14000)
+    n = int(seconds * 48000)
+    batch = np.stack([noise(seconds, 48000, -20, seed=1)[:n], tone(440, seconds, 48000, -6)[:n], np.zeros(n, np.float32)])
+    batch[2, n // 2] = 0.9  # a click in silence: extreme dynamic range
+    ours, longer = ClapFeatures(extractor, "cpu")(batch)
+    theirs = [extractor([b], sampling_rate=48000, return_tensors="pt") for b in batch]
+    assert ours.shape == torch.cat([t["input_features"] for t in theirs]).shape
+    assert float((ours - torch.cat([t["input_features"] for t in theirs])).abs().max()) < 1e-4
+    assert torch.equal(longer, torch.cat([t["is_longer"] for t in theirs]))
+
+
+def test_only_the_audio_tower_stays_resident(random_clap):
+    model = ClapZeroShot("clap", ClapModelConfig(model=str(random_clap), labels=LABELS, dtype="float32"))
+    assert not hasattr(model, "model") and model.text_embeddings.shape == (len(LABELS), 16)
+    before = model.score(windows()[:1])[0].probabilities
+    model.set_labels(("tone", "noise", "speech"), "A recording of {label}.")
+    after = model.score(windows()[:1])[0].probabilities
+    assert set(before) == set(LABELS) and list(after) == ["tone", "noise", "speech"]
 
 
 def test_the_trained_tiny_model_tells_tone_from_noise(tiny_clap):

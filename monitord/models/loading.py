@@ -61,10 +61,3 @@ def pick_device(spec: str) -> str:
         raise ModelUnavailable(f"device {spec!r} was asked for, but torch sees no CUDA device")
     return spec
 
-
-def pick_dtype(spec: str, device: str) -> Any:
-    import torch
-
-    if spec == "auto":
-        return torch.float16 if device.startswith("cuda") else torch.float32
-    return getattr(torch, spec)
