@@ -85,41 +85,19 @@ def resolve_device(spec: int | str) -> dict[str, Any]:
     raise SourceError(f"no input device matching {spec!r}; " + _describe(devices))
 
 
-class DeviceSource:
-    """A PortAudio input stream; the callback copies each block into the ring and returns."""
+class BlockWriter:
+    """The capture callback: mixes a block to mono into the ring buffer and counts; nothing else.
 
-    def __init__(self, config: SourceConfig, ring_seconds: float, on_status: StatusCallback):
-        import sounddevice as sd
+    No locks, no logging, no allocation after the first block of a given size.
+    """
 
-        self._sd = sd
-        self.config = config
-        self.id = config.id
-        self.device = resolve_device(config.device if config.device is not None else "default")
-        self.sample_rate = config.sample_rate or DEFAULT_DEVICE_RATE
-        self.channels = min(config.channels, self.device["channels"])
-        self.ring = RingBuffer(int(ring_seconds * self.sample_rate), self.sample_rate)
+    def __init__(self, ring: RingBuffer, channels: int, blocksize: int = 0):
+        self.ring = ring
+        self.channels = channels
         self.stats = CaptureStats()
-        self.on_status = on_status
-        self.waits_for_worker = False
-        self._stopping = False
-        self._mix = np.zeros(max(config.blocksize, 4096), dtype=np.float32)  # grown only if a block is larger
-        try:
-            self._stream = sd.InputStream(
-                device=self.device["index"],
-                channels=self.channels,
-                samplerate=self.sample_rate,
-                dtype="float32",
-                blocksize=config.blocksize,
-                callback=self._callback,
-                finished_callback=self._finished,
-            )
-        except (sd.PortAudioError, ValueError) as exc:
-            raise SourceError(
-                f"cannot open input device {self.device['index']} ({self.device['name']}) at "
-                f"{self.sample_rate} Hz with {self.channels} channel(s): {exc}"
-            ) from None
+        self._mix = np.zeros(max(blocksize, 4096), dtype=np.float32)  # grown only if a block is larger
 
-    def _callback(self, indata: np.ndarray, frames: int, time_info: Any, status: Any) -> None:
+    def __call__(self, indata: np.ndarray, frames: int, time_info: Any, status: Any) -> None:
         began = time.perf_counter()
         if status:
             self.stats.input_overflows += int(bool(status.input_overflow))
@@ -135,6 +113,41 @@ class DeviceSource:
         self.stats.blocks += 1
         self.stats.frames += frames
         self.stats.callback_seconds += time.perf_counter() - began
+
+
+class DeviceSource:
+    """A PortAudio input stream; the callback copies each block into the ring and returns."""
+
+    def __init__(self, config: SourceConfig, ring_seconds: float, on_status: StatusCallback):
+        import sounddevice as sd
+
+        self._sd = sd
+        self.config = config
+        self.id = config.id
+        self.device = resolve_device(config.device if config.device is not None else "default")
+        self.sample_rate = config.sample_rate or DEFAULT_DEVICE_RATE
+        self.channels = min(config.channels, self.device["channels"])
+        self.ring = RingBuffer(int(ring_seconds * self.sample_rate), self.sample_rate)
+        self.writer = BlockWriter(self.ring, self.channels, config.blocksize)
+        self.stats = self.writer.stats
+        self.on_status = on_status
+        self.waits_for_worker = False
+        self._stopping = False
+        try:
+            self._stream = sd.InputStream(
+                device=self.device["index"],
+                channels=self.channels,
+                samplerate=self.sample_rate,
+                dtype="float32",
+                blocksize=config.blocksize,
+                callback=self.writer,
+                finished_callback=self._finished,
+            )
+        except (sd.PortAudioError, ValueError) as exc:
+            raise SourceError(
+                f"cannot open input device {self.device['index']} ({self.device['name']}) at "
+                f"{self.sample_rate} Hz with {self.channels} channel(s): {exc}"
+            ) from None
 
     def _finished(self) -> None:
         if not self._stopping:

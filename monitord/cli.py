@@ -160,6 +160,16 @@ def cmd_tail(args: argparse.Namespace) -> int:
     return tail(endpoint or "tcp://127.0.0.1:5556", args.topic, as_json=args.json, count=args.count, timeout_s=args.timeout)
 
 
+def cmd_bench(args: argparse.Namespace) -> int:
+    from monitord.bench import main as bench_main
+    from monitord.models import ModelUnavailable
+
+    try:
+        return bench_main(args)
+    except ModelUnavailable as exc:
+        return _fail(str(exc))
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="monitord", description="Real-time audio monitoring daemon.")
     parser.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
@@ -193,6 +203,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--count", type=int, help="exit after this many events")
     p.add_argument("--timeout", type=float, help="exit (status 1) after this many seconds without an event")
     p.set_defaults(func=cmd_tail)
+    p = sub.add_parser("bench", help="measure the CLAP path against the transformers pipeline, side by side")
+    from monitord.bench import add_arguments
+
+    add_arguments(p)
+    p.set_defaults(func=cmd_bench)
     return parser
 
 

@@ -166,6 +166,8 @@ class PublishConfig(_Strict):
     """fsync the event log after every event (durable across power loss; slower)."""
     send_hwm: int = Field(10000, ge=1)
     """ZeroMQ send high-water mark per subscriber: bounds memory held for slow subscribers."""
+    scores: bool = False
+    """Also publish every scored window's scores on ``scores.<source>.<model>`` (not logged): a live tag stream."""
     allow_insecure_remote: bool = False
     host: str | None = None
     """Host name stamped on events; the machine's name when absent."""

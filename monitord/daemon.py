@@ -183,6 +183,25 @@ class Daemon:
         window = scores.window
         fired = self.engine.observe(scores.model, window.source, scores.probabilities, window.stream_end)
         self._publish_alerts(window, fired, scores)
+        if self.config.publish.scores:
+            self.publisher.publish_unlogged(self._scores_event(scores), ready_at=window.ready_at)
+
+    def _scores_event(self, scores: Scores) -> Event:
+        window = scores.window
+        return Event(
+            kind="scores",
+            source=window.source,
+            time=iso_utc(window.wall_start),
+            host=self.host,
+            label=scores.top(1)[0][0],
+            score=round(scores.top(1)[0][1], 6),
+            scores=event_scores(scores.probabilities, scores.top(1)[0][0]),
+            model=scores.model_id,
+            model_name=scores.model,
+            stream_start=round(window.stream_start, 6),
+            stream_end=round(window.stream_end, 6),
+            facts=window.facts.to_dict(),
+        )
 
     def _on_quiet(self, window: Window, model: str | None) -> None:
         self._publish_alerts(window, self.engine.observe_quiet(window.source, window.stream_end, model), None)
@@ -200,6 +219,7 @@ class Daemon:
                 score=round(score, 6),
                 scores=None if scores is None else event_scores(scores.probabilities, rule.label),
                 model=self.models[rule.model].model_id,
+                model_name=rule.model,
                 stream_start=round(window.stream_start, 6),
                 stream_end=round(window.stream_end, 6),
                 facts=window.facts.to_dict(),

@@ -17,7 +17,8 @@ def iso_utc(epoch_s: float) -> str:
 
 @dataclass(frozen=True)
 class Event:
-    """An alert transition (kind "alert") or a source/daemon status change (kind "status").
+    """An alert transition (kind "alert"), a source status change (kind "status"), or one
+    window's scores (kind "scores": published only with ``publish.scores``, never logged, no seq).
 
     ``seq`` and ``id`` are assigned by the publisher, so they are 0/"" until published.
     ``time`` is the wall-clock time of the window's first sample for alerts, and the time of
@@ -36,6 +37,9 @@ class Event:
     score: float | None = None
     scores: dict[str, float] | None = None
     model: str | None = None
+    """The model's id (HF id or path)."""
+    model_name: str | None = None
+    """The model's name in the config."""
     stream_start: float | None = None
     stream_end: float | None = None
     latency_ms: float | None = None
@@ -52,6 +56,8 @@ class Event:
     def topic(self) -> str:
         if self.kind == "alert":
             return f"alert.{self.source}.{self.rule}"
+        if self.kind == "scores":
+            return f"scores.{self.source}.{self.model_name}"
         return f"{self.kind}.{self.source}"
 
     def with_sequence(self, seq: int, event_id: str, latency_ms: float | None) -> "Event":

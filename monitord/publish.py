@@ -105,6 +105,18 @@ class Publisher:
             self.published += 1
             return event
 
+    def publish_unlogged(self, event: Event, ready_at: float | None = None) -> Event:
+        """Send without a seq and without logging (live score streams: loss is acceptable there)."""
+        with self._lock:
+            latency_ms = None if ready_at is None else round((time.time() - ready_at) * 1000.0, 1)
+            event = event.with_sequence(0, uuid.uuid4().hex, latency_ms)
+            if self._socket is not None:
+                try:
+                    self._socket.send_multipart([event.topic.encode(), event.to_json().encode()], flags=zmq.NOBLOCK)
+                except zmq.Again:
+                    pass
+            return event
+
     def close(self) -> None:
         with self._lock:
             if self._socket is not None:

@@ -11,26 +11,10 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-WORDS = (
-    "this is a sound of glass breaking dog barking speech music silence noise tone beep "
-    "engine rain cat applause cheering alarm knock hum whine crowd door car horn siren baby crying"
-)
-
-
 def build_tokenizer(folder: Path):
-    """A byte-level BPE trained offline, wrapped as RobertaTokenizerFast via from_pretrained(folder)."""
-    from tokenizers import ByteLevelBPETokenizer, processors
-    from transformers import RobertaTokenizerFast
+    from monitord.models.offline import train_roberta_tokenizer
 
-    specials = ["<s>", "<pad>", "</s>", "<unk>", "<mask>"]
-    bpe = ByteLevelBPETokenizer()
-    bpe.train_from_iterator([WORDS] * 20, vocab_size=400, min_frequency=1, special_tokens=specials)
-    bpe.post_processor = processors.RobertaProcessing(("</s>", bpe.token_to_id("</s>")), ("<s>", bpe.token_to_id("<s>")))
-    folder.mkdir(parents=True, exist_ok=True)
-    bpe.save(str(folder / "tokenizer.json"))
-    tokenizer = RobertaTokenizerFast.from_pretrained(str(folder), model_max_length=64)
-    assert len(tokenizer) > 50, "tokenizer lost its vocabulary (see NOTES-models pitfall 2)"
-    return tokenizer
+    return train_roberta_tokenizer(folder)
 
 
 def build_clap(folder: Path, seed: int = 0) -> Path:

@@ -27,7 +27,9 @@ log = logging.getLogger(__name__)
 class ClapZeroShot:
     """``score(windows)`` -> label probabilities per window, batched."""
 
-    def __init__(self, name: str, config: ClapModelConfig):
+    def __init__(self, name: str, config: ClapModelConfig, model=None, processor=None):
+        """Loads ``config.model`` unless a loaded ClapModel and ClapProcessor are given
+        (the benchmark shares one full-size random model with the pipeline)."""
         import torch
         from transformers import ClapModel, ClapProcessor
 
@@ -41,8 +43,8 @@ class ClapZeroShot:
         self.gated_by = config.gated_by
         self.device = pick_device(config.device)
 
-        self.processor = load_pretrained(ClapProcessor, config.model, "CLAP processor")
-        model = load_pretrained(ClapModel, config.model, "CLAP model").to(self.device).eval()
+        self.processor = processor or load_pretrained(ClapProcessor, config.model, "CLAP processor")
+        model = (model or load_pretrained(ClapModel, config.model, "CLAP model")).to(self.device).eval()
         self.feature_extractor = self.processor.feature_extractor
         self.sample_rate = int(self.feature_extractor.sampling_rate)
         self.torch_features = ClapFeatures(self.feature_extractor, self.device)
