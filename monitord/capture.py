@@ -116,7 +116,19 @@ class BlockWriter:
 
 
 class DeviceSource:
-    """A PortAudio input stream; the callback copies each block into the ring and returns."""
+    """A PortAudio input stream, supervised: the callback copies each block into the ring and
+    returns; a supervisor thread notices a lost stream and reopens it.
+
+    Loss shows in three ways on PortAudio/ALSA/PulseAudio: ``finished_callback`` fires,
+    ``stream.active`` turns False while we did not stop it, or no block arrives for
+    ``watchdog_s`` (seen: killing the sound server stops callbacks with no status flag and no
+    exception). Then: a ``down`` status, reopen with exponential backoff (re-initialising
+    PortAudio, which lists no devices if it started while the server was down), an ``up``
+    status, and silence written for the time lost, so stream time stays wall-clock time and
+    events after the gap carry their true stream times.
+    """
+
+    _portaudio_lock = threading.Lock()  # PortAudio re-initialisation is process-wide
 
     def __init__(self, config: SourceConfig, ring_seconds: float, on_status: StatusCallback):
         import sounddevice as sd
@@ -124,23 +136,43 @@ class DeviceSource:
         self._sd = sd
         self.config = config
         self.id = config.id
-        self.device = resolve_device(config.device if config.device is not None else "default")
+        self.spec: int | str = config.device if config.device is not None else "default"
         self.sample_rate = config.sample_rate or DEFAULT_DEVICE_RATE
-        self.channels = min(config.channels, self.device["channels"])
+        self.device: dict[str, Any] | None = None
+        self._stream = None
+        try:
+            self._open()
+        except SourceError:
+            if not config.retry:
+                raise
+            log.warning("source %s: device not available yet; retrying (retry: true)", self.id)
         self.ring = RingBuffer(int(ring_seconds * self.sample_rate), self.sample_rate)
-        self.writer = BlockWriter(self.ring, self.channels, config.blocksize)
+        self.writer = BlockWriter(self.ring, config.channels, config.blocksize)
         self.stats = self.writer.stats
         self.on_status = on_status
         self.waits_for_worker = False
-        self._stopping = False
+        self.reconnects = 0
+        self._stop = threading.Event()
+        self._finished_flag = threading.Event()
+        self._thread = threading.Thread(target=self._supervise, name=f"device-{self.id}", daemon=True)
+        DeviceSource._active.add(self)
+
+    @property
+    def channels(self) -> int:
+        return min(self.config.channels, self.device["channels"]) if self.device else self.config.channels
+
+    def _open(self) -> None:
+        """Resolve the device and open (not start) a stream on it; SourceError if impossible."""
+        sd = self._sd
+        self.device = resolve_device(self.spec)
         try:
             self._stream = sd.InputStream(
                 device=self.device["index"],
                 channels=self.channels,
                 samplerate=self.sample_rate,
                 dtype="float32",
-                blocksize=config.blocksize,
-                callback=self.writer,
+                blocksize=self.config.blocksize,
+                callback=self._callback,
                 finished_callback=self._finished,
             )
         except (sd.PortAudioError, ValueError) as exc:
@@ -149,27 +181,113 @@ class DeviceSource:
                 f"{self.sample_rate} Hz with {self.channels} channel(s): {exc}"
             ) from None
 
+    def _callback(self, indata: np.ndarray, frames: int, time_info: Any, status: Any) -> None:
+        self.writer(indata, frames, time_info, status)
+
     def _finished(self) -> None:
-        if not self._stopping:
-            log.warning("source %s: input stream ended unexpectedly", self.id)
-            self.on_status(self.id, "down", "input stream ended")
+        self._finished_flag.set()
 
     def start(self) -> None:
+        if self._stream is not None:
+            self._start_stream()
+        else:
+            self.on_status(self.id, "down", f"waiting for input device {self.spec!r}")
+        self._thread.start()
+
+    def _start_stream(self) -> None:
+        self._finished_flag.clear()
+        self.writer.channels = self.channels
         self._stream.start()
         log.info("source %s: capturing %s at %d Hz, %d ch", self.id, self.device["name"], self.sample_rate, self.channels)
         self.on_status(self.id, "up", f"capturing {self.device['name']} at {self.sample_rate} Hz")
 
-    def stop(self) -> None:
-        self._stopping = True
+    def _lost(self, last_block_at: float) -> str | None:
+        """Why the stream is considered lost, or None while it is healthy."""
+        if self._finished_flag.is_set():
+            return "input stream ended"
+        if self._stream is not None and not self._stream.active:
+            return "input stream stopped"
+        if time.monotonic() - last_block_at > self.config.watchdog_s:
+            return f"no audio for {self.config.watchdog_s:g} s"
+        return None
+
+    def _supervise(self) -> None:
+        blocks, last_block_at = -1, time.monotonic()
+        lost_at: float | None = None if self._stream is not None else time.time()
+        backoff = 0.5
+        while not self._stop.wait(0.1 if lost_at is None else backoff):
+            if lost_at is None:
+                if self.stats.blocks != blocks:
+                    blocks, last_block_at = self.stats.blocks, time.monotonic()
+                reason = self._lost(last_block_at)
+                if reason is None:
+                    continue
+                self._close_stream()
+                if not self.config.reconnect:
+                    log.error("source %s: %s; not reconnecting (reconnect: false)", self.id, reason)
+                    self.on_status(self.id, "down", f"{reason}; not reconnecting")
+                    return
+                log.warning("source %s: %s; reconnecting", self.id, reason)
+                self.on_status(self.id, "down", reason)
+                lost_at, backoff = self.ring.wall_time(self.ring.written), 0.5  # when the last sample was heard
+                continue
+            try:
+                self._reopen()
+            except SourceError as exc:
+                log.info("source %s: reconnect failed (%s); next try in %.1f s", self.id, exc, min(backoff * 2, self.config.backoff_max_s))
+                backoff = min(backoff * 2, self.config.backoff_max_s)
+                continue
+            self._fill_gap(lost_at)
+            self.reconnects += 1
+            self._start_stream()
+            lost_at, last_block_at = None, time.monotonic()
+
+    def _reopen(self) -> None:
+        with DeviceSource._portaudio_lock:
+            if DeviceSource._others_active(self):
+                self._open()
+                return
+            self._sd._terminate()  # PortAudio lists devices as they were when it was initialised
+            self._sd._initialize()
+            self._open()
+
+    _active: set["DeviceSource"] = set()
+
+    @classmethod
+    def _others_active(cls, me: "DeviceSource") -> bool:
+        return any(s is not me and s._stream is not None and s._stream.active for s in cls._active)
+
+    def _fill_gap(self, lost_at: float) -> None:
+        """Silence for the time the device was away, so stream time keeps pace with the clock:
+        from the last sample heard to the first the new stream will deliver (now + its latency)."""
+        latency = float(getattr(self._stream, "latency", 0.0) or 0.0)
+        missing = int((time.time() + latency - lost_at) * self.sample_rate)
+        if missing > 0 and self.stats.blocks:
+            self.ring.write(np.zeros(min(missing, self.ring.capacity), dtype=np.float32))
+            if missing > self.ring.capacity:
+                self.ring.skip(missing - self.ring.capacity)
+            log.info("source %s: %.2f s gap recorded in the stream", self.id, missing / self.sample_rate)
+
+    def _close_stream(self) -> None:
+        stream, self._stream = self._stream, None
+        if stream is None:
+            return
         try:
-            self._stream.stop()
-            self._stream.close()
+            stream.abort()
+            stream.close()
         except self._sd.PortAudioError as exc:
-            log.warning("source %s: error closing stream: %s", self.id, exc)
+            log.debug("source %s: closing a lost stream: %s", self.id, exc)
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._close_stream()
+        DeviceSource._active.discard(self)
         self.ring.close()
 
     def join(self, timeout: float) -> bool:
-        return True
+        if self._thread.is_alive():
+            self._thread.join(timeout)
+        return not self._thread.is_alive()
 
 
 class FileSource:

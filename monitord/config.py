@@ -55,6 +55,13 @@ class SourceConfig(_Strict):
     """Frames per capture callback; 0 lets PortAudio choose."""
     realtime: bool = False
     """File sources: pace like a live source instead of running as fast as the worker goes."""
+    retry: bool = False
+    """Devices: if missing at start, keep trying (with a status event) instead of exiting 2."""
+    reconnect: bool = True
+    """Devices: reopen a lost stream with exponential backoff."""
+    watchdog_s: float = Field(2.0, gt=0.0, le=600.0)
+    """Devices: no block for this long means the stream is lost."""
+    backoff_max_s: float = Field(30.0, gt=0.0, le=3600.0)
     gate: GateConfig | None = None
 
     @property
@@ -399,6 +406,8 @@ def _cross_check(config: Config) -> list[Problem]:
                 add(f"{where}.file", f"file not found: {source.file}")
         if source.device is not None and source.realtime:
             add(f"{where}.realtime", "only file sources take 'realtime' (devices are always real time)")
+        if source.file is not None and source.retry:
+            add(f"{where}.retry", "only device sources take 'retry'")
 
     window = config.window
     if window.hop_s > window.seconds:

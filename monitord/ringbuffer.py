@@ -60,6 +60,12 @@ class RingBuffer:
         self._anchor = (self._written, time.time() if wall_time_end is None else wall_time_end)
         self._data_ready.set()
 
+    def skip(self, n: int) -> None:
+        """Advance the stream index by ``n`` samples without storing them (a gap longer than the ring)."""
+        self._written += n
+        self._anchor = (self._written, time.time())
+        self._data_ready.set()
+
     def close(self) -> None:
         self._closed = True
         self._data_ready.set()
