@@ -76,8 +76,8 @@ def classify_file(path: Path, config: Config, models: Mapping[str, Model]) -> It
     def keep(scores: Scores) -> None:
         scored.setdefault(id(scores.window), {})[scores.model] = scores.probabilities
 
-    def failed(model: Model, windows: list[Window], exc: Exception) -> None:
-        raise exc
+    def failed(model: Model, windows: list[Window], status: str, detail: str) -> None:
+        raise AudioFileError(detail)
 
     worker = ModelWorker(WindowQueue(1), list(models.values()), keep, failed)
     pending: list[Window] = []

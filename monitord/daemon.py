@@ -227,6 +227,6 @@ class Daemon:
             published = self.publisher.publish(event, ready_at=window.ready_at)
             log.info("%s %s score=%.3f stream %.2f-%.2f s", published.topic, phase, score, window.stream_start, window.stream_end)
 
-    def _on_model_error(self, model: Model, windows: list[Window], exc: Exception) -> None:
+    def _on_model_error(self, model: Model, windows: list[Window], status: str, detail: str) -> None:
         for source in sorted({w.source for w in windows}):
-            self._publish_status(source, "model_error", f"model {model.name} failed on {len(windows)} windows: {exc}")
+            self._publish_status(source, status, detail)

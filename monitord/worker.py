@@ -26,6 +26,8 @@ class WorkerStats:
     """Windows scored, per model (a cascaded model sees fewer)."""
     model_seconds: dict[str, float] = field(default_factory=dict)
     failures: int = 0
+    """Failed model calls (a split batch counts each try)."""
+    dropped_after_failure: int = 0
     abandoned_at_shutdown: int = 0
 
 
@@ -44,7 +46,12 @@ class ModelWorker:
     Results leave in queue order (so per-source order holds): ``on_scores`` for each scored
     window and model; ``on_quiet(window, None)`` for a window the gate rejected and
     ``on_quiet(window, model)`` for one a cascade kept from ``model``; ``on_error`` hears about
-    windows a model could not score.
+    windows a model could not score, as (model, windows, status, detail).
+
+    A batch a model fails on (CUDA out of memory, say) is split in halves and retried down to
+    single windows; a window that still fails is dropped with a ``model_error`` status. After
+    ``fallback_after`` failed batches in a row a model on a GPU is moved to the CPU
+    (``model_fallback`` status). Capture never stops for any of it.
     """
 
     def __init__(
@@ -52,14 +59,17 @@ class ModelWorker:
         queue: WindowQueue,
         models: Sequence[Model],
         on_scores: Callable[[Scores], None],
-        on_error: Callable[[Model, list[Window], Exception], None],
+        on_error: Callable[[Model, list[Window], str, str], None],
         on_quiet: Callable[[Window, str | None], None] = lambda window, model: None,
+        fallback_after: int = 3,
     ):
         self.queue = queue
         self.models = cascade_order(models)
         self.on_scores = on_scores
         self.on_error = on_error
         self.on_quiet = on_quiet
+        self.fallback_after = fallback_after
+        self._consecutive_failures: Counter[str] = Counter()
         self.stats = WorkerStats()
         self.batch_max = max(m.batch_max for m in self.models)
         self.batch_wait_s = max(m.batch_wait_ms for m in self.models) / 1000.0
@@ -136,13 +146,40 @@ class ModelWorker:
             chunk = windows[i : i + model.batch_max]
             began = time.perf_counter()
             try:
-                out.extend(model.score(chunk))
-                self.stats.scored[model.name] += len(chunk)
-            except Exception as exc:  # a model failure must not stop listening
-                self.stats.failures += 1
-                log.exception("model %s failed on %d windows", model.name, len(chunk))
-                self.on_error(model, chunk, exc)
+                out.extend(self._score_or_split(model, chunk))
             finally:
                 spent = time.perf_counter() - began
                 self.stats.model_seconds[model.name] = self.stats.model_seconds.get(model.name, 0.0) + spent
         return out
+
+    def _score_or_split(self, model: Model, windows: list[Window]) -> list[Scores]:
+        try:
+            scored = model.score(windows)
+        except Exception as exc:  # a model failure must not stop listening
+            self.stats.failures += 1
+            self._consecutive_failures[model.name] += 1
+            self._maybe_fall_back(model, windows, exc)
+            if len(windows) > 1:
+                log.warning("model %s failed on %d windows (%s); retrying in halves", model.name, len(windows), exc)
+                half = len(windows) // 2
+                return self._score_or_split(model, windows[:half]) + self._score_or_split(model, windows[half:])
+            log.error("model %s failed on the window at %.2f s of %s: %r; dropped", model.name,
+                      windows[0].stream_start, windows[0].source, exc)
+            self.stats.dropped_after_failure += 1
+            self.on_error(model, windows, "model_error", f"model {model.name} failed on this window and dropped it: {exc}")
+            return []
+        self._consecutive_failures[model.name] = 0
+        self.stats.scored[model.name] += len(windows)
+        return scored
+
+    def _maybe_fall_back(self, model: Model, windows: list[Window], exc: Exception) -> None:
+        if self._consecutive_failures[model.name] < self.fallback_after:
+            return
+        fall_back = getattr(model, "fall_back_to_cpu", None)
+        if fall_back is None or getattr(model, "device", "cpu") == "cpu":
+            return
+        previous = model.device
+        fall_back()
+        self._consecutive_failures[model.name] = 0
+        log.error("model %s failed %d times in a row on %s (%s); now on the CPU", model.name, self.fallback_after, previous, exc)
+        self.on_error(model, windows, "model_fallback", f"model {model.name} moved from {previous} to cpu after repeated failures: {exc}")

@@ -92,3 +92,103 @@ def test_a_missing_device_lists_devices_or_is_retried(tiny_clap, tmp_path):
         code, _, err = stop_daemon(proc)
     assert waiting and "waiting for input device" in waiting["detail"], err[-2000:]
     assert code == 0
+
+
+class ScriptedModel:
+    """A model double for the real worker: 'tone' when the window is loud, and it fails as scripted."""
+
+    model_id = "scripted"
+    sample_rate = 16000
+    batch_wait_ms = 5.0
+    gated_by = None
+
+    def __init__(self, fail=None, delay_s: float = 0.0, device: str = "cpu", batch_max: int = 8):
+        self.name, self.labels = "clap", ("tone", "noise")
+        self.fail, self.delay_s, self.device, self.batch_max = fail, delay_s, device, batch_max
+        self.calls: list[int] = []
+
+    def score(self, windows):
+        from monitord.models import Scores
+
+        self.calls.append(len(windows))
+        if self.fail is not None and (exc := self.fail(self, windows)) is not None:
+            raise exc
+        time.sleep(self.delay_s * len(windows))
+        return [Scores(w, self.name, self.model_id, {"tone": float(w.facts.rms_dbfs > -30), "noise": float(w.facts.rms_dbfs <= -30)}) for w in windows]
+
+    def fall_back_to_cpu(self):
+        self.device = "cpu"
+
+
+def run_daemon(tmp_path, model, audio, rate=16000, realtime=False, queue=64, extra=""):
+    import threading
+
+    from monitord.config import load_config
+    from monitord.daemon import Daemon
+
+    write_wav(tmp_path / "in.wav", audio, rate)
+    (tmp_path / "c.yaml").write_text(f"""
+sources: [{{id: rec, file: in.wav, realtime: {str(realtime).lower()}}}]
+gate: {{mode: energy, threshold_dbfs: -60}}
+models: {{clap: {{kind: clap, model: unused, labels: [tone, noise]}}}}
+rules: [{{id: tone, model: clap, label: tone, threshold: 0.5}}]
+publish: {{endpoint: "tcp://127.0.0.1:{free_port()}", event_log: events.jsonl}}
+pipeline: {{queue_max_windows: {queue}, overload_status_interval_s: 1.0}}
+{extra}""")
+    daemon = Daemon(load_config(tmp_path / "c.yaml"), {"clap": model})
+    daemon.start()
+    began = time.monotonic()
+    daemon.wait(threading.Event(), until_done=True)
+    elapsed = time.monotonic() - began
+    daemon.stop()
+    return daemon, read_log(tmp_path / "events.jsonl"), elapsed
+
+
+def loud_quiet(seconds=6.0, rate=16000):
+    return np.concatenate([tone(500, seconds / 2, rate, -12), tone(500, seconds / 2, rate, -45)])
+
+
+def test_a_batch_that_fails_is_split_until_it_fits(tmp_path):
+    too_big = lambda model, windows: RuntimeError("CUDA out of memory (simulated)") if len(windows) > 2 else None  # noqa: E731
+    model = ScriptedModel(fail=too_big)
+    daemon, events, _ = run_daemon(tmp_path, model, loud_quiet())
+    windows = daemon.worker.stats.windows
+    assert windows > 0 and daemon.worker.stats.scored["clap"] == windows  # nothing lost
+    assert any(n > 2 for n in model.calls) and any(n <= 2 for n in model.calls)  # tried whole, then in halves
+    assert not [e for e in events if e["kind"] == "status" and e["status"] == "model_error"]
+    assert [e["phase"] for e in events if e["kind"] == "alert"] == ["onset", "offset"]
+
+
+def test_a_window_that_always_fails_is_dropped_with_a_status_and_the_rest_go_on(tmp_path):
+    poison = lambda model, windows: ValueError("bad window") if any(w.stream_start == 1.0 for w in windows) else None  # noqa: E731
+    daemon, events, _ = run_daemon(tmp_path, ScriptedModel(fail=poison), loud_quiet())
+    errors = [e for e in events if e["kind"] == "status" and e["status"] == "model_error"]
+    assert len(errors) == 1 and "bad window" in errors[0]["detail"]
+    assert daemon.worker.stats.dropped_after_failure == 1
+    assert daemon.worker.stats.scored["clap"] == daemon.worker.stats.windows - 1
+
+
+def test_repeated_gpu_failures_fall_back_to_the_cpu(tmp_path):
+    on_gpu_only = lambda model, windows: RuntimeError("CUDA error: out of memory") if model.device == "cuda" else None  # noqa: E731
+    model = ScriptedModel(fail=on_gpu_only, device="cuda")
+    daemon, events, _ = run_daemon(tmp_path, model, loud_quiet())
+    assert model.device == "cpu"
+    fallback = [e for e in events if e["kind"] == "status" and e["status"] == "model_fallback"]
+    assert len(fallback) == 1 and "moved from cuda to cpu" in fallback[0]["detail"]
+    assert daemon.worker.stats.scored["clap"] + daemon.worker.stats.dropped_after_failure == daemon.worker.stats.windows
+
+
+def test_a_slow_model_drops_the_oldest_windows_and_capture_keeps_time(tmp_path):
+    seconds = 6.0
+    model = ScriptedModel(delay_s=1.0, batch_max=1)  # 1 window/s against the 2 a second a 0.5 s hop makes
+    daemon, events, elapsed = run_daemon(tmp_path, model, tone(500, seconds, 16000, -12), realtime=True, queue=2)
+    dropped = daemon.queue.dropped["rec"]
+    overloads = [e for e in events if e["kind"] == "status" and e["status"] == "overload"]
+    assert dropped > 0 and overloads and overloads[-1]["dropped"] <= dropped
+    assert len(overloads) <= seconds / 1.0 + 1  # rate-limited to one a second here
+    eof = next(e for e in events if e["kind"] == "status" and e["status"] == "eof")
+    up = next(e for e in events if e["kind"] == "status" and e["status"] == "up")
+    from datetime import datetime
+
+    parse = lambda t: datetime.strptime(t, "%Y-%m-%dT%H:%M:%S.%fZ")  # noqa: E731
+    assert (parse(eof["time"]) - parse(up["time"])).total_seconds() < seconds + 0.5  # the source never waited

@@ -90,6 +90,17 @@ class ClapZeroShot:
         self._encode(features, is_longer)
         return time.perf_counter() - began
 
+    def fall_back_to_cpu(self) -> None:
+        """Move to the CPU in float32 (after repeated GPU failures such as out-of-memory)."""
+        torch = self._torch
+        self.device, self.dtype, self.dtype_reason = "cpu", torch.float32, "fallback from GPU"
+        self.audio_model.to("cpu", torch.float32)
+        self.audio_projection.to("cpu", torch.float32)
+        self.text_embeddings = self.text_embeddings.to("cpu")
+        self.torch_features = ClapFeatures(self.feature_extractor, "cpu")
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+
     def set_labels(self, labels: Sequence[str], prompt: str) -> None:
         """New candidate labels or prompt: the text tower is loaded again, used once, and dropped."""
         from transformers import ClapModel
