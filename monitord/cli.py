@@ -151,13 +151,21 @@ def cmd_classify(args: argparse.Namespace) -> int:
 def cmd_tail(args: argparse.Namespace) -> int:
     from monitord.tail import tail
 
-    endpoint = args.connect
-    if endpoint is None and args.config:
+    endpoint, replay = args.connect, args.replay
+    if args.config:
         config = _load(args.config)
         if config is None:
             return EXIT_USAGE
-        endpoint = config.publish.endpoint
-    return tail(endpoint or "tcp://127.0.0.1:5556", args.topic, as_json=args.json, count=args.count, timeout_s=args.timeout)
+        endpoint = endpoint or _connectable(config.publish.endpoint)
+        if config.publish.replay_endpoint:
+            replay = replay or _connectable(config.publish.replay_endpoint)
+    return tail(endpoint or "tcp://127.0.0.1:5556", args.topic, as_json=args.json, count=args.count,
+                timeout_s=args.timeout, since=args.since, replay_endpoint=replay)
+
+
+def _connectable(bind_endpoint: str) -> str:
+    """Where to connect for a bound endpoint (a wildcard address means this host)."""
+    return bind_endpoint.replace("://0.0.0.0:", "://127.0.0.1:").replace("://*:", "://127.0.0.1:")
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
@@ -202,6 +210,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="print each event's JSON")
     p.add_argument("--count", type=int, help="exit after this many events")
     p.add_argument("--timeout", type=float, help="exit (status 1) after this many seconds without an event")
+    p.add_argument("--since", type=int, metavar="SEQ", help="first print the logged events after SEQ (0: all), then follow")
+    p.add_argument("--replay", metavar="ENDPOINT", help="the daemon's replay endpoint (default: from -c CONFIG)")
     p.set_defaults(func=cmd_tail)
     p = sub.add_parser("bench", help="measure the CLAP path against the transformers pipeline, side by side")
     from monitord.bench import add_arguments

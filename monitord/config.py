@@ -169,8 +169,14 @@ class RuleConfig(_Strict):
 class PublishConfig(_Strict):
     endpoint: str = "tcp://127.0.0.1:5556"
     event_log: str | None = "events.jsonl"
+    event_log_max_mb: float | None = Field(64.0, gt=0.0)
+    """Rotate the log at this size (events.jsonl -> events.jsonl.1 ...); null: never."""
+    event_log_keep: int = Field(5, ge=1, le=1000)
+    """Rotated files kept."""
     fsync: bool = False
     """fsync the event log after every event (durable across power loss; slower)."""
+    replay_endpoint: str | None = None
+    """ROUTER socket answering {"since": N} from the log, so subscribers can fill gaps (tcp://127.0.0.1:5557)."""
     send_hwm: int = Field(10000, ge=1)
     """ZeroMQ send high-water mark per subscriber: bounds memory held for slow subscribers."""
     scores: bool = False
@@ -516,19 +522,31 @@ def _check_cascades(config: Config, vocabularies: dict[str, tuple[str, ...]]) ->
 
 
 def _check_endpoint(publish: PublishConfig) -> list[Problem]:
-    endpoint = publish.endpoint
+    problems = []
+    for key in ("endpoint", "replay_endpoint"):
+        endpoint = getattr(publish, key)
+        if endpoint is not None:
+            problems += _check_one_endpoint(f"publish.{key}", endpoint, publish)
+    if publish.replay_endpoint is not None and publish.event_log is None:
+        problems.append(Problem("publish.replay_endpoint", "needs publish.event_log: replay reads the log"))
+    if publish.replay_endpoint is not None and publish.replay_endpoint == publish.endpoint:
+        problems.append(Problem("publish.replay_endpoint", "must differ from publish.endpoint"))
+    return problems
+
+
+def _check_one_endpoint(key: str, endpoint: str, publish: PublishConfig) -> list[Problem]:
     match = re.match(r"^(tcp|ipc|inproc)://(.+)$", endpoint)
     if not match:
-        return [Problem("publish.endpoint", f"{endpoint!r} is not a ZeroMQ endpoint (tcp://HOST:PORT, ipc://PATH)")]
+        return [Problem(key, f"{endpoint!r} is not a ZeroMQ endpoint (tcp://HOST:PORT, ipc://PATH)")]
     if match.group(1) != "tcp":
         return []
     host, _, port = match.group(2).rpartition(":")
-    if not port.isdigit() or not host:
-        return [Problem("publish.endpoint", f"{endpoint!r}: expected tcp://HOST:PORT")]
+    if not (port.isdigit() or port == "*") or not host:
+        return [Problem(key, f"{endpoint!r}: expected tcp://HOST:PORT")]
     if not _is_loopback(host.strip("[]")) and not publish.allow_insecure_remote:
         return [
             Problem(
-                "publish.endpoint",
+                key,
                 f"binds a non-loopback address ({host}) without encryption: events would be readable on the "
                 "network; bind 127.0.0.1, or set publish.allow_insecure_remote: true",
             )

@@ -1,52 +1,32 @@
-"""Events out: appended to the JSONL event log first, then sent on a ZeroMQ PUB socket.
+"""Events out: appended to the event log first, then sent on a ZeroMQ PUB socket.
 
-The log is the record: ``seq`` continues from its last line after a restart, so a
-subscriber that sees a gap in ``seq`` knows exactly what to fetch from it.
+The log is the record: ``seq`` continues from its last line after a restart, so a subscriber
+that sees a gap in ``seq`` asks the replay socket for what it missed (the ZeroMQ guide's
+reliable pub-sub: publish + snapshot): ``{"since": N}`` on a REQ/DEALER socket returns the
+logged events after N, in order, ``limit`` at a time.
 """
 
 from __future__ import annotations
 
 import json
 import logging
-import os
 import threading
 import time
 import uuid
-from pathlib import Path
 
 import zmq
 
 from monitord.config import PublishConfig
+from monitord.eventlog import EventLog, last_seq_in as last_seq
 from monitord.events import Event
 
 log = logging.getLogger(__name__)
 
-TAIL_SCAN_BYTES = 1 << 16
+REPLAY_LIMIT = 1000
 
 
 class PublishError(Exception):
-    """The event log or the socket cannot be opened."""
-
-
-def last_seq(path: Path) -> int:
-    """The ``seq`` of the last complete event in a JSONL log (0 when none)."""
-    try:
-        size = path.stat().st_size
-    except FileNotFoundError:
-        return 0
-    scan = TAIL_SCAN_BYTES
-    with path.open("rb") as f:
-        while True:
-            f.seek(max(0, size - scan))
-            lines = f.read().split(b"\n")
-            for line in reversed(lines):
-                try:
-                    return int(json.loads(line)["seq"])
-                except (ValueError, KeyError, TypeError):
-                    continue
-            if scan >= size:
-                return 0
-            scan *= 4
+    """The event log or a socket cannot be opened."""
 
 
 class Publisher:
@@ -57,32 +37,39 @@ class Publisher:
         self._context = context or zmq.Context.instance()
         self._lock = threading.Lock()
         self._socket: zmq.Socket | None = None
-        self._log_file = None
+        self.event_log: EventLog | None = None
+        if config.event_log is not None:
+            max_bytes = None if config.event_log_max_mb is None else int(config.event_log_max_mb * 2**20)
+            self.event_log = EventLog(config.event_log, max_bytes, config.event_log_keep, config.fsync)
+        self.replay: ReplayServer | None = None
         self.seq = 0
         self.published = 0
 
     def start(self) -> None:
-        if self.config.event_log is not None:
-            path = Path(self.config.event_log)
+        if self.event_log is not None:
             try:
-                path.parent.mkdir(parents=True, exist_ok=True)
-                self.seq = last_seq(path)
-                fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
-                self._log_file = os.fdopen(fd, "ab")
-                if path.stat().st_size and not _ends_with_newline(path):
-                    self._log_file.write(b"\n")  # a line cut short by a crash stays alone on its line
+                self.seq = self.event_log.last_seq()
+                self.event_log.open()
             except OSError as exc:
-                raise PublishError(f"publish.event_log: cannot open {path}: {exc.strerror or exc}") from None
-        socket = self._context.socket(zmq.PUB)
-        socket.setsockopt(zmq.SNDHWM, self.config.send_hwm)
+                raise PublishError(f"publish.event_log: cannot open {self.event_log.path}: {exc.strerror or exc}") from None
+        self._socket = self._bind(zmq.PUB, self.config.endpoint, "publish.endpoint")
+        self._socket.setsockopt(zmq.SNDHWM, self.config.send_hwm)
+        if self.config.replay_endpoint is not None:
+            if self.event_log is None:
+                raise PublishError("publish.replay_endpoint: needs publish.event_log (replay reads the log)")
+            self.replay = ReplayServer(self._bind(zmq.ROUTER, self.config.replay_endpoint, "publish.replay_endpoint"), self.event_log)
+            self.replay.start()
+        log.info("publishing on %s (event log %s, next seq %d)", self.config.endpoint, self.config.event_log, self.seq + 1)
+
+    def _bind(self, kind: int, endpoint: str, key: str) -> zmq.Socket:
+        socket = self._context.socket(kind)
         socket.setsockopt(zmq.LINGER, 1000)
         try:
-            socket.bind(self.config.endpoint)
+            socket.bind(endpoint)
         except zmq.ZMQError as exc:
             socket.close(0)
-            raise PublishError(f"publish.endpoint: cannot bind {self.config.endpoint}: {exc}") from None
-        self._socket = socket
-        log.info("publishing on %s (event log %s, next seq %d)", self.config.endpoint, self.config.event_log, self.seq + 1)
+            raise PublishError(f"{key}: cannot bind {endpoint}: {exc}") from None
+        return socket
 
     def publish(self, event: Event, ready_at: float | None = None) -> Event:
         """Give the event its seq and id, log it, send it; returns the published event."""
@@ -91,17 +78,10 @@ class Publisher:
             latency_ms = None if ready_at is None else round((time.time() - ready_at) * 1000.0, 1)
             event = event.with_sequence(seq, uuid.uuid4().hex, latency_ms)
             payload = event.to_json().encode()
-            if self._log_file is not None:
-                self._log_file.write(payload + b"\n")
-                self._log_file.flush()
-                if self.config.fsync:
-                    os.fsync(self._log_file.fileno())
+            if self.event_log is not None:
+                self.event_log.append(payload)
             self.seq = seq
-            if self._socket is not None:
-                try:
-                    self._socket.send_multipart([event.topic.encode(), payload], flags=zmq.NOBLOCK)
-                except zmq.Again:
-                    pass  # PUB never blocks at the HWM; the event is in the log
+            self._send(event.topic, payload)
             self.published += 1
             return event
 
@@ -110,26 +90,69 @@ class Publisher:
         with self._lock:
             latency_ms = None if ready_at is None else round((time.time() - ready_at) * 1000.0, 1)
             event = event.with_sequence(0, uuid.uuid4().hex, latency_ms)
-            if self._socket is not None:
-                try:
-                    self._socket.send_multipart([event.topic.encode(), event.to_json().encode()], flags=zmq.NOBLOCK)
-                except zmq.Again:
-                    pass
+            self._send(event.topic, event.to_json().encode())
             return event
 
+    def _send(self, topic: str, payload: bytes) -> None:
+        if self._socket is None:
+            return
+        try:
+            self._socket.send_multipart([topic.encode(), payload], flags=zmq.NOBLOCK)
+        except zmq.Again:
+            pass  # PUB drops at the high-water mark rather than block; the event is in the log
+
     def close(self) -> None:
+        if self.replay is not None:
+            self.replay.stop()
+            self.replay = None
         with self._lock:
             if self._socket is not None:
                 self._socket.close()
                 self._socket = None
-            if self._log_file is not None:
-                self._log_file.flush()
-                os.fsync(self._log_file.fileno())
-                self._log_file.close()
-                self._log_file = None
+            if self.event_log is not None:
+                self.event_log.close()
 
 
-def _ends_with_newline(path: Path) -> bool:
-    with path.open("rb") as f:
-        f.seek(-1, os.SEEK_END)
-        return f.read(1) == b"\n"
+class ReplayServer:
+    """Answers ``{"since": N[, "limit": L]}`` with a header frame and the logged events after N.
+
+    Header: ``{"count": k, "last_seq": s, "oldest_seq": o}`` (``oldest_seq`` above N+1 means the
+    events in between were rotated away); a malformed request gets ``{"error": ...}``.
+    """
+
+    def __init__(self, socket: zmq.Socket, event_log: EventLog):
+        self.socket = socket
+        self.event_log = event_log
+        self.served = 0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="replay", daemon=True)
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join(5)
+
+    def _run(self) -> None:
+        try:
+            while not self._stop.is_set():
+                if not self.socket.poll(100):
+                    continue
+                frames = self.socket.recv_multipart()
+                envelope, request = frames[:-1], frames[-1]
+                self.socket.send_multipart(envelope + self.answer(request))
+        finally:
+            self.socket.close(0)
+
+    def answer(self, request: bytes) -> list[bytes]:
+        try:
+            query = json.loads(request)
+            since = int(query["since"])
+            limit = max(1, min(int(query.get("limit", REPLAY_LIMIT)), REPLAY_LIMIT))
+        except (ValueError, KeyError, TypeError) as exc:
+            return [json.dumps({"error": f'expected {{"since": N}}: {exc}'}).encode()]
+        events, oldest = self.event_log.read_since(since, limit)
+        last = json.loads(events[-1])["seq"] if events else since
+        self.served += 1
+        return [json.dumps({"count": len(events), "last_seq": last, "oldest_seq": oldest}).encode(), *events]

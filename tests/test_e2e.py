@@ -224,3 +224,34 @@ def test_sighup_reloads_rules_without_stopping_capture(tiny_clap, tmp_path):
     # (beeps sound from 4k+1 to 4k+2 s)
     assert first_beep["stream_start"] > last_tone["stream_start"]
     assert any(first_beep["stream_start"] < 4 * k + 2 and first_beep["stream_end"] > 4 * k + 1 for k in range(5))
+
+
+def test_tail_since_fetches_the_backlog_then_follows_live_without_gap_or_duplicate(tiny_clap, tmp_path):
+    import os
+
+    beep = np.concatenate([silence(2.5, RATE), tone(1000, 1.0, RATE, -12)])
+    write_wav(tmp_path / "clip.wav", np.concatenate([beep] * 9), RATE)  # an onset and an offset every 3.5 s
+    config = write_config(tmp_path, tiny_clap, "{id: rec, file: clip.wav, realtime: true}", free_port())
+    config.write_text(config.read_text().replace("  event_log: events.jsonl", f"  event_log: events.jsonl\n  replay_endpoint: tcp://127.0.0.1:{free_port()}"))
+    log = tmp_path / "events.jsonl"
+    proc = start_daemon(config)
+    tail = lambda *a: subprocess.run(monitord_cmd("tail", "-c", str(config), "--json", *a), cwd=REPO,  # noqa: E731
+                                     capture_output=True, text=True, timeout=90, env=os.environ)
+    try:
+        first = tail("--count", "2", "--topic", "alert.")  # a subscriber that then goes away
+        assert first.returncode == 0, first.stderr
+        seen = [json.loads(line) for line in first.stdout.splitlines()]
+        last = seen[-1]["seq"]
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline and len(read_log(log)) < last + 3:
+            time.sleep(0.2)
+        backlog = len(read_log(log)) - last
+        assert backlog >= 3
+        again = tail("--since", str(last), "--count", str(backlog + 2))  # the backlog, then two live events
+    finally:
+        stop_daemon(proc)
+    assert again.returncode == 0, again.stderr
+    got = [json.loads(line) for line in again.stdout.splitlines()]
+    assert [e["seq"] for e in got] == list(range(last + 1, last + 1 + backlog + 2))
+    logged = {e["seq"]: e for e in read_log(log)}
+    assert all(logged[e["seq"]] == e for e in got)

@@ -9,6 +9,7 @@ import zmq
 
 from monitord.config import PublishConfig
 from monitord.events import SCHEMA, Event, iso_utc
+from monitord.eventlog import EventLog
 from monitord.publish import Publisher, PublishError, last_seq
 from tests.conftest import free_port
 
@@ -93,3 +94,42 @@ def test_binding_a_busy_port_is_a_clear_error(tmp_path):
         assert "publish.endpoint: cannot bind" in str(exc)
     finally:
         first.close()
+
+
+def test_log_rotation_keeps_seq_continuous_across_files_and_restarts(tmp_path):
+    log = tmp_path / "events.jsonl"
+    config = PublishConfig(endpoint=f"tcp://127.0.0.1:{free_port()}", event_log=str(log), event_log_max_mb=0.002, event_log_keep=3)
+    for _ in range(2):  # a restart in the middle
+        p = Publisher(config, zmq.Context())
+        p.start()
+        for _ in range(20):
+            p.publish(alert())
+        p.close()
+    files = EventLog(log, keep=3).files()
+    assert len(files) == 4 and files[-1] == log  # three rotated + the current one
+    seqs = [json.loads(line)["seq"] for f in files for line in f.read_bytes().splitlines()]
+    assert seqs == list(range(seqs[0], 41)) and seqs[0] > 1  # gapless; the oldest rotated away
+    assert all(oct(f.stat().st_mode & 0o777) == "0o600" for f in files)
+
+
+def test_replay_answers_since_and_rejects_garbage(tmp_path):
+    endpoint, replay = f"tcp://127.0.0.1:{free_port()}", f"tcp://127.0.0.1:{free_port()}"
+    ctx = zmq.Context()
+    p = Publisher(PublishConfig(endpoint=endpoint, replay_endpoint=replay, event_log=str(tmp_path / "e.jsonl")), ctx)
+    p.start()
+    try:
+        for _ in range(5):
+            p.publish(alert())
+        req = ctx.socket(zmq.REQ)
+        req.connect(replay)
+        req.send(b'{"since": 2}')
+        assert req.poll(5000)
+        header, *events = req.recv_multipart()
+        assert json.loads(header) == {"count": 3, "last_seq": 5, "oldest_seq": 1}
+        assert [json.loads(e)["seq"] for e in events] == [3, 4, 5]
+        req.send(b"not json")
+        assert req.poll(5000)
+        assert "error" in json.loads(req.recv_multipart()[0])
+        req.close()
+    finally:
+        p.close()
