@@ -159,8 +159,43 @@ def cmd_tail(args: argparse.Namespace) -> int:
         endpoint = endpoint or _connectable(config.publish.endpoint)
         if config.publish.replay_endpoint:
             replay = replay or _connectable(config.publish.replay_endpoint)
+    curve = None
+    if args.curve_server_key or args.curve_client_key:
+        if not (args.curve_server_key and args.curve_client_key):
+            return _fail("--curve-server-key and --curve-client-key go together")
+        try:
+            curve = load_client_curve(args.curve_server_key, args.curve_client_key)
+        except (OSError, ValueError) as exc:
+            return _fail(f"cannot load CURVE keys: {exc}")
     return tail(endpoint or "tcp://127.0.0.1:5556", args.topic, as_json=args.json, count=args.count,
-                timeout_s=args.timeout, since=args.since, replay_endpoint=replay)
+                timeout_s=args.timeout, since=args.since, replay_endpoint=replay, curve=curve)
+
+
+def load_client_curve(server_public_file: str, client_secret_file: str) -> dict:
+    import zmq.auth
+
+    server_public, _ = zmq.auth.load_certificate(server_public_file)
+    public, secret = zmq.auth.load_certificate(client_secret_file)
+    if secret is None:
+        raise ValueError(f"{client_secret_file} holds no secret key (use NAME.key_secret)")
+    return {"server": server_public, "public": public, "secret": secret}
+
+
+def cmd_keys(args: argparse.Namespace) -> int:
+    """Write a CURVE certificate pair: DIR/NAME.key (public, to share) and DIR/NAME.key_secret (0600)."""
+    import os
+
+    import zmq.auth
+
+    folder = Path(args.dir)
+    folder.mkdir(parents=True, exist_ok=True, mode=0o700)
+    for suffix in (".key", ".key_secret"):
+        if (folder / f"{args.name}{suffix}").exists() and not args.force:
+            return _fail(f"{folder / (args.name + suffix)} exists (use --force to replace it)")
+    public, secret = zmq.auth.create_certificates(str(folder), args.name)
+    os.chmod(secret, 0o600)
+    print(f"public: {public}\nsecret: {secret} (keep it private)")
+    return EXIT_OK
 
 
 def _connectable(bind_endpoint: str) -> str:
@@ -212,7 +247,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--timeout", type=float, help="exit (status 1) after this many seconds without an event")
     p.add_argument("--since", type=int, metavar="SEQ", help="first print the logged events after SEQ (0: all), then follow")
     p.add_argument("--replay", metavar="ENDPOINT", help="the daemon's replay endpoint (default: from -c CONFIG)")
+    p.add_argument("--curve-server-key", metavar="FILE", help="the daemon's public certificate (server.key)")
+    p.add_argument("--curve-client-key", metavar="FILE", help="this client's secret certificate (NAME.key_secret)")
     p.set_defaults(func=cmd_tail)
+    p = sub.add_parser("keys", help="create a CURVE certificate pair for the daemon or a subscriber")
+    p.add_argument("dir")
+    p.add_argument("--name", default="server")
+    p.add_argument("--force", action="store_true")
+    p.set_defaults(func=cmd_keys)
+
     p = sub.add_parser("bench", help="measure the CLAP path against the transformers pipeline, side by side")
     from monitord.bench import add_arguments
 

@@ -166,6 +166,15 @@ class RuleConfig(_Strict):
         return self.threshold if self.release is None else self.release
 
 
+class CurveConfig(_Strict):
+    """ZeroMQ CURVE: encryption, and only the listed clients may connect."""
+
+    server_secret_key: str
+    """The server's secret certificate (``monitord keys DIR --name server`` writes DIR/server.key_secret)."""
+    authorized_clients: str
+    """A folder of client public certificates (NAME.key) allowed to subscribe and replay."""
+
+
 class PublishConfig(_Strict):
     endpoint: str = "tcp://127.0.0.1:5556"
     event_log: str | None = "events.jsonl"
@@ -181,7 +190,9 @@ class PublishConfig(_Strict):
     """ZeroMQ send high-water mark per subscriber: bounds memory held for slow subscribers."""
     scores: bool = False
     """Also publish every scored window's scores on ``scores.<source>.<model>`` (not logged): a live tag stream."""
+    curve: CurveConfig | None = None
     allow_insecure_remote: bool = False
+    """Allow a non-loopback bind without CURVE (events readable by anyone on the network)."""
     host: str | None = None
     """Host name stamped on events; the machine's name when absent."""
 
@@ -325,6 +336,7 @@ _ALLOWED_KEYS: dict[str, type[BaseModel]] = {
     "models": ClapModelConfig,
     "yamnet": YamnetModelConfig,
     "gated_by": CascadeConfig,
+    "curve": CurveConfig,
     "rules": RuleConfig,
     "publish": PublishConfig,
     "pipeline": PipelineConfig,
@@ -392,6 +404,12 @@ def _resolve_paths(config: Config, base_dir: Path) -> Config:
     publish = config.publish
     if publish.event_log is not None:
         publish = publish.model_copy(update={"event_log": _resolve(base_dir, publish.event_log)})
+    if publish.curve is not None:
+        curve = publish.curve.model_copy(update={
+            "server_secret_key": _resolve(base_dir, publish.curve.server_secret_key),
+            "authorized_clients": _resolve(base_dir, publish.curve.authorized_clients),
+        })
+        publish = publish.model_copy(update={"curve": curve})
     return config.model_copy(update={"sources": sources, "models": models, "publish": publish})
 
 
@@ -454,6 +472,12 @@ def _cross_check(config: Config) -> list[Problem]:
             add(f"models.{name}", f"{name!r} is not a valid model name: use letters, digits, '-' and '_'")
 
     problems.extend(_check_endpoint(config.publish))
+    curve = config.publish.curve
+    if curve is not None:
+        if not Path(curve.server_secret_key).is_file():
+            add("publish.curve.server_secret_key", f"file not found: {curve.server_secret_key} (monitord keys DIR --name server)")
+        if not Path(curve.authorized_clients).is_dir():
+            add("publish.curve.authorized_clients", f"not a folder: {curve.authorized_clients}")
     return problems
 
 
@@ -543,12 +567,12 @@ def _check_one_endpoint(key: str, endpoint: str, publish: PublishConfig) -> list
     host, _, port = match.group(2).rpartition(":")
     if not (port.isdigit() or port == "*") or not host:
         return [Problem(key, f"{endpoint!r}: expected tcp://HOST:PORT")]
-    if not _is_loopback(host.strip("[]")) and not publish.allow_insecure_remote:
+    if not _is_loopback(host.strip("[]")) and not publish.allow_insecure_remote and publish.curve is None:
         return [
             Problem(
                 key,
                 f"binds a non-loopback address ({host}) without encryption: events would be readable on the "
-                "network; bind 127.0.0.1, or set publish.allow_insecure_remote: true",
+                "network; bind 127.0.0.1, configure publish.curve, or set publish.allow_insecure_remote: true",
             )
         ]
     return []

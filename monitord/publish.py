@@ -42,6 +42,7 @@ class Publisher:
             max_bytes = None if config.event_log_max_mb is None else int(config.event_log_max_mb * 2**20)
             self.event_log = EventLog(config.event_log, max_bytes, config.event_log_keep, config.fsync)
         self.replay: ReplayServer | None = None
+        self._authenticator = None
         self.seq = 0
         self.published = 0
 
@@ -52,6 +53,8 @@ class Publisher:
                 self.event_log.open()
             except OSError as exc:
                 raise PublishError(f"publish.event_log: cannot open {self.event_log.path}: {exc.strerror or exc}") from None
+        if self.config.curve is not None:
+            self._start_authenticator()
         self._socket = self._bind(zmq.PUB, self.config.endpoint, "publish.endpoint")
         self._socket.setsockopt(zmq.SNDHWM, self.config.send_hwm)
         if self.config.replay_endpoint is not None:
@@ -61,9 +64,28 @@ class Publisher:
             self.replay.start()
         log.info("publishing on %s (event log %s, next seq %d)", self.config.endpoint, self.config.event_log, self.seq + 1)
 
+    def _start_authenticator(self) -> None:
+        """Only clients whose public certificates are in ``authorized_clients`` get through."""
+        from zmq.auth.thread import ThreadAuthenticator
+
+        curve = self.config.curve
+        try:
+            self._server_public, self._server_secret = zmq.auth.load_certificate(curve.server_secret_key)
+        except (OSError, ValueError) as exc:
+            raise PublishError(f"publish.curve.server_secret_key: cannot load {curve.server_secret_key}: {exc}") from None
+        if self._server_secret is None:
+            raise PublishError(f"publish.curve.server_secret_key: {curve.server_secret_key} holds no secret key")
+        self._authenticator = ThreadAuthenticator(self._context)
+        self._authenticator.start()
+        self._authenticator.configure_curve(domain="*", location=curve.authorized_clients)
+
     def _bind(self, kind: int, endpoint: str, key: str) -> zmq.Socket:
         socket = self._context.socket(kind)
         socket.setsockopt(zmq.LINGER, 1000)
+        if self.config.curve is not None:
+            socket.curve_secretkey = self._server_secret
+            socket.curve_publickey = self._server_public
+            socket.curve_server = True
         try:
             socket.bind(endpoint)
         except zmq.ZMQError as exc:
@@ -111,6 +133,9 @@ class Publisher:
                 self._socket = None
             if self.event_log is not None:
                 self.event_log.close()
+        if self._authenticator is not None:
+            self._authenticator.stop()
+            self._authenticator = None
 
 
 class ReplayServer:

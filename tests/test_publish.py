@@ -133,3 +133,72 @@ def test_replay_answers_since_and_rejects_garbage(tmp_path):
         req.close()
     finally:
         p.close()
+
+
+def curve_keys(tmp_path):
+    import subprocess
+
+    from tests.conftest import monitord_cmd
+
+    for folder, name in (("server", "server"), ("clients", "alice"), ("strangers", "mallory")):
+        out = subprocess.run(monitord_cmd("keys", str(tmp_path / folder), "--name", name), capture_output=True, text=True, timeout=60)
+        assert out.returncode == 0, out.stderr
+    authorized = tmp_path / "authorized"
+    authorized.mkdir()
+    (authorized / "alice.key").write_bytes((tmp_path / "clients" / "alice.key").read_bytes())
+    assert oct((tmp_path / "server" / "server.key_secret").stat().st_mode & 0o777) == "0o600"
+    return authorized
+
+
+def subscriber(ctx, endpoint, curve=None):
+    from monitord.tail import apply_client_curve
+
+    sub = ctx.socket(zmq.SUB)
+    sub.setsockopt(zmq.LINGER, 0)
+    if curve:
+        apply_client_curve(sub, curve)
+    sub.setsockopt(zmq.SUBSCRIBE, b"")
+    sub.connect(endpoint)
+    return sub
+
+
+def test_curve_lets_authorized_subscribers_in_and_nobody_else(tmp_path):
+    from monitord.cli import load_client_curve
+    from monitord.config import CurveConfig
+
+    authorized = curve_keys(tmp_path)
+    endpoint = f"tcp://127.0.0.1:{free_port()}"
+    ctx = zmq.Context()
+    curve = CurveConfig(server_secret_key=str(tmp_path / "server" / "server.key_secret"), authorized_clients=str(authorized))
+    p = Publisher(PublishConfig(endpoint=endpoint, event_log=None, curve=curve), ctx)
+    p.start()
+    server_key = str(tmp_path / "server" / "server.key")
+    alice = subscriber(ctx, endpoint, load_client_curve(server_key, str(tmp_path / "clients" / "alice.key_secret")))
+    mallory = subscriber(ctx, endpoint, load_client_curve(server_key, str(tmp_path / "strangers" / "mallory.key_secret")))
+    plain = subscriber(ctx, endpoint)
+    try:
+        got = {"alice": 0, "mallory": 0, "plain": 0}
+        deadline = time.monotonic() + 5
+        while time.monotonic() < deadline:
+            p.publish(alert())
+            for name, sock in (("alice", alice), ("mallory", mallory), ("plain", plain)):
+                while sock.poll(10):
+                    sock.recv_multipart()
+                    got[name] += 1
+        assert got["alice"] > 0 and got["mallory"] == 0 and got["plain"] == 0, got
+    finally:
+        for sock in (alice, mallory, plain):
+            sock.close()
+        p.close()
+
+
+def test_a_non_loopback_bind_needs_curve_or_an_explicit_opt_in(tmp_path):
+    from monitord.config import ConfigError, parse_config
+
+    base = "sources: [{id: a, device: default}]\nmodels: {clap: {kind: clap, labels: [a, b]}}\npublish: {endpoint: 'tcp://0.0.0.0:5556'%s}\n"
+    try:
+        parse_config(base % "", tmp_path)
+        raise AssertionError("accepted")
+    except ConfigError as exc:
+        assert "publish.endpoint: binds a non-loopback address" in str(exc)
+    parse_config(base % ", allow_insecure_remote: true", tmp_path)
