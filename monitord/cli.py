@@ -78,24 +78,33 @@ def cmd_run(args: argparse.Namespace) -> int:
         daemon.start()
     except (SourceError, PublishError) as exc:
         return _fail(str(exc))
+    from monitord.sdnotify import Watchdog, notify
+
     log.info("monitord running: %d sources, %d models, %d rules", len(config.sources), len(models), len(config.rules))
+    notify(f"READY=1\nSTATUS=listening to {len(config.sources)} sources with {len(models)} models")
+    watchdog = Watchdog()
     def on_hangup(_signum: int, _frame: object) -> None:
         from monitord.daemon import ReloadError
 
         log.info("SIGHUP: reloading %s", args.config)
+        notify("RELOADING=1")
         new = _load(args.config)
         if new is None:
             log.error("reload refused: the new configuration is invalid (see above); the running one stays")
+            notify("READY=1")
             return
         try:
             daemon.reload(new)
         except ReloadError as exc:
             log.error("reload refused: %s; the running configuration stays", exc)
+        finally:
+            notify("READY=1")
 
     signal.signal(signal.SIGHUP, on_hangup)
     try:
-        daemon.wait(stop, until_done=args.until_done)
+        daemon.wait(stop, until_done=args.until_done, watchdog=watchdog)
     finally:
+        notify("STOPPING=1")
         daemon.stop()
     return EXIT_OK
 

@@ -17,6 +17,7 @@ from monitord.config import Config
 from monitord.events import Event, iso_utc
 from monitord.models import Model, Scores, build_model
 from monitord.publish import Publisher
+from monitord.sdnotify import Watchdog
 from monitord.windowqueue import WindowQueue
 from monitord.windows import Window, WindowCutter, Windower
 from monitord.worker import ModelWorker
@@ -85,11 +86,19 @@ class Daemon:
         for source in self.sources:
             source.start()
 
-    def wait(self, stop: threading.Event, until_done: bool = False) -> None:
+    def healthy(self, max_age_s: float) -> bool:
+        """The pipeline is moving: the worker came back to its queue within ``max_age_s`` and no
+        windower has crashed."""
+        worker_ok = not self.worker.alive or time.monotonic() - self.worker.heartbeat < max_age_s
+        return worker_ok and not any(w.crashed for w in self.windowers)
+
+    def wait(self, stop: threading.Event, until_done: bool = False, watchdog: Watchdog | None = None) -> None:
         """Block until ``stop`` is set (a signal), or with ``until_done`` until every source has ended
-        and every window it produced has been scored."""
+        and every window it produced has been scored. Pings ``watchdog`` while the pipeline is healthy."""
         finishing = False
         while not stop.is_set():
+            if watchdog is not None and watchdog.enabled:
+                watchdog.tick(self.healthy(max_age_s=watchdog.timeout_s / 2))
             if until_done and self._all_sources_done.is_set():
                 if not finishing:
                     self.worker.finish(drain_timeout_s=float("inf"))

@@ -139,6 +139,7 @@ class Windower:
         self.stop_event = stop
         self.on_finished = on_finished
         self.stats = WindowerStats()
+        self.crashed = False
         self._thread = threading.Thread(target=self._run, name=f"windower-{cutter.source}", daemon=True)
 
     def start(self) -> None:
@@ -152,6 +153,7 @@ class Windower:
         try:
             self._loop()
         except Exception:
+            self.crashed = True
             log.exception("windower for source %s failed", self.cutter.source)
         finally:
             self.on_finished()

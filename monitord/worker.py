@@ -75,6 +75,8 @@ class ModelWorker:
         self.batch_wait_s = max(m.batch_wait_ms for m in self.models) / 1000.0
         self._drain_deadline: float | None = None
         self._pending: SimpleQueue[Callable[[], None]] = SimpleQueue()
+        self.heartbeat = time.monotonic()
+        """When the worker last came back to its queue (stale while one batch takes long, or stuck)."""
         self._thread = threading.Thread(target=self._run, name="model-worker", daemon=True)
 
     def start(self) -> None:
@@ -99,6 +101,7 @@ class ModelWorker:
 
     def _run(self) -> None:
         while True:
+            self.heartbeat = time.monotonic()
             while not self._pending.empty():
                 self._pending.get()()
             if self._drain_deadline is not None and time.monotonic() > self._drain_deadline:
