@@ -202,3 +202,30 @@ def test_a_non_loopback_bind_needs_curve_or_an_explicit_opt_in(tmp_path):
     except ConfigError as exc:
         assert "publish.endpoint: binds a non-loopback address" in str(exc)
     parse_config(base % ", allow_insecure_remote: true", tmp_path)
+
+
+def test_a_subscriber_that_never_reads_cannot_grow_the_daemons_memory(tmp_path):
+    import psutil
+
+    endpoint = f"tcp://127.0.0.1:{free_port()}"
+    ctx = zmq.Context()
+    p = Publisher(PublishConfig(endpoint=endpoint, event_log=str(tmp_path / "e.jsonl"), send_hwm=1000), ctx)
+    p.start()
+    stalled = ctx.socket(zmq.SUB)
+    stalled.setsockopt(zmq.RCVHWM, 1000)
+    stalled.setsockopt(zmq.SUBSCRIBE, b"")
+    stalled.connect(endpoint)
+    time.sleep(0.3)
+    padded = alert()
+    padded = Event(**{**padded.__dict__, "extra": {"pad": "x" * 2000}})  # ~2.3 kB per event
+    me = psutil.Process()
+    for _ in range(2000):
+        p.publish(padded)
+    before = me.memory_info().rss
+    for _ in range(20000):  # 46 MB of events that nobody reads
+        p.publish(padded)
+    grown = (me.memory_info().rss - before) / 2**20
+    p.close()
+    stalled.close(0)
+    assert len((tmp_path / "e.jsonl").read_bytes().splitlines()) == 22000  # all of it is in the log
+    assert grown < 15, f"RSS grew {grown:.1f} MB"
