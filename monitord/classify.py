@@ -70,7 +70,7 @@ def classify_file(path: Path, config: Config, models: Mapping[str, Model]) -> It
     Windows go through the daemon's own cutter (gate, resampling) and worker (batching, cascades).
     """
     samples, rate = read_mono(path)
-    cutter = WindowCutter(path.stem, rate, config.window, config.gate, {m.sample_rate for m in models.values()})
+    cutter = WindowCutter(path.stem, rate, config.window, config.gate, {m.sample_rate for m in models.values()}, config.model_gates())
     scored: dict[int, dict[str, dict[str, float]]] = {}
 
     def keep(scores: Scores) -> None:

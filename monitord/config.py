@@ -83,6 +83,10 @@ class CascadeConfig(_Strict):
     """The window goes on when the best of ``labels`` reaches this."""
 
 
+EMOTIONS = ("angry", "disgusted", "fearful", "happy", "neutral", "other", "sad", "surprised", "unknown")
+"""The one emotion vocabulary every emotion checkpoint is mapped onto."""
+
+
 class ClapModelConfig(_Strict):
     kind: Literal["clap"] = "clap"
     model: str = DEFAULT_CLAP_MODEL
@@ -94,6 +98,8 @@ class ClapModelConfig(_Strict):
     batch_max: int = Field(8, ge=1, le=512)
     batch_wait_ms: float = Field(20.0, ge=0.0, le=5000.0)
     gated_by: CascadeConfig | None = None
+    gate: GateConfig | None = None
+    """This model's own gate (e.g. speech for an emotion model); the source's gate when absent."""
 
     @field_validator("labels")
     @classmethod
@@ -134,18 +140,42 @@ class YamnetModelConfig(_Strict):
     batch_max: int = Field(16, ge=1, le=512)
     batch_wait_ms: float = Field(20.0, ge=0.0, le=5000.0)
     gated_by: CascadeConfig | None = None
+    gate: GateConfig | None = None
+
+
+class EmotionModelConfig(_Strict):
+    """Any AutoModelForAudioClassification speech-emotion checkpoint (wav2vec2 / HuBERT / WavLM style)."""
+
+    kind: Literal["emotion"]
+    model: str
+    """Hugging Face model id or local directory."""
+    device: str = Field("auto", pattern=r"^(auto|cpu|cuda|cuda:\d+)$")
+    dtype: Literal["auto", "float32", "float16", "bfloat16"] = "auto"
+    label_map: dict[str, str] = {}
+    """Checkpoint label -> emotion (angry, disgusted, fearful, happy, neutral, other, sad, surprised,
+    unknown), on top of the built-in aliases (ang, hap, neu, calm, ...); unmapped labels go to other."""
+    batch_max: int = Field(8, ge=1, le=512)
+    batch_wait_ms: float = Field(20.0, ge=0.0, le=5000.0)
+    gated_by: CascadeConfig | None = None
+    gate: GateConfig | None = None
+
+
+MODEL_KINDS = ("clap", "yamnet", "emotion")
 
 
 def _model_kind(value: Any) -> str:
     kind = value.get("kind", "clap") if isinstance(value, dict) else getattr(value, "kind", "clap")
-    return kind if kind in ("clap", "yamnet") else "clap"
+    return kind if kind in MODEL_KINDS else "clap"
 
 
 ModelConfig = Annotated[
-    Union[Annotated[ClapModelConfig, Tag("clap")], Annotated[YamnetModelConfig, Tag("yamnet")]],
+    Union[
+        Annotated[ClapModelConfig, Tag("clap")],
+        Annotated[YamnetModelConfig, Tag("yamnet")],
+        Annotated[EmotionModelConfig, Tag("emotion")],
+    ],
     Discriminator(_model_kind),
 ]
-MODEL_KINDS = ("clap", "yamnet")
 
 
 class RuleConfig(_Strict):
@@ -217,6 +247,10 @@ class Config(_Strict):
 
     def gate_for(self, source: SourceConfig) -> GateConfig:
         return source.gate if source.gate is not None else self.gate
+
+    def model_gates(self) -> dict[str, GateConfig]:
+        """Gates of the models that have their own."""
+        return {name: m.gate for name, m in self.models.items() if m.gate is not None}
 
 
 @dataclass(frozen=True)
@@ -335,6 +369,7 @@ _ALLOWED_KEYS: dict[str, type[BaseModel]] = {
     "window": WindowConfig,
     "models": ClapModelConfig,
     "yamnet": YamnetModelConfig,
+    "emotion": EmotionModelConfig,
     "gated_by": CascadeConfig,
     "curve": CurveConfig,
     "rules": RuleConfig,
@@ -349,7 +384,7 @@ def _suggestion(loc: list[Any], raw_loc: tuple[Any, ...]) -> str:
     parents = [str(p) for p in loc[:-1] if not isinstance(p, int)]
     section = parents[-1] if parents else ""
     if len(parents) == 2 and parents[0] == "models":
-        section = "yamnet" if "yamnet" in raw_loc else "models"
+        section = next((k for k in ("yamnet", "emotion") if k in raw_loc), "models")
     elif len(parents) == 3 and parents[0] == "models":
         section = parents[2]
     model = _ALLOWED_KEYS.get(section)
@@ -498,16 +533,17 @@ def yamnet_class_names(class_map: str | None) -> tuple[str, ...]:
         return tuple(row["display_name"] for row in csv.DictReader(f))
 
 
-def model_vocabulary(model: Any) -> tuple[str, ...]:
-    """Every label a rule may name on this model."""
-    if model.kind == "yamnet":
-        return yamnet_class_names(model.class_map) + tuple(model.groups)
-    return model.labels
-
-
 def _model_vocabulary(name: str, model: Any) -> tuple[tuple[str, ...] | None, list[Problem]]:
-    if model.kind != "yamnet":
+    """Every label a rule may name on this model, and any problems with the model's own names."""
+    if model.kind == "clap":
         return model.labels, []
+    if model.kind == "emotion":
+        problems = [
+            Problem(f"models.{name}.label_map.{label}", f"{target!r} is not one of the emotions ({', '.join(EMOTIONS)})")
+            for label, target in model.label_map.items()
+            if target not in EMOTIONS
+        ]
+        return EMOTIONS, problems
     where = f"models.{name}"
     try:
         classes = yamnet_class_names(model.class_map)

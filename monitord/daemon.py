@@ -76,7 +76,8 @@ class Daemon:
             raise
         rates = {model.sample_rate for model in self.models.values()}
         for source in self.sources:
-            cutter = WindowCutter(source.id, source.sample_rate, self.config.window, self.config.gate_for(source.config), rates)
+            cutter = WindowCutter(source.id, source.sample_rate, self.config.window, self.config.gate_for(source.config), rates,
+                                  self.config.model_gates())
             self.windowers.append(
                 Windower(source.ring, cutter, self._sink_for(source), self.stop_event, on_finished=self._windower_finished)
             )

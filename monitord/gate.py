@@ -170,8 +170,12 @@ class Gate:
     def inspect(self, raw: np.ndarray, sample_rate: int) -> tuple[np.ndarray, WindowFacts, bool]:
         """Clean the window, measure it, and say whether it passes."""
         samples, non_finite, dc = clean(raw)
-        facts = measure(samples, sample_rate, non_finite, dc)
-        if self._speech is not None and energy_passes(facts, self.config):
+        facts, passed = self.judge(samples, sample_rate, measure(samples, sample_rate, non_finite, dc))
+        return samples, facts, passed
+
+    def judge(self, samples: np.ndarray, sample_rate: int, facts: WindowFacts) -> tuple[WindowFacts, bool]:
+        """This gate's verdict on a cleaned, measured window (measuring speech if it needs to)."""
+        if self._speech is not None and facts.speech_ratio is None and energy_passes(facts, self.config):
             facts = replace(facts, speech_ratio=self._speech(samples, sample_rate))
-        return samples, facts, decide(facts, self.config)
+        return facts, decide(facts, self.config)
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -36,8 +36,11 @@ class Window:
     """Epoch seconds when the last sample had arrived: latency is measured from here."""
     facts: WindowFacts
     passed: bool = True
-    """The gate's verdict; windows it rejects still travel (unscored) so alerts can end in order."""
+    """Whether any model will score it; windows no gate passes still travel (unscored) so alerts end in order."""
     resampled: dict[int, np.ndarray] = field(default_factory=dict)
+    model_passed: dict[str, bool] = field(default_factory=dict)
+    """Verdicts of models that have their own gate; the others follow the source's gate."""
+    source_passed: bool = True
 
     @property
     def stream_start(self) -> float:
@@ -46,6 +49,9 @@ class Window:
     @property
     def stream_end(self) -> float:
         return (self.start_index + self.valid) / self.sample_rate
+
+    def passes(self, model: str) -> bool:
+        return self.model_passed.get(model, self.source_passed)
 
     def at_rate(self, sample_rate: int) -> np.ndarray:
         """The samples at another rate (soxr, high quality); computed once per rate."""
@@ -90,21 +96,35 @@ def window_starts(total: int, length: int, hop: int) -> Iterator[int]:
 class WindowCutter:
     """Turns raw samples at a start index into a gated Window (shared by live and offline paths)."""
 
-    def __init__(self, source: str, sample_rate: int, window: WindowConfig, gate: GateConfig, model_rates: Iterable[int]):
+    def __init__(
+        self,
+        source: str,
+        sample_rate: int,
+        window: WindowConfig,
+        gate: GateConfig,
+        model_rates: Iterable[int],
+        model_gates: Mapping[str, GateConfig] | None = None,
+    ):
         self.source = source
         self.sample_rate = sample_rate
         self.length = max(1, round(window.seconds * sample_rate))
         self.hop = max(1, round(window.hop_s * sample_rate))
         self.gate = Gate(gate)
+        self.model_gates = {name: Gate(g) for name, g in (model_gates or {}).items()}
         self.model_rates = tuple(sorted(set(model_rates)))
 
     def cut(self, raw: np.ndarray, start_index: int, wall_start: float, ready_at: float) -> Window:
-        """The window for ``raw`` (padded to full length), with the gate's verdict in ``passed``."""
+        """The window for ``raw`` (padded to full length), with the gates' verdicts."""
         valid = min(len(raw), self.length)
         if len(raw) < self.length:
             raw = np.pad(raw, (0, self.length - len(raw)))
-        samples, facts, passed = self.gate.inspect(raw[: self.length], self.sample_rate)
-        window = Window(self.source, start_index, self.sample_rate, samples, valid, wall_start, ready_at, facts, passed)
+        samples, facts, source_passed = self.gate.inspect(raw[: self.length], self.sample_rate)
+        model_passed = {}
+        for name, gate in self.model_gates.items():
+            facts, model_passed[name] = gate.judge(samples, self.sample_rate, facts)
+        passed = source_passed or any(model_passed.values())
+        window = Window(self.source, start_index, self.sample_rate, samples, valid, wall_start, ready_at, facts,
+                        passed, model_passed=model_passed, source_passed=source_passed)
         if passed:
             for rate in self.model_rates:  # resample here, on the source's thread, not the model worker's
                 window.at_rate(rate)

@@ -45,7 +45,7 @@ class ModelWorker:
 
     Results leave in queue order (so per-source order holds): ``on_scores`` for each scored
     window and model; ``on_quiet(window, None)`` for a window the gate rejected and
-    ``on_quiet(window, model)`` for one a cascade kept from ``model``; ``on_error`` hears about
+    ``on_quiet(window, model)`` for one the model's own gate or a cascade kept from it; ``on_error`` hears about
     windows a model could not score, as (model, windows, status, detail).
 
     A batch a model fails on (CUDA out of memory, say) is split in halves and retried down to
@@ -123,15 +123,19 @@ class ModelWorker:
         results: dict[int, dict[str, Scores]] = {id(w): {} for w in passed}
         skipped: dict[int, list[str]] = {}
         for model in self.models:
-            todo = passed
+            todo = [w for w in passed if w.passes(model.name)]
+            for w in passed:
+                if not w.passes(model.name):
+                    skipped.setdefault(id(w), []).append(model.name)
             if model.gated_by is not None:
                 cascade = model.gated_by
                 gating = {id(w): results[id(w)].get(cascade.model) for w in passed}
-                todo = [w for w in passed if gating[id(w)] is not None and cascade_passes(gating[id(w)], cascade)]
-                kept = {id(w) for w in todo}
-                for w in passed:
-                    if id(w) not in kept:
+                kept = [w for w in todo if gating[id(w)] is not None and cascade_passes(gating[id(w)], cascade)]
+                kept_ids = {id(w) for w in kept}
+                for w in todo:
+                    if id(w) not in kept_ids:
                         skipped.setdefault(id(w), []).append(model.name)
+                todo = kept
             for scores in self._score(model, todo):
                 results[id(scores.window)][model.name] = scores
         for window in batch:

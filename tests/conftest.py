@@ -116,3 +116,10 @@ def shared_path(path: Path) -> Path:
     if not path.exists():
         pytest.skip(f"{path} is absent: these tests use the real material in ../shared (CI has it)")
     return path
+
+
+@pytest.fixture(scope="session")
+def tiny_emotion(tmp_path_factory) -> Path:
+    from tests.tiny_models import build_emotion
+
+    return build_emotion(tmp_path_factory.mktemp("models") / "emotion")

@@ -111,3 +111,27 @@ def train_clap(folder: Path, steps: int = 60) -> Path:
         optimiser.step()
     model.eval().save_pretrained(folder)
     return folder
+
+
+CHECKPOINT_EMOTIONS = ("ang", "hap", "neu", "sad", "fea", "dis", "sur", "calm", "whisper")
+
+
+def build_emotion(folder: Path, seed: int = 0, kind: str = "wav2vec2") -> Path:
+    """A tiny wav2vec2 (or WavLM) speech-emotion classifier with IEMOCAP/RAVDESS-style labels."""
+    import torch
+    from transformers import (Wav2Vec2Config, Wav2Vec2FeatureExtractor, Wav2Vec2ForSequenceClassification,
+                              WavLMConfig, WavLMForSequenceClassification)
+
+    shape = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64, conv_dim=(32,) * 3,
+                 conv_stride=(5, 4, 4), conv_kernel=(10, 4, 4), num_conv_pos_embeddings=16, num_conv_pos_embedding_groups=2,
+                 num_labels=len(CHECKPOINT_EMOTIONS), id2label=dict(enumerate(CHECKPOINT_EMOTIONS)),
+                 label2id={v: k for k, v in enumerate(CHECKPOINT_EMOTIONS)})
+    torch.manual_seed(seed)
+    if kind == "wavlm":
+        model = WavLMForSequenceClassification(WavLMConfig(**shape))
+    else:
+        model = Wav2Vec2ForSequenceClassification(Wav2Vec2Config(**shape))
+    folder = Path(folder)
+    model.eval().save_pretrained(folder)
+    Wav2Vec2FeatureExtractor(sampling_rate=16000, do_normalize=True, return_attention_mask=False).save_pretrained(folder)
+    return folder

@@ -15,6 +15,10 @@ def build_model(name: str, config) -> Model:
         from monitord.models.clap import ClapZeroShot
 
         return ClapZeroShot(name, config)
+    if config.kind == "emotion":
+        from monitord.models.emotion import EmotionClassifier
+
+        return EmotionClassifier(name, config)
     if config.kind == "yamnet":
         from monitord.models.yamnet import YamnetClassifier
 

@@ -18,7 +18,7 @@ import numpy as np
 from monitord.config import ClapModelConfig
 from monitord.models.base import Scores
 from monitord.models.clap_features import ClapFeatures
-from monitord.models.loading import load_pretrained, pick_device
+from monitord.models.loading import choose_dtype, load_pretrained, pick_device
 from monitord.windows import Window
 
 log = logging.getLogger(__name__)
@@ -54,41 +54,14 @@ class ClapZeroShot:
         self.audio_model = model.audio_model
         self.audio_projection = model.audio_projection
         del model
-        self.dtype, self.dtype_reason = self._pick_dtype(config.dtype)
-        self.audio_model.to(self.dtype)
-        self.audio_projection.to(self.dtype)
+        features, is_longer = self.torch_features(np.zeros((2, self.sample_rate * 2), dtype=np.float32))
+        self.dtype, self.dtype_reason = choose_dtype(config.dtype, self.device, self._use_dtype, lambda: self._encode(features, is_longer))
         log.info("model %s: CLAP %s on %s, %s (%s), %d labels", name, self.model_id, self.device, self.dtype, self.dtype_reason, len(self.labels))
 
-    def _pick_dtype(self, spec: str):
-        """float32 unless asked, or unless bfloat16/float16 is there and (on CPU) measured faster."""
-        torch = self._torch
-        if spec != "auto":
-            return getattr(torch, spec), "configured"
-        if self.device.startswith("cuda"):
-            if torch.cuda.is_bf16_supported():
-                return torch.bfloat16, "CUDA with bfloat16"
-            return torch.float16, "CUDA without bfloat16"
-        features, is_longer = self.torch_features(np.zeros((2, self.sample_rate * 2), dtype=np.float32))
-        timings = {}
-        for dtype in (torch.float32, torch.bfloat16):
-            self.dtype = dtype
-            self.audio_model.to(dtype)
-            self.audio_projection.to(dtype)
-            try:
-                best = min(self._time_forward(features.to(dtype), is_longer) for _ in range(3))
-            except RuntimeError:  # a CPU build without bfloat16 kernels
-                best = float("inf")
-            timings[dtype] = best
-        faster = timings[torch.bfloat16] < 0.85 * timings[torch.float32]
-        reason = f"measured: float32 {timings[torch.float32] * 1000:.1f} ms, bfloat16 {timings[torch.bfloat16] * 1000:.1f} ms per batch of 2"
-        return (torch.bfloat16 if faster else torch.float32), reason
-
-    def _time_forward(self, features, is_longer) -> float:
-        import time
-
-        began = time.perf_counter()
-        self._encode(features, is_longer)
-        return time.perf_counter() - began
+    def _use_dtype(self, dtype) -> None:
+        self.dtype = dtype
+        self.audio_model.to(dtype)
+        self.audio_projection.to(dtype)
 
     def fall_back_to_cpu(self) -> None:
         """Move to the CPU in float32 (after repeated GPU failures such as out-of-memory)."""

@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import os
 from pathlib import Path
+from collections.abc import Callable
 from typing import Any
 
 from monitord.models.base import ModelUnavailable
@@ -61,3 +62,37 @@ def pick_device(spec: str) -> str:
         raise ModelUnavailable(f"device {spec!r} was asked for, but torch sees no CUDA device")
     return spec
 
+
+
+def choose_dtype(spec: str, device: str, use: Callable[[Any], None], forward: Callable[[], None]) -> tuple[Any, str]:
+    """The dtype to run in, and why: as configured; on CUDA bfloat16 (float16 without it); on CPU
+    bfloat16 only where a timing shows it faster (it pays only with AMX/avx512_bf16, and some
+    architectures, WavLM for one, run slower in it). ``use(dtype)`` converts the model,
+    ``forward()`` runs one small batch; the model is left in the chosen dtype."""
+    import time
+
+    import torch
+
+    if spec != "auto":
+        chosen, reason = getattr(torch, spec), "configured"
+    elif device.startswith("cuda"):
+        chosen = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+        reason = "CUDA with bfloat16" if chosen == torch.bfloat16 else "CUDA without bfloat16"
+    else:
+        timings = {}
+        for dtype in (torch.float32, torch.bfloat16):
+            use(dtype)
+            try:
+                forward()  # warm-up
+                best = float("inf")
+                for _ in range(3):
+                    began = time.perf_counter()
+                    forward()
+                    best = min(best, time.perf_counter() - began)
+            except RuntimeError:  # a CPU build without bfloat16 kernels
+                best = float("inf")
+            timings[dtype] = best
+        chosen = torch.bfloat16 if timings[torch.bfloat16] < 0.85 * timings[torch.float32] else torch.float32
+        reason = f"measured: float32 {timings[torch.float32] * 1000:.1f} ms, bfloat16 {timings[torch.bfloat16] * 1000:.1f} ms per batch"
+    use(chosen)
+    return chosen, reason
