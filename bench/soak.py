@@ -95,23 +95,28 @@ gate: {{mode: energy, threshold_dbfs: -45}}
 window: {{seconds: 2.0, hop_s: 0.5}}
 models:
   clap: {{kind: clap, model: {model}, labels: [tone, noise, speech, music, silence]}}
+# random weights score every label near 1/5: thresholds just above that make the alert path busy
 rules:
-  - {{id: tone, model: clap, label: tone, threshold: 0.3, release: 0.2}}
-  - {{id: speech, model: clap, label: speech, threshold: 0.3, release: 0.2, min_windows: 2, of_windows: 3}}
-publish: {{endpoint: "tcp://127.0.0.1:*", event_log: events.jsonl}}
+  - {{id: tone, model: clap, label: tone, threshold: 0.201, release: 0.2}}
+  - {{id: speech, model: clap, label: speech, threshold: 0.201, release: 0.2, min_windows: 2, of_windows: 3}}
+publish: {{endpoint: "tcp://127.0.0.1:*", event_log: events.jsonl, scores: true}}
 """)
         started = time.time()
-        proc = subprocess.Popen([sys.executable, "-m", "monitord", "--log-level", "warning", "run", "-c", str(work / "soak.yaml"), "--until-done"],
-                                stderr=subprocess.PIPE, text=True)
+        log_file = (work / "daemon.log").open("w")  # a file, not a pipe: a full pipe would stall the daemon
+        proc = subprocess.Popen([sys.executable, "-m", "monitord", "run", "-c", str(work / "soak.yaml"), "--until-done"],
+                                stderr=log_file, text=True)
         ps = psutil.Process(proc.pid)
         samples: list[tuple[float, float]] = []
         while proc.poll() is None:
             try:
-                samples.append((time.time() - started, ps.memory_info().rss / 2**20))
+                rss = ps.memory_info().rss / 2**20
+                if rss > 100:  # the interpreter is up
+                    samples.append((time.time() - started, rss))
             except psutil.NoSuchProcess:
                 break
             time.sleep(1.0)
-        err = proc.stderr.read()
+        log_file.close()
+        err = (work / "daemon.log").read_text()
         elapsed = time.time() - started
         events = [json.loads(line) for line in (work / "events.jsonl").read_text().splitlines()]
     if proc.returncode != 0:
@@ -125,10 +130,15 @@ publish: {{endpoint: "tcp://127.0.0.1:*", event_log: events.jsonl}}
     print(f"daemon: {elapsed:.0f} s for {args.hours:g} h of audio ({args.hours * 3600 / elapsed:.0f}x real time)")
     print(f"events: {len(events)} ({len(alerts)} alerts: {sum(e['phase'] == 'onset' for e in alerts)} onsets), "
           f"seq gapless: {seqs == list(range(1, len(seqs) + 1))}, overload statuses: {len(overloads)}")
+    print(f"daemon summary: {scored_line(err)}")
     print(f"RSS: start {samples[0][1]:.0f} MB, after warm-up {warm:.0f} MB, peak {max(r for _, r in samples):.0f} MB, "
           f"end {end:.0f} MB, growth after warm-up {100 * (end - warm) / warm:+.1f} %")
-    print([line for line in err.splitlines() if "stopped:" in line][-1:] or err[-500:])
     return 0
+
+
+def scored_line(err: str) -> str:
+    lines = [line for line in err.splitlines() if "stopped:" in line]
+    return lines[-1].split("stopped: ", 1)[1] if lines else "(no summary line)"
 
 
 if __name__ == "__main__":

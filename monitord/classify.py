@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Iterator, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -40,6 +40,7 @@ class WindowResult:
     passed: bool
     scores: dict[str, dict[str, float]]
     """model name -> label -> probability (empty when the gate rejected the window)."""
+    embeddings: dict[str, np.ndarray] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
         w = self.window
@@ -64,6 +65,32 @@ class WindowResult:
         return f"{head}  " + "  ".join(parts)
 
 
+def count_windows(path: Path, config: Config) -> tuple[int, float]:
+    """How many windows a file gives, and its duration in seconds (from the header)."""
+    import soundfile as sf
+
+    try:
+        info = sf.info(str(path))
+    except (RuntimeError, sf.LibsndfileError) as exc:
+        raise AudioFileError(f"cannot read audio file {path}: {exc}") from None
+    length, hop = round(config.window.seconds * info.samplerate), round(config.window.hop_s * info.samplerate)
+    return sum(1 for _ in window_starts(info.frames, length, hop)), info.frames / info.samplerate
+
+
+def audio_files(paths: list[Path]) -> list[Path]:
+    """Files as given, and the audio files inside given folders (sorted)."""
+    import soundfile as sf
+
+    known = {f".{ext.lower()}" for ext in sf.available_formats()} | {".mp3", ".oga", ".opus"}
+    out: list[Path] = []
+    for path in paths:
+        if path.is_dir():
+            out += sorted(p for p in path.rglob("*") if p.is_file() and p.suffix.lower() in known)
+        else:
+            out.append(path)
+    return out
+
+
 def classify_file(path: Path, config: Config, models: Mapping[str, Model]) -> Iterator[WindowResult]:
     """One WindowResult per window of the file, in order; gated-out windows included.
 
@@ -71,10 +98,10 @@ def classify_file(path: Path, config: Config, models: Mapping[str, Model]) -> It
     """
     samples, rate = read_mono(path)
     cutter = WindowCutter(path.stem, rate, config.window, config.gate, {m.sample_rate for m in models.values()}, config.model_gates())
-    scored: dict[int, dict[str, dict[str, float]]] = {}
+    scored: dict[int, dict[str, Scores]] = {}
 
     def keep(scores: Scores) -> None:
-        scored.setdefault(id(scores.window), {})[scores.model] = scores.probabilities
+        scored.setdefault(id(scores.window), {})[scores.model] = scores
 
     def failed(model: Model, windows: list[Window], status: str, detail: str) -> None:
         raise AudioFileError(detail)
@@ -85,7 +112,9 @@ def classify_file(path: Path, config: Config, models: Mapping[str, Model]) -> It
     def flush() -> Iterator[WindowResult]:
         worker.process(pending)
         for window in pending:
-            yield WindowResult(window, window.passed, scored.pop(id(window), {}))
+            by_model = scored.pop(id(window), {})
+            yield WindowResult(window, window.passed, {m: s.probabilities for m, s in by_model.items()},
+                               {m: s.embedding for m, s in by_model.items() if s.embedding is not None})
         pending.clear()
 
     for start in window_starts(len(samples), cutter.length, cutter.hop):

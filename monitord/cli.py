@@ -138,23 +138,61 @@ def cmd_classify(args: argparse.Namespace) -> int:
     config = _load(args.config)
     if config is None:
         return EXIT_USAGE
-    from monitord.classify import AudioFileError, classify_file
+    from monitord.classify import AudioFileError, audio_files, classify_file, count_windows
     from monitord.daemon import load_models
     from monitord.models import ModelUnavailable
 
+    files = audio_files([Path(f) for f in args.files])
+    if not files:
+        return _fail(f"no audio files in {' '.join(args.files)}")
     try:
         models = load_models(config)
     except ModelUnavailable as exc:
         return _fail(str(exc))
-    try:
-        for row in classify_file(Path(args.file), config, models):
-            print(json.dumps(row.to_dict()) if args.json else row.to_text(args.top))
-            sys.stdout.flush()
-    except AudioFileError as exc:
-        return _fail(str(exc))
-    except BrokenPipeError:
-        return EXIT_OK
-    return EXIT_OK
+    failed = 0
+    for path in files:
+        try:
+            total, seconds = count_windows(path, config)
+            progress = Progress(path.name, total) if seconds > 60 and not args.quiet else None
+            results = []
+            for row in classify_file(path, config, models):
+                if args.timeline:
+                    results.append(row)
+                if not args.quiet:
+                    data = {"file": str(path), **row.to_dict()} if len(files) > 1 else row.to_dict()
+                    print(json.dumps(data) if args.json else (f"{path.name}  " if len(files) > 1 else "") + row.to_text(args.top))
+                if progress:
+                    progress.step()
+            if progress:
+                progress.done()
+            if args.timeline:
+                from monitord.timeline import write_timeline
+
+                folder = write_timeline(path, results, list(models), Path(args.timeline), args.embeddings, args.segment_s)
+                print(f"timeline: {folder}", file=sys.stderr)
+        except AudioFileError as exc:
+            print(f"monitord: {exc}", file=sys.stderr)
+            failed += 1
+        except BrokenPipeError:
+            return EXIT_OK
+    return EXIT_USAGE if failed else EXIT_OK
+
+
+class Progress:
+    """A progress bar on stderr for long files."""
+
+    def __init__(self, name: str, total: int):
+        self.name, self.total, self.done_count = name, max(total, 1), 0
+
+    def step(self) -> None:
+        self.done_count += 1
+        if self.done_count % 20 == 0 or self.done_count == self.total:
+            filled = int(30 * self.done_count / self.total)
+            print(f"\r{self.name}: [{'#' * filled}{'.' * (30 - filled)}] {self.done_count}/{self.total} windows",
+                  end="", file=sys.stderr, flush=True)
+
+    def done(self) -> None:
+        print(file=sys.stderr)
 
 
 def cmd_tail(args: argparse.Namespace) -> int:
@@ -240,11 +278,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_devices)
 
-    p = sub.add_parser("classify", help="score an audio file offline with the configured gate, windows and models")
-    p.add_argument("file")
+    p = sub.add_parser("classify", help="score audio files offline with the configured gates, windows and models")
+    p.add_argument("files", nargs="+", metavar="FILE", help="audio files or folders of them")
     p.add_argument("-c", "--config", required=True)
     p.add_argument("--json", action="store_true", help="one JSON object per window")
     p.add_argument("--top", type=int, default=3, help="labels shown per row")
+    p.add_argument("--timeline", metavar="DIR", help="write per-model CSV, result.json and a PNG plot per file into DIR/<name>/")
+    p.add_argument("--embeddings", action="store_true", help="with --timeline: also each model's embeddings (.npy)")
+    p.add_argument("--segment-s", type=float, default=10.0, help="segment length for the timeline summary")
+    p.add_argument("--quiet", action="store_true", help="no per-window rows (with --timeline)")
     p.set_defaults(func=cmd_classify)
 
     p = sub.add_parser("tail", help="subscribe to a daemon and print its events")
