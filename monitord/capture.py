@@ -115,6 +115,18 @@ class BlockWriter:
         self.stats.callback_seconds += time.perf_counter() - began
 
 
+def fill_gap(source_id: str, ring: RingBuffer, lost_at: float, latency_s: float = 0.0) -> None:
+    """Silence for the time a live source was away, so stream time keeps pace with the clock:
+    from the last sample heard (``lost_at``) to the first the reopened source will deliver."""
+    missing = int((time.time() + latency_s - lost_at) * ring.sample_rate)
+    if missing <= 0:
+        return
+    ring.write(np.zeros(min(missing, ring.capacity), dtype=np.float32))
+    if missing > ring.capacity:
+        ring.skip(missing - ring.capacity)
+    log.info("source %s: %.2f s gap recorded in the stream", source_id, missing / ring.sample_rate)
+
+
 class DeviceSource:
     """A PortAudio input stream, supervised: the callback copies each block into the ring and
     returns; a supervisor thread notices a lost stream and reopens it.
@@ -258,15 +270,8 @@ class DeviceSource:
         return any(s is not me and s._stream is not None and s._stream.active for s in cls._active)
 
     def _fill_gap(self, lost_at: float) -> None:
-        """Silence for the time the device was away, so stream time keeps pace with the clock:
-        from the last sample heard to the first the new stream will deliver (now + its latency)."""
-        latency = float(getattr(self._stream, "latency", 0.0) or 0.0)
-        missing = int((time.time() + latency - lost_at) * self.sample_rate)
-        if missing > 0 and self.stats.blocks:
-            self.ring.write(np.zeros(min(missing, self.ring.capacity), dtype=np.float32))
-            if missing > self.ring.capacity:
-                self.ring.skip(missing - self.ring.capacity)
-            log.info("source %s: %.2f s gap recorded in the stream", self.id, missing / self.sample_rate)
+        if self.stats.blocks:
+            fill_gap(self.id, self.ring, lost_at, float(getattr(self._stream, "latency", 0.0) or 0.0))
 
     def _close_stream(self) -> None:
         stream, self._stream = self._stream, None
@@ -355,7 +360,99 @@ class FileSource:
             self.on_status(self.id, "eof", f"end of file after {self.ring.written / self.sample_rate:.2f} s")
 
 
-def open_source(config: SourceConfig, ring_seconds: float, on_status: StatusCallback) -> DeviceSource | FileSource:
+class StreamSource:
+    """Any ffmpeg input (rtmp://, rtsp://, https://...m3u8, http://...wav) decoded by an ffmpeg
+    subprocess to mono float32 at the source rate, into the ring. When ffmpeg ends (the stream
+    ended, the server went away) a ``down`` status, a restart with exponential backoff, an ``up``
+    status, and the outage recorded as silence."""
+
+    def __init__(self, config: SourceConfig, ring_seconds: float, on_status: StatusCallback):
+        import shutil
+
+        self.config = config
+        self.id = config.id
+        self.url = config.url
+        self.ffmpeg = shutil.which("ffmpeg")
+        if self.ffmpeg is None:
+            raise SourceError(f"source {self.id}: url sources need ffmpeg on the PATH (Debian/Ubuntu: apt install ffmpeg)")
+        self.sample_rate = config.sample_rate or DEFAULT_DEVICE_RATE
+        self.ring = RingBuffer(int(ring_seconds * self.sample_rate), self.sample_rate)
+        self.on_status = on_status
+        self.waits_for_worker = False
+        self.stats = CaptureStats()
+        self.restarts = 0
+        self._process = None
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name=f"stream-{self.id}", daemon=True)
+
+    def command(self) -> list[str]:
+        pacing = ["-re"] if self.config.realtime else []
+        return [self.ffmpeg, "-hide_banner", "-nostdin", "-loglevel", "error", *pacing, "-i", self.url,
+                "-vn", "-ac", "1", "-ar", str(self.sample_rate), "-f", "f32le", "pipe:1"]
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+        process = self._process
+        if process is not None and process.poll() is None:
+            process.terminate()
+
+    def join(self, timeout: float) -> bool:
+        self._thread.join(timeout)
+        return not self._thread.is_alive()
+
+    def _run(self) -> None:
+        import subprocess
+
+        backoff = 0.5
+        lost_at: float | None = None
+        block_bytes = int(self.sample_rate * FILE_BLOCK_S) * 4
+        while not self._stop.is_set():
+            self._process = subprocess.Popen(self.command(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, stdin=subprocess.DEVNULL)
+            got_audio = False
+            leftover = b""
+            while not self._stop.is_set():
+                chunk = self._process.stdout.read1(block_bytes)
+                if not chunk:
+                    break
+                if not got_audio:
+                    got_audio = True
+                    if lost_at is not None and self.stats.blocks:
+                        fill_gap(self.id, self.ring, lost_at)
+                    self.on_status(self.id, "up", f"streaming {self.url} at {self.sample_rate} Hz")
+                    lost_at, backoff = None, 0.5
+                data = leftover + chunk
+                usable = len(data) - len(data) % 4
+                leftover = data[usable:]
+                samples = np.frombuffer(data[:usable], dtype="<f4")
+                self.ring.write(samples)
+                self.stats.blocks += 1
+                self.stats.frames += len(samples)
+            self._process.stdout.close()
+            error = self._process.stderr.read().decode(errors="replace").strip().splitlines()
+            code = self._process.wait()
+            if self._stop.is_set():
+                break
+            reason = error[-1] if error else f"ffmpeg exited with status {code}" if code else "stream ended"
+            if got_audio:
+                lost_at = self.ring.wall_time(self.ring.written)
+                log.warning("source %s: %s; reconnecting", self.id, reason)
+                self.on_status(self.id, "down", reason)
+            elif lost_at is None:
+                lost_at = time.time()
+                self.on_status(self.id, "down", f"cannot open {self.url}: {reason}")
+            self.restarts += 1
+            if self._stop.wait(backoff):
+                break
+            backoff = min(backoff * 2, self.config.backoff_max_s)
+        self.ring.close()
+
+
+def open_source(config: SourceConfig, ring_seconds: float, on_status: StatusCallback) -> DeviceSource | FileSource | StreamSource:
     if config.file is not None:
         return FileSource(config, ring_seconds, on_status)
+    if config.url is not None:
+        return StreamSource(config, ring_seconds, on_status)
     return DeviceSource(config, ring_seconds, on_status)

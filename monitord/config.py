@@ -47,8 +47,10 @@ class SourceConfig(_Strict):
     device: Union[int, str, None] = None
     """sounddevice index, a substring of the device name, or "default"."""
     file: str | None = None
+    url: str | None = None
+    """Any ffmpeg input: rtmp://, rtsp://, https://...m3u8, http://...; decoded by an ffmpeg subprocess."""
     sample_rate: int | None = Field(None, ge=8000, le=384000)
-    """Capture rate for devices (default 48000); files play at their own rate."""
+    """Capture/decode rate for devices and urls (default 48000); files play at their own rate."""
     channels: int = Field(1, ge=1, le=64)
     """Channels opened on a device; mixed down to mono."""
     blocksize: int = Field(0, ge=0, le=65536)
@@ -66,7 +68,7 @@ class SourceConfig(_Strict):
 
     @property
     def kind(self) -> str:
-        return "file" if self.file is not None else "device"
+        return "file" if self.file is not None else "url" if self.url is not None else "device"
 
 
 class WindowConfig(_Strict):
@@ -458,13 +460,13 @@ def _cross_check(config: Config) -> list[Problem]:
         if source.id in seen_ids:
             add(f"{where}.id", f"duplicate source id {source.id!r}")
         seen_ids.add(source.id)
-        if (source.device is None) == (source.file is None):
-            add(where, "give exactly one of 'device' or 'file'")
+        if sum(x is not None for x in (source.device, source.file, source.url)) != 1:
+            add(where, "give exactly one of 'device', 'file' or 'url'")
         if source.file is not None:
             if not Path(source.file).is_file():
                 add(f"{where}.file", f"file not found: {source.file}")
         if source.device is not None and source.realtime:
-            add(f"{where}.realtime", "only file sources take 'realtime' (devices are always real time)")
+            add(f"{where}.realtime", "only file and url sources take 'realtime' (devices are always real time)")
         if source.file is not None and source.retry:
             add(f"{where}.retry", "only device sources take 'retry'")
 

@@ -108,7 +108,7 @@ def test_several_problems_are_reported_together(tmp_path):
 
 def test_a_source_needs_exactly_one_of_device_or_file(tmp_path):
     found = problems(tmp_path, VALID.replace("    device: default\n", ""))
-    assert any(p.startswith("sources.0: give exactly one of 'device' or 'file'") for p in found), found
+    assert any(p.startswith("sources.0: give exactly one of 'device', 'file' or 'url'") for p in found), found
 
 
 def test_invalid_yaml_is_reported_with_its_line(tmp_path):

@@ -1,0 +1,76 @@
+"""URL sources: ffmpeg decoding a stream served over HTTP on loopback; the server dies and returns."""
+
+from __future__ import annotations
+
+import functools
+import http.server
+import shutil
+import threading
+import time
+
+import numpy as np
+
+from tests.conftest import free_port, need, silence, tone, write_wav
+from tests.test_faults import status_is, wait_log
+from tests.test_e2e import is_alert, start_daemon, stop_daemon, write_config
+
+
+class Server:
+    """A static HTTP server on 127.0.0.1 that can be killed and started again on the same port."""
+
+    def __init__(self, folder, port: int):
+        self.folder, self.port = folder, port
+        self.httpd = None
+
+    def start(self) -> "Server":
+        handler = functools.partial(QuietHandler, directory=str(self.folder))
+        self.httpd = http.server.ThreadingHTTPServer(("127.0.0.1", self.port), handler)
+        self.httpd.daemon_threads = True
+        threading.Thread(target=self.httpd.serve_forever, daemon=True).start()
+        return self
+
+    def kill(self) -> None:
+        self.httpd.shutdown()
+        self.httpd.server_close()
+
+
+class QuietHandler(http.server.SimpleHTTPRequestHandler):
+    def log_message(self, *args) -> None:
+        pass
+
+    def copyfile(self, source, outputfile) -> None:  # trickle the file, like a live stream
+        try:
+            while chunk := source.read(16384):
+                outputfile.write(chunk)
+                time.sleep(0.02)
+        except (BrokenPipeError, ConnectionResetError):
+            pass
+
+
+def test_a_stream_url_is_decoded_and_reconnected_when_the_server_returns(tiny_clap, tmp_path):
+    need(shutil.which("ffmpeg") is not None, "ffmpeg is not installed")
+    rate = 44100
+    beep = np.concatenate([silence(2.5, rate), tone(1000, 1.0, rate, -12)])
+    write_wav(tmp_path / "live.wav", np.concatenate([beep] * 4), rate)
+    port = free_port()
+    server = Server(tmp_path, port).start()
+    config = write_config(tmp_path, tiny_clap, f"{{id: cast, url: 'http://127.0.0.1:{port}/live.wav', realtime: true, backoff_max_s: 1.0}}", free_port())
+    log = tmp_path / "events.jsonl"
+    proc = start_daemon(config)
+    try:
+        up = wait_log(log, status_is("up"), 60, proc)
+        first = wait_log(log, is_alert("tone", "onset"), 30, proc)
+        assert up and first, "no audio from the stream"
+        server.kill()
+        down = wait_log(log, status_is("down", first["seq"]), 40, proc)
+        assert down, "the lost stream was not noticed"
+        time.sleep(2.0)  # a few failed reconnects
+        server.start()
+        again = wait_log(log, status_is("up", down["seq"]), 30, proc)
+        later = wait_log(log, lambda e: is_alert("tone", "onset")(e) and again is not None and e["seq"] > again["seq"], 30, proc)
+    finally:
+        code, _, err = stop_daemon(proc)
+        server.kill()
+    assert again and later, err[-3000:]
+    assert code == 0
+    assert later["stream_start"] > first["stream_start"]
