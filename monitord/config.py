@@ -220,8 +220,9 @@ class PublishConfig(_Strict):
     """ROUTER socket answering {"since": N} from the log, so subscribers can fill gaps (tcp://127.0.0.1:5557)."""
     send_hwm: int = Field(10000, ge=1)
     """ZeroMQ send high-water mark per subscriber: bounds memory held for slow subscribers."""
-    scores: bool = False
-    """Also publish every scored window's scores on ``scores.<source>.<model>`` (not logged): a live tag stream."""
+    scores: bool | tuple[str, ...] = False
+    """Also publish every scored window's scores on ``scores.<source>.<model>`` (not logged): a live
+    tag stream. true: all; a list: only these models and/or sources."""
     curve: CurveConfig | None = None
     allow_insecure_remote: bool = False
     """Allow a non-loopback bind without CURVE (events readable by anyone on the network)."""
@@ -509,6 +510,11 @@ def _cross_check(config: Config) -> list[Problem]:
             add(f"models.{name}", f"{name!r} is not a valid model name: use letters, digits, '-' and '_'")
 
     problems.extend(_check_endpoint(config.publish))
+    if isinstance(config.publish.scores, tuple):
+        names = set(config.models) | {s.id for s in config.sources}
+        for j, name in enumerate(config.publish.scores):
+            if name not in names:
+                add(f"publish.scores.{j}", f"{name!r} is neither a model nor a source")
     curve = config.publish.curve
     if curve is not None:
         if not Path(curve.server_secret_key).is_file():

@@ -193,7 +193,8 @@ class Daemon:
         window = scores.window
         fired = self.engine.observe(scores.model, window.source, scores.probabilities, window.stream_end)
         self._publish_alerts(window, fired, scores)
-        if self.config.publish.scores:
+        wanted = self.config.publish.scores
+        if wanted is True or (wanted and (scores.model in wanted or window.source in wanted)):
             self.publisher.publish_unlogged(self._scores_event(scores), ready_at=window.ready_at)
 
     def _scores_event(self, scores: Scores) -> Event:

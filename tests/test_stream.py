@@ -10,6 +10,7 @@ import time
 
 import numpy as np
 
+from monitord.config import EMOTIONS
 from tests.conftest import free_port, need, silence, tone, write_wav
 from tests.test_faults import status_is, wait_log
 from tests.test_e2e import is_alert, start_daemon, stop_daemon, write_config
@@ -74,3 +75,55 @@ def test_a_stream_url_is_decoded_and_reconnected_when_the_server_returns(tiny_cl
     assert again and later, err[-3000:]
     assert code == 0
     assert later["stream_start"] > first["stream_start"]
+
+
+def test_the_esports_preset_runs_against_a_local_stream(tiny_clap, tiny_emotion, tmp_path):
+    """config/esports.yaml as shipped, with local models and a local stream: CLAP tags every sounding
+    window, the emotion model only the spoken ones, both on the live scores topics."""
+    import json
+    import subprocess
+
+    import soundfile as sf
+    import yaml
+
+    from tests.conftest import REPO
+    from tests.test_e2e import Subscriber
+    from monitord.windows import resample
+
+    need(shutil.which("ffmpeg") is not None and shutil.which("espeak-ng") is not None, "ffmpeg and espeak-ng are needed")
+    subprocess.run(["espeak-ng", "-w", str(tmp_path / "cast.wav"), "And they take the final fight! What a comeback from the underdogs."],
+                   check=True, timeout=30)
+    speech, rate = sf.read(str(tmp_path / "cast.wav"), dtype="float32")
+    speech = resample(speech, rate, 48000)
+    crowd = tone(600, 2.0, 48000, -15)  # a non-speech sound the speech gate must keep from the emotion model
+    write_wav(tmp_path / "match.wav", np.concatenate([silence(1.0, 48000), crowd, silence(2.5, 48000), speech, silence(3.0, 48000)]), 48000)
+    port = free_port()
+    server = Server(tmp_path, port).start()
+    preset = yaml.safe_load((REPO / "config" / "esports.yaml").read_text())
+    preset["sources"][0].update(url=f"http://127.0.0.1:{port}/match.wav", realtime=True)
+    preset["models"]["clap"]["model"] = str(tiny_clap)
+    preset["models"]["emotion"]["model"] = str(tiny_emotion)
+    endpoint, replay = free_port(), free_port()
+    preset["publish"].update(endpoint=f"tcp://127.0.0.1:{endpoint}", replay_endpoint=f"tcp://127.0.0.1:{replay}")
+    config = tmp_path / "esports.yaml"
+    config.write_text(yaml.safe_dump(preset))
+    sub = Subscriber(f"tcp://127.0.0.1:{endpoint}")
+    proc = start_daemon(config)
+    try:
+        got = sub.wait_for(lambda e: e.get("kind") == "scores" and e.get("model_name") == "emotion", timeout=90)
+        time.sleep(2.0)
+    finally:
+        code, _, err = stop_daemon(proc)
+        sub.close()
+        server.kill()
+    assert got and code == 0, err[-3000:]
+    topics = {topic.decode() for topic, _ in sub.messages}
+    assert {"scores.stream.clap", "scores.stream.emotion"} <= topics
+    scores = [json.loads(p) for t, p in sub.messages if t.startswith(b"scores.")]
+    crowd_at = (1.0, 3.0)
+    emotion = [e for e in scores if e["model_name"] == "emotion"]
+    clap = [e for e in scores if e["model_name"] == "clap"]
+    assert any(e["stream_start"] < crowd_at[1] and e["stream_end"] > crowd_at[0] for e in clap)  # CLAP heard the crowd
+    for e in emotion:  # the emotion model heard only speech
+        assert e["stream_end"] > 5.5 and set(e["scores"]) <= set(EMOTIONS)
+        assert e["facts"]["speech_ratio"] >= 0.4
