@@ -239,6 +239,28 @@ class PipelineConfig(_Strict):
     """Ring buffer length per source (must exceed the window)."""
 
 
+class ClipsConfig(_Strict):
+    """Audio around each alert onset, from the ring buffer (so the pre-roll is real). Off: privacy."""
+
+    enabled: bool = False
+    dir: str = "clips"
+    pre_s: float = Field(2.0, ge=0.0, le=600.0)
+    """Seconds before the alerting window's start."""
+    post_s: float = Field(2.0, ge=0.0, le=600.0)
+    """Seconds after the alerting window's end."""
+    format: Literal["flac", "wav"] = "flac"
+    max_age_days: float | None = Field(30.0, gt=0.0)
+    max_total_mb: float | None = Field(1024.0, gt=0.0)
+
+
+class MetricsConfig(_Strict):
+    """Prometheus metrics over HTTP; off unless ``bind`` is set."""
+
+    bind: str | None = None
+    """HOST:PORT, e.g. 127.0.0.1:9464 (loopback unless allow_remote)."""
+    allow_remote: bool = False
+
+
 class Config(_Strict):
     sources: tuple[SourceConfig, ...] = Field(min_length=1)
     gate: GateConfig = GateConfig()
@@ -247,6 +269,8 @@ class Config(_Strict):
     rules: tuple[RuleConfig, ...] = ()
     publish: PublishConfig = PublishConfig()
     pipeline: PipelineConfig = PipelineConfig()
+    clips: ClipsConfig = ClipsConfig()
+    metrics: MetricsConfig = MetricsConfig()
 
     def gate_for(self, source: SourceConfig) -> GateConfig:
         return source.gate if source.gate is not None else self.gate
@@ -378,6 +402,8 @@ _ALLOWED_KEYS: dict[str, type[BaseModel]] = {
     "rules": RuleConfig,
     "publish": PublishConfig,
     "pipeline": PipelineConfig,
+    "clips": ClipsConfig,
+    "metrics": MetricsConfig,
 }
 
 
@@ -439,6 +465,7 @@ def _resolve_paths(config: Config, base_dir: Path) -> Config:
         if getattr(model, "class_map", None) is not None:
             update["class_map"] = _resolve(base_dir, model.class_map)
         models[name] = model.model_copy(update=update)
+    clips = config.clips.model_copy(update={"dir": _resolve(base_dir, config.clips.dir)})
     publish = config.publish
     if publish.event_log is not None:
         publish = publish.model_copy(update={"event_log": _resolve(base_dir, publish.event_log)})
@@ -448,7 +475,7 @@ def _resolve_paths(config: Config, base_dir: Path) -> Config:
             "authorized_clients": _resolve(base_dir, publish.curve.authorized_clients),
         })
         publish = publish.model_copy(update={"curve": curve})
-    return config.model_copy(update={"sources": sources, "models": models, "publish": publish})
+    return config.model_copy(update={"sources": sources, "models": models, "publish": publish, "clips": clips})
 
 
 def _cross_check(config: Config) -> list[Problem]:
@@ -474,8 +501,18 @@ def _cross_check(config: Config) -> list[Problem]:
     window = config.window
     if window.hop_s > window.seconds:
         add("window.hop_s", f"hop ({window.hop_s} s) is longer than the window ({window.seconds} s): audio would be skipped")
-    if config.pipeline.ring_seconds < window.seconds + window.hop_s:
-        add("pipeline.ring_seconds", f"must be at least window.seconds + window.hop_s ({window.seconds + window.hop_s} s)")
+    needed = window.seconds + window.hop_s
+    if config.clips.enabled:
+        needed += config.clips.pre_s + config.clips.post_s + 1.0
+    if config.pipeline.ring_seconds < needed:
+        what = "window, hop, clip pre-roll and post-roll, plus 1 s" if config.clips.enabled else "window.seconds + window.hop_s"
+        add("pipeline.ring_seconds", f"must be at least {needed:g} s ({what})")
+    if config.metrics.bind is not None:
+        host, _, port = config.metrics.bind.rpartition(":")
+        if not port.isdigit() or not host:
+            add("metrics.bind", f"{config.metrics.bind!r}: expected HOST:PORT")
+        elif not _is_loopback(host.strip("[]")) and not config.metrics.allow_remote:
+            add("metrics.bind", f"binds a non-loopback address ({host}): set metrics.allow_remote: true if you mean it")
 
     vocabularies: dict[str, tuple[str, ...]] = {}
     for name, model in config.models.items():

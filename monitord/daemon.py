@@ -17,6 +17,7 @@ from monitord.config import Config
 from monitord.events import Event, iso_utc
 from monitord.models import Model, Scores, build_model
 from monitord.publish import Publisher
+from monitord.ringbuffer import RingBuffer
 from monitord.sdnotify import Watchdog
 from monitord.windowqueue import WindowQueue
 from monitord.windows import Window, WindowCutter, Windower
@@ -49,7 +50,13 @@ class Daemon:
     """start() opens everything, stop() closes it in order; models and publisher may be injected."""
 
     def __init__(self, config: Config, models: Mapping[str, Model], publisher: Publisher | None = None):
+        from monitord.clips import ClipWriter
+        from monitord.metrics import Metrics
+
         self.config = config
+        self.metrics = Metrics() if config.metrics.bind else None
+        self.clips = ClipWriter(config.clips, self._on_clip) if config.clips.enabled else None
+        self._rings: dict[str, RingBuffer] = {}
         self.models = dict(models)
         self.publisher = publisher or Publisher(config.publish)
         self.host = config.publish.host or socket.gethostname()
@@ -58,7 +65,8 @@ class Daemon:
         self.stop_event = threading.Event()
         self.sources: list[DeviceSource | FileSource] = []
         self.windowers: list[Windower] = []
-        self.worker = ModelWorker(self.queue, list(self.models.values()), self._on_scores, self._on_model_error, self._on_quiet)
+        self.worker = ModelWorker(self.queue, list(self.models.values()), self._on_scores, self._on_model_error, self._on_quiet,
+                                  on_batch=self._on_batch)
         self._finished_windowers = 0
         self._finished_lock = threading.Lock()
         self._all_sources_done = threading.Event()
@@ -74,6 +82,11 @@ class Daemon:
         except Exception:
             self.publisher.close()
             raise
+        self._rings = {source.id: source.ring for source in self.sources}
+        if self.metrics is not None:
+            self.metrics.serve(self.config.metrics.bind)
+        if self.clips is not None:
+            self.clips.start()
         rates = {model.sample_rate for model in self.models.values()}
         for source in self.sources:
             cutter = WindowCutter(source.id, source.sample_rate, self.config.window, self.config.gate_for(source.config), rates,
@@ -120,7 +133,11 @@ class Daemon:
         self.worker.finish(drain_timeout_s=timeout)
         if not self.worker.join(timeout + 5.0):
             log.warning("model worker still busy after %.1f s; exiting without it", timeout + 5.0)
+        if self.clips is not None:
+            self.clips.stop()
         self.publisher.close()
+        if self.metrics is not None:
+            self.metrics.close()
         log.info(
             "stopped: %d windows scored, %d events published, dropped per source %s",
             self.worker.stats.windows,
@@ -163,6 +180,13 @@ class Daemon:
             dropped = self.queue.put(window, wait=source.waits_for_worker, stop=self.stop_event)
             if dropped is not None:
                 self._report_overload(dropped.source)
+            if self.metrics is not None:
+                m = self.metrics
+                m.input_level.labels(window.source).set(max(window.facts.rms_dbfs, -200.0))
+                m.windows.labels(window.source, "queued" if window.passed else "gated").inc()
+                m.queue_depth.set(len(self.queue))
+                if dropped is not None:
+                    m.dropped.labels(dropped.source).set(self.queue.dropped[dropped.source])
 
         return sink
 
@@ -183,14 +207,31 @@ class Daemon:
         self._publish_status(source, "overload", f"window queue full: {dropped} windows dropped so far", dropped=dropped)
 
     def _on_status(self, source: str, status: str, detail: str) -> None:
+        if self.metrics is not None and status in ("up", "down", "eof", "error"):
+            self.metrics.source_up.labels(source).set(1 if status == "up" else 0)
         self._publish_status(source, status, detail)
 
-    def _publish_status(self, source: str, status: str, detail: str, **extra: object) -> None:
-        event = Event(kind="status", source=source, time=iso_utc(time.time()), host=self.host, status=status, detail=detail, extra=extra)
+    def _on_batch(self, model: str, windows: int, seconds: float) -> None:
+        if self.metrics is not None:
+            self.metrics.model_seconds.labels(model).observe(seconds)
+            self.metrics.batch_size.labels(model).observe(windows)
+            self.metrics.queue_depth.set(len(self.queue))
+
+    def _on_clip(self, request, path, error) -> None:
+        if path is not None:
+            self._publish_status(request.source, "clip", str(path), clip=str(path), onset_seq=request.onset_seq)
+        else:
+            self._publish_status(request.source, "clip_error", f"clip {request.path.name} not written: {error}", onset_seq=request.onset_seq)
+
+    def _publish_status(self, source: str, status: str, detail: str, clip: str | None = None, **extra: object) -> None:
+        event = Event(kind="status", source=source, time=iso_utc(time.time()), host=self.host, status=status, detail=detail,
+                      clip=clip, extra=extra)
         self.publisher.publish(event)
 
     def _on_scores(self, scores: Scores) -> None:
         window = scores.window
+        if self.metrics is not None:
+            self.metrics.windows.labels(window.source, f"scored:{scores.model}").inc()
         fired = self.engine.observe(scores.model, window.source, scores.probabilities, window.stream_end)
         self._publish_alerts(window, fired, scores)
         wanted = self.config.publish.scores
@@ -219,6 +260,9 @@ class Daemon:
 
     def _publish_alerts(self, window: Window, fired: list, scores: Scores | None) -> None:
         for rule, phase, score in fired:
+            clip = None
+            if self.clips is not None and phase == "onset" and window.source in self._rings:
+                clip = self.clips.path_for(window.source, rule.id, window.wall_start)
             event = Event(
                 kind="alert",
                 source=window.source,
@@ -234,8 +278,15 @@ class Daemon:
                 stream_start=round(window.stream_start, 6),
                 stream_end=round(window.stream_end, 6),
                 facts=window.facts.to_dict(),
+                clip=None if clip is None else str(clip),
             )
             published = self.publisher.publish(event, ready_at=window.ready_at)
+            if clip is not None:
+                self.clips.request(window.source, self._rings[window.source], window.start_index,
+                                   window.start_index + window.valid, clip, published.seq)
+            if self.metrics is not None:
+                self.metrics.events.labels(window.source, rule.id, phase).inc()
+                self.metrics.last_event.labels(window.source).set(time.time())
             log.info("%s %s score=%.3f stream %.2f-%.2f s", published.topic, phase, score, window.stream_start, window.stream_end)
 
     def _on_model_error(self, model: Model, windows: list[Window], status: str, detail: str) -> None:

@@ -62,6 +62,7 @@ class ModelWorker:
         on_error: Callable[[Model, list[Window], str, str], None],
         on_quiet: Callable[[Window, str | None], None] = lambda window, model: None,
         fallback_after: int = 3,
+        on_batch: Callable[[str, int, float], None] = lambda model, windows, seconds: None,
     ):
         self.queue = queue
         self.models = cascade_order(models)
@@ -69,6 +70,7 @@ class ModelWorker:
         self.on_error = on_error
         self.on_quiet = on_quiet
         self.fallback_after = fallback_after
+        self.on_batch = on_batch
         self._consecutive_failures: Counter[str] = Counter()
         self.stats = WorkerStats()
         self.batch_max = max(m.batch_max for m in self.models)
@@ -157,6 +159,7 @@ class ModelWorker:
             finally:
                 spent = time.perf_counter() - began
                 self.stats.model_seconds[model.name] = self.stats.model_seconds.get(model.name, 0.0) + spent
+                self.on_batch(model.name, len(chunk), spent)
         return out
 
     def _score_or_split(self, model: Model, windows: list[Window]) -> list[Scores]:
