@@ -228,6 +228,64 @@ def load_client_curve(server_public_file: str, client_secret_file: str) -> dict:
     return {"server": server_public, "public": public, "secret": secret}
 
 
+def cmd_enroll(args: argparse.Namespace) -> int:
+    config = _load(args.config)
+    if config is None:
+        return EXIT_USAGE
+    from monitord.capture import SourceError
+    from monitord.classify import AudioFileError, audio_files
+    from monitord.daemon import load_models
+    from monitord.evaluate import enrol, enrol_from_files, enrol_from_source
+    from monitord.models import ModelUnavailable
+
+    clap_models = [n for n, m in config.models.items() if m.kind == "clap"]
+    name = args.model or (clap_models[0] if clap_models else None)
+    if name not in clap_models:
+        return _fail(f"enrol needs a clap model of the config (--model NAME); clap models: {', '.join(clap_models) or 'none'}")
+    if not args.files and not args.source:
+        return _fail("give --source ID (record live) or --files FILE... (enrol from recordings)")
+    try:
+        embedder = load_models(config, only={name})[name]
+        if args.files:
+            windows = enrol_from_files(config, embedder, audio_files([Path(f) for f in args.files]))
+        else:
+            source = next((s for s in config.sources if s.id == args.source), None)
+            if source is None:
+                return _fail(f"no source {args.source!r} in {args.config} (sources: {', '.join(s.id for s in config.sources)})")
+            windows = enrol_from_source(config, embedder, source, args.seconds)
+        summary = enrol(config, embedder, windows, args.k, Path(args.out))
+    except (ModelUnavailable, SourceError, AudioFileError, ValueError) as exc:
+        return _fail(str(exc))
+    print(json.dumps(summary))
+    return EXIT_OK
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    config = _load(args.config)
+    if config is None:
+        return EXIT_USAGE
+    from monitord.classify import AudioFileError
+    from monitord.daemon import load_models
+    from monitord.evaluate import evaluate, load_dataset, write_report
+    from monitord.models import ModelUnavailable
+
+    name = args.model or next(iter(config.models))
+    if name not in config.models:
+        return _fail(f"no model {name!r} in {args.config}")
+    try:
+        examples = load_dataset(Path(args.data))
+        if not examples:
+            return _fail(f"no labelled audio files in {args.data}")
+        models = load_models(config)
+        report = evaluate(config, models, name, examples)
+    except (ModelUnavailable, AudioFileError, ValueError, OSError) as exc:
+        return _fail(str(exc))
+    write_report(report, Path(args.out))
+    summary = {k: v for k, v in report.items() if k not in ("file_scores", "confusion")}
+    print(json.dumps(summary, indent=1))
+    return EXIT_OK
+
+
 def cmd_keys(args: argparse.Namespace) -> int:
     """Write a CURVE certificate pair: DIR/NAME.key (public, to share) and DIR/NAME.key_secret (0600)."""
     import os
@@ -301,6 +359,23 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--curve-server-key", metavar="FILE", help="the daemon's public certificate (server.key)")
     p.add_argument("--curve-client-key", metavar="FILE", help="this client's secret certificate (NAME.key_secret)")
     p.set_defaults(func=cmd_tail)
+    p = sub.add_parser("enroll", help="record normal operation into an anomaly bank (from a source or files)")
+    p.add_argument("-c", "--config", required=True)
+    p.add_argument("--source", help="a source of the config to record from")
+    p.add_argument("--seconds", type=float, default=600.0, help="how much sound to record from --source")
+    p.add_argument("--files", nargs="+", metavar="FILE", help="enrol from these files or folders instead")
+    p.add_argument("--model", help="the clap model whose embeddings are enrolled (default: the first)")
+    p.add_argument("--k", type=int, default=5, help="nearest neighbours")
+    p.add_argument("--out", required=True, help="the bank to write (.npz)")
+    p.set_defaults(func=cmd_enroll)
+
+    p = sub.add_parser("eval", help="precision/recall/F1, confusion, latency, false alarms, AUC/pAUC on labelled audio")
+    p.add_argument("data", help="a folder with one subfolder per label, or a CSV file,label[,onset]")
+    p.add_argument("-c", "--config", required=True)
+    p.add_argument("--model", help="the model to evaluate (default: the first)")
+    p.add_argument("--out", default="eval", help="folder for eval.json and confusion.png")
+    p.set_defaults(func=cmd_eval)
+
     p = sub.add_parser("keys", help="create a CURVE certificate pair for the daemon or a subscriber")
     p.add_argument("dir")
     p.add_argument("--name", default="server")

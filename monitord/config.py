@@ -162,7 +162,23 @@ class EmotionModelConfig(_Strict):
     gate: GateConfig | None = None
 
 
-MODEL_KINDS = ("clap", "yamnet", "emotion")
+class AnomalyModelConfig(_Strict):
+    """Machine health: distance of a window's embedding to enrolled normal ones (label ``anomaly``)."""
+
+    kind: Literal["anomaly"]
+    embedding_model: str
+    """The model (kind clap) whose audio embeddings are compared."""
+    bank: str | None = None
+    """Bank for every source (``monitord enroll`` writes it)."""
+    banks: dict[str, str] = {}
+    """Per-source banks (source id -> bank), over ``bank``."""
+    batch_max: int = Field(64, ge=1, le=4096)
+    batch_wait_ms: float = Field(0.0, ge=0.0, le=5000.0)
+    gated_by: CascadeConfig | None = None
+    gate: GateConfig | None = None
+
+
+MODEL_KINDS = ("clap", "yamnet", "emotion", "anomaly")
 
 
 def _model_kind(value: Any) -> str:
@@ -175,6 +191,7 @@ ModelConfig = Annotated[
         Annotated[ClapModelConfig, Tag("clap")],
         Annotated[YamnetModelConfig, Tag("yamnet")],
         Annotated[EmotionModelConfig, Tag("emotion")],
+        Annotated[AnomalyModelConfig, Tag("anomaly")],
     ],
     Discriminator(_model_kind),
 ]
@@ -397,6 +414,7 @@ _ALLOWED_KEYS: dict[str, type[BaseModel]] = {
     "models": ClapModelConfig,
     "yamnet": YamnetModelConfig,
     "emotion": EmotionModelConfig,
+    "anomaly": AnomalyModelConfig,
     "gated_by": CascadeConfig,
     "curve": CurveConfig,
     "rules": RuleConfig,
@@ -413,7 +431,7 @@ def _suggestion(loc: list[Any], raw_loc: tuple[Any, ...]) -> str:
     parents = [str(p) for p in loc[:-1] if not isinstance(p, int)]
     section = parents[-1] if parents else ""
     if len(parents) == 2 and parents[0] == "models":
-        section = next((k for k in ("yamnet", "emotion") if k in raw_loc), "models")
+        section = next((k for k in ("yamnet", "emotion", "anomaly") if k in raw_loc), "models")
     elif len(parents) == 3 and parents[0] == "models":
         section = parents[2]
     model = _ALLOWED_KEYS.get(section)
@@ -459,6 +477,12 @@ def _resolve_paths(config: Config, base_dir: Path) -> Config:
     )
     models = {}
     for name, model in config.models.items():
+        if model.kind == "anomaly":
+            models[name] = model.model_copy(update={
+                "bank": None if model.bank is None else _resolve(base_dir, model.bank),
+                "banks": {source: _resolve(base_dir, path) for source, path in model.banks.items()},
+            })
+            continue
         local = Path(_resolve(base_dir, model.model))
         looks_like_path = model.kind == "yamnet" or model.model.startswith((".", "/", "~")) or local.exists()
         update: dict[str, Any] = {"model": str(local)} if looks_like_path else {}
@@ -521,6 +545,18 @@ def _cross_check(config: Config) -> list[Problem]:
         if labels is not None:
             vocabularies[name] = labels
     problems.extend(_check_cascades(config, vocabularies))
+    for name, model in config.models.items():
+        if model.kind != "anomaly":
+            continue
+        where = f"models.{name}"
+        target = config.models.get(model.embedding_model)
+        if target is None or target.kind != "clap":
+            add(f"{where}.embedding_model", f"{model.embedding_model!r} is not a clap model of this config")
+        if model.bank is None and not model.banks:
+            add(where, "give a bank (for every source) or banks (per source): `monitord enroll` records one")
+        for source_id in model.banks:
+            if source_id not in seen_ids:
+                add(f"{where}.banks.{source_id}", f"no source named {source_id!r}")
 
     seen_rules: set[str] = set()
     for i, rule in enumerate(config.rules):
@@ -582,6 +618,8 @@ def _model_vocabulary(name: str, model: Any) -> tuple[tuple[str, ...] | None, li
     """Every label a rule may name on this model, and any problems with the model's own names."""
     if model.kind == "clap":
         return model.labels, []
+    if model.kind == "anomaly":
+        return ("anomaly",), []
     if model.kind == "emotion":
         problems = [
             Problem(f"models.{name}.label_map.{label}", f"{target!r} is not one of the emotions ({', '.join(EMOTIONS)})")

@@ -30,9 +30,19 @@ class ReloadError(Exception):
     """A new config cannot be applied while running."""
 
 
-def load_models(config: Config) -> dict[str, Model]:
-    """Build every configured model (raises ModelUnavailable with a readable reason)."""
-    return {name: build_model(name, model_config) for name, model_config in config.models.items()}
+def load_models(config: Config, only: set[str] | None = None) -> dict[str, Model]:
+    """Build the configured models (or ``only`` these); raises ModelUnavailable with a readable reason.
+    Anomaly models are built last, on the embedding model they use."""
+    from monitord.models.anomaly import AnomalyDetector
+
+    wanted = {n: m for n, m in config.models.items() if only is None or n in only}
+    models = {name: build_model(name, m) for name, m in wanted.items() if m.kind != "anomaly"}
+    for name, m in wanted.items():
+        if m.kind == "anomaly":
+            if m.embedding_model not in models:
+                models[m.embedding_model] = build_model(m.embedding_model, config.models[m.embedding_model])
+            models[name] = AnomalyDetector(name, m, models[m.embedding_model], config.window.seconds, config.window.hop_s)
+    return models
 
 
 EVENT_TOP_LABELS = 10

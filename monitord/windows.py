@@ -41,6 +41,8 @@ class Window:
     model_passed: dict[str, bool] = field(default_factory=dict)
     """Verdicts of models that have their own gate; the others follow the source's gate."""
     source_passed: bool = True
+    embeddings: dict[str, np.ndarray] = field(default_factory=dict)
+    """Embeddings models produced for this window (model name -> vector), for models that build on them."""
 
     @property
     def stream_start(self) -> float:

@@ -32,8 +32,9 @@ class WorkerStats:
 
 
 def cascade_order(models: Sequence[Model]) -> list[Model]:
-    """Models that gate others first (cascades are one level deep, checked by the config)."""
-    return sorted(models, key=lambda m: m.gated_by is not None)
+    """Models that others build on first: gating models before gated ones (one level deep, checked
+    by the config), embedding models before those that use their embeddings."""
+    return sorted(models, key=lambda m: (getattr(m, "depends_on", None) is not None, m.gated_by is not None))
 
 
 def cascade_passes(scores: Scores, cascade) -> bool:
@@ -125,9 +126,11 @@ class ModelWorker:
         results: dict[int, dict[str, Scores]] = {id(w): {} for w in passed}
         skipped: dict[int, list[str]] = {}
         for model in self.models:
-            todo = [w for w in passed if w.passes(model.name)]
+            accepts = getattr(model, "accepts", None)
+            todo = [w for w in passed if w.passes(model.name) and (accepts is None or accepts(w))]
+            todo_ids = {id(w) for w in todo}
             for w in passed:
-                if not w.passes(model.name):
+                if id(w) not in todo_ids:
                     skipped.setdefault(id(w), []).append(model.name)
             if model.gated_by is not None:
                 cascade = model.gated_by
@@ -140,6 +143,8 @@ class ModelWorker:
                 todo = kept
             for scores in self._score(model, todo):
                 results[id(scores.window)][model.name] = scores
+                if scores.embedding is not None:
+                    scores.window.embeddings[model.name] = scores.embedding
         for window in batch:
             if not window.passed:
                 self.on_quiet(window, None)
