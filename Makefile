@@ -6,7 +6,7 @@ PY := $(VENV)/bin/python
 CONFIG ?= config/monitord.yaml
 # torch first and pinned: a bare `torch` requirement pulls a multi-GB CUDA build where none is wanted
 TORCH ?= torch==2.13.0
-SYSTEM_PACKAGES := libportaudio2 libasound2-plugins libsndfile1 ffmpeg pulseaudio pulseaudio-utils sox espeak-ng systemd
+SYSTEM_PACKAGES := libportaudio2 libasound2-plugins libsndfile1 ffmpeg pulseaudio pulseaudio-utils sox espeak-ng systemd chromium
 
 .PHONY: run test setup system-packages
 

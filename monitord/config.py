@@ -278,6 +278,15 @@ class MetricsConfig(_Strict):
     allow_remote: bool = False
 
 
+class HttpConfig(_Strict):
+    """The live dashboard, served by the daemon; off unless ``bind`` is set."""
+
+    bind: str | None = None
+    """HOST:PORT, e.g. 127.0.0.1:8080."""
+    token: str | None = Field(None, min_length=16)
+    """Required on every request when set; a non-loopback bind needs one."""
+
+
 class Config(_Strict):
     sources: tuple[SourceConfig, ...] = Field(min_length=1)
     gate: GateConfig = GateConfig()
@@ -288,6 +297,7 @@ class Config(_Strict):
     pipeline: PipelineConfig = PipelineConfig()
     clips: ClipsConfig = ClipsConfig()
     metrics: MetricsConfig = MetricsConfig()
+    http: HttpConfig = HttpConfig()
 
     def gate_for(self, source: SourceConfig) -> GateConfig:
         return source.gate if source.gate is not None else self.gate
@@ -422,6 +432,7 @@ _ALLOWED_KEYS: dict[str, type[BaseModel]] = {
     "pipeline": PipelineConfig,
     "clips": ClipsConfig,
     "metrics": MetricsConfig,
+    "http": HttpConfig,
 }
 
 
@@ -583,6 +594,12 @@ def _cross_check(config: Config) -> list[Problem]:
             add(f"models.{name}", f"{name!r} is not a valid model name: use letters, digits, '-' and '_'")
 
     problems.extend(_check_endpoint(config.publish))
+    if config.http.bind is not None:
+        host, _, port = config.http.bind.rpartition(":")
+        if not port.isdigit() or not host:
+            add("http.bind", f"{config.http.bind!r}: expected HOST:PORT")
+        elif not _is_loopback(host.strip("[]")) and config.http.token is None:
+            add("http.bind", f"binds a non-loopback address ({host}) without a token: set http.token (16+ characters)")
     if isinstance(config.publish.scores, tuple):
         names = set(config.models) | {s.id for s in config.sources}
         for j, name in enumerate(config.publish.scores):

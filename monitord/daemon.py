@@ -66,6 +66,7 @@ class Daemon:
         self.config = config
         self.metrics = Metrics() if config.metrics.bind else None
         self.clips = ClipWriter(config.clips, self._on_clip) if config.clips.enabled else None
+        self.dashboard = None
         self._rings: dict[str, RingBuffer] = {}
         self.models = dict(models)
         self.publisher = publisher or Publisher(config.publish)
@@ -97,6 +98,12 @@ class Daemon:
             self.metrics.serve(self.config.metrics.bind)
         if self.clips is not None:
             self.clips.start()
+        if self.config.http.bind:
+            from monitord.dashboard import Dashboard
+
+            self.dashboard = Dashboard(self, self.config.http.bind, self.config.http.token)
+            self.publisher.listeners.append(self.dashboard.on_event)
+            self.dashboard.start()
         rates = {model.sample_rate for model in self.models.values()}
         for source in self.sources:
             cutter = WindowCutter(source.id, source.sample_rate, self.config.window, self.config.gate_for(source.config), rates,
@@ -145,6 +152,8 @@ class Daemon:
             log.warning("model worker still busy after %.1f s; exiting without it", timeout + 5.0)
         if self.clips is not None:
             self.clips.stop()
+        if self.dashboard is not None:
+            self.dashboard.stop()
         self.publisher.close()
         if self.metrics is not None:
             self.metrics.close()
@@ -190,6 +199,8 @@ class Daemon:
             dropped = self.queue.put(window, wait=source.waits_for_worker, stop=self.stop_event)
             if dropped is not None:
                 self._report_overload(dropped.source)
+            if self.dashboard is not None:
+                self.dashboard.on_window(window)
             if self.metrics is not None:
                 m = self.metrics
                 m.input_level.labels(window.source).set(max(window.facts.rms_dbfs, -200.0))
@@ -247,6 +258,8 @@ class Daemon:
         wanted = self.config.publish.scores
         if wanted is True or (wanted and (scores.model in wanted or window.source in wanted)):
             self.publisher.publish_unlogged(self._scores_event(scores), ready_at=window.ready_at)
+        elif self.dashboard is not None:  # the page shows every window's scores, published or not
+            self.dashboard.on_event(self._scores_event(scores))
 
     def _scores_event(self, scores: Scores) -> Event:
         window = scores.window

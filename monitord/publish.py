@@ -45,6 +45,8 @@ class Publisher:
         self._authenticator = None
         self.seq = 0
         self.published = 0
+        self.listeners: list = []
+        """Called with every sent event (the dashboard's feed), after the socket."""
 
     def start(self) -> None:
         if self.event_log is not None:
@@ -105,7 +107,8 @@ class Publisher:
             self.seq = seq
             self._send(event.topic, payload)
             self.published += 1
-            return event
+        self._notify(event)
+        return event
 
     def publish_unlogged(self, event: Event, ready_at: float | None = None) -> Event:
         """Send without a seq and without logging (live score streams: loss is acceptable there)."""
@@ -113,7 +116,15 @@ class Publisher:
             latency_ms = None if ready_at is None else round((time.time() - ready_at) * 1000.0, 1)
             event = event.with_sequence(0, uuid.uuid4().hex, latency_ms)
             self._send(event.topic, event.to_json().encode())
-            return event
+        self._notify(event)
+        return event
+
+    def _notify(self, event: Event) -> None:
+        for listener in self.listeners:
+            try:
+                listener(event)
+            except Exception:  # a broken listener must not stop publishing
+                log.exception("event listener failed")
 
     def _send(self, topic: str, payload: bytes) -> None:
         if self._socket is None:

@@ -11,6 +11,7 @@ makes that faster. The probabilities are the pipeline's:
 from __future__ import annotations
 
 import logging
+import threading
 from collections.abc import Sequence
 
 import numpy as np
@@ -49,6 +50,8 @@ class ClapZeroShot:
         self.sample_rate = int(self.feature_extractor.sampling_rate)
         self.torch_features = ClapFeatures(self.feature_extractor, self.device)
         self.logit_scale = float(model.logit_scale_a.detach().exp())
+        self._text_model = None  # loaded only if labels other than the live ones are asked for
+        self._text_lock = threading.Lock()
         self.text_embeddings = self._embed_labels(self.labels, model)
         # Once the prompts are embedded only the audio side is needed (a third of the weights).
         self.audio_model = model.audio_model
@@ -62,6 +65,19 @@ class ClapZeroShot:
         self.dtype = dtype
         self.audio_model.to(dtype)
         self.audio_projection.to(dtype)
+
+    def probabilities_for(self, windows: Sequence[Window], labels: Sequence[str]) -> np.ndarray:
+        """(windows, labels) probabilities for labels other than the live ones (the dashboard's
+        try-it panel). The text tower is loaded on first use and kept; the live labels are untouched."""
+        from transformers import ClapModel
+
+        with self._text_lock:
+            if self._text_model is None:
+                self._text_model = load_pretrained(ClapModel, self.model_id, "CLAP model").to(self.device).eval()
+            text = self._embed_labels(labels, self._text_model)
+        audio = self.audio_embeddings(windows)
+        with self._torch.inference_mode():
+            return (self.logit_scale * audio @ text.T).softmax(dim=-1).cpu().numpy()
 
     def fall_back_to_cpu(self) -> None:
         """Move to the CPU in float32 (after repeated GPU failures such as out-of-memory)."""

@@ -1,0 +1,238 @@
+"""A small live web page served by the daemon itself: what it hears, now.
+
+One push channel (server-sent events) carries what the daemon already produces: each window's
+level and gate verdict, each scored window's label scores, and every published event. The page
+draws level meters, probability bars, a timeline per model and the event list from it; no
+widget polls. A try-it panel scores an uploaded file against typed labels with the loaded CLAP
+model, off the live path. Loopback only unless a token is set; static files ship in the package.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import io
+import json
+import logging
+import secrets
+import threading
+from collections import deque
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+log = logging.getLogger(__name__)
+
+STATIC = Path(__file__).parent / "static"
+CLIENT_QUEUE = 256
+RECENT_EVENTS = 200
+TRY_MAX_WINDOWS = 30
+
+
+class Broadcaster:
+    """Fan-out from daemon threads to the event loop's SSE clients; a slow client loses its oldest messages."""
+
+    def __init__(self) -> None:
+        self.loop: asyncio.AbstractEventLoop | None = None
+        self.clients: set[asyncio.Queue] = set()
+        self.recent_events: deque[dict] = deque(maxlen=RECENT_EVENTS)
+        self.latest: dict[str, dict] = {}  # last message per (kind, source[, model]) for new clients
+
+    def push(self, kind: str, data: dict) -> None:
+        """Called from any thread."""
+        if kind == "event":
+            self.recent_events.append(data)
+        else:
+            self.latest[f"{kind}:{data.get('source')}:{data.get('model_name', '')}"] = data
+        loop = self.loop
+        if loop is not None and not loop.is_closed():
+            loop.call_soon_threadsafe(self._fan_out, kind, data)
+
+    def _fan_out(self, kind: str, data: dict) -> None:
+        message = f"event: {kind}\ndata: {json.dumps(data, separators=(',', ':'))}\n\n"
+        for queue in list(self.clients):
+            if queue.full():
+                queue.get_nowait()
+            queue.put_nowait(message)
+
+
+class Dashboard:
+    def __init__(self, daemon, bind: str, token: str | None) -> None:
+        self.daemon = daemon
+        host, _, port = bind.rpartition(":")
+        self.host, self.port = host.strip("[]"), int(port)
+        self.token = token
+        self.broadcaster = Broadcaster()
+        self._server = None
+        self._thread: threading.Thread | None = None
+
+    # the daemon's side
+
+    def on_window(self, window) -> None:
+        self.broadcaster.push("window", {
+            "source": window.source, "stream_start": round(window.stream_start, 3), "stream_end": round(window.stream_end, 3),
+            "passed": window.passed, "rms_dbfs": round(max(window.facts.rms_dbfs, -120.0), 1),
+            "peak_dbfs": round(max(window.facts.peak_frame_dbfs, -120.0), 1), "speech_ratio": window.facts.speech_ratio,
+        })
+
+    def on_event(self, event) -> None:
+        data = event.to_dict()
+        self.broadcaster.push("scores" if event.kind == "scores" else "event", data)
+
+    # the web side
+
+    def app(self):
+        from starlette.applications import Starlette
+        from starlette.middleware import Middleware
+        from starlette.responses import FileResponse, JSONResponse, Response, StreamingResponse
+        from starlette.routing import Mount, Route
+        from starlette.staticfiles import StaticFiles
+
+        async def index(request):
+            return FileResponse(STATIC / "index.html")
+
+        async def state(request):
+            models = {name: {"kind": m.kind, "labels": list(getattr(self.daemon.models.get(name), "labels", ()))[:64]}
+                      for name, m in self.daemon.config.models.items()}
+            return JSONResponse({
+                "sources": [s.id for s in self.daemon.config.sources],
+                "models": models,
+                "rules": [{"id": r.id, "model": r.model, "label": r.label, "threshold": r.threshold} for r in self.daemon.config.rules],
+                "events": list(self.broadcaster.recent_events)[::-1],
+                "latest": list(self.broadcaster.latest.values()),
+                "try_it": self._clap_name() is not None,
+            })
+
+        async def events(request):
+            queue: asyncio.Queue = asyncio.Queue(CLIENT_QUEUE)
+            self.broadcaster.clients.add(queue)
+
+            async def stream():
+                try:
+                    yield ": connected\n\n"
+                    while True:
+                        try:
+                            yield await asyncio.wait_for(queue.get(), timeout=15)
+                        except asyncio.TimeoutError:
+                            yield ": keep-alive\n\n"
+                finally:
+                    self.broadcaster.clients.discard(queue)
+
+            return StreamingResponse(stream(), media_type="text/event-stream", headers={"Cache-Control": "no-store"})
+
+        async def try_it(request):
+            form = await request.form()
+            upload, labels_text = form.get("file"), str(form.get("labels") or "")
+            labels = [x.strip() for x in labels_text.split(",") if x.strip()]
+            if upload is None or not hasattr(upload, "read"):
+                return JSONResponse({"error": "attach an audio file"}, status_code=400)
+            if len(labels) < 2 or len(set(labels)) != len(labels):
+                return JSONResponse({"error": "type at least two different labels, comma-separated"}, status_code=400)
+            data = await upload.read()
+            try:
+                result = await asyncio.get_running_loop().run_in_executor(None, self.classify_upload, data, labels)
+            except ValueError as exc:
+                return JSONResponse({"error": str(exc)}, status_code=400)
+            return JSONResponse(result)
+
+        async def clip(request):
+            clips = self.daemon.clips
+            name = request.path_params["name"]
+            if clips is None or "/" in name or name.startswith("."):
+                return Response(status_code=404)
+            path = clips.folder / name
+            if not path.is_file():
+                return Response(status_code=404)
+            return FileResponse(path)
+
+        routes = [
+            Route("/", index),
+            Route("/api/state", state),
+            Route("/api/events", events),
+            Route("/api/try", try_it, methods=["POST"]),
+            Route("/clips/{name}", clip),
+            Mount("/static", StaticFiles(directory=str(STATIC)), name="static"),
+        ]
+        middleware = [Middleware(TokenGate, token=self.token)] if self.token else []
+        return Starlette(routes=routes, middleware=middleware)
+
+    def _clap_name(self) -> str | None:
+        return next((n for n, m in self.daemon.config.models.items() if m.kind == "clap" and n in self.daemon.models), None)
+
+    def classify_upload(self, data: bytes, labels: list[str]) -> dict[str, Any]:
+        """Zero-shot probabilities of an uploaded file for typed labels, with the loaded CLAP model
+        (its own text embeddings: the live label set is untouched)."""
+        import soundfile as sf
+
+        from monitord.config import GateConfig
+        from monitord.windows import WindowCutter, window_starts
+
+        name = self._clap_name()
+        if name is None:
+            raise ValueError("no CLAP model is loaded")
+        model = self.daemon.models[name]
+        try:
+            audio, rate = sf.read(io.BytesIO(data), dtype="float32", always_2d=True)
+        except (RuntimeError, sf.LibsndfileError) as exc:
+            raise ValueError(f"not an audio file libsndfile can read: {exc}") from None
+        if audio.shape[0] == 0:
+            raise ValueError("the file holds no samples")
+        mono = audio.mean(axis=1).astype(np.float32)
+        cutter = WindowCutter("try-it", int(rate), self.daemon.config.window, GateConfig(mode="always"), [model.sample_rate])
+        starts = list(window_starts(len(mono), cutter.length, cutter.hop))[:TRY_MAX_WINDOWS]
+        windows = [cutter.cut(mono[s : s + cutter.length], s, 0.0, 0.0) for s in starts]
+        probs = model.probabilities_for(windows, labels)
+        mean = probs.mean(axis=0)
+        return {
+            "model": name, "labels": labels,
+            "probabilities": {label: round(float(p), 6) for label, p in zip(labels, mean)},
+            "windows": [{"stream_start": round(w.stream_start, 3), "stream_end": round(w.stream_end, 3),
+                         "probabilities": {label: round(float(p), 6) for label, p in zip(labels, row)}}
+                        for w, row in zip(windows, probs)],
+        }
+
+    def start(self) -> None:
+        import uvicorn
+
+        config = uvicorn.Config(self.app(), host=self.host, port=self.port, log_level="warning", lifespan="off")
+        self._server = uvicorn.Server(config)
+        ready = threading.Event()
+
+        def run() -> None:
+            loop = asyncio.new_event_loop()
+            asyncio.set_event_loop(loop)
+            self.broadcaster.loop = loop
+            ready.set()
+            loop.run_until_complete(self._server.serve())
+            loop.close()
+
+        self._thread = threading.Thread(target=run, name="dashboard", daemon=True)
+        self._thread.start()
+        ready.wait(5)
+        log.info("dashboard on http://%s:%d/", self.host, self.port)
+
+    def stop(self) -> None:
+        if self._server is not None:
+            self._server.should_exit = True
+            self._thread.join(5)
+            self._server = None
+
+
+class TokenGate:
+    """Every request needs the token: ``?token=...`` or ``Authorization: Bearer ...``."""
+
+    def __init__(self, app, token: str) -> None:
+        self.app, self.token = app, token
+
+    async def __call__(self, scope, receive, send) -> None:
+        if scope["type"] == "http":
+            from starlette.requests import Request
+            from starlette.responses import PlainTextResponse
+
+            request = Request(scope)
+            given = request.query_params.get("token") or request.headers.get("authorization", "").removeprefix("Bearer ")
+            if not secrets.compare_digest(given or "", self.token):
+                await PlainTextResponse("a token is required", status_code=401)(scope, receive, send)
+                return
+        await self.app(scope, receive, send)
+

@@ -1,0 +1,98 @@
+"""The live dashboard in a real browser (Debian's chromium, driven by Playwright)."""
+
+from __future__ import annotations
+
+import shutil
+import time
+import urllib.request
+
+import numpy as np
+import pytest
+
+from tests.conftest import REPO, free_port, need, noise, silence, tone, write_wav
+from tests.test_e2e import start_daemon, stop_daemon, write_config
+
+CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
+ARTIFACTS = REPO / "artifacts"
+
+
+def test_dashboard_shows_bars_events_and_try_it(tiny_clap, tmp_path):
+    need(shutil.which("chromium") is not None, "chromium is not installed (Debian package chromium)")
+    playwright = pytest.importorskip("playwright.sync_api", reason="playwright is not installed (pip install playwright)")
+    rate = 44100
+    beep = np.concatenate([silence(2.5, rate), tone(1000, 1.0, rate, -12), silence(1.0, rate), noise(1.5, rate, -20)])
+    write_wav(tmp_path / "clip.wav", np.concatenate([beep] * 6), rate)
+    write_wav(tmp_path / "upload.wav", tone(700, 2.0, rate, -10), rate)
+    port = free_port()
+    config = write_config(tmp_path, tiny_clap, "{id: rec, file: clip.wav, realtime: true}", free_port())
+    config.write_text(config.read_text() + f"http: {{bind: '127.0.0.1:{port}'}}\n"
+                      "clips: {enabled: true, dir: clips, pre_s: 0.5, post_s: 0.5}\n")
+    proc = start_daemon(config)
+    url = f"http://127.0.0.1:{port}/"
+    try:
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            try:
+                urllib.request.urlopen(url + "api/state", timeout=1)
+                break
+            except OSError:
+                assert proc.poll() is None, proc.communicate()[1][-3000:]
+                time.sleep(0.2)
+        with playwright.sync_playwright() as pw:
+            browser = pw.chromium.launch(executable_path=CHROMIUM, args=[
+                "--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
+                "--no-first-run", "--disable-sync"])
+            page = browser.new_page(viewport={"width": 1400, "height": 1000})
+            page.goto(url)
+            bars = page.locator('.source[data-source="rec"] .model[data-model="clap"] .bar')
+            bars.first.wait_for(timeout=30000)
+            first = page.locator('.source[data-source="rec"] .model[data-model="clap"] h4').inner_text()
+            page.wait_for_function(
+                "(before) => { const h = document.querySelector('.source[data-source=\"rec\"] .model[data-model=\"clap\"] h4');"
+                " return h && h.textContent !== before; }", arg=first, timeout=30000)  # the bars moved on with the stream
+            top_labels = set()
+            for _ in range(40):  # over a few seconds the top label changes between tone and noise
+                top_labels.add(bars.first.get_attribute("data-label"))
+                if {"tone", "noise"} <= top_labels:
+                    break
+                page.wait_for_timeout(250)
+            assert {"tone", "noise"} <= top_labels, top_labels
+            page.locator("#events li.onset").first.wait_for(timeout=30000)
+            page.locator("#events audio").first.wait_for(state="attached", timeout=30000)
+            assert page.locator("#connection").inner_text() == "live"
+            assert page.locator("canvas[data-timeline]").count() >= 1
+            page.set_input_files("#try-file", str(tmp_path / "upload.wav"))
+            page.fill("#try-labels", "tone, noise")
+            page.click("#try-submit")
+            result = page.locator("#try-result .bar")
+            result.nth(1).wait_for(timeout=60000)
+            scores = {result.nth(i).get_attribute("data-label"): float(result.nth(i).get_attribute("data-score")) for i in range(2)}
+            assert set(scores) == {"tone", "noise"} and abs(sum(scores.values()) - 1) < 1e-3 and scores["tone"] > 0.5
+            ARTIFACTS.mkdir(exist_ok=True)
+            page.screenshot(path=str(ARTIFACTS / "dashboard.png"), full_page=True)
+            browser.close()
+    finally:
+        code, _, err = stop_daemon(proc)
+    assert code == 0, err[-2000:]
+    assert (ARTIFACTS / "dashboard.png").stat().st_size > 10000
+
+
+def test_a_non_loopback_dashboard_needs_a_token_and_checks_it(tiny_clap, tmp_path):
+    from monitord.config import ConfigError, parse_config
+
+    base = f"sources: [{{id: a, device: default}}]\nmodels: {{clap: {{kind: clap, model: {tiny_clap}, labels: [a, b]}}}}\n"
+    with pytest.raises(ConfigError, match="http.bind: binds a non-loopback address"):
+        parse_config(base + "http: {bind: '0.0.0.0:8080'}\n", tmp_path)
+    parse_config(base + "http: {bind: '0.0.0.0:8080', token: 'a-long-enough-secret'}\n", tmp_path)
+    from starlette.testclient import TestClient
+
+    from monitord.dashboard import Dashboard
+
+    class FakeDaemon:  # the token gate needs no pipeline
+        config = parse_config(base, tmp_path)
+        models, clips = {}, None
+
+    client = TestClient(Dashboard(FakeDaemon(), "127.0.0.1:1", "a-long-enough-secret").app())
+    assert client.get("/api/state").status_code == 401
+    assert client.get("/api/state?token=wrong-wrong-wrong-wrong").status_code == 401
+    assert client.get("/api/state", headers={"Authorization": "Bearer a-long-enough-secret"}).status_code == 200
