@@ -85,11 +85,23 @@ class CascadeConfig(_Strict):
     """The window goes on when the best of ``labels`` reaches this."""
 
 
+class _ModelSettings(_Strict):
+    """What every model kind takes: batching, an optional cascade and an optional gate of its own."""
+
+    batch_max: int = Field(8, ge=1, le=4096)
+    """Windows per forward pass."""
+    batch_wait_ms: float = Field(20.0, ge=0.0, le=5000.0)
+    """How long the worker waits to fill a batch."""
+    gated_by: CascadeConfig | None = None
+    gate: GateConfig | None = None
+    """This model's own gate (e.g. speech for an emotion model); the source's gate when absent."""
+
+
 EMOTIONS = ("angry", "disgusted", "fearful", "happy", "neutral", "other", "sad", "surprised", "unknown")
 """The one emotion vocabulary every emotion checkpoint is mapped onto."""
 
 
-class ClapModelConfig(_Strict):
+class ClapModelConfig(_ModelSettings):
     kind: Literal["clap"] = "clap"
     model: str = DEFAULT_CLAP_MODEL
     """Hugging Face model id or local directory."""
@@ -97,11 +109,6 @@ class ClapModelConfig(_Strict):
     dtype: Literal["auto", "float32", "float16", "bfloat16"] = "auto"
     labels: tuple[str, ...] = Field(min_length=2)
     prompt: str = "This is a sound of {label}."
-    batch_max: int = Field(8, ge=1, le=512)
-    batch_wait_ms: float = Field(20.0, ge=0.0, le=5000.0)
-    gated_by: CascadeConfig | None = None
-    gate: GateConfig | None = None
-    """This model's own gate (e.g. speech for an emotion model); the source's gate when absent."""
 
     @field_validator("labels")
     @classmethod
@@ -126,7 +133,7 @@ class ClapModelConfig(_Strict):
         return prompt
 
 
-class YamnetModelConfig(_Strict):
+class YamnetModelConfig(_ModelSettings):
     """Google's YAMNet (TFLite classification export, 521 AudioSet classes) on CPU."""
 
     kind: Literal["yamnet"]
@@ -139,13 +146,10 @@ class YamnetModelConfig(_Strict):
     pool: Literal["max", "mean"] = "max"
     """How the 0.975 s frames inside a window are combined."""
     threads: int = Field(1, ge=1, le=64)
-    batch_max: int = Field(16, ge=1, le=512)
-    batch_wait_ms: float = Field(20.0, ge=0.0, le=5000.0)
-    gated_by: CascadeConfig | None = None
-    gate: GateConfig | None = None
+    batch_max: int = Field(16, ge=1, le=4096)
 
 
-class EmotionModelConfig(_Strict):
+class EmotionModelConfig(_ModelSettings):
     """Any AutoModelForAudioClassification speech-emotion checkpoint (wav2vec2 / HuBERT / WavLM style)."""
 
     kind: Literal["emotion"]
@@ -156,13 +160,9 @@ class EmotionModelConfig(_Strict):
     label_map: dict[str, str] = {}
     """Checkpoint label -> emotion (angry, disgusted, fearful, happy, neutral, other, sad, surprised,
     unknown), on top of the built-in aliases (ang, hap, neu, calm, ...); unmapped labels go to other."""
-    batch_max: int = Field(8, ge=1, le=512)
-    batch_wait_ms: float = Field(20.0, ge=0.0, le=5000.0)
-    gated_by: CascadeConfig | None = None
-    gate: GateConfig | None = None
 
 
-class AnomalyModelConfig(_Strict):
+class AnomalyModelConfig(_ModelSettings):
     """Machine health: distance of a window's embedding to enrolled normal ones (label ``anomaly``)."""
 
     kind: Literal["anomaly"]
@@ -174,8 +174,6 @@ class AnomalyModelConfig(_Strict):
     """Per-source banks (source id -> bank), over ``bank``."""
     batch_max: int = Field(64, ge=1, le=4096)
     batch_wait_ms: float = Field(0.0, ge=0.0, le=5000.0)
-    gated_by: CascadeConfig | None = None
-    gate: GateConfig | None = None
 
 
 MODEL_KINDS = ("clap", "yamnet", "emotion", "anomaly")

@@ -20,7 +20,7 @@ from pathlib import Path
 import numpy as np
 
 from monitord.config import AnomalyModelConfig
-from monitord.models.base import ModelUnavailable, Scores
+from monitord.models.base import ModelUnavailable, Scores, adopt_settings
 from monitord.windows import Window
 
 log = logging.getLogger(__name__)
@@ -90,11 +90,8 @@ class AnomalyDetector:
     sample_rate = 0  # works on embeddings, not audio
 
     def __init__(self, name: str, config: AnomalyModelConfig, embedder, window_seconds: float, hop_s: float):
-        self.name = name
+        adopt_settings(self, name, config)
         self.depends_on = config.embedding_model
-        self.batch_max = config.batch_max
-        self.batch_wait_ms = config.batch_wait_ms
-        self.gated_by = config.gated_by
         self.sample_rate = embedder.sample_rate
         paths = dict(config.banks)
         self.default_bank = Bank.load(config.bank) if config.bank else None

@@ -32,6 +32,14 @@ class Scores:
         return sorted(self.probabilities.items(), key=lambda kv: -kv[1])[:k]
 
 
+def adopt_settings(model: object, name: str, config: object) -> None:
+    """The settings every model kind carries over from its config entry."""
+    model.name = name
+    model.batch_max = config.batch_max
+    model.batch_wait_ms = config.batch_wait_ms
+    model.gated_by = config.gated_by
+
+
 class Model(Protocol):
     name: str
     model_id: str

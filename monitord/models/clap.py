@@ -17,7 +17,7 @@ from collections.abc import Sequence
 import numpy as np
 
 from monitord.config import ClapModelConfig
-from monitord.models.base import Scores
+from monitord.models.base import Scores, adopt_settings
 from monitord.models.clap_features import ClapFeatures
 from monitord.models.loading import choose_dtype, load_pretrained, pick_device
 from monitord.windows import Window
@@ -35,13 +35,10 @@ class ClapZeroShot:
         from transformers import ClapModel, ClapProcessor
 
         self._torch = torch
-        self.name = name
+        adopt_settings(self, name, config)
         self.model_id = config.model
         self.labels = config.labels
         self.prompt = config.prompt
-        self.batch_max = config.batch_max
-        self.batch_wait_ms = config.batch_wait_ms
-        self.gated_by = config.gated_by
         self.device = pick_device(config.device)
 
         self.processor = processor or load_pretrained(ClapProcessor, config.model, "CLAP processor")

@@ -18,7 +18,7 @@ from collections.abc import Sequence
 import numpy as np
 
 from monitord.config import EMOTIONS, EmotionModelConfig
-from monitord.models.base import Scores
+from monitord.models.base import Scores, adopt_settings
 from monitord.models.loading import choose_dtype, load_pretrained, pick_device
 from monitord.windows import Window
 
@@ -56,11 +56,8 @@ class EmotionClassifier:
         from transformers import AutoFeatureExtractor, AutoModelForAudioClassification
 
         self._torch = torch
-        self.name = name
+        adopt_settings(self, name, config)
         self.model_id = config.model
-        self.batch_max = config.batch_max
-        self.batch_wait_ms = config.batch_wait_ms
-        self.gated_by = config.gated_by
         self.device = pick_device(config.device)
         self.extractor = extractor or load_pretrained(AutoFeatureExtractor, config.model, "emotion feature extractor")
         self.model = (model or load_pretrained(AutoModelForAudioClassification, config.model, "emotion model")).to(self.device).eval()

@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 
 from monitord.config import YamnetModelConfig, yamnet_class_names
-from monitord.models.base import ModelUnavailable, Scores
+from monitord.models.base import ModelUnavailable, Scores, adopt_settings
 from monitord.windows import Window, window_starts
 
 log = logging.getLogger(__name__)
@@ -37,11 +37,8 @@ class YamnetClassifier:
     sample_rate = SAMPLE_RATE
 
     def __init__(self, name: str, config: YamnetModelConfig):
-        self.name = name
+        adopt_settings(self, name, config)
         self.model_id = config.model
-        self.batch_max = config.batch_max
-        self.batch_wait_ms = config.batch_wait_ms
-        self.gated_by = config.gated_by
         self.pool = config.pool
         self.classes = yamnet_class_names(config.class_map)
         self.groups = {group: [self.classes.index(c) for c in members] for group, members in config.groups.items()}
