@@ -17,7 +17,7 @@ import uuid
 import zmq
 
 from monitord.config import PublishConfig
-from monitord.eventlog import EventLog, last_seq_in as last_seq
+from monitord.eventlog import EventLog
 from monitord.events import Event
 
 log = logging.getLogger(__name__)

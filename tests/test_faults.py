@@ -3,7 +3,6 @@ overflows, bad audio files."""
 
 from __future__ import annotations
 
-import json
 import subprocess
 import time
 from types import SimpleNamespace

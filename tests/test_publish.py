@@ -9,8 +9,8 @@ import zmq
 
 from monitord.config import PublishConfig
 from monitord.events import SCHEMA, Event, iso_utc
-from monitord.eventlog import EventLog
-from monitord.publish import Publisher, PublishError, last_seq
+from monitord.eventlog import EventLog, last_seq_in
+from monitord.publish import Publisher, PublishError
 from tests.conftest import free_port
 
 
@@ -41,7 +41,7 @@ def test_seq_continues_across_restarts_and_survives_a_torn_line(tmp_path):
     p.close()
     with log.open("ab") as f:
         f.write(b'{"schema":"monitord.event/1","seq":4,"kin')  # a crash in the middle of a line
-    assert last_seq(log) == 3
+    assert last_seq_in(log) == 3
     p = Publisher(config, zmq.Context())
     p.start()
     assert p.publish(status()).seq == 4
