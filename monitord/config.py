@@ -28,7 +28,10 @@ class _Strict(BaseModel):
 class GateConfig(_Strict):
     """Which windows are worth scoring."""
 
-    mode: Literal["energy", "speech", "always"] = "energy"
+    mode: Literal["energy", "speech", "periodic", "always"] = "energy"
+    """energy: sound above the threshold (or an onset); speech: that and a share of speech frames;
+    periodic: sound, sampled once every ``every_s`` unless an onset comes first (steady machines);
+    always: every window."""
     threshold_dbfs: float = Field(-50.0, ge=-120.0, le=0.0)
     onset_db: float = Field(10.0, gt=0.0, le=60.0)
     """A 20 ms frame this much louder than the window's median frame counts as an onset."""
@@ -40,6 +43,8 @@ class GateConfig(_Strict):
     """silero: speech probability above which a 32 ms frame counts as speech."""
     vad_aggressiveness: int = Field(2, ge=0, le=3)
     """webrtc: its mode, 0-3."""
+    every_s: float = Field(10.0, gt=0.0, le=86400.0)
+    """periodic: seconds of stream time between sampled windows."""
 
 
 class SourceConfig(_Strict):

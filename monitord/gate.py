@@ -93,19 +93,25 @@ def measure(samples: np.ndarray, sample_rate: int, non_finite: int = 0, dc_offse
 
 def energy_passes(facts: WindowFacts, gate: GateConfig) -> bool:
     """Loud enough over the window, or one 20 ms frame jumps out of it (a bang)."""
-    if facts.rms_dbfs >= gate.threshold_dbfs:
-        return True
+    return facts.rms_dbfs >= gate.threshold_dbfs or is_onset(facts, gate)
+
+
+def is_onset(facts: WindowFacts, gate: GateConfig) -> bool:
+    """One 20 ms frame above the threshold and ``onset_db`` above the window's median frame."""
     return facts.peak_frame_dbfs >= gate.threshold_dbfs and facts.peak_frame_dbfs - facts.median_frame_dbfs >= gate.onset_db
 
 
-def decide(facts: WindowFacts, gate: GateConfig) -> bool:
-    """The gate's verdict; speech mode needs speech_ratio to have been measured."""
+def decide(facts: WindowFacts, gate: GateConfig, since_last_pass_s: float | None = None) -> bool:
+    """The gate's verdict; speech mode needs speech_ratio measured, periodic mode the stream time
+    since the last window it passed (None: none yet)."""
     if gate.mode == "always":
         return True
     if not energy_passes(facts, gate):
         return False
     if gate.mode == "energy":
         return True
+    if gate.mode == "periodic":
+        return since_last_pass_s is None or since_last_pass_s >= gate.every_s or is_onset(facts, gate)
     return facts.speech_ratio is not None and facts.speech_ratio >= gate.speech_ratio
 
 
@@ -166,16 +172,21 @@ class Gate:
     def __init__(self, config: GateConfig):
         self.config = config
         self._speech = speech_meter(config) if config.mode == "speech" else None
+        self._last_pass_t: float | None = None  # periodic mode: stream time of the last window passed
 
-    def inspect(self, raw: np.ndarray, sample_rate: int) -> tuple[np.ndarray, WindowFacts, bool]:
-        """Clean the window, measure it, and say whether it passes."""
+    def inspect(self, raw: np.ndarray, sample_rate: int, t: float = 0.0) -> tuple[np.ndarray, WindowFacts, bool]:
+        """Clean the window (starting at stream time ``t``), measure it, and say whether it passes."""
         samples, non_finite, dc = clean(raw)
-        facts, passed = self.judge(samples, sample_rate, measure(samples, sample_rate, non_finite, dc))
+        facts, passed = self.judge(samples, sample_rate, measure(samples, sample_rate, non_finite, dc), t)
         return samples, facts, passed
 
-    def judge(self, samples: np.ndarray, sample_rate: int, facts: WindowFacts) -> tuple[WindowFacts, bool]:
+    def judge(self, samples: np.ndarray, sample_rate: int, facts: WindowFacts, t: float = 0.0) -> tuple[WindowFacts, bool]:
         """This gate's verdict on a cleaned, measured window (measuring speech if it needs to)."""
         if self._speech is not None and facts.speech_ratio is None and energy_passes(facts, self.config):
             facts = replace(facts, speech_ratio=self._speech(samples, sample_rate))
-        return facts, decide(facts, self.config)
+        since = None if self._last_pass_t is None else t - self._last_pass_t
+        passed = decide(facts, self.config, since)
+        if passed and self.config.mode == "periodic":
+            self._last_pass_t = t
+        return facts, passed
 

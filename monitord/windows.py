@@ -120,10 +120,11 @@ class WindowCutter:
         valid = min(len(raw), self.length)
         if len(raw) < self.length:
             raw = np.pad(raw, (0, self.length - len(raw)))
-        samples, facts, source_passed = self.gate.inspect(raw[: self.length], self.sample_rate)
+        t = start_index / self.sample_rate
+        samples, facts, source_passed = self.gate.inspect(raw[: self.length], self.sample_rate, t)
         model_passed = {}
         for name, gate in self.model_gates.items():
-            facts, model_passed[name] = gate.judge(samples, self.sample_rate, facts)
+            facts, model_passed[name] = gate.judge(samples, self.sample_rate, facts, t)
         passed = source_passed or any(model_passed.values())
         window = Window(self.source, start_index, self.sample_rate, samples, valid, wall_start, ready_at, facts,
                         passed, model_passed=model_passed, source_passed=source_passed)

@@ -73,3 +73,20 @@ def test_espeak_speech_passes_speech_mode(tmp_path):
     gate = Gate(GateConfig(mode="speech", threshold_dbfs=-50))
     _, facts, passed = gate.inspect(window, rate)
     assert passed and facts.speech_ratio is not None and facts.speech_ratio >= 0.5
+
+
+def test_periodic_mode_samples_a_steady_sound_and_lets_onsets_through():
+    from monitord.config import WindowConfig
+    from monitord.windows import WindowCutter, window_starts
+
+    rate = 16000
+    steady = tone(120, 30.0, rate, dbfs=-20) + noise(30.0, rate, -40)
+    bang = noise(0.03, rate, -3, seed=9)
+    at = int(17.2 * rate)
+    steady[at : at + bang.size] += bang
+    cutter = WindowCutter("m", rate, WindowConfig(seconds=2.0, hop_s=0.5), GateConfig(mode="periodic", every_s=5.0, threshold_dbfs=-50), [])
+    passed = [w.stream_start for w in (cutter.cut(steady[s : s + 2 * rate], s, 0, 0) for s in window_starts(len(steady), 2 * rate, rate // 2)) if w.passed]
+    # one window every 5 s of a steady hum; every window holding the bang at 17.2 s at once; then every 5 s again
+    assert passed == [0.0, 5.0, 10.0, 15.0, 15.5, 16.0, 16.5, 17.0, 22.0, 27.0]
+    quiet = WindowCutter("q", rate, WindowConfig(), GateConfig(mode="periodic", threshold_dbfs=-50), [])
+    assert not quiet.cut(silence(2.0, rate), 0, 0, 0).passed  # silence is never sampled
