@@ -173,6 +173,9 @@ class Gate:
         self.config = config
         self._speech = speech_meter(config) if config.mode == "speech" else None
         self._last_pass_t: float | None = None  # periodic mode: stream time of the last window passed
+        self.sampled_out = False
+        """Whether the last window judged had sound but was skipped by periodic sampling: not quiet,
+        just not scored, so alerts should neither start nor end on it."""
 
     def inspect(self, raw: np.ndarray, sample_rate: int, t: float = 0.0) -> tuple[np.ndarray, WindowFacts, bool]:
         """Clean the window (starting at stream time ``t``), measure it, and say whether it passes."""
@@ -186,7 +189,9 @@ class Gate:
             facts = replace(facts, speech_ratio=self._speech(samples, sample_rate))
         since = None if self._last_pass_t is None else t - self._last_pass_t
         passed = decide(facts, self.config, since)
-        if passed and self.config.mode == "periodic":
+        periodic = self.config.mode == "periodic"
+        if passed and periodic:
             self._last_pass_t = t
+        self.sampled_out = periodic and not passed and energy_passes(facts, self.config)
         return facts, passed
 

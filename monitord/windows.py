@@ -41,6 +41,9 @@ class Window:
     model_passed: dict[str, bool] = field(default_factory=dict)
     """Verdicts of models that have their own gate; the others follow the source's gate."""
     source_passed: bool = True
+    sampled_out: frozenset[str] = frozenset()
+    """Models ("*" for the source gate) that skipped this sounding window by periodic sampling:
+    their rules neither start nor end on it."""
     embeddings: dict[str, np.ndarray] = field(default_factory=dict)
     """Embeddings models produced for this window (model name -> vector), for models that build on them."""
 
@@ -54,6 +57,11 @@ class Window:
 
     def passes(self, model: str) -> bool:
         return self.model_passed.get(model, self.source_passed)
+
+    def unsampled(self, model: str | None) -> bool:
+        """Skipped by periodic sampling (for ``model``, or for the source when None): not a quiet window."""
+        gate = model if model is not None and model in self.model_passed else "*"
+        return gate in self.sampled_out
 
     def at_rate(self, sample_rate: int) -> np.ndarray:
         """The samples at another rate (soxr, high quality); computed once per rate."""
@@ -122,12 +130,15 @@ class WindowCutter:
             raw = np.pad(raw, (0, self.length - len(raw)))
         t = start_index / self.sample_rate
         samples, facts, source_passed = self.gate.inspect(raw[: self.length], self.sample_rate, t)
+        sampled_out = {"*"} if self.gate.sampled_out else set()
         model_passed = {}
         for name, gate in self.model_gates.items():
             facts, model_passed[name] = gate.judge(samples, self.sample_rate, facts, t)
+            if gate.sampled_out:
+                sampled_out.add(name)
         passed = source_passed or any(model_passed.values())
         window = Window(self.source, start_index, self.sample_rate, samples, valid, wall_start, ready_at, facts,
-                        passed, model_passed=model_passed, source_passed=source_passed)
+                        passed, model_passed=model_passed, source_passed=source_passed, sampled_out=frozenset(sampled_out))
         if passed:
             for rate in self.model_rates:  # resample here, on the source's thread, not the model worker's
                 window.at_rate(rate)

@@ -147,12 +147,14 @@ class ModelWorker:
                     scores.window.embeddings[model.name] = scores.embedding
         for window in batch:
             if not window.passed:
-                self.on_quiet(window, None)
+                if not window.unsampled(None):
+                    self.on_quiet(window, None)
                 continue
             for scores in results[id(window)].values():
                 self.on_scores(scores)
             for model_name in skipped.get(id(window), ()):
-                self.on_quiet(window, model_name)
+                if not window.unsampled(model_name):
+                    self.on_quiet(window, model_name)
 
     def _score(self, model: Model, windows: list[Window]) -> list[Scores]:
         out: list[Scores] = []

@@ -90,3 +90,26 @@ def test_periodic_mode_samples_a_steady_sound_and_lets_onsets_through():
     assert passed == [0.0, 5.0, 10.0, 15.0, 15.5, 16.0, 16.5, 17.0, 22.0, 27.0]
     quiet = WindowCutter("q", rate, WindowConfig(), GateConfig(mode="periodic", threshold_dbfs=-50), [])
     assert not quiet.cut(silence(2.0, rate), 0, 0, 0).passed  # silence is never sampled
+
+
+def test_windows_skipped_by_periodic_sampling_neither_start_nor_end_alerts():
+    from monitord.alerts import AlertEngine
+    from monitord.config import RuleConfig, WindowConfig
+    from monitord.windows import WindowCutter, window_starts
+    from monitord.windowqueue import WindowQueue
+    from monitord.worker import ModelWorker
+    from tests.test_faults import ScriptedModel
+
+    rate = 16000
+    audio = tone(120, 20.0, rate, dbfs=-20)  # a steady machine: every scored window says "tone"
+    cutter = WindowCutter("m", rate, WindowConfig(seconds=2.0, hop_s=0.5), GateConfig(mode="periodic", every_s=5.0, threshold_dbfs=-50), [rate])
+    windows = [cutter.cut(audio[s : s + 2 * rate], s, 0, 0) for s in window_starts(len(audio), 2 * rate, rate // 2)]
+    engine = AlertEngine((RuleConfig(id="hum", model="clap", label="tone", threshold=0.5, min_windows=2, of_windows=3),))
+    phases = []
+    worker = ModelWorker(WindowQueue(1), [ScriptedModel()],
+                         on_scores=lambda s: phases.extend(p for _, p, _ in engine.observe("clap", "m", s.probabilities, s.window.stream_end)),
+                         on_error=lambda *a: None,
+                         on_quiet=lambda w, m: phases.extend(p for _, p, _ in engine.observe_quiet("m", w.stream_end, m)))
+    worker.process(windows)
+    assert sum(w.passed for w in windows) == 4 and all(w.unsampled(None) for w in windows if not w.passed)
+    assert phases == ["onset"]  # two sampled windows 5 s apart make the 2-of-3, and the skipped ones end nothing
