@@ -16,7 +16,7 @@ from monitord.capture import DeviceSource, FileSource, open_source
 from monitord.config import Config
 from monitord.events import Event, iso_utc
 from monitord.models import Model, Scores, build_model
-from monitord.publish import Publisher
+from monitord.publish import Publisher, PublishError
 from monitord.ringbuffer import RingBuffer
 from monitord.sdnotify import Watchdog
 from monitord.windowqueue import WindowQueue
@@ -86,24 +86,18 @@ class Daemon:
     # lifecycle
 
     def start(self) -> None:
-        """Open the publisher and every source; raises SourceError/PublishError before capturing anything."""
+        """Open the sockets and servers, then every source; raises SourceError/PublishError (with the
+        key to fix) before capturing anything, having closed what it had opened."""
         self.publisher.start()
         try:
+            self._start_servers()
             self.sources = [open_source(s, self.config.pipeline.ring_seconds, self._on_status) for s in self.config.sources]
         except Exception:
-            self.publisher.close()
+            self._close_servers()
             raise
         self._rings = {source.id: source.ring for source in self.sources}
-        if self.metrics is not None:
-            self.metrics.serve(self.config.metrics.bind)
         if self.clips is not None:
             self.clips.start()
-        if self.config.http.bind:
-            from monitord.dashboard import Dashboard
-
-            self.dashboard = Dashboard(self, self.config.http.bind, self.config.http.token)
-            self.publisher.listeners.append(self.dashboard.on_event)
-            self.dashboard.start()
         rates = {model.sample_rate for model in self.models.values()}
         for source in self.sources:
             cutter = WindowCutter(source.id, source.sample_rate, self.config.window, self.config.gate_for(source.config), rates,
@@ -116,6 +110,30 @@ class Daemon:
             windower.start()
         for source in self.sources:
             source.start()
+
+    def _start_servers(self) -> None:
+        if self.metrics is not None:
+            try:
+                self.metrics.serve(self.config.metrics.bind)
+            except OSError as exc:
+                raise PublishError(f"metrics.bind: cannot serve on {self.config.metrics.bind}: {exc.strerror or exc}") from None
+        if self.config.http.bind:
+            from monitord.dashboard import Dashboard
+
+            self.dashboard = Dashboard(self, self.config.http.bind, self.config.http.token)
+            try:
+                self.dashboard.start()
+            except OSError as exc:
+                self.dashboard = None
+                raise PublishError(f"http.bind: cannot serve on {self.config.http.bind}: {exc.strerror or exc}") from None
+            self.publisher.listeners.append(self.dashboard.on_event)
+
+    def _close_servers(self) -> None:
+        if self.dashboard is not None:
+            self.dashboard.stop()
+        if self.metrics is not None:
+            self.metrics.close()
+        self.publisher.close()
 
     def healthy(self, max_age_s: float) -> bool:
         """The pipeline is moving: the worker came back to its queue within ``max_age_s`` and no
@@ -152,11 +170,7 @@ class Daemon:
             log.warning("model worker still busy after %.1f s; exiting without it", timeout + 5.0)
         if self.clips is not None:
             self.clips.stop()
-        if self.dashboard is not None:
-            self.dashboard.stop()
-        self.publisher.close()
-        if self.metrics is not None:
-            self.metrics.close()
+        self._close_servers()
         log.info(
             "stopped: %d windows scored, %d events published, dropped per source %s",
             self.worker.stats.windows,

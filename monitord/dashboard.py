@@ -192,10 +192,23 @@ class Dashboard:
         }
 
     def start(self) -> None:
+        """Serve in a thread of its own; OSError when the address cannot be bound."""
+        import socket
+
         import uvicorn
 
-        config = uvicorn.Config(self.app(), host=self.host, port=self.port, log_level="warning", lifespan="off")
+        family = socket.AF_INET6 if ":" in self.host else socket.AF_INET
+        sock = socket.socket(family, socket.SOCK_STREAM)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            sock.bind((self.host, self.port))
+        except OSError:
+            sock.close()
+            raise
+        sock.listen(128)
+        config = uvicorn.Config(self.app(), log_level="warning", lifespan="off")
         self._server = uvicorn.Server(config)
+        self._socket = sock
         ready = threading.Event()
 
         def run() -> None:
@@ -203,7 +216,7 @@ class Dashboard:
             asyncio.set_event_loop(loop)
             self.broadcaster.loop = loop
             ready.set()
-            loop.run_until_complete(self._server.serve())
+            loop.run_until_complete(self._server.serve(sockets=[self._socket]))
             loop.close()
 
         self._thread = threading.Thread(target=run, name="dashboard", daemon=True)
@@ -216,6 +229,7 @@ class Dashboard:
             self._server.should_exit = True
             self._thread.join(5)
             self._server = None
+            self._socket.close()
 
 
 class TokenGate:

@@ -96,3 +96,25 @@ def test_a_non_loopback_dashboard_needs_a_token_and_checks_it(tiny_clap, tmp_pat
     assert client.get("/api/state").status_code == 401
     assert client.get("/api/state?token=wrong-wrong-wrong-wrong").status_code == 401
     assert client.get("/api/state", headers={"Authorization": "Bearer a-long-enough-secret"}).status_code == 200
+
+
+def test_busy_dashboard_or_metrics_ports_are_clear_errors(tiny_clap, tmp_path):
+    import socket
+    import subprocess
+
+    from tests.conftest import monitord_cmd
+
+    write_wav(tmp_path / "clip.wav", tone(500, 1.0, 16000), 16000)
+    busy = socket.socket()
+    busy.bind(("127.0.0.1", 0))
+    busy.listen(1)
+    port = busy.getsockname()[1]
+    try:
+        for key in ("http", "metrics"):
+            config = write_config(tmp_path, tiny_clap, "{id: rec, file: clip.wav}", free_port())
+            config.write_text(config.read_text() + f"{key}: {{bind: '127.0.0.1:{port}'}}\n")
+            out = subprocess.run(monitord_cmd("run", "-c", str(config), "--until-done"), cwd=REPO, capture_output=True, text=True, timeout=120)
+            assert out.returncode == 2 and f"{key}.bind: cannot serve on 127.0.0.1:{port}" in out.stderr, out.stderr[-2000:]
+            assert "Traceback" not in out.stderr
+    finally:
+        busy.close()
