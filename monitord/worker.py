@@ -10,6 +10,7 @@ from collections import Counter
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
+from monitord.config import CascadeConfig
 from monitord.models.base import Model, Scores
 from monitord.windowqueue import WindowQueue
 from monitord.windows import Window
@@ -37,7 +38,7 @@ def cascade_order(models: Sequence[Model]) -> list[Model]:
     return sorted(models, key=lambda m: (getattr(m, "depends_on", None) is not None, m.gated_by is not None))
 
 
-def cascade_passes(scores: Scores, cascade) -> bool:
+def cascade_passes(scores: Scores, cascade: CascadeConfig) -> bool:
     return max(scores.probabilities.get(label, 0.0) for label in cascade.labels) >= cascade.threshold
 
 

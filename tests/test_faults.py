@@ -36,7 +36,7 @@ def status_is(name: str, after_seq: int = 0):
 def test_overflow_flags_are_counted_in_the_callback():
     writer = BlockWriter(RingBuffer(4800, 48000), channels=2)
     block = np.ones((480, 2), dtype=np.float32)
-    writer(block, 480, None, SimpleNamespace(input_overflow=True, input_underflow=False, __bool__=lambda self: True))
+    writer(block, 480, None, SimpleNamespace(input_overflow=True, input_underflow=False))  # a CallbackFlags stand-in
     writer(block, 480, None, None)
     assert writer.stats.input_overflows == 1 and writer.stats.blocks == 2 and writer.ring.written == 960
 
@@ -74,7 +74,7 @@ def test_a_restarted_sound_server_is_reconnected_and_the_gap_recorded(tiny_clap,
     # silence stands in for the outage, so stream time kept pace with the wall clock
     drift = (second["stream_end"] - first["stream_end"]) - (second_play - first_play)
     print(f"stream vs wall clock across the outage: {drift:+.2f} s")
-    assert abs(drift) < 1.0
+    assert abs(drift) < 1.2  # hop quantisation (0.5 s) and sound-server latency; an unfilled outage is 2-4 s
 
 
 def test_a_missing_device_lists_devices_or_is_retried(tiny_clap, tmp_path):
