@@ -152,15 +152,15 @@ class DeviceSource:
         self.sample_rate = config.sample_rate or DEFAULT_DEVICE_RATE
         self.device: dict[str, Any] | None = None
         self._stream = None
+        self.ring = RingBuffer(int(ring_seconds * self.sample_rate), self.sample_rate)
+        self.writer = BlockWriter(self.ring, config.channels, config.blocksize)  # the stream's callback itself
+        self.stats = self.writer.stats
         try:
             self._open()
         except SourceError:
             if not config.retry:
                 raise
             log.warning("source %s: device not available yet; retrying (retry: true)", self.id)
-        self.ring = RingBuffer(int(ring_seconds * self.sample_rate), self.sample_rate)
-        self.writer = BlockWriter(self.ring, config.channels, config.blocksize)
-        self.stats = self.writer.stats
         self.on_status = on_status
         self.waits_for_worker = False
         self.reconnects = 0
@@ -184,7 +184,7 @@ class DeviceSource:
                 samplerate=self.sample_rate,
                 dtype="float32",
                 blocksize=self.config.blocksize,
-                callback=self._callback,
+                callback=self.writer,
                 finished_callback=self._finished,
             )
         except (sd.PortAudioError, ValueError) as exc:
@@ -192,9 +192,6 @@ class DeviceSource:
                 f"cannot open input device {self.device['index']} ({self.device['name']}) at "
                 f"{self.sample_rate} Hz with {self.channels} channel(s): {exc}"
             ) from None
-
-    def _callback(self, indata: np.ndarray, frames: int, time_info: Any, status: Any) -> None:
-        self.writer(indata, frames, time_info, status)
 
     def _finished(self) -> None:
         self._finished_flag.set()

@@ -277,14 +277,15 @@ class Daemon:
 
     def _scores_event(self, scores: Scores) -> Event:
         window = scores.window
+        (label, score), = scores.top(1)
         return Event(
             kind="scores",
             source=window.source,
             time=iso_utc(window.wall_start),
             host=self.host,
-            label=scores.top(1)[0][0],
-            score=round(scores.top(1)[0][1], 6),
-            scores=event_scores(scores.probabilities, scores.top(1)[0][0]),
+            label=label,
+            score=round(score, 6),
+            scores=event_scores(scores.probabilities, label),
             model=scores.model_id,
             model_name=scores.model,
             stream_start=round(window.stream_start, 6),

@@ -86,21 +86,21 @@ class EventLog:
         self.open()
 
     def read_since(self, seq: int, limit: int) -> tuple[list[bytes], int | None]:
-        """Up to ``limit`` logged events with a seq above ``seq``, in order, and the oldest seq still kept."""
+        """Up to ``limit`` logged events with a seq above ``seq``, in order, and the oldest seq still kept.
+        Files that end at or before ``seq`` are not read (their last line tells, from the tail)."""
         out: list[bytes] = []
-        oldest: int | None = None
-        for path in self.files():
+        files = self.files()
+        oldest = _first_seq(files[0]) if files else None
+        for path in files:
+            if last_seq_in(path) <= seq:
+                continue
             try:
                 with path.open("rb") as f:
                     for line in f:
                         if not line.endswith(b"\n"):
                             break  # being written right now
-                        try:
-                            event_seq = int(json.loads(line)["seq"])
-                        except (ValueError, KeyError, TypeError):
-                            continue
-                        oldest = event_seq if oldest is None else oldest
-                        if event_seq > seq:
+                        event_seq = _seq_of(line)
+                        if event_seq is not None and event_seq > seq:
                             out.append(line.rstrip(b"\n"))
                             if len(out) >= limit:
                                 return out, oldest
@@ -114,6 +114,25 @@ class EventLog:
             os.fsync(self._file.fileno())
             self._file.close()
             self._file = None
+
+
+def _seq_of(line: bytes) -> int | None:
+    try:
+        return int(json.loads(line)["seq"])
+    except (ValueError, KeyError, TypeError):
+        return None
+
+
+def _first_seq(path: Path) -> int | None:
+    try:
+        with path.open("rb") as f:
+            for line in f:
+                seq = _seq_of(line)
+                if seq is not None:
+                    return seq
+    except FileNotFoundError:
+        pass
+    return None
 
 
 def _ends_with_newline(path: Path) -> bool:

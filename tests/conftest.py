@@ -49,6 +49,15 @@ def write_wav(path: Path, samples: np.ndarray, rate: int) -> Path:
     return path
 
 
+def config_problems(text: str, base_dir: Path) -> list[str]:
+    """The problems a config text is refused with (fails if it is accepted)."""
+    from monitord.config import ConfigError, parse_config
+
+    with pytest.raises(ConfigError) as info:
+        parse_config(text, base_dir)
+    return [str(p) for p in info.value.problems]
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

@@ -18,7 +18,11 @@ ARTIFACTS = REPO / "artifacts"
 
 def test_dashboard_shows_bars_events_and_try_it(tiny_clap, tmp_path):
     need(shutil.which("chromium") is not None, "chromium is not installed (Debian package chromium)")
-    playwright = pytest.importorskip("playwright.sync_api", reason="playwright is not installed (pip install playwright)")
+    try:
+        import playwright.sync_api as playwright
+    except ImportError:
+        playwright = None
+    need(playwright is not None, "playwright is not installed (pip install playwright)")
     rate = 44100
     beep = np.concatenate([silence(2.5, rate), tone(1000, 1.0, rate, -12), silence(1.0, rate), noise(1.5, rate, -20)])
     write_wav(tmp_path / "clip.wav", np.concatenate([beep] * 6), rate)

@@ -7,6 +7,7 @@ import signal
 import subprocess
 import threading
 import time
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -98,6 +99,29 @@ def stop_daemon(proc: subprocess.Popen) -> tuple[int, float, str]:
     return proc.returncode, time.monotonic() - began, err
 
 
+class Run:
+    """A daemon process with a subscriber on its endpoint; code, took and err are set once it stopped."""
+
+    def __init__(self, proc: subprocess.Popen, sub: Subscriber):
+        self.proc, self.sub = proc, sub
+        self.code: int | None = None
+        self.took = 0.0
+        self.err = ""
+
+
+@contextmanager
+def subscribed_daemon(config: Path, port: int, env: dict | None = None):
+    """Subscribe first (so nothing published after the bind is missed), start `monitord run`,
+    and on leaving stop it with SIGTERM and close the subscriber."""
+    run = Run(None, Subscriber(f"tcp://127.0.0.1:{port}"))
+    run.proc = start_daemon(config, env)
+    try:
+        yield run
+    finally:
+        run.code, run.took, run.err = stop_daemon(run.proc)
+        run.sub.close()
+
+
 def read_log(path: Path) -> list[dict]:
     return [json.loads(line) for line in path.read_text().splitlines()]
 
@@ -114,13 +138,9 @@ def test_file_source_end_to_end(tiny_clap, tmp_path):
     write_wav(tmp_path / "clip.wav", audio, RATE)
     port = free_port()
     config = write_config(tmp_path, tiny_clap, "{id: rec, file: clip.wav, realtime: true}", port)
-    sub = Subscriber(f"tcp://127.0.0.1:{port}")
-    proc = start_daemon(config)
-    try:
-        finished = sub.wait_for(is_alert("noise", "offset"), timeout=60)
-    finally:
-        code, took, err = stop_daemon(proc)
-        sub.close()
+    with subscribed_daemon(config, port) as run:
+        finished = run.sub.wait_for(is_alert("noise", "offset"), timeout=60)
+    sub, code, took, err = run.sub, run.code, run.took, run.err
     assert finished, err[-3000:]
     assert code == 0 and took < 5.0, (code, took, err[-2000:])
     assert "Traceback" not in err
@@ -173,21 +193,17 @@ def test_null_sink_device_end_to_end(tiny_clap, tmp_path, sound_server):
     write_wav(tmp_path / "tone.wav", np.concatenate([tone(1000, 1.5, 48000, -12), silence(0.5, 48000)]), 48000)
     port = free_port()
     config = write_config(tmp_path, tiny_clap, "{id: mic, device: default, sample_rate: 48000}", port)
-    sub = Subscriber(f"tcp://127.0.0.1:{port}")
-    proc = start_daemon(config, sound_server)
     log = tmp_path / "events.jsonl"
-    try:
+    with subscribed_daemon(config, port, sound_server) as run:
         deadline = time.monotonic() + 60
         while time.monotonic() < deadline and not (log.exists() and '"status":"up"' in log.read_text()):
-            assert proc.poll() is None, proc.communicate()[1][-3000:]
+            assert run.proc.poll() is None, run.proc.communicate()[1][-3000:]
             time.sleep(0.1)
         time.sleep(1.0)
         played_from = max(e["stream_end"] or 0 for e in read_log(log)) if log.exists() else 0
         assert play(tmp_path / "tone.wav", sound_server).wait(timeout=15) == 0
-        got = sub.wait_for(is_alert("tone", "onset"), timeout=20)
-    finally:
-        code, took, err = stop_daemon(proc)
-        sub.close()
+        got = run.sub.wait_for(is_alert("tone", "onset"), timeout=20)
+    sub, code, took, err = run.sub, run.code, run.took, run.err
     assert got, err[-3000:]
     assert code == 0 and took < 5.0 and "Traceback" not in err
     onset = next(e for e in sub.events if is_alert("tone", "onset")(e))
@@ -202,19 +218,15 @@ def test_sighup_reloads_rules_without_stopping_capture(tiny_clap, tmp_path):
     port = free_port()
     config = write_config(tmp_path, tiny_clap, "{id: rec, file: clip.wav, realtime: true}", port)
     original = config.read_text()
-    sub = Subscriber(f"tcp://127.0.0.1:{port}")
-    proc = start_daemon(config)
-    try:
-        assert sub.wait_for(is_alert("tone", "onset"), timeout=60)
+    with subscribed_daemon(config, port) as run:
+        assert run.sub.wait_for(is_alert("tone", "onset"), timeout=60)
         config.write_text(original.replace("label: tone, threshold: 0.6", "label: tonne, threshold: 0.6"))
-        proc.send_signal(signal.SIGHUP)  # invalid: refused, the old rules keep running
+        run.proc.send_signal(signal.SIGHUP)  # invalid: refused, the old rules keep running
         time.sleep(0.5)
         config.write_text(original.replace("{id: tone,", "{id: beep,"))
-        proc.send_signal(signal.SIGHUP)
-        got_new_rule = sub.wait_for(is_alert("beep", "onset"), timeout=30)
-    finally:
-        code, _, err = stop_daemon(proc)
-        sub.close()
+        run.proc.send_signal(signal.SIGHUP)
+        got_new_rule = run.sub.wait_for(is_alert("beep", "onset"), timeout=30)
+    code, err = run.code, run.err
     assert got_new_rule and code == 0, err[-3000:]
     assert "rules.0.label: 'tonne' is not a label" in err and "reload refused" in err
     alerts = [e for e in read_log(tmp_path / "events.jsonl") if e["kind"] == "alert" and e["phase"] == "onset"]

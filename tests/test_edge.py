@@ -11,12 +11,12 @@ import pytest
 import soundfile as sf
 
 from monitord.capture import FileSource
-from monitord.config import ConfigError, GateConfig, SourceConfig, WindowConfig, YamnetModelConfig, parse_config
+from monitord.config import GateConfig, SourceConfig, WindowConfig, YamnetModelConfig, parse_config
 from monitord.gate import Gate
 from monitord.models import ModelUnavailable
 from monitord.models.yamnet import YamnetClassifier
 from monitord.windows import WindowCutter, Windower
-from tests.conftest import AUDIO, YAMNET, free_port, shared_path, silence, tone, write_wav
+from tests.conftest import config_problems, AUDIO, YAMNET, free_port, shared_path, silence, tone, write_wav
 
 RAVDESS = sorted(AUDIO.glob("speech_*/*.wav"))
 GROUPS = {"cat": ("Cat", "Meow", "Caterwaul", "Purr"), "crowd": ("Crowd", "Cheering", "Applause")}
@@ -77,9 +77,7 @@ models:
 rules:
   - {id: g, model: yam, label: Glas, threshold: 0.3}
 """
-    with pytest.raises(ConfigError) as info:
-        parse_config(text, tmp_path)
-    found = [str(p) for p in info.value.problems]
+    found = config_problems(text, tmp_path)
     assert any(p.startswith("models.yam.groups.glass.1: 'Shatterr' is not a class of model 'yam'; did you mean 'Shatter'?") for p in found), found
     assert any(p.startswith("rules.0.label: 'Glas' is not a label of model 'yam'; did you mean 'Glass'?") for p in found), found
 
@@ -95,7 +93,7 @@ def mix(seconds_of_silence: float, clip, rate_hint: int = 44100):
 
 
 def test_group_rule_fires_over_zeromq_at_the_right_stream_time(tmp_path):
-    from tests.test_e2e import Subscriber, is_alert, read_log, start_daemon, stop_daemon
+    from tests.test_e2e import is_alert, read_log, subscribed_daemon
 
     clip = shared_path(AUDIO / "cat" / "esc50_cat_3-95694-A-5.wav")
     audio, rate = mix(5.0, clip)
@@ -112,13 +110,9 @@ rules:
   - {{id: cat, model: yam, label: cat, threshold: 0.3, release: 0.2}}
 publish: {{endpoint: "tcp://127.0.0.1:{port}", event_log: events.jsonl}}
 """)
-    sub = Subscriber(f"tcp://127.0.0.1:{port}")
-    proc = start_daemon(config)
-    try:
-        got = sub.wait_for(is_alert("cat", "onset"), timeout=60)
-    finally:
-        code, _, err = stop_daemon(proc)
-        sub.close()
+    with subscribed_daemon(config, port) as run:
+        got = run.sub.wait_for(is_alert("cat", "onset"), timeout=60)
+    sub, code, err = run.sub, run.code, run.err
     assert got and code == 0, err[-3000:]
     onset = next(e for e in sub.events if is_alert("cat", "onset")(e))
     clip_start = 5.0 + first_sound(clip)

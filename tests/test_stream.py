@@ -87,7 +87,7 @@ def test_the_esports_preset_runs_against_a_local_stream(tiny_clap, tiny_emotion,
     import yaml
 
     from tests.conftest import REPO
-    from tests.test_e2e import Subscriber
+    from tests.test_e2e import subscribed_daemon
     from monitord.windows import resample
 
     need(shutil.which("ffmpeg") is not None and shutil.which("espeak-ng") is not None, "ffmpeg and espeak-ng are needed")
@@ -107,15 +107,13 @@ def test_the_esports_preset_runs_against_a_local_stream(tiny_clap, tiny_emotion,
     preset["publish"].update(endpoint=f"tcp://127.0.0.1:{endpoint}", replay_endpoint=f"tcp://127.0.0.1:{replay}")
     config = tmp_path / "esports.yaml"
     config.write_text(yaml.safe_dump(preset))
-    sub = Subscriber(f"tcp://127.0.0.1:{endpoint}")
-    proc = start_daemon(config)
     try:
-        got = sub.wait_for(lambda e: e.get("kind") == "scores" and e.get("model_name") == "emotion", timeout=90)
-        time.sleep(2.0)
+        with subscribed_daemon(config, endpoint) as run:
+            got = run.sub.wait_for(lambda e: e.get("kind") == "scores" and e.get("model_name") == "emotion", timeout=90)
+            time.sleep(2.0)
     finally:
-        code, _, err = stop_daemon(proc)
-        sub.close()
         server.kill()
+    sub, code, err = run.sub, run.code, run.err
     assert got and code == 0, err[-3000:]
     topics = {topic.decode() for topic, _ in sub.messages}
     assert {"scores.stream.clap", "scores.stream.emotion"} <= topics
