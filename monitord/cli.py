@@ -62,10 +62,10 @@ def cmd_run(args: argparse.Namespace) -> int:
     signal.signal(signal.SIGINT, on_signal)
     signal.signal(signal.SIGHUP, signal.SIG_IGN)  # until the daemon can reload
 
-    from monitord.capture import SourceError
+    from monitord.sources import SourceError
     from monitord.daemon import Daemon, load_models
-    from monitord.models import ModelUnavailable
-    from monitord.publish import PublishError
+    from monitord.inference.models import ModelUnavailable
+    from monitord.output.publish import PublishError
 
     try:
         models = load_models(config)
@@ -82,31 +82,36 @@ def cmd_run(args: argparse.Namespace) -> int:
 
     log.info("monitord running: %d sources, %d models, %d rules", len(config.sources), len(models), len(config.rules))
     notify(f"READY=1\nSTATUS=listening to {len(config.sources)} sources with {len(models)} models")
-    watchdog = Watchdog()
-    def on_hangup(_signum: int, _frame: object) -> None:
-        from monitord.daemon import ReloadError
 
-        log.info("SIGHUP: reloading %s", args.config)
-        notify("RELOADING=1")
-        new = _load(args.config)
-        if new is None:
-            log.error("reload refused: the new configuration is invalid (see above); the running one stays")
-            notify("READY=1")
-            return
-        try:
-            daemon.reload(new)
-        except ReloadError as exc:
-            log.error("reload refused: %s; the running configuration stays", exc)
-        finally:
-            notify("READY=1")
-
-    signal.signal(signal.SIGHUP, on_hangup)
+    hangup = threading.Event()
+    signal.signal(signal.SIGHUP, lambda _signum, _frame: hangup.set())  # the supervising loop reloads
     try:
-        daemon.wait(stop, until_done=args.until_done, watchdog=watchdog)
+        daemon.wait(stop, until_done=args.until_done, watchdog=Watchdog(), hangup=hangup,
+                    on_hangup=lambda: _reload(daemon, args.config, notify))
     finally:
         notify("STOPPING=1")
-        daemon.stop()
-    return EXIT_OK
+        finished = args.until_done and not stop.is_set() and not daemon.exit_code
+        daemon.stop(drain_timeout_s=float("inf") if finished else None)
+    if daemon.fatal:
+        print(f"monitord: {daemon.fatal}", file=sys.stderr)
+    return EXIT_FAILURE if daemon.exit_code else EXIT_OK
+
+
+def _reload(daemon, path: str, notify) -> None:
+    log.info("SIGHUP: reloading %s", path)
+    notify("RELOADING=1")
+    try:
+        try:
+            new = load_config(path)
+        except ConfigError as exc:
+            for problem in exc.problems:
+                log.error("%s: %s", path, problem)
+            log.error("reload refused: the new configuration is invalid (see above); the running one stays")
+            daemon.status("daemon", "reload_failed", "invalid configuration: " + "; ".join(str(p) for p in exc.problems))
+            return
+        daemon.apply_reload(new)
+    finally:
+        notify("READY=1")
 
 
 def cmd_devices(args: argparse.Namespace) -> int:
@@ -138,9 +143,9 @@ def cmd_classify(args: argparse.Namespace) -> int:
     config = _load(args.config)
     if config is None:
         return EXIT_USAGE
-    from monitord.classify import AudioFileError, audio_files, classify_file, count_windows
+    from monitord.tools.classify import AudioFileError, audio_files, classify_file, count_windows
     from monitord.daemon import load_models
-    from monitord.models import ModelUnavailable
+    from monitord.inference.models import ModelUnavailable
 
     files = audio_files([Path(f) for f in args.files])
     if not files:
@@ -166,7 +171,7 @@ def cmd_classify(args: argparse.Namespace) -> int:
             if progress:
                 progress.done()
             if args.timeline:
-                from monitord.timeline import write_timeline
+                from monitord.tools.timeline import write_timeline
 
                 folder = write_timeline(path, results, list(models), Path(args.timeline), args.embeddings, args.segment_s)
                 print(f"timeline: {folder}", file=sys.stderr)
@@ -196,7 +201,7 @@ class Progress:
 
 
 def cmd_tail(args: argparse.Namespace) -> int:
-    from monitord.tail import tail
+    from monitord.tools.tail import tail
 
     endpoint, replay = args.connect, args.replay
     if args.config:
@@ -232,11 +237,11 @@ def cmd_enroll(args: argparse.Namespace) -> int:
     config = _load(args.config)
     if config is None:
         return EXIT_USAGE
-    from monitord.capture import SourceError
-    from monitord.classify import AudioFileError, audio_files
+    from monitord.sources import SourceError
+    from monitord.tools.classify import AudioFileError, audio_files
     from monitord.daemon import load_models
-    from monitord.evaluate import enrol, enrol_from_files, enrol_from_source
-    from monitord.models import ModelUnavailable
+    from monitord.tools.evaluate import enrol, enrol_from_files, enrol_from_source
+    from monitord.inference.models import ModelUnavailable
 
     clap_models = [n for n, m in config.models.items() if m.kind == "clap"]
     name = args.model or (clap_models[0] if clap_models else None)
@@ -264,10 +269,10 @@ def cmd_eval(args: argparse.Namespace) -> int:
     config = _load(args.config)
     if config is None:
         return EXIT_USAGE
-    from monitord.classify import AudioFileError
+    from monitord.tools.classify import AudioFileError
     from monitord.daemon import load_models
-    from monitord.evaluate import evaluate, load_dataset, write_report
-    from monitord.models import ModelUnavailable
+    from monitord.tools.evaluate import evaluate, load_dataset, write_report
+    from monitord.inference.models import ModelUnavailable
 
     name = args.model or next(iter(config.models))
     if name not in config.models:
@@ -309,8 +314,8 @@ def _connectable(bind_endpoint: str) -> str:
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
-    from monitord.bench import main as bench_main
-    from monitord.models import ModelUnavailable
+    from monitord.tools.bench import main as bench_main
+    from monitord.inference.models import ModelUnavailable
 
     try:
         return bench_main(args)
@@ -383,7 +388,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_keys)
 
     p = sub.add_parser("bench", help="measure the CLAP path against the transformers pipeline, side by side")
-    from monitord.bench import add_arguments
+    from monitord.tools.bench import add_arguments
 
     add_arguments(p)
     p.set_defaults(func=cmd_bench)

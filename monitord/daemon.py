@@ -1,6 +1,14 @@
-"""Wires the stages together and owns their lifecycle.
+"""The supervisor: builds the stages, starts them in order, watches them, owns health.
 
-sources -> ring buffers -> windowers (gate) -> window queue -> model worker -> alert engine -> publisher
+    sources -> [ring] -> windowing + gate (one per source) -> [window queue] -> inference
+        -> [alerts channel] -> alerts -> [output channel] -> output (log, ZeroMQ, clips, sinks, dashboard)
+
+Stages start downstream first (output, alerts, inference, windowing, sources), so nothing waits
+for a stage that is not there yet, and stop upstream first, each draining what it holds. The daemon
+is healthy only while every stage is: running (or degraded) and beating within its bound, or
+finished with its work. A stage that dies publishes a ``stage_failed`` status naming it and the
+exception and is restarted with backoff; one that dies ``MAX_RESTARTS`` times within
+``RESTART_WINDOW_S`` ends the daemon with exit status 1 (systemd then restarts the process).
 """
 
 from __future__ import annotations
@@ -9,21 +17,35 @@ import logging
 import socket
 import threading
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping, Sequence
 
-from monitord.alerts import AlertEngine
-from monitord.capture import DeviceSource, FileSource, open_source
+from monitord.alerts.engine import AlertEngine
+from monitord.alerts.stage import AlertsStage, RulesChange
 from monitord.config import Config
-from monitord.events import Event, iso_utc
-from monitord.models import Model, Scores, build_model
-from monitord.publish import Publisher, PublishError
-from monitord.ringbuffer import RingBuffer
+from monitord.inference.models import Model, build_model
+from monitord.inference.queue import WindowQueue
+from monitord.inference.worker import LOW, InferenceStage, Scorer
+from monitord.output.clips import ClipWriter
+from monitord.output.metrics import Metrics, Snapshot
+from monitord.output.publish import Publisher, PublishError
+from monitord.output.stage import OutputStage, Sink
 from monitord.sdnotify import Watchdog
-from monitord.windowqueue import WindowQueue
-from monitord.windows import Window, WindowCutter, Windower
-from monitord.worker import ModelWorker
+from monitord.sources import SourceError, open_source
+from monitord.stage import Channel, Health, Stage
+from monitord.types import Event, Publication, StageState, Window, iso_utc
+from monitord.windowing.stage import WindowingStage
+from monitord.windowing.tiling import ModelInput, WindowCutter
 
 log = logging.getLogger(__name__)
+
+DAEMON = "daemon"
+"""The source name of status events about the daemon itself (topic ``status.daemon``)."""
+MAX_RESTARTS = 3
+RESTART_WINDOW_S = 600.0
+ALERTS_QUEUE = 4096
+OUTPUT_QUEUE = 10000
+RESTART_ONLY = ("sources", "gate", "window", "publish", "pipeline", "clips", "metrics", "http")
+"""Sections a reload cannot apply while running: changing them needs a restart."""
 
 
 class ReloadError(Exception):
@@ -33,7 +55,7 @@ class ReloadError(Exception):
 def load_models(config: Config, only: set[str] | None = None) -> dict[str, Model]:
     """Build the configured models (or ``only`` these); raises ModelUnavailable with a readable reason.
     Anomaly models are built last, on the embedding model they use."""
-    from monitord.models.anomaly import AnomalyDetector
+    from monitord.inference.models.anomaly import AnomalyDetector
 
     wanted = {n: m for n, m in config.models.items() if only is None or n in only}
     models = {name: build_model(name, m) for name, m in wanted.items() if m.kind != "anomaly"}
@@ -45,71 +67,96 @@ def load_models(config: Config, only: set[str] | None = None) -> dict[str, Model
     return models
 
 
-EVENT_TOP_LABELS = 10
+def model_inputs(config: Config, models: Mapping[str, Model]) -> dict[str, ModelInput]:
+    """What the windowing stage needs of each model: its rate and its own gate."""
+    return {name: ModelInput(model.sample_rate, config.models[name].gate if name in config.models else None)
+            for name, model in models.items()}
 
 
-def event_scores(probabilities: dict[str, float], label: str) -> dict[str, float]:
-    """The scores an event carries: the rule's label and the best EVENT_TOP_LABELS others
-    (all of them for a CLAP label set; YAMNet has 521 classes)."""
-    best = sorted(probabilities, key=probabilities.get, reverse=True)[:EVENT_TOP_LABELS]
-    keep = best if label in best else [*best, label]
-    return {name: round(probabilities[name], 6) for name in keep}
+def ring_seconds(config: Config) -> float:
+    """The ring buffer each source gets: the configured length, or more when clips need their
+    pre-roll to survive the window queue's worst lag (a full queue of one source's windows)."""
+    seconds = config.pipeline.ring_seconds
+    if config.clips.enabled:
+        lag = config.pipeline.queue_max_windows * config.window.hop_s
+        seconds = max(seconds, config.window.seconds + lag + config.clips.pre_s + config.clips.post_s + 2.0)
+    return seconds
 
 
 class Daemon:
-    """start() opens everything, stop() closes it in order; models and publisher may be injected."""
+    """start() opens everything and starts the stages; wait() supervises; stop() drains and closes.
 
-    def __init__(self, config: Config, models: Mapping[str, Model], publisher: Publisher | None = None):
-        from monitord.clips import ClipWriter
-        from monitord.metrics import Metrics
+    Models, the publisher and sinks may be injected (tests, the benchmark)."""
 
+    def __init__(self, config: Config, models: Mapping[str, Model], publisher: Publisher | None = None,
+                 sinks: Sequence[Sink] = ()):
         self.config = config
-        self.metrics = Metrics() if config.metrics.bind else None
-        self.clips = ClipWriter(config.clips, self._on_clip) if config.clips.enabled else None
-        self.dashboard = None
-        self._rings: dict[str, RingBuffer] = {}
         self.models = dict(models)
-        self.publisher = publisher or Publisher(config.publish)
         self.host = config.publish.host or socket.gethostname()
-        self.engine = AlertEngine(config.rules)
+        self.publisher = publisher or Publisher(config.publish)
+        self.sinks = list(sinks)
+        self.clips = ClipWriter(config.clips) if config.clips.enabled else None
+        self.metrics = Metrics(self.snapshot) if config.metrics.bind else None
+        self.dashboard = None
         self.queue = WindowQueue(config.pipeline.queue_max_windows)
-        self.stop_event = threading.Event()
-        self.sources: list[DeviceSource | FileSource] = []
-        self.windowers: list[Windower] = []
-        self.worker = ModelWorker(self.queue, list(self.models.values()), self._on_scores, self._on_model_error, self._on_quiet,
-                                  on_batch=self._on_batch)
-        self._finished_windowers = 0
-        self._finished_lock = threading.Lock()
-        self._all_sources_done = threading.Event()
+        self.alerts_inbox: Channel = Channel(ALERTS_QUEUE, "alerts")
+        self.output_inbox: Channel = Channel(OUTPUT_QUEUE, "output")
+        self.scorer = Scorer(list(self.models.values()), status=self.status,
+                             on_batch=self.metrics.on_batch if self.metrics else lambda model, n, seconds: None)
+        self.inference = InferenceStage(self.queue, self.scorer, self.alerts_inbox, stall_s=config.pipeline.inference_stall_s)
+        self.alerts = AlertsStage(AlertEngine(config.rules), self.alerts_inbox, self.output_inbox, self.host,
+                                  {name: m.model_id for name, m in self.models.items()}, config.publish.scores,
+                                  feed_windows=config.http.bind is not None)
+        self.output: OutputStage | None = None
+        self.sources: list[Stage] = []
+        self.windowing: list[WindowingStage] = []
+        self.exit_code = 0
+        self.fatal: str | None = None
+        self._closing = threading.Event()
+        self._failures: dict[str, list[float]] = {}
+        self._restart_at: dict[str, float] = {}
         self._last_overload: dict[str, float] = {}
+        self._idle_turns = 0
+
+    @property
+    def stages(self) -> list[Stage]:
+        """In start order: downstream first."""
+        head = [self.output] if self.output is not None else []
+        return [*head, self.alerts, self.inference, *self.windowing, *self.sources]
 
     # lifecycle
 
-    def start(self) -> None:
-        """Open the sockets and servers, then every source; raises SourceError/PublishError (with the
-        key to fix) before capturing anything, having closed what it had opened."""
+    def start(self, open_sources: bool = True) -> None:
+        """Open the log, sockets and servers, then every source, then start the stages; raises
+        SourceError/PublishError (naming the key to fix) before capturing anything, having closed
+        what it had opened. Without ``open_sources`` the pipeline runs from the window queue on
+        (the benchmark feeds it windows)."""
         self.publisher.start()
         try:
             self._start_servers()
-            self.sources = [open_source(s, self.config.pipeline.ring_seconds, self._on_status) for s in self.config.sources]
+            if self.clips is not None:
+                try:
+                    self.clips.open()
+                except OSError as exc:
+                    raise PublishError(f"clips.dir: cannot create {self.clips.folder}: {exc.strerror or exc}") from None
+            seconds = ring_seconds(self.config)
+            self.sources = [open_source(s, seconds, self.status) for s in self.config.sources] if open_sources else []
         except Exception:
             self._close_servers()
             raise
-        self._rings = {source.id: source.ring for source in self.sources}
-        if self.clips is not None:
-            self.clips.start()
-        rates = {model.sample_rate for model in self.models.values()}
+        rings = {source.id: source.ring for source in self.sources}
+        self.output = OutputStage(self.output_inbox, self.publisher, self.host, rings, self.clips, self.sinks,
+                                  self.dashboard, self.metrics.on_published if self.metrics else lambda event: None)
+        inputs = model_inputs(self.config, self.models)
         for source in self.sources:
-            cutter = WindowCutter(source.id, source.sample_rate, self.config.window, self.config.gate_for(source.config), rates,
-                                  self.config.model_gates())
-            self.windowers.append(
-                Windower(source.ring, cutter, self._sink_for(source), self.stop_event, on_finished=self._windower_finished)
-            )
-        self.worker.start()
-        for windower in self.windowers:
-            windower.start()
-        for source in self.sources:
-            source.start()
+            cutter = WindowCutter(source.id, source.sample_rate, self.config.window, self.config.gate_for(source.config), inputs)
+            self.windowing.append(WindowingStage(source.ring, cutter, self.queue, live=not source.waits_for_worker,
+                                                 on_drop=self._on_drop))
+        for sink in self.sinks:
+            sink.start()
+        for stage in self.stages:
+            stage.on_failure = self._on_stage_failure
+            stage.start()
 
     def _start_servers(self) -> None:
         if self.metrics is not None:
@@ -118,15 +165,14 @@ class Daemon:
             except OSError as exc:
                 raise PublishError(f"metrics.bind: cannot serve on {self.config.metrics.bind}: {exc.strerror or exc}") from None
         if self.config.http.bind:
-            from monitord.dashboard import Dashboard
+            from monitord.output.dashboard import Dashboard
 
-            self.dashboard = Dashboard(self, self.config.http.bind, self.config.http.token)
+            dashboard = Dashboard(self, self.config.http.bind, self.config.http.token, self.config.http.max_upload_mb)
             try:
-                self.dashboard.start()
+                dashboard.start()
             except OSError as exc:
-                self.dashboard = None
                 raise PublishError(f"http.bind: cannot serve on {self.config.http.bind}: {exc.strerror or exc}") from None
-            self.publisher.listeners.append(self.dashboard.on_event)
+            self.dashboard = dashboard
 
     def _close_servers(self) -> None:
         if self.dashboard is not None:
@@ -135,56 +181,150 @@ class Daemon:
             self.metrics.close()
         self.publisher.close()
 
-    def healthy(self, max_age_s: float) -> bool:
-        """The pipeline is moving: the worker came back to its queue within ``max_age_s`` and no
-        windower has crashed."""
-        worker_ok = not self.worker.alive or time.monotonic() - self.worker.heartbeat < max_age_s
-        return worker_ok and not any(w.crashed for w in self.windowers)
-
-    def wait(self, stop: threading.Event, until_done: bool = False, watchdog: Watchdog | None = None) -> None:
-        """Block until ``stop`` is set (a signal), or with ``until_done`` until every source has ended
-        and every window it produced has been scored. Pings ``watchdog`` while the pipeline is healthy."""
-        finishing = False
-        while not stop.is_set():
-            if watchdog is not None and watchdog.enabled:
-                watchdog.tick(self.healthy(max_age_s=watchdog.timeout_s / 2))
-            if until_done and self._all_sources_done.is_set():
-                if not finishing:
-                    self.worker.finish(drain_timeout_s=float("inf"))
-                    finishing = True
-                if not self.worker.alive:
-                    return
-            stop.wait(0.1)
-
-    def stop(self) -> None:
-        """Stop sources, drain the queue for at most shutdown_timeout_s, flush the log, close sockets."""
-        timeout = self.config.pipeline.shutdown_timeout_s
+    def stop(self, drain_timeout_s: float | None = None) -> None:
+        """Stop sources, let windowing hand on what it holds, drain the window queue for at most
+        ``drain_timeout_s`` (``pipeline.shutdown_timeout_s`` by default), end open alerts, write
+        every event out, close sockets."""
+        timeout = self.config.pipeline.shutdown_timeout_s if drain_timeout_s is None else drain_timeout_s
+        self._closing.set()
         for source in self.sources:
             source.stop()
-        self.stop_event.set()
-        for thread in [*self.sources, *self.windowers]:
-            if not thread.join(timeout=2.0):
-                log.warning("%s did not stop within 2 s", thread)
-        self.worker.finish(drain_timeout_s=timeout)
-        if not self.worker.join(timeout + 5.0):
-            log.warning("model worker still busy after %.1f s; exiting without it", timeout + 5.0)
-        if self.clips is not None:
-            self.clips.stop()
+        for stage in [*self.sources, *self.windowing]:
+            if not stage.join(1.0):
+                stage.stop()
+                if not stage.join(2.0):
+                    log.warning("%s did not stop within 3 s", stage.name)
+        self.inference.finish(drain_timeout_s=timeout)
+        if not self.inference.join(min(timeout, 3600.0) + 5.0):
+            log.warning("inference still busy after %.1f s; stopping without it", timeout + 5.0)
+        self.alerts_inbox.close()
+        if not self.alerts.join(10.0):
+            log.warning("alerts stage did not drain within 10 s")
+        self.output_inbox.close()
+        if self.output is not None and not self.output.join(30.0):
+            log.warning("output stage did not drain within 30 s")
+        for sink in self.sinks:
+            sink.stop(5.0)
         self._close_servers()
-        log.info(
-            "stopped: %d windows scored, %d events published, dropped per source %s",
-            self.worker.stats.windows,
-            self.publisher.published,
-            dict(self.queue.dropped) or "{}",
-        )
+        for stage in self.stages:
+            stage.stop()
+        log.info("stopped: %d windows scored, %d events published, dropped per source %s",
+                 self.inference.stats.windows, self.publisher.published, dict(self.queue.dropped) or "{}")
+
+    # supervision
+
+    def health(self) -> dict[str, Health]:
+        now = time.monotonic()
+        return {stage.name: stage.health(now) for stage in self.stages}
+
+    def healthy(self) -> bool:
+        return self.fatal is None and all(h.ok for h in self.health().values())
+
+    def wait(self, stop: threading.Event, until_done: bool = False, watchdog: Watchdog | None = None,
+             hangup: threading.Event | None = None, on_hangup: Callable[[], None] = lambda: None) -> None:
+        """Supervise until ``stop`` is set (a signal), a stage has failed too often (``exit_code``
+        1), or with ``until_done`` until every source has ended and its windows were handed on.
+        Pings ``watchdog`` only while every stage is healthy; runs ``on_hangup`` (a reload) here,
+        on this thread, when ``hangup`` is set."""
+        while not stop.is_set():
+            if not self.supervise():
+                self.exit_code = 1
+                return
+            if hangup is not None and hangup.is_set():
+                hangup.clear()
+                on_hangup()
+            if watchdog is not None and watchdog.enabled:
+                watchdog.tick(self.healthy())
+            if until_done and self._sources_done():
+                return
+            stop.wait(0.1)
+
+    def _sources_done(self) -> bool:
+        """Every source has ended and everything it gave has gone all the way through (seen idle
+        on two turns in a row: a stage takes an item a moment before it says it holds one)."""
+        done = all(stage.finished for stage in [*self.sources, *self.windowing]) and self.idle()
+        self._idle_turns = self._idle_turns + 1 if done else 0
+        return self._idle_turns >= 2
+
+    def idle(self) -> bool:
+        """Nothing queued or in hand between the windowing stages and the event log."""
+        return (len(self.queue) == 0 and self.inference.idle and len(self.alerts_inbox) == 0
+                and self.alerts.idle and len(self.output_inbox) == 0 and (self.output is None or self.output.idle))
+
+    def supervise(self) -> bool:
+        """Restart failed stages (with backoff); False once one has failed too often."""
+        now = time.monotonic()
+        for stage in self.stages:
+            if stage.state is not StageState.FAILED:
+                continue
+            name = stage.name
+            if name in self._restart_at:
+                if now >= self._restart_at[name]:
+                    del self._restart_at[name]
+                    log.warning("restarting stage %s (restart %d)", name, stage.restarts + 1)
+                    stage.restart()
+                    self.status(self._status_source(stage), "stage_restarted", f"stage {name} restarted", stage=name)
+                continue
+            recent = [t for t in self._failures.get(name, []) if now - t < RESTART_WINDOW_S]
+            if len(recent) >= MAX_RESTARTS:
+                self.fatal = (f"stage {name} failed {len(recent) + 1} times within {RESTART_WINDOW_S:g} s "
+                              f"(last: {stage.error!r}); stopping so that the service manager restarts monitord")
+                log.critical("%s", self.fatal)
+                self.status(DAEMON, "fatal", self.fatal, stage=name)
+                return False
+            self._failures[name] = [*recent, now]
+            self._restart_at[name] = now + 2.0 ** len(recent)
+        return True
+
+    def _on_stage_failure(self, stage: Stage) -> None:
+        """On the dying thread: say so at once (the output stage may be the one that died: its inbox keeps it)."""
+        detail = f"stage {stage.name} failed: {stage.error!r}"
+        self.output_inbox.put_nowait(Publication(self._status_event(self._status_source(stage), "stage_failed", detail,
+                                                                    stage=stage.name)))
+
+    def _status_source(self, stage: Stage) -> str:
+        return getattr(stage, "id", None) or getattr(getattr(stage, "cutter", None), "source", None) or DAEMON
+
+    # status events, from any thread
+
+    def status(self, source: str, status: str, detail: str, **extra: object) -> None:
+        """Publish a status event (through the output stage, in order with everything else)."""
+        self.output_inbox.put(Publication(self._status_event(source, status, detail, **extra)), stop=self._closing)
+
+    def _status_event(self, source: str, status: str, detail: str, **extra: object) -> Event:
+        return Event(kind="status", source=source, time=iso_utc(time.time()), host=self.host, status=status,
+                     detail=detail, extra=dict(extra))
+
+    def _on_drop(self, dropped: Window) -> None:
+        """A live source dropped a window (inference behind): a status, at most one per interval per source."""
+        source = dropped.source
+        now = time.monotonic()
+        last = self._last_overload.get(source)
+        if last is not None and now - last < self.config.pipeline.overload_status_interval_s:
+            return
+        self._last_overload[source] = now
+        count = self.queue.dropped[source]
+        log.warning("source %s: inference behind, %d windows dropped so far", source, count)
+        self.status(source, "overload", f"window queue full: {count} windows dropped so far", dropped=count)
+
+    # reload (SIGHUP)
+
+    def apply_reload(self, new: Config) -> bool:
+        """Apply new rules, thresholds, labels and prompts without stopping capture, or refuse the
+        whole change with a ``reload_failed`` status saying why; the running config then stays."""
+        try:
+            self.reload(new)
+        except ReloadError as exc:
+            log.error("reload refused: %s; the running configuration stays", exc)
+            self.status(DAEMON, "reload_failed", str(exc))
+            return False
+        log.info("reloaded: %d rules, labels %s", len(new.rules), {n: len(m.labels) for n, m in new.models.items()
+                                                                    if hasattr(m, "labels")})
+        self.status(DAEMON, "reloaded", f"{len(new.rules)} rules; labels and prompts applied")
+        return True
 
     def reload(self, new: Config) -> None:
-        """Apply new rules, thresholds, labels and prompts without stopping capture.
-
-        Sources, gates, windows, publishing and model weights need a restart: a config that
-        changes them is refused whole (ReloadError) and the running one stays.
-        """
-        restart_only = [k for k in ("sources", "gate", "window", "publish", "pipeline") if getattr(new, k) != getattr(self.config, k)]
+        restart_only = [k for k in RESTART_ONLY if getattr(new, k) != getattr(self.config, k)]
         swappable = {"labels", "prompt"}
         old_models = {n: m.model_dump(exclude=swappable) for n, m in self.config.models.items()}
         new_models = {n: m.model_dump(exclude=swappable) for n, m in new.models.items()}
@@ -192,141 +332,49 @@ class Daemon:
             restart_only.append("models (other than labels and prompt)")
         if restart_only:
             raise ReloadError(f"{', '.join(restart_only)} changed: restart monitord to apply them")
-        self.worker.call_soon(lambda: self._apply(new))
-
-    def _apply(self, new: Config) -> None:
+        prepared = {}
         for name, model_config in new.models.items():
             old = self.config.models[name]
-            if model_config.kind == "clap" and (model_config.labels, model_config.prompt) != (old.labels, old.prompt):
-                self.models[name].set_labels(model_config.labels, model_config.prompt)
-        unchanged = {r.id for r in self.config.rules if r in new.rules}
-        engine = AlertEngine(new.rules)
-        engine.states.update({key: state for key, state in self.engine.states.items() if key[0] in unchanged})
-        self.engine, self.config = engine, new
-        log.info("reloaded: %d rules (%d kept their state), labels %s", len(new.rules), len(unchanged),
-                 {n: len(m.labels) for n, m in new.models.items()})
+            if getattr(model_config, "labels", None) != getattr(old, "labels", None) or \
+                    getattr(model_config, "prompt", None) != getattr(old, "prompt", None):
+                try:
+                    prepared[name] = self.models[name].prepare_labels(model_config.labels, model_config.prompt)
+                except Exception as exc:  # the old labels keep scoring
+                    raise ReloadError(f"models.{name}: new labels could not be prepared: {exc}") from None
 
-    # stage hand-offs
+        def swap() -> None:  # on the inference thread, between two batches
+            for name, labels in prepared.items():
+                self.models[name].use_labels(labels)
+            self.inference.emit(RulesChange(new.rules))
 
-    def _sink_for(self, source: DeviceSource | FileSource):
-        def sink(window: Window) -> None:
-            dropped = self.queue.put(window, wait=source.waits_for_worker, stop=self.stop_event)
-            if dropped is not None:
-                self._report_overload(dropped.source)
-            if self.dashboard is not None:
-                self.dashboard.on_window(window)
-            if self.metrics is not None:
-                m = self.metrics
-                m.input_level.labels(window.source).set(max(window.facts.rms_dbfs, -200.0))
-                m.windows.labels(window.source, "queued" if window.passed else "gated").inc()
-                m.queue_depth.set(len(self.queue))
-                if dropped is not None:
-                    m.dropped.labels(dropped.source).set(self.queue.dropped[dropped.source])
+        if not self.inference.alive:
+            raise ReloadError("the inference stage is not running (see the stage_failed status)")
+        try:
+            self.inference.submit(swap).result(timeout=self.inference.stall_s)
+        except Exception as exc:
+            raise ReloadError(f"the new labels could not be swapped in: {exc!r}") from None
+        self.config = self.config.model_copy(update={"rules": new.rules, "models": new.models})
 
-        return sink
+    # the dashboard's try-it panel
 
-    def _windower_finished(self) -> None:
-        with self._finished_lock:
-            self._finished_windowers += 1
-            if self._finished_windowers == len(self.windowers):
-                self._all_sources_done.set()
+    def score_upload(self, fn):
+        """Run ``fn`` on the inference thread when no window is waiting (a Future)."""
+        return self.inference.submit(fn, priority=LOW)
 
-    def _report_overload(self, source: str) -> None:
+    # metrics
+
+    def snapshot(self) -> Snapshot:
+        s = Snapshot(dropped=dict(self.queue.dropped), queue_depth=len(self.queue))
+        for stage in self.windowing:
+            source = stage.cutter.source
+            s.windows[(source, "cut")] = stage.stats.cut
+            s.windows[(source, "passed")] = stage.stats.passed
+            s.input_level[source] = stage.stats.level_dbfs
+        for (source, model, verdict), n in list(self.alerts.outcomes.items()):
+            s.outcomes[(source, model, verdict)] = n
+        for source in self.sources:
+            s.source_up[source.id] = source.state is StageState.RUNNING
         now = time.monotonic()
-        last = self._last_overload.get(source)
-        if last is not None and now - last < self.config.pipeline.overload_status_interval_s:
-            return
-        self._last_overload[source] = now
-        dropped = self.queue.dropped[source]
-        log.warning("source %s: model worker behind, %d windows dropped so far", source, dropped)
-        self._publish_status(source, "overload", f"window queue full: {dropped} windows dropped so far", dropped=dropped)
-
-    def _on_status(self, source: str, status: str, detail: str) -> None:
-        if self.metrics is not None and status in ("up", "down", "eof", "error"):
-            self.metrics.source_up.labels(source).set(1 if status == "up" else 0)
-        self._publish_status(source, status, detail)
-
-    def _on_batch(self, model: str, windows: int, seconds: float) -> None:
-        if self.metrics is not None:
-            self.metrics.model_seconds.labels(model).observe(seconds)
-            self.metrics.batch_size.labels(model).observe(windows)
-            self.metrics.queue_depth.set(len(self.queue))
-
-    def _on_clip(self, request, path, error) -> None:
-        if path is not None:
-            self._publish_status(request.source, "clip", str(path), clip=str(path), onset_seq=request.onset_seq)
-        else:
-            self._publish_status(request.source, "clip_error", f"clip {request.path.name} not written: {error}", onset_seq=request.onset_seq)
-
-    def _publish_status(self, source: str, status: str, detail: str, clip: str | None = None, **extra: object) -> None:
-        event = Event(kind="status", source=source, time=iso_utc(time.time()), host=self.host, status=status, detail=detail,
-                      clip=clip, extra=extra)
-        self.publisher.publish(event)
-
-    def _on_scores(self, scores: Scores) -> None:
-        window = scores.window
-        if self.metrics is not None:
-            self.metrics.windows.labels(window.source, f"scored:{scores.model}").inc()
-        fired = self.engine.observe(scores.model, window.source, scores.probabilities, window.stream_end)
-        self._publish_alerts(window, fired, scores)
-        wanted = self.config.publish.scores
-        if wanted is True or (wanted and (scores.model in wanted or window.source in wanted)):
-            self.publisher.publish_unlogged(self._scores_event(scores), ready_at=window.ready_at)
-        elif self.dashboard is not None:  # the page shows every window's scores, published or not
-            self.dashboard.on_event(self._scores_event(scores))
-
-    def _scores_event(self, scores: Scores) -> Event:
-        window = scores.window
-        (label, score), = scores.top(1)
-        return Event(
-            kind="scores",
-            source=window.source,
-            time=iso_utc(window.wall_start),
-            host=self.host,
-            label=label,
-            score=round(score, 6),
-            scores=event_scores(scores.probabilities, label),
-            model=scores.model_id,
-            model_name=scores.model,
-            stream_start=round(window.stream_start, 6),
-            stream_end=round(window.stream_end, 6),
-            facts=window.facts.to_dict(),
-        )
-
-    def _on_quiet(self, window: Window, model: str | None) -> None:
-        self._publish_alerts(window, self.engine.observe_quiet(window.source, window.stream_end, model), None)
-
-    def _publish_alerts(self, window: Window, fired: list, scores: Scores | None) -> None:
-        for rule, phase, score in fired:
-            clip = None
-            if self.clips is not None and phase == "onset" and window.source in self._rings:
-                clip = self.clips.path_for(window.source, rule.id, window.wall_start)
-            event = Event(
-                kind="alert",
-                source=window.source,
-                time=iso_utc(window.wall_start),
-                host=self.host,
-                rule=rule.id,
-                label=rule.label,
-                phase=phase,
-                score=round(score, 6),
-                scores=None if scores is None else event_scores(scores.probabilities, rule.label),
-                model=self.models[rule.model].model_id,
-                model_name=rule.model,
-                stream_start=round(window.stream_start, 6),
-                stream_end=round(window.stream_end, 6),
-                facts=window.facts.to_dict(),
-                clip=None if clip is None else str(clip),
-            )
-            published = self.publisher.publish(event, ready_at=window.ready_at)
-            if clip is not None:
-                self.clips.request(window.source, self._rings[window.source], window.start_index,
-                                   window.start_index + window.valid, clip, published.seq)
-            if self.metrics is not None:
-                self.metrics.events.labels(window.source, rule.id, phase).inc()
-                self.metrics.last_event.labels(window.source).set(time.time())
-            log.info("%s %s score=%.3f stream %.2f-%.2f s", published.topic, phase, score, window.stream_start, window.stream_end)
-
-    def _on_model_error(self, model: Model, windows: list[Window], status: str, detail: str) -> None:
-        for source in sorted({w.source for w in windows}):
-            self._publish_status(source, status, detail)
+        for stage in self.stages:
+            s.stages[stage.name] = (stage.state.value, stage.health(now).ok, stage.restarts)
+        return s

@@ -49,6 +49,36 @@ def write_wav(path: Path, samples: np.ndarray, rate: int) -> Path:
     return path
 
 
+def file_windows(path: Path, gate, rates=(48000,), hop_s: float = 0.5, ring_seconds: float = 10.0, realtime: bool = False):
+    """Every window of a file, through the daemon's own file source, ring buffer and windowing
+    stage (one model per rate, named "m<rate>"): (sample rate, windows, statuses)."""
+    import time
+
+    from monitord.config import SourceConfig, WindowConfig
+    from monitord.inference.queue import WindowQueue
+    from monitord.sources.file import FileSource
+    from monitord.types import Window
+    from monitord.windowing.stage import WindowingStage
+    from monitord.windowing.tiling import ModelInput, WindowCutter
+
+    statuses: list[tuple[str, str]] = []
+    source = FileSource(SourceConfig(id="f", file=str(path), realtime=realtime), ring_seconds,
+                        on_status=lambda source_id, status, detail: statuses.append((status, detail)))
+    cutter = WindowCutter("f", source.sample_rate, WindowConfig(seconds=2.0, hop_s=hop_s), gate,
+                          {f"m{rate}": ModelInput(rate) for rate in rates})
+    queue = WindowQueue(1 << 20)
+    windowing = WindowingStage(source.ring, cutter, queue, live=False)
+    windowing.start()
+    source.start()
+    deadline = time.monotonic() + 60
+    while not windowing.finished and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert windowing.finished, f"windowing did not finish: {windowing.state} {windowing.error!r}"
+    source.join(5)
+    windows = [w for w in queue.get_batch(1 << 20, 0.0, 0.0) if isinstance(w, Window)]
+    return source.sample_rate, windows, statuses
+
+
 def config_problems(text: str, base_dir: Path) -> list[str]:
     """The problems a config text is refused with (fails if it is accepted)."""
     from monitord.config import ConfigError, parse_config

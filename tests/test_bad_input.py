@@ -58,7 +58,7 @@ def odd_files(tmp_path):
 
 
 def test_odd_but_valid_audio_is_cleaned_converted_and_flagged(tmp_path, config):
-    from monitord.classify import classify_file
+    from monitord.tools.classify import classify_file
     from monitord.config import load_config
     from monitord.daemon import load_models
 

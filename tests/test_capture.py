@@ -7,7 +7,8 @@ import time
 import numpy as np
 import pytest
 
-from monitord.capture import DeviceSource, SourceError, resolve_device
+from monitord.sources import SourceError
+from monitord.sources.device import DeviceSource, resolve_device
 from monitord.config import SourceConfig
 from tests.conftest import dominant_frequency, play, rms_dbfs, silence, tone, write_wav
 

@@ -10,9 +10,9 @@ import pytest
 
 from monitord.config import ClapModelConfig, GateConfig, WindowConfig
 from monitord.daemon import load_models
-from monitord.models import ModelUnavailable
-from monitord.models.clap import ClapZeroShot
-from monitord.windows import WindowCutter
+from monitord.inference.models import ModelUnavailable
+from monitord.inference.models.clap import ClapZeroShot
+from monitord.windowing.tiling import ModelInput, WindowCutter
 from tests.conftest import REPO, monitord_cmd, noise, tone
 from tests.tiny_models import TRAIN_LABELS
 
@@ -20,7 +20,7 @@ LABELS = ("glass breaking", "dog barking", "speech", "music", "silence")
 
 
 def windows(rate=44100):
-    cutter = WindowCutter("s", rate, WindowConfig(), GateConfig(mode="always"), [48000])
+    cutter = WindowCutter("s", rate, WindowConfig(), GateConfig(mode="always"), {"clap": ModelInput(48000)})
     clips = [
         tone(1000, 2.0, rate, -12),
         noise(2.0, rate, -20),
@@ -63,7 +63,7 @@ def test_torch_features_equal_the_feature_extractor(truncation, seconds):
     import torch
     from transformers import ClapFeatureExtractor
 
-    from monitord.models.clap_features import ClapFeatures
+    from monitord.inference.models.clap_features import ClapFeatures
 
     extractor = ClapFeatureExtractor(truncation=truncation, padding="repeatpad", frequency_min=50, frequency_max=14000)
     n = int(seconds * 48000)

@@ -59,10 +59,10 @@ def test_clip_retention_keeps_the_newest_within_the_size_cap(tmp_path):
     import os
     import time
 
-    from monitord.clips import ClipWriter
+    from monitord.output.clips import ClipWriter
     from monitord.config import ClipsConfig
 
-    writer = ClipWriter(ClipsConfig(enabled=True, dir=str(tmp_path), max_total_mb=0.05, max_age_days=1.0), lambda *a: None)
+    writer = ClipWriter(ClipsConfig(enabled=True, dir=str(tmp_path), max_total_mb=0.05, max_age_days=1.0))
     for i in range(6):
         p = tmp_path / f"c{i}.flac"
         p.write_bytes(b"x" * 15000)
@@ -83,10 +83,13 @@ def test_metrics_are_scraped_over_http(tiny_clap, tmp_path):
         if line and not line.startswith("#"):
             name, value = line.rsplit(" ", 1)
             metrics[name] = float(value)
-    assert metrics['monitord_windows_total{outcome="gated",source="rec"}'] > 0
-    assert metrics['monitord_windows_total{outcome="queued",source="rec"}'] > 0
-    assert metrics['monitord_windows_total{outcome="scored:clap",source="rec"}'] == metrics['monitord_windows_total{outcome="queued",source="rec"}']
+    cut, passed = metrics['monitord_windows_total{outcome="cut",source="rec"}'], metrics['monitord_windows_total{outcome="passed",source="rec"}']
+    assert cut > passed > 0
+    assert metrics['monitord_model_windows_total{model="clap",source="rec",verdict="scored"}'] == passed
+    assert metrics['monitord_model_windows_total{model="clap",source="rec",verdict="quiet"}'] == cut - passed
     assert metrics['monitord_events_total{phase="onset",rule="noise",source="rec"}'] == 1
+    assert metrics['monitord_stage_healthy{stage="inference"}'] == 1 and metrics['monitord_stage_healthy{stage="file-rec"}'] == 1
+    assert metrics['monitord_stage_state{stage="file-rec",state="stopped"}'] == 1  # finished: the file has ended
     assert metrics['monitord_model_batch_seconds_count{model="clap"}'] >= 1
     assert metrics['monitord_source_up{source="rec"}'] == 0  # the file has ended
     assert metrics['monitord_last_event_timestamp_seconds{source="rec"}'] > 1e9

@@ -90,7 +90,7 @@ def test_a_non_loopback_dashboard_needs_a_token_and_checks_it(tiny_clap, tmp_pat
     parse_config(base + "http: {bind: '0.0.0.0:8080', token: 'a-long-enough-secret'}\n", tmp_path)
     from starlette.testclient import TestClient
 
-    from monitord.dashboard import Dashboard
+    from monitord.output.dashboard import Dashboard
 
     class FakeDaemon:  # the token gate needs no pipeline
         config = parse_config(base, tmp_path)

@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 import zmq
 
-from monitord.events import SCHEMA
+from monitord.types import SCHEMA
 from tests.conftest import REPO, free_port, monitord_cmd, noise, play, silence, tone, write_wav
 from tests.tiny_models import TRAIN_LABELS
 

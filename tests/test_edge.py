@@ -3,20 +3,18 @@
 from __future__ import annotations
 
 import sys
-import threading
 import time
 
 import numpy as np
 import pytest
 import soundfile as sf
 
-from monitord.capture import FileSource
-from monitord.config import GateConfig, SourceConfig, WindowConfig, YamnetModelConfig, parse_config
-from monitord.gate import Gate
-from monitord.models import ModelUnavailable
-from monitord.models.yamnet import YamnetClassifier
-from monitord.windows import WindowCutter, Windower
-from tests.conftest import config_problems, AUDIO, YAMNET, free_port, shared_path, silence, tone, write_wav
+from monitord.config import GateConfig, YamnetModelConfig, parse_config
+from monitord.inference.models import ModelUnavailable
+from monitord.inference.models.yamnet import YamnetClassifier
+from monitord.types import Verdict
+from monitord.windowing.gate import inspect
+from tests.conftest import config_problems, AUDIO, YAMNET, file_windows as _file_windows, free_port, shared_path, silence, tone, write_wav
 
 RAVDESS = sorted(AUDIO.glob("speech_*/*.wav"))
 GROUPS = {"cat": ("Cat", "Meow", "Caterwaul", "Purr"), "crowd": ("Crowd", "Cheering", "Applause")}
@@ -28,14 +26,9 @@ def yamnet() -> YamnetClassifier:
 
 
 def file_windows(path, gate: GateConfig, rates=(16000,)):
-    """Every window of a file, through the daemon's own file source, ring buffer and windower."""
-    source = FileSource(SourceConfig(id="f", file=str(path)), ring_seconds=10.0, on_status=lambda *a: None)
-    cutter = WindowCutter("f", source.sample_rate, WindowConfig(seconds=2.0, hop_s=0.5), gate, rates)
-    windows, done = [], threading.Event()
-    Windower(source.ring, cutter, windows.append, threading.Event(), on_finished=done.set).start()
-    source.start()
-    assert done.wait(60)
-    return source.sample_rate, windows
+    """Every window of a file, through the daemon's own file source, ring buffer and windowing stage."""
+    rate, windows, _ = _file_windows(path, gate, rates)
+    return rate, windows
 
 
 def top5(yamnet, path) -> list[set[str]]:
@@ -65,8 +58,8 @@ def test_silero_gate_passes_speech_and_not_engines_rain_or_trains():
 
 def test_silero_tells_a_tone_from_speech_where_webrtc_cannot():
     window = tone(440, 2.0, 16000, dbfs=-12)
-    assert Gate(GateConfig(mode="speech", vad="webrtc")).inspect(window, 16000)[2]  # webrtcvad: "speech"
-    assert not Gate(GateConfig(mode="speech", vad="silero")).inspect(window, 16000)[2]
+    assert inspect(window, 16000, GateConfig(mode="speech", vad="webrtc"))[2] is Verdict.PASSED  # webrtcvad: "speech"
+    assert inspect(window, 16000, GateConfig(mode="speech", vad="silero"))[2] is Verdict.QUIET
 
 
 def test_group_and_class_names_are_validated(tmp_path):
@@ -132,7 +125,7 @@ def first_sound(clip) -> float:
 
 def real_mix(seconds: float = 60.0, rate: int = 44100) -> np.ndarray:
     """Real clips back to back with 1 s of silence between them, resampled to one rate."""
-    from monitord.windows import resample
+    from monitord.audio import resample
 
     parts, total = [], 0.0
     clips = sorted(AUDIO.glob("*/*.wav"))
@@ -146,7 +139,7 @@ def real_mix(seconds: float = 60.0, rate: int = 44100) -> np.ndarray:
 
 
 def test_full_pipeline_on_a_minute_of_real_sound_with_a_cascade(tmp_path, tiny_clap, capsys):
-    from monitord.classify import classify_file
+    from monitord.tools.classify import classify_file
     from monitord.daemon import load_models
 
     shared_path(AUDIO)

@@ -9,7 +9,7 @@ import subprocess
 import numpy as np
 
 from monitord.config import EMOTIONS, EmotionModelConfig, parse_config
-from monitord.models.emotion import EmotionClassifier, map_label
+from monitord.inference.models.emotion import EmotionClassifier, map_label
 from tests.conftest import config_problems, need, noise, silence, tone, write_wav
 
 
@@ -22,11 +22,11 @@ def test_checkpoint_labels_map_onto_the_nine_emotions():
 
 def test_emotion_model_loads_from_disk_and_its_nine_scores_sum_to_one(tiny_emotion):
     from monitord.config import GateConfig, WindowConfig
-    from monitord.windows import WindowCutter
+    from monitord.windowing.tiling import ModelInput, WindowCutter
 
     model = EmotionClassifier("emo", EmotionModelConfig(kind="emotion", model=str(tiny_emotion), label_map={"whisper": "fearful"}))
     assert model.sample_rate == 16000 and model.mapping["calm"] == "neutral" and model.mapping["whisper"] == "fearful"
-    cutter = WindowCutter("s", 44100, WindowConfig(), GateConfig(mode="always"), [16000])
+    cutter = WindowCutter("s", 44100, WindowConfig(), GateConfig(mode="always"), {"emo": ModelInput(16000)})
     windows = [cutter.cut(tone(300, 2.0, 44100), 0, 0, 0), cutter.cut(noise(2.0, 44100, -20), 0, 0, 0)]
     scored = model.score(windows)
     for s in scored:
@@ -61,9 +61,9 @@ rules:
 
 def test_two_models_with_their_own_gates_see_different_windows(tiny_clap, tiny_emotion, tmp_path):
     """CLAP (energy gate) hears the tone burst and the speech; emotion (silero speech gate) only the speech."""
-    from monitord.classify import classify_file
+    from monitord.tools.classify import classify_file
     from monitord.daemon import load_models
-    from monitord.windows import resample
+    from monitord.audio import resample
 
     need(shutil.which("espeak-ng") is not None, "espeak-ng is not installed")
     subprocess.run(["espeak-ng", "-w", str(tmp_path / "s.wav"), "Well played, that was an incredible comeback in the final round."],

@@ -10,8 +10,9 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 
-from monitord.capture import BlockWriter
-from monitord.ringbuffer import RingBuffer
+from monitord.inference.models import ModelBase
+from monitord.sources.device import BlockWriter
+from monitord.sources.ring import RingBuffer
 from tests.conftest import REPO, free_port, monitord_cmd, play, silence, tone, write_wav
 from tests.test_e2e import is_alert, read_log, start_daemon, stop_daemon, write_config
 
@@ -93,21 +94,20 @@ def test_a_missing_device_lists_devices_or_is_retried(tiny_clap, tmp_path):
     assert code == 0
 
 
-class ScriptedModel:
-    """A model double for the real worker: 'tone' when the window is loud, and it fails as scripted."""
+class ScriptedModel(ModelBase):
+    """A model double for the real inference stage: 'tone' when the window is loud, and it fails as scripted."""
 
     model_id = "scripted"
     sample_rate = 16000
-    batch_wait_ms = 5.0
-    gated_by = None
 
     def __init__(self, fail=None, delay_s: float = 0.0, device: str = "cpu", batch_max: int = 8):
-        self.name, self.labels = "clap", ("tone", "noise")
-        self.fail, self.delay_s, self.device, self.batch_max = fail, delay_s, device, batch_max
+        super().__init__("clap", SimpleNamespace(batch_max=batch_max, batch_wait_ms=5.0, gated_by=None))
+        self.labels = ("tone", "noise")
+        self.fail, self.delay_s, self.device = fail, delay_s, device
         self.calls: list[int] = []
 
-    def score(self, windows):
-        from monitord.models import Scores
+    def score(self, windows, upstream=None):
+        from monitord.types import Scores
 
         self.calls.append(len(windows))
         if self.fail is not None and (exc := self.fail(self, windows)) is not None:
@@ -138,8 +138,8 @@ pipeline: {{queue_max_windows: {queue}, overload_status_interval_s: 1.0}}
     daemon.start()
     began = time.monotonic()
     daemon.wait(threading.Event(), until_done=True)
+    daemon.stop(drain_timeout_s=float("inf"))
     elapsed = time.monotonic() - began
-    daemon.stop()
     return daemon, read_log(tmp_path / "events.jsonl"), elapsed
 
 
@@ -151,8 +151,8 @@ def test_a_batch_that_fails_is_split_until_it_fits(tmp_path):
     too_big = lambda model, windows: RuntimeError("CUDA out of memory (simulated)") if len(windows) > 2 else None  # noqa: E731
     model = ScriptedModel(fail=too_big)
     daemon, events, _ = run_daemon(tmp_path, model, loud_quiet())
-    windows = daemon.worker.stats.windows
-    assert windows > 0 and daemon.worker.stats.scored["clap"] == windows  # nothing lost
+    windows = daemon.inference.stats.windows
+    assert windows > 0 and daemon.inference.stats.scored["clap"] == windows  # nothing lost
     assert any(n > 2 for n in model.calls) and any(n <= 2 for n in model.calls)  # tried whole, then in halves
     assert not [e for e in events if e["kind"] == "status" and e["status"] == "model_error"]
     assert [e["phase"] for e in events if e["kind"] == "alert"] == ["onset", "offset"]
@@ -163,8 +163,8 @@ def test_a_window_that_always_fails_is_dropped_with_a_status_and_the_rest_go_on(
     daemon, events, _ = run_daemon(tmp_path, ScriptedModel(fail=poison), loud_quiet())
     errors = [e for e in events if e["kind"] == "status" and e["status"] == "model_error"]
     assert len(errors) == 1 and "bad window" in errors[0]["detail"]
-    assert daemon.worker.stats.dropped_after_failure == 1
-    assert daemon.worker.stats.scored["clap"] == daemon.worker.stats.windows - 1
+    assert daemon.inference.stats.dropped_after_failure == 1
+    assert daemon.inference.stats.scored["clap"] == daemon.inference.stats.windows - 1
 
 
 def test_repeated_gpu_failures_fall_back_to_the_cpu(tmp_path):
@@ -174,7 +174,7 @@ def test_repeated_gpu_failures_fall_back_to_the_cpu(tmp_path):
     assert model.device == "cpu"
     fallback = [e for e in events if e["kind"] == "status" and e["status"] == "model_fallback"]
     assert len(fallback) == 1 and "moved from cuda to cpu" in fallback[0]["detail"]
-    assert daemon.worker.stats.scored["clap"] + daemon.worker.stats.dropped_after_failure == daemon.worker.stats.windows
+    assert daemon.inference.stats.scored["clap"] + daemon.inference.stats.dropped_after_failure == daemon.inference.stats.windows
 
 
 def test_a_slow_model_drops_the_oldest_windows_and_capture_keeps_time(tmp_path):

@@ -9,14 +9,15 @@ import numpy as np
 import pytest
 
 from monitord.config import GateConfig
-from monitord.gate import Gate, clean, measure
+from monitord.types import Verdict
+from monitord.windowing.gate import clean, inspect, measure
 from tests.conftest import need, noise, silence, tone
 
 RATE = 48000
 
 
 def verdict(samples: np.ndarray, rate: int = RATE, **gate) -> bool:
-    return Gate(GateConfig(**gate)).inspect(samples, rate)[2]
+    return inspect(samples, rate, GateConfig(**gate))[2] is Verdict.PASSED
 
 
 @pytest.mark.parametrize("mode", ["energy", "speech"])
@@ -70,46 +71,45 @@ def espeak(text: str, tmp_path) -> tuple[np.ndarray, int]:
 def test_espeak_speech_passes_speech_mode(tmp_path):
     speech, rate = espeak("The quick brown fox jumps over the lazy dog near the river bank.", tmp_path)
     window = speech[: 2 * rate]
-    gate = Gate(GateConfig(mode="speech", threshold_dbfs=-50))
-    _, facts, passed = gate.inspect(window, rate)
-    assert passed and facts.speech_ratio is not None and facts.speech_ratio >= 0.5
+    _, facts, verdict = inspect(window, rate, GateConfig(mode="speech", threshold_dbfs=-50))
+    assert verdict is Verdict.PASSED and facts.speech_ratio is not None and facts.speech_ratio >= 0.5
 
 
 def test_periodic_mode_samples_a_steady_sound_and_lets_onsets_through():
     from monitord.config import WindowConfig
-    from monitord.windows import WindowCutter, window_starts
+    from monitord.windowing.tiling import ModelInput, WindowCutter, window_starts
 
     rate = 16000
     steady = tone(120, 30.0, rate, dbfs=-20) + noise(30.0, rate, -40)
     bang = noise(0.03, rate, -3, seed=9)
     at = int(17.2 * rate)
     steady[at : at + bang.size] += bang
-    cutter = WindowCutter("m", rate, WindowConfig(seconds=2.0, hop_s=0.5), GateConfig(mode="periodic", every_s=5.0, threshold_dbfs=-50), [])
+    cutter = WindowCutter("m", rate, WindowConfig(seconds=2.0, hop_s=0.5), GateConfig(mode="periodic", every_s=5.0, threshold_dbfs=-50),
+                          {"clap": ModelInput(rate)})
     passed = [w.stream_start for w in (cutter.cut(steady[s : s + 2 * rate], s, 0, 0) for s in window_starts(len(steady), 2 * rate, rate // 2)) if w.passed]
     # one window every 5 s of a steady hum; every window holding the bang at 17.2 s at once; then every 5 s again
     assert passed == [0.0, 5.0, 10.0, 15.0, 15.5, 16.0, 16.5, 17.0, 22.0, 27.0]
-    quiet = WindowCutter("q", rate, WindowConfig(), GateConfig(mode="periodic", threshold_dbfs=-50), [])
+    quiet = WindowCutter("q", rate, WindowConfig(), GateConfig(mode="periodic", threshold_dbfs=-50), {"clap": ModelInput(rate)})
     assert not quiet.cut(silence(2.0, rate), 0, 0, 0).passed  # silence is never sampled
 
 
 def test_windows_skipped_by_periodic_sampling_neither_start_nor_end_alerts():
-    from monitord.alerts import AlertEngine
+    from monitord.alerts.engine import AlertEngine
     from monitord.config import RuleConfig, WindowConfig
-    from monitord.windows import WindowCutter, window_starts
-    from monitord.windowqueue import WindowQueue
-    from monitord.worker import ModelWorker
+    from monitord.inference.worker import Scorer
+    from monitord.windowing.tiling import ModelInput, WindowCutter, window_starts
     from tests.test_faults import ScriptedModel
 
     rate = 16000
     audio = tone(120, 20.0, rate, dbfs=-20)  # a steady machine: every scored window says "tone"
-    cutter = WindowCutter("m", rate, WindowConfig(seconds=2.0, hop_s=0.5), GateConfig(mode="periodic", every_s=5.0, threshold_dbfs=-50), [rate])
+    cutter = WindowCutter("m", rate, WindowConfig(seconds=2.0, hop_s=0.5), GateConfig(mode="periodic", every_s=5.0, threshold_dbfs=-50),
+                          {"clap": ModelInput(rate)})
     windows = [cutter.cut(audio[s : s + 2 * rate], s, 0, 0) for s in window_starts(len(audio), 2 * rate, rate // 2)]
     engine = AlertEngine((RuleConfig(id="hum", model="clap", label="tone", threshold=0.5, min_windows=2, of_windows=3),))
     phases = []
-    worker = ModelWorker(WindowQueue(1), [ScriptedModel()],
-                         on_scores=lambda s: phases.extend(p for _, p, _ in engine.observe("clap", "m", s.probabilities, s.window.stream_end)),
-                         on_error=lambda *a: None,
-                         on_quiet=lambda w, m: phases.extend(p for _, p, _ in engine.observe_quiet("m", w.stream_end, m)))
-    worker.process(windows)
-    assert sum(w.passed for w in windows) == 4 and all(w.unsampled(None) for w in windows if not w.passed)
+    for scored in Scorer([ScriptedModel()]).process(windows):
+        for outcome in scored.outcomes:
+            phases += [t.phase for t in engine.observe("m", outcome, scored.window.stream_end)]
+    assert sum(w.passed for w in windows) == 4
+    assert all(w.gates["clap"] is Verdict.SAMPLED_OUT for w in windows if not w.passed)
     assert phases == ["onset"]  # two sampled windows 5 s apart make the 2-of-3, and the skipped ones end nothing

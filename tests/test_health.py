@@ -8,7 +8,7 @@ import subprocess
 import numpy as np
 import pytest
 
-from monitord.models.anomaly import roc_auc
+from monitord.inference.models.anomaly import roc_auc
 from tests.conftest import REPO, free_port, monitord_cmd, noise, silence, tone, write_wav
 
 RATE = 48000

@@ -8,9 +8,9 @@ import time
 import zmq
 
 from monitord.config import PublishConfig
-from monitord.events import SCHEMA, Event, iso_utc
-from monitord.eventlog import EventLog, last_seq_in
-from monitord.publish import Publisher, PublishError
+from monitord.types import SCHEMA, Event, iso_utc
+from monitord.output.eventlog import EventLog, last_seq_in
+from monitord.output.publish import Publisher, PublishError
 from tests.conftest import free_port
 
 
@@ -151,7 +151,7 @@ def curve_keys(tmp_path):
 
 
 def subscriber(ctx, endpoint, curve=None):
-    from monitord.tail import apply_client_curve
+    from monitord.tools.tail import apply_client_curve
 
     sub = ctx.socket(zmq.SUB)
     sub.setsockopt(zmq.LINGER, 0)

@@ -88,7 +88,7 @@ def test_the_esports_preset_runs_against_a_local_stream(tiny_clap, tiny_emotion,
 
     from tests.conftest import REPO
     from tests.test_e2e import subscribed_daemon
-    from monitord.windows import resample
+    from monitord.audio import resample
 
     need(shutil.which("ffmpeg") is not None and shutil.which("espeak-ng") is not None, "ffmpeg and espeak-ng are needed")
     subprocess.run(["espeak-ng", "-w", str(tmp_path / "cast.wav"), "And they take the final fight! What a comeback from the underdogs."],

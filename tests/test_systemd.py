@@ -46,7 +46,7 @@ def test_daemon_notifies_ready_pings_the_watchdog_and_says_stopping(tiny_clap, t
     assert messages[-1] == "STOPPING=1"
 
 
-def test_a_stuck_worker_is_unhealthy_so_the_watchdog_stops_pinging(tmp_path):
+def test_a_stuck_inference_stage_is_unhealthy_so_the_watchdog_stops_pinging(tmp_path):
     from monitord.config import load_config
     from monitord.daemon import Daemon
 
@@ -55,20 +55,22 @@ def test_a_stuck_worker_is_unhealthy_so_the_watchdog_stops_pinging(tmp_path):
 sources: [{{id: rec, file: in.wav}}]
 models: {{clap: {{kind: clap, model: unused, labels: [tone, noise]}}}}
 publish: {{endpoint: "tcp://127.0.0.1:{free_port()}", event_log: events.jsonl}}
+pipeline: {{inference_stall_s: 0.5}}
 """)
     daemon = Daemon(load_config(tmp_path / "c.yaml"), {"clap": ScriptedModel(delay_s=2.0)})  # one window: 2 s
-    assert daemon.healthy(max_age_s=0.5)
+    assert not daemon.healthy(), "stages that are not running cannot be healthy"
     daemon.start()
     try:
         deadline = time.monotonic() + 10
         seen_unhealthy = False
         while time.monotonic() < deadline and not seen_unhealthy:
-            seen_unhealthy = not daemon.healthy(max_age_s=0.5)
+            health = daemon.health()
+            seen_unhealthy = not health["inference"].ok
             time.sleep(0.05)
-        assert seen_unhealthy, "a worker inside a 2 s model call still looked healthy"
+        assert seen_unhealthy, "an inference stage inside a 2 s model call still looked healthy"
+        assert "no progress" in health["inference"].reason and not daemon.healthy()
     finally:
-        daemon.stop_event.set()
-        daemon.stop()
+        daemon.stop(drain_timeout_s=0.0)
 
 
 def test_the_unit_file_verifies(tmp_path):

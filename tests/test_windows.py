@@ -2,16 +2,14 @@
 
 from __future__ import annotations
 
-import threading
-
 import numpy as np
 import pytest
 
-from monitord.capture import FileSource
-from monitord.config import GateConfig, SourceConfig, WindowConfig
-from monitord.ringbuffer import Overrun, RingBuffer
-from monitord.windows import WindowCutter, Windower, resample, window_starts
-from tests.conftest import dominant_frequency, noise, silence, tone, write_wav
+from monitord.audio import resample
+from monitord.config import GateConfig
+from monitord.sources.ring import Overrun, RingBuffer
+from monitord.windowing.tiling import Tiler, window_starts
+from tests.conftest import dominant_frequency, file_windows, noise, silence, tone, write_wav
 
 
 def test_window_starts_cover_the_stream():
@@ -19,6 +17,18 @@ def test_window_starts_cover_the_stream():
     assert list(window_starts(11, 4, 2)) == [0, 2, 4, 6, 7]  # a final window aligned to the end
     assert list(window_starts(3, 4, 2)) == [0]
     assert list(window_starts(0, 4, 2)) == []
+
+
+def test_the_live_tiler_gives_the_offline_starts_whatever_the_arrival_steps():
+    import random
+
+    rng = random.Random(3)
+    for total, length, hop in ((10, 4, 2), (11, 4, 2), (3, 4, 2), (1000, 96, 24), (1001, 96, 25), (96, 96, 24)):
+        tiler, available, live = Tiler(length, hop), 0, []
+        while available < total:
+            available = min(total, available + rng.randint(1, 40))
+            live += tiler.take(available, ended=available == total)
+        assert live == window_starts(total, length, hop), (total, length, hop)
 
 
 def test_ring_buffer_wraps_and_detects_overrun():
@@ -42,24 +52,17 @@ def test_resampling_keeps_frequency_and_length():
 
 
 def run_file_windows(path, realtime=False, block_s=None, hop_s=0.5):
-    config = SourceConfig(id="f", file=str(path), realtime=realtime)
-    statuses = []
-    source = FileSource(config, ring_seconds=4.0, on_status=lambda *a: statuses.append(a[1:]))
-    if block_s is not None:
-        import monitord.capture as capture
+    import monitord.sources.file as file_source
 
-        capture.FILE_BLOCK_S, old = block_s, capture.FILE_BLOCK_S
-    cutter = WindowCutter("f", source.sample_rate, WindowConfig(seconds=2.0, hop_s=hop_s), GateConfig(mode="energy", threshold_dbfs=-50), [48000])
-    windows, stop, done = [], threading.Event(), threading.Event()
-    windower = Windower(source.ring, cutter, windows.append, stop, on_finished=done.set)
-    windower.start()
-    source.start()
+    old = file_source.FILE_BLOCK_S
+    if block_s is not None:
+        file_source.FILE_BLOCK_S = block_s
     try:
-        assert done.wait(30)
+        _, windows, statuses = file_windows(path, GateConfig(mode="energy", threshold_dbfs=-50), hop_s=hop_s,
+                                            ring_seconds=4.0, realtime=realtime)
     finally:
-        if block_s is not None:
-            capture.FILE_BLOCK_S = old
-    return windows, statuses
+        file_source.FILE_BLOCK_S = old
+    return windows, [s[0] for s in statuses]
 
 
 def test_file_windows_have_exact_stream_times_and_gate_verdicts(tmp_path):
@@ -70,7 +73,7 @@ def test_file_windows_have_exact_stream_times_and_gate_verdicts(tmp_path):
     assert starts == [i * 0.5 for i in range(9)] + [4.3]  # 6.3 s: every hop, then one aligned to the end
     passed = [(w.stream_start, w.stream_end) for w in windows if w.passed]
     assert passed == [(1.5, 3.5), (2.0, 4.0), (2.5, 4.5), (3.0, 5.0), (3.5, 5.5)]
-    assert [s[0] for s in statuses] == ["up", "eof"]
+    assert statuses == ["up", "eof"]
     # every window of one rate has one length, resampled for the model
     assert {len(w.at_rate(48000)) for w in windows if w.passed} == {96000}
 

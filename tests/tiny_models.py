@@ -12,7 +12,7 @@ import sys
 from pathlib import Path
 
 def build_tokenizer(folder: Path):
-    from monitord.models.offline import train_roberta_tokenizer
+    from monitord.inference.models.offline import train_roberta_tokenizer
 
     return train_roberta_tokenizer(folder)
 

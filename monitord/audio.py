@@ -1,0 +1,57 @@
+"""Small audio helpers every stage shares: mono mix-down, resampling, reading a file."""
+
+from __future__ import annotations
+
+import io
+from pathlib import Path
+
+import numpy as np
+import soxr
+
+
+class AudioFileError(Exception):
+    """The file cannot be decoded as audio."""
+
+
+def to_mono(frames: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
+    """(frames, channels) -> (frames,) float32, the mean of the channels; a 1-D input is returned as it is.
+
+    With ``out`` (float32, at least ``len(frames)`` long) nothing is allocated: the capture
+    callback's path. One channel gives a view of the input, not a copy.
+    """
+    if frames.ndim == 1:
+        return frames
+    if frames.shape[1] == 1:
+        return frames[:, 0]  # a view: whoever keeps it copies it (the ring buffer does)
+    if out is None:
+        return frames.mean(axis=1, dtype=np.float32)
+    target = out[: frames.shape[0]]
+    np.mean(frames, axis=1, out=target)
+    return target
+
+
+def resample(samples: np.ndarray, from_rate: int, to_rate: int) -> np.ndarray:
+    """soxr, high quality; the length is always round(len * to / from), so every window of one
+    length has one length at the new rate."""
+    if from_rate == to_rate:
+        return samples
+    out = soxr.resample(samples, from_rate, to_rate, quality="HQ")
+    expected = round(len(samples) * to_rate / from_rate)
+    if len(out) != expected:
+        out = np.pad(out, (0, max(0, expected - len(out))))[:expected]
+    return out.astype(np.float32, copy=False)
+
+
+def read_mono(source: Path | bytes) -> tuple[np.ndarray, int]:
+    """A whole file (a path, or its bytes) as mono float32 and its sample rate; AudioFileError if unreadable."""
+    import soundfile as sf
+
+    name = "the upload" if isinstance(source, bytes) else str(source)
+    try:
+        data, rate = sf.read(io.BytesIO(source) if isinstance(source, bytes) else str(source), dtype="float32", always_2d=True)
+    except (RuntimeError, sf.LibsndfileError, TypeError) as exc:
+        raise AudioFileError(f"cannot read audio file {name}: {exc}") from None
+    if data.shape[0] == 0:
+        raise AudioFileError(f"audio file {name} holds no samples")
+    return np.ascontiguousarray(to_mono(data)), int(rate)
+

@@ -1,0 +1,101 @@
+"""YAML configuration: parsed, validated and frozen before anything starts.
+
+Every problem is reported as ``path.to.key: what is wrong (line N)``; the daemon and
+``check-config`` exit with status 2 when there is any.
+
+- ``schema``: the sections and keys (pydantic models, frozen, unknown keys refused);
+- ``errors``: pydantic's and YAML's errors mapped to key paths and lines, with "did you mean";
+- ``checks``: what spans keys (labels against vocabularies, cascades, addresses, files).
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+import yaml
+from pydantic import ValidationError
+
+from monitord.config.checks import cross_check, yamnet_class_names
+from monitord.config.errors import ConfigError, Problem, error_path, line_of, merge, problem_from_pydantic
+from monitord.config.schema import *  # noqa: F401,F403  (the public names of every section)
+from monitord.config.schema import Config
+
+
+def load_config(path: str | os.PathLike[str]) -> Config:
+    """Read, validate and resolve a YAML config file; raises ConfigError."""
+    path = Path(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise ConfigError([Problem("config", f"file not found: {path}")]) from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ConfigError([Problem("config", f"cannot read {path}: {exc}")]) from None
+    return parse_config(text, base_dir=path.resolve().parent)
+
+
+def parse_config(text: str, base_dir: Path) -> Config:
+    try:
+        root_node = yaml.compose(text, Loader=yaml.SafeLoader)
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        line = mark.line + 1 if mark is not None else None
+        problem = getattr(exc, "problem", None) or str(exc)
+        raise ConfigError([Problem("config", f"invalid YAML: {problem}", line)]) from None
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise ConfigError([Problem("config", f"top level must be a mapping of sections, not {type(data).__name__}")])
+
+    try:
+        config = Config.model_validate(data)
+    except ValidationError as exc:
+        errors = exc.errors()
+        # A list whose item failed also reports itself "too short": the item's error says it all.
+        paths = {error_path(err) for err in errors}
+        errors = [e for e in errors if not (e["type"] == "too_short" and any(p.startswith(error_path(e) + ".") for p in paths))]
+        raise ConfigError(merge([problem_from_pydantic(err, root_node) for err in errors])) from None
+
+    config = _resolve_paths(config, base_dir)
+    problems = cross_check(config)
+    if problems:
+        raise ConfigError([Problem(p.path, p.message, line_of(root_node, p.path)) for p in problems])
+    return config
+
+
+def _resolve(base_dir: Path, value: str) -> str:
+    path = Path(os.path.expanduser(value))
+    return str(path if path.is_absolute() else (base_dir / path).resolve())
+
+
+def _resolve_paths(config: Config, base_dir: Path) -> Config:
+    sources = tuple(
+        s.model_copy(update={"file": _resolve(base_dir, s.file)}) if s.file is not None else s for s in config.sources
+    )
+    models = {}
+    for name, model in config.models.items():
+        if model.kind == "anomaly":
+            models[name] = model.model_copy(update={
+                "bank": None if model.bank is None else _resolve(base_dir, model.bank),
+                "banks": {source: _resolve(base_dir, path) for source, path in model.banks.items()},
+            })
+            continue
+        local = Path(_resolve(base_dir, model.model))
+        looks_like_path = model.kind == "yamnet" or model.model.startswith((".", "/", "~")) or local.exists()
+        update: dict[str, Any] = {"model": str(local)} if looks_like_path else {}
+        if getattr(model, "class_map", None) is not None:
+            update["class_map"] = _resolve(base_dir, model.class_map)
+        models[name] = model.model_copy(update=update)
+    clips = config.clips.model_copy(update={"dir": _resolve(base_dir, config.clips.dir)})
+    publish = config.publish
+    if publish.event_log is not None:
+        publish = publish.model_copy(update={"event_log": _resolve(base_dir, publish.event_log)})
+    if publish.curve is not None:
+        curve = publish.curve.model_copy(update={
+            "server_secret_key": _resolve(base_dir, publish.curve.server_secret_key),
+            "authorized_clients": _resolve(base_dir, publish.curve.authorized_clients),
+        })
+        publish = publish.model_copy(update={"curve": curve})
+    return config.model_copy(update={"sources": sources, "models": models, "publish": publish, "clips": clips})

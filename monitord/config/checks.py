@@ -1,0 +1,222 @@
+"""Checks that span keys: ids, labels against each model's vocabulary, cascades, addresses, files."""
+
+from __future__ import annotations
+
+import difflib
+import re
+from pathlib import Path
+from typing import Any
+
+from monitord.config.errors import Problem
+from monitord.config.schema import EMOTIONS, ID_PATTERN, Config, PublishConfig
+from monitord.net import is_loopback, split_host_port
+
+
+def cross_check(config: Config) -> list[Problem]:
+    problems: list[Problem] = []
+    add = lambda path, message: problems.append(Problem(path, message))  # noqa: E731
+
+    seen_ids: set[str] = set()
+    for i, source in enumerate(config.sources):
+        where = f"sources.{i}"
+        if source.id in seen_ids:
+            add(f"{where}.id", f"duplicate source id {source.id!r}")
+        seen_ids.add(source.id)
+        if sum(x is not None for x in (source.device, source.file, source.url)) != 1:
+            add(where, "give exactly one of 'device', 'file' or 'url'")
+        if source.file is not None:
+            if not Path(source.file).is_file():
+                add(f"{where}.file", f"file not found: {source.file}")
+        if source.device is not None and source.realtime:
+            add(f"{where}.realtime", "only file and url sources take 'realtime' (devices are always real time)")
+        if source.file is not None and source.retry:
+            add(f"{where}.retry", "only device sources take 'retry'")
+
+    window = config.window
+    if window.hop_s > window.seconds:
+        add("window.hop_s", f"hop ({window.hop_s} s) is longer than the window ({window.seconds} s): audio would be skipped")
+    needed = window.seconds + window.hop_s
+    if config.pipeline.ring_seconds < needed:
+        add("pipeline.ring_seconds", f"must be at least {needed:g} s (window.seconds + window.hop_s)")
+    if config.metrics.bind is not None:
+        problem = _check_bind(config.metrics.bind, remote_ok=config.metrics.allow_remote,
+                              remote_hint=": set metrics.allow_remote: true if you mean it")
+        if problem:
+            add("metrics.bind", problem)
+
+    vocabularies: dict[str, tuple[str, ...]] = {}
+    for name, model in config.models.items():
+        labels, model_problems = _model_vocabulary(name, model)
+        problems.extend(model_problems)
+        if labels is not None:
+            vocabularies[name] = labels
+    problems.extend(_check_cascades(config, vocabularies))
+    for name, model in config.models.items():
+        if model.kind != "anomaly":
+            continue
+        where = f"models.{name}"
+        target = config.models.get(model.embedding_model)
+        if target is None or target.kind != "clap":
+            add(f"{where}.embedding_model", f"{model.embedding_model!r} is not a clap model of this config")
+        if model.bank is None and not model.banks:
+            add(where, "give a bank (for every source) or banks (per source): `monitord enroll` records one")
+        for source_id in model.banks:
+            if source_id not in seen_ids:
+                add(f"{where}.banks.{source_id}", f"no source named {source_id!r}")
+
+    seen_rules: set[str] = set()
+    for i, rule in enumerate(config.rules):
+        where = f"rules.{i}"
+        if rule.id in seen_rules:
+            add(f"{where}.id", f"duplicate rule id {rule.id!r}")
+        seen_rules.add(rule.id)
+        if rule.model not in config.models:
+            add(f"{where}.model", f"no model named {rule.model!r} (models: {', '.join(config.models)})")
+        elif rule.model in vocabularies:
+            problem = _unknown_label(rule.label, vocabularies[rule.model], rule.model)
+            if problem:
+                add(f"{where}.label", problem)
+        if rule.release is not None and rule.release > rule.threshold:
+            add(f"{where}.release", f"release ({rule.release}) must not exceed threshold ({rule.threshold})")
+        if rule.min_windows > rule.of_windows:
+            add(f"{where}.min_windows", f"min_windows ({rule.min_windows}) exceeds of_windows ({rule.of_windows})")
+        for j, source_id in enumerate(rule.sources or ()):
+            if source_id not in seen_ids and source_id not in {s.id for s in config.sources}:
+                add(f"{where}.sources.{j}", f"no source named {source_id!r}")
+
+    for name in config.models:
+        if not re.match(ID_PATTERN, name):
+            add(f"models.{name}", f"{name!r} is not a valid model name: use letters, digits, '-' and '_'")
+
+    problems.extend(_check_endpoint(config.publish))
+    if config.http.bind is not None:
+        problem = _check_bind(config.http.bind, remote_ok=config.http.token is not None,
+                              remote_hint=" without a token: set http.token (16+ characters)")
+        if problem:
+            add("http.bind", problem)
+    if isinstance(config.publish.scores, tuple):
+        names = set(config.models) | {s.id for s in config.sources}
+        for j, name in enumerate(config.publish.scores):
+            if name not in names:
+                add(f"publish.scores.{j}", f"{name!r} is neither a model nor a source")
+    curve = config.publish.curve
+    if curve is not None:
+        if not Path(curve.server_secret_key).is_file():
+            add("publish.curve.server_secret_key", f"file not found: {curve.server_secret_key} (monitord keys DIR --name server)")
+        if not Path(curve.authorized_clients).is_dir():
+            add("publish.curve.authorized_clients", f"not a folder: {curve.authorized_clients}")
+    return problems
+
+
+def _unknown_label(label: str, vocabulary: tuple[str, ...], model: str) -> str | None:
+    if label in vocabulary:
+        return None
+    close = difflib.get_close_matches(label, vocabulary, n=1, cutoff=0.5)
+    hint = f"; did you mean {close[0]!r}?" if close else ""
+    return f"{label!r} is not a label of model {model!r}{hint}"
+
+
+def yamnet_class_names(class_map: str | None) -> tuple[str, ...]:
+    """Display names in output order, from YAMNet's class map CSV (index, mid, display_name)."""
+    import csv
+
+    path = Path(class_map) if class_map else Path(__file__).parents[1] / "inference" / "models" / "yamnet_class_map.csv"
+    with path.open(newline="", encoding="utf-8") as f:
+        return tuple(row["display_name"] for row in csv.DictReader(f))
+
+
+def _model_vocabulary(name: str, model: Any) -> tuple[tuple[str, ...] | None, list[Problem]]:
+    """Every label a rule may name on this model, and any problems with the model's own names."""
+    if model.kind == "clap":
+        return model.labels, []
+    if model.kind == "anomaly":
+        return ("anomaly",), []
+    if model.kind == "emotion":
+        problems = [
+            Problem(f"models.{name}.label_map.{label}", f"{target!r} is not one of the emotions ({', '.join(EMOTIONS)})")
+            for label, target in model.label_map.items()
+            if target not in EMOTIONS
+        ]
+        return EMOTIONS, problems
+    where = f"models.{name}"
+    try:
+        classes = yamnet_class_names(model.class_map)
+    except (OSError, KeyError, UnicodeDecodeError) as exc:
+        return None, [Problem(f"{where}.class_map", f"cannot read the class map: {exc}")]
+    problems = []
+    for group, members in model.groups.items():
+        if group in classes:
+            problems.append(Problem(f"{where}.groups.{group}", f"group name {group!r} is also a class name: pick another"))
+        if not members:
+            problems.append(Problem(f"{where}.groups.{group}", "a group needs at least one class"))
+        for j, member in enumerate(members):
+            problem = _unknown_label(member, classes, name)
+            if problem:
+                problems.append(Problem(f"{where}.groups.{group}.{j}", problem.replace("is not a label", "is not a class")))
+    return classes + tuple(model.groups), problems
+
+
+def _check_cascades(config: Config, vocabularies: dict[str, tuple[str, ...]]) -> list[Problem]:
+    problems = []
+    for name, model in config.models.items():
+        cascade = model.gated_by
+        if cascade is None:
+            continue
+        where = f"models.{name}.gated_by"
+        if cascade.model == name or cascade.model not in config.models:
+            problems.append(Problem(f"{where}.model", f"no other model named {cascade.model!r}"))
+            continue
+        if config.models[cascade.model].gated_by is not None:
+            problems.append(Problem(f"{where}.model", f"{cascade.model!r} is itself gated: cascades are one level deep"))
+        for j, label in enumerate(cascade.labels):
+            problem = _unknown_label(label, vocabularies.get(cascade.model, (label,)), cascade.model)
+            if problem:
+                problems.append(Problem(f"{where}.labels.{j}", problem))
+    return problems
+
+
+def _check_endpoint(publish: PublishConfig) -> list[Problem]:
+    problems = []
+    for key in ("endpoint", "replay_endpoint"):
+        endpoint = getattr(publish, key)
+        if endpoint is not None:
+            problems += _check_one_endpoint(f"publish.{key}", endpoint, publish)
+    if publish.replay_endpoint is not None and publish.event_log is None:
+        problems.append(Problem("publish.replay_endpoint", "needs publish.event_log: replay reads the log"))
+    if publish.replay_endpoint is not None and publish.replay_endpoint == publish.endpoint:
+        problems.append(Problem("publish.replay_endpoint", "must differ from publish.endpoint"))
+    return problems
+
+
+def _check_one_endpoint(key: str, endpoint: str, publish: PublishConfig) -> list[Problem]:
+    match = re.match(r"^(tcp|ipc|inproc)://(.+)$", endpoint)
+    if not match:
+        return [Problem(key, f"{endpoint!r} is not a ZeroMQ endpoint (tcp://HOST:PORT, ipc://PATH)")]
+    if match.group(1) != "tcp":
+        return []
+    address = match.group(2)
+    try:
+        host, _ = split_host_port(address.replace(":*", ":1") if address.endswith(":*") else address)
+    except ValueError:
+        return [Problem(key, f"{endpoint!r}: expected tcp://HOST:PORT")]
+    if not is_loopback(host) and not publish.allow_insecure_remote and publish.curve is None:
+        return [
+            Problem(
+                key,
+                f"binds a non-loopback address ({host}) without encryption: events would be readable on the "
+                "network; bind 127.0.0.1, configure publish.curve, or set publish.allow_insecure_remote: true",
+            )
+        ]
+    return []
+
+
+
+def _check_bind(bind: str, remote_ok: bool, remote_hint: str) -> str | None:
+    """What is wrong with an HTTP server's HOST:PORT, if anything."""
+    try:
+        host, _ = split_host_port(bind)
+    except ValueError as exc:
+        return str(exc)
+    if not is_loopback(host) and not remote_ok:
+        return f"binds a non-loopback address ({host}){remote_hint}"
+    return None

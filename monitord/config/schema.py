@@ -1,0 +1,304 @@
+"""The configuration's schema: sections, keys, units and bounds (pydantic, frozen, unknown keys refused)."""
+
+from __future__ import annotations
+
+from typing import Annotated, Any, Literal, Union
+
+from pydantic import BaseModel, ConfigDict, Discriminator, Field, Tag, field_validator
+
+ID_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_\-]*$"
+DEFAULT_CLAP_MODEL = "laion/clap-htsat-unfused"
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True, strict=False)
+
+
+class GateConfig(_Strict):
+    """Which windows are worth scoring."""
+
+    mode: Literal["energy", "speech", "periodic", "always"] = "energy"
+    """energy: sound above the threshold (or an onset); speech: that and a share of speech frames;
+    periodic: sound, sampled once every ``every_s`` unless an onset comes first (steady machines);
+    always: every window."""
+    threshold_dbfs: float = Field(-50.0, ge=-120.0, le=0.0)
+    onset_db: float = Field(10.0, gt=0.0, le=60.0)
+    """A 20 ms frame this much louder than the window's median frame counts as an onset."""
+    speech_ratio: float = Field(0.3, ge=0.0, le=1.0)
+    """speech mode: share of the window's VAD frames that must be speech."""
+    vad: Literal["silero", "webrtc"] = "silero"
+    """silero tells speech from other sound; webrtc only tells sound from silence."""
+    vad_threshold: float = Field(0.5, gt=0.0, lt=1.0)
+    """silero: speech probability above which a 32 ms frame counts as speech."""
+    vad_aggressiveness: int = Field(2, ge=0, le=3)
+    """webrtc: its mode, 0-3."""
+    every_s: float = Field(10.0, gt=0.0, le=86400.0)
+    """periodic: seconds of stream time between sampled windows."""
+
+
+class SourceConfig(_Strict):
+    id: str = Field(pattern=ID_PATTERN, max_length=64)
+    device: Union[int, str, None] = None
+    """sounddevice index, a substring of the device name, or "default"."""
+    file: str | None = None
+    url: str | None = None
+    """Any ffmpeg input: rtmp://, rtsp://, https://...m3u8, http://...; decoded by an ffmpeg subprocess."""
+    sample_rate: int | None = Field(None, ge=8000, le=384000)
+    """Capture/decode rate for devices and urls (default 48000); files play at their own rate."""
+    channels: int = Field(1, ge=1, le=64)
+    """Channels opened on a device; mixed down to mono."""
+    blocksize: int = Field(0, ge=0, le=65536)
+    """Frames per capture callback; 0 lets PortAudio choose."""
+    realtime: bool = False
+    """File sources: pace like a live source instead of running as fast as the worker goes."""
+    retry: bool = False
+    """Devices: if missing at start, keep trying (with a status event) instead of exiting 2."""
+    reconnect: bool = True
+    """Devices: reopen a lost stream with exponential backoff."""
+    watchdog_s: float = Field(2.0, gt=0.0, le=600.0)
+    """Devices: no block for this long means the stream is lost."""
+    backoff_max_s: float = Field(30.0, gt=0.0, le=3600.0)
+    gate: GateConfig | None = None
+
+    @property
+    def kind(self) -> str:
+        return "file" if self.file is not None else "url" if self.url is not None else "device"
+
+
+class WindowConfig(_Strict):
+    seconds: float = Field(2.0, gt=0.0, le=60.0)
+    hop_s: float = Field(0.5, gt=0.0, le=60.0)
+
+
+class CascadeConfig(_Strict):
+    """Score a window with this model only where another model already heard something relevant."""
+
+    model: str
+    labels: tuple[str, ...] = Field(min_length=1)
+    threshold: float = Field(ge=0.0, le=1.0)
+    """The window goes on when the best of ``labels`` reaches this."""
+
+
+class _ModelSettings(_Strict):
+    """What every model kind takes: batching, an optional cascade and an optional gate of its own."""
+
+    batch_max: int = Field(8, ge=1, le=4096)
+    """Windows per forward pass."""
+    batch_wait_ms: float = Field(20.0, ge=0.0, le=5000.0)
+    """How long the worker waits to fill a batch."""
+    gated_by: CascadeConfig | None = None
+    gate: GateConfig | None = None
+    """This model's own gate (e.g. speech for an emotion model); the source's gate when absent."""
+
+
+EMOTIONS = ("angry", "disgusted", "fearful", "happy", "neutral", "other", "sad", "surprised", "unknown")
+"""The one emotion vocabulary every emotion checkpoint is mapped onto."""
+
+
+class ClapModelConfig(_ModelSettings):
+    kind: Literal["clap"] = "clap"
+    model: str = DEFAULT_CLAP_MODEL
+    """Hugging Face model id or local directory."""
+    device: str = Field("auto", pattern=r"^(auto|cpu|cuda|cuda:\d+)$")
+    dtype: Literal["auto", "float32", "float16", "bfloat16"] = "auto"
+    labels: tuple[str, ...] = Field(min_length=2)
+    prompt: str = "This is a sound of {label}."
+
+    @field_validator("labels")
+    @classmethod
+    def _labels_unique(cls, labels: tuple[str, ...]) -> tuple[str, ...]:
+        cleaned = tuple(label.strip() for label in labels)
+        if any(not label for label in cleaned):
+            raise ValueError("labels must not be empty strings")
+        duplicates = sorted({label for label in cleaned if cleaned.count(label) > 1})
+        if duplicates:
+            raise ValueError(f"duplicate labels: {', '.join(duplicates)}")
+        return cleaned
+
+    @field_validator("prompt")
+    @classmethod
+    def _prompt_has_label(cls, prompt: str) -> str:
+        if "{label}" not in prompt:
+            raise ValueError('prompt must contain "{label}"')
+        try:
+            prompt.format(label="x")
+        except (KeyError, IndexError, ValueError) as exc:
+            raise ValueError(f"prompt is not a valid template ({exc}); only {{label}} may be used") from None
+        return prompt
+
+
+class YamnetModelConfig(_ModelSettings):
+    """Google's YAMNet (TFLite classification export, 521 AudioSet classes) on CPU."""
+
+    kind: Literal["yamnet"]
+    model: str
+    """Path to the .tflite file."""
+    class_map: str | None = None
+    """CSV of class names in output order; the AudioSet map shipped with monitord when absent."""
+    groups: dict[str, tuple[str, ...]] = {}
+    """Named groups of classes; a group's score is the best of its members."""
+    pool: Literal["max", "mean"] = "max"
+    """How the 0.975 s frames inside a window are combined."""
+    threads: int = Field(1, ge=1, le=64)
+    batch_max: int = Field(16, ge=1, le=4096)
+
+
+class EmotionModelConfig(_ModelSettings):
+    """Any AutoModelForAudioClassification speech-emotion checkpoint (wav2vec2 / HuBERT / WavLM style)."""
+
+    kind: Literal["emotion"]
+    model: str
+    """Hugging Face model id or local directory."""
+    device: str = Field("auto", pattern=r"^(auto|cpu|cuda|cuda:\d+)$")
+    dtype: Literal["auto", "float32", "float16", "bfloat16"] = "auto"
+    label_map: dict[str, str] = {}
+    """Checkpoint label -> emotion (angry, disgusted, fearful, happy, neutral, other, sad, surprised,
+    unknown), on top of the built-in aliases (ang, hap, neu, calm, ...); unmapped labels go to other."""
+
+
+class AnomalyModelConfig(_ModelSettings):
+    """Machine health: distance of a window's embedding to enrolled normal ones (label ``anomaly``)."""
+
+    kind: Literal["anomaly"]
+    embedding_model: str
+    """The model (kind clap) whose audio embeddings are compared."""
+    bank: str | None = None
+    """Bank for every source (``monitord enroll`` writes it)."""
+    banks: dict[str, str] = {}
+    """Per-source banks (source id -> bank), over ``bank``."""
+    batch_max: int = Field(64, ge=1, le=4096)
+    batch_wait_ms: float = Field(0.0, ge=0.0, le=5000.0)
+
+
+MODEL_KINDS = ("clap", "yamnet", "emotion", "anomaly")
+
+
+def _model_kind(value: Any) -> str:
+    kind = value.get("kind", "clap") if isinstance(value, dict) else getattr(value, "kind", "clap")
+    return kind if kind in MODEL_KINDS else "clap"
+
+
+ModelConfig = Annotated[
+    Union[
+        Annotated[ClapModelConfig, Tag("clap")],
+        Annotated[YamnetModelConfig, Tag("yamnet")],
+        Annotated[EmotionModelConfig, Tag("emotion")],
+        Annotated[AnomalyModelConfig, Tag("anomaly")],
+    ],
+    Discriminator(_model_kind),
+]
+
+
+class RuleConfig(_Strict):
+    id: str = Field(pattern=ID_PATTERN, max_length=64)
+    model: str
+    label: str
+    sources: tuple[str, ...] | None = None
+    """Sources this rule watches; all when absent."""
+    threshold: float = Field(ge=0.0, le=1.0)
+    release: float | None = Field(None, ge=0.0, le=1.0)
+    """Score below which an active alert ends; defaults to the threshold."""
+    min_windows: int = Field(1, ge=1, le=1000)
+    of_windows: int = Field(1, ge=1, le=1000)
+    cooldown_s: float = Field(0.0, ge=0.0)
+
+    @property
+    def release_level(self) -> float:
+        return self.threshold if self.release is None else self.release
+
+
+class CurveConfig(_Strict):
+    """ZeroMQ CURVE: encryption, and only the listed clients may connect."""
+
+    server_secret_key: str
+    """The server's secret certificate (``monitord keys DIR --name server`` writes DIR/server.key_secret)."""
+    authorized_clients: str
+    """A folder of client public certificates (NAME.key) allowed to subscribe and replay."""
+
+
+class PublishConfig(_Strict):
+    endpoint: str = "tcp://127.0.0.1:5556"
+    event_log: str | None = "events.jsonl"
+    event_log_max_mb: float | None = Field(64.0, gt=0.0)
+    """Rotate the log at this size (events.jsonl -> events.jsonl.1 ...); null: never."""
+    event_log_keep: int = Field(5, ge=1, le=1000)
+    """Rotated files kept."""
+    fsync: bool = False
+    """fsync the event log after every event (durable across power loss; slower)."""
+    replay_endpoint: str | None = None
+    """ROUTER socket answering {"since": N} from the log, so subscribers can fill gaps (tcp://127.0.0.1:5557)."""
+    send_hwm: int = Field(10000, ge=1)
+    """ZeroMQ send high-water mark per subscriber: bounds memory held for slow subscribers."""
+    scores: bool | tuple[str, ...] = False
+    """Also publish every scored window's scores on ``scores.<source>.<model>`` (not logged): a live
+    tag stream. true: all; a list: only these models and/or sources."""
+    curve: CurveConfig | None = None
+    allow_insecure_remote: bool = False
+    """Allow a non-loopback bind without CURVE (events readable by anyone on the network)."""
+    host: str | None = None
+    """Host name stamped on events; the machine's name when absent."""
+
+
+class PipelineConfig(_Strict):
+    queue_max_windows: int = Field(64, ge=1, le=100000)
+    """Bounded window queue; live sources drop the oldest window when it is full."""
+    shutdown_timeout_s: float = Field(5.0, ge=0.0, le=600.0)
+    overload_status_interval_s: float = Field(10.0, ge=0.0)
+    ring_seconds: float = Field(10.0, ge=1.0, le=3600.0)
+    """Ring buffer length per source (at least window + hop; with clips on, monitord makes it long
+    enough for the pre-roll to survive the window queue's worst lag)."""
+    inference_stall_s: float = Field(60.0, gt=0.0, le=3600.0)
+    """The inference stage is unhealthy (no watchdog ping) when one batch takes longer than this."""
+
+
+class ClipsConfig(_Strict):
+    """Audio around each alert onset, from the ring buffer (so the pre-roll is real). Off: privacy."""
+
+    enabled: bool = False
+    dir: str = "clips"
+    pre_s: float = Field(2.0, ge=0.0, le=600.0)
+    """Seconds before the alerting window's start."""
+    post_s: float = Field(2.0, ge=0.0, le=600.0)
+    """Seconds after the alerting window's end."""
+    format: Literal["flac", "wav"] = "flac"
+    max_age_days: float | None = Field(30.0, gt=0.0)
+    max_total_mb: float | None = Field(1024.0, gt=0.0)
+
+
+class MetricsConfig(_Strict):
+    """Prometheus metrics over HTTP; off unless ``bind`` is set."""
+
+    bind: str | None = None
+    """HOST:PORT, e.g. 127.0.0.1:9464 (loopback unless allow_remote)."""
+    allow_remote: bool = False
+
+
+class HttpConfig(_Strict):
+    """The live dashboard, served by the daemon; off unless ``bind`` is set."""
+
+    bind: str | None = None
+    """HOST:PORT, e.g. 127.0.0.1:8080."""
+    token: str | None = Field(None, min_length=16)
+    """Required on every request when set; a non-loopback bind needs one."""
+    max_upload_mb: float = Field(20.0, gt=0.0, le=1024.0)
+    """The try-it panel refuses larger uploads (413) without reading them whole."""
+
+
+class Config(_Strict):
+    sources: tuple[SourceConfig, ...] = Field(min_length=1)
+    gate: GateConfig = GateConfig()
+    window: WindowConfig = WindowConfig()
+    models: dict[str, ModelConfig] = Field(min_length=1)
+    rules: tuple[RuleConfig, ...] = ()
+    publish: PublishConfig = PublishConfig()
+    pipeline: PipelineConfig = PipelineConfig()
+    clips: ClipsConfig = ClipsConfig()
+    metrics: MetricsConfig = MetricsConfig()
+    http: HttpConfig = HttpConfig()
+
+    def gate_for(self, source: SourceConfig) -> GateConfig:
+        return source.gate if source.gate is not None else self.gate
+
+    def model_gates(self) -> dict[str, GateConfig]:
+        """Gates of the models that have their own."""
+        return {name: m.gate for name, m in self.models.items() if m.gate is not None}

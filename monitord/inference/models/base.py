@@ -1,0 +1,91 @@
+"""The contract between the inference stage and a model, declared once.
+
+Every model kind (CLAP, speech emotion, YAMNet, anomaly, a remote model) implements ``Model``;
+``ModelBase`` gives the defaults most of them want, from their config entry.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
+
+from monitord.types import Scores, Window
+
+if TYPE_CHECKING:
+    from monitord.config import CascadeConfig
+
+
+class ModelUnavailable(Exception):
+    """Weights or processor files cannot be found; the message says where to get them."""
+
+
+class LabelsFixed(Exception):
+    """The model's labels cannot be changed (they are fixed by its checkpoint or its kind)."""
+
+
+@runtime_checkable
+class Model(Protocol):
+    name: str
+    """The model's name in the config."""
+    model_id: str
+    """HF id or local path the weights came from."""
+    sample_rate: int
+    """The rate its windows are resampled to (0: it scores embeddings, not audio)."""
+    labels: tuple[str, ...]
+    batch_max: int
+    batch_wait_ms: float
+    gated_by: CascadeConfig | None
+    """Score only windows where another model's listed labels reached a threshold."""
+    depends_on: str | None
+    """A model whose Scores (its embedding) this one scores from, e.g. anomaly on CLAP."""
+    device: str
+    """Where it runs: "cpu", "cuda", "cuda:1", or "remote"."""
+
+    def score(self, windows: Sequence[Window], upstream: Sequence[Scores] | None = None) -> list[Scores]:
+        """One Scores per window, in order; ``upstream`` (aligned with ``windows``) holds the
+        ``depends_on`` model's Scores. Raises on failure (the stage splits the batch and retries)."""
+        ...
+
+    def accepts(self, window: Window) -> bool:
+        """Whether this model has anything to say about the window (an anomaly model without a
+        bank for its source has not)."""
+        ...
+
+    def prepare_labels(self, labels: Sequence[str], prompt: str) -> Any:
+        """The expensive part of changing labels (text embeddings), done off the inference thread;
+        raises LabelsFixed where labels are fixed."""
+        ...
+
+    def use_labels(self, prepared: Any) -> None:
+        """Swap to prepared labels: cheap, done by the inference thread between two batches."""
+        ...
+
+    def fall_back_to_cpu(self) -> None:
+        """Move to the CPU after repeated failures on an accelerator (no-op on the CPU)."""
+        ...
+
+
+class ModelBase:
+    """Defaults for the parts of ``Model`` most kinds do not need, and the settings every kind
+    carries over from its config entry (batching, cascade)."""
+
+    depends_on: str | None = None
+    device: str = "cpu"
+
+    def __init__(self, name: str, config: Any):
+        self.name = name
+        self.batch_max: int = config.batch_max
+        self.batch_wait_ms: float = config.batch_wait_ms
+        self.gated_by = config.gated_by
+
+    def accepts(self, window: Window) -> bool:
+        return True
+
+    def prepare_labels(self, labels: Sequence[str], prompt: str) -> Any:
+        raise LabelsFixed(f"model {self.name}: its labels are fixed by the model")
+
+    def use_labels(self, prepared: Any) -> None:
+        raise LabelsFixed(f"model {self.name}: its labels are fixed by the model")
+
+    def fall_back_to_cpu(self) -> None:
+        return None

@@ -1,0 +1,105 @@
+"""Speech emotion: any AutoModelForAudioClassification checkpoint, mapped onto one vocabulary.
+
+The checkpoint's labels (``id2label``) are mapped onto the nine emotions of
+``monitord.config.EMOTIONS`` by the config's ``label_map`` over built-in aliases; a label that
+maps nowhere counts as ``other``. The probability of an emotion is the sum of the softmax
+probabilities of the checkpoint labels mapped onto it, so the nine always sum to 1.
+
+Runs at the checkpoint's own rate (16 kHz for wav2vec2/HuBERT/WavLM). Fixed-length windows
+need no padding, and base models with group norm must not get an attention mask, so none is
+passed; the feature extractor applies the checkpoint's own ``do_normalize``.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+
+import numpy as np
+
+from monitord.config import EMOTIONS, EmotionModelConfig
+from monitord.inference.models.base import ModelBase
+from monitord.inference.models.loading import choose_dtype, load_pretrained, pick_device
+from monitord.types import Scores, Window, frozen_mapping
+
+log = logging.getLogger(__name__)
+
+ALIASES = {
+    "ang": "angry", "anger": "angry", "angry": "angry", "mad": "angry",
+    "dis": "disgusted", "disgust": "disgusted", "disgusted": "disgusted",
+    "fea": "fearful", "fear": "fearful", "fearful": "fearful", "afraid": "fearful", "scared": "fearful",
+    "hap": "happy", "happy": "happy", "happiness": "happy", "joy": "happy", "exc": "happy", "excited": "happy",
+    "neu": "neutral", "neutral": "neutral", "calm": "neutral",
+    "sad": "sad", "sadness": "sad",
+    "sur": "surprised", "surprise": "surprised", "surprised": "surprised",
+    "oth": "other", "other": "other", "unk": "unknown", "unknown": "unknown", "<unk>": "unknown",
+}
+
+
+def map_label(label: str, label_map: dict[str, str]) -> str:
+    """The emotion a checkpoint label stands for: the config's map first, then the aliases
+    (also for the "中文/english" labels of emotion2vec-style checkpoints), else "other"."""
+    if label in label_map:
+        return label_map[label]
+    key = label.strip().lower()
+    if key in ALIASES:
+        return ALIASES[key]
+    tail = key.rsplit("/", 1)[-1]
+    return ALIASES.get(tail, "other")
+
+
+class EmotionClassifier(ModelBase):
+    labels = EMOTIONS
+
+    def __init__(self, name: str, config: EmotionModelConfig, model=None, extractor=None):
+        import torch
+        from transformers import AutoFeatureExtractor, AutoModelForAudioClassification
+
+        self._torch = torch
+        super().__init__(name, config)
+        self.model_id = config.model
+        self.device = pick_device(config.device)
+        self.extractor = extractor or load_pretrained(AutoFeatureExtractor, config.model, "emotion feature extractor")
+        self.model = (model or load_pretrained(AutoModelForAudioClassification, config.model, "emotion model")).to(self.device).eval()
+        self.sample_rate = int(self.extractor.sampling_rate)
+        id2label = self.model.config.id2label
+        self.checkpoint_labels = [id2label[i] for i in range(len(id2label))]
+        mapped = [map_label(label, config.label_map) for label in self.checkpoint_labels]
+        self.mapping = {label: emotion for label, emotion in zip(self.checkpoint_labels, mapped)}
+        self._index = torch.tensor([EMOTIONS.index(e) for e in mapped], device=self.device)
+        silent = np.zeros((2, self.sample_rate * 2), dtype=np.float32)
+        self.dtype, self.dtype_reason = choose_dtype(config.dtype, self.device, self._use_dtype, lambda: self._forward(silent))
+        log.info("model %s: emotion %s on %s, %s (%s); labels %s", name, self.model_id, self.device, self.dtype,
+                 self.dtype_reason, self.mapping)
+
+    def _use_dtype(self, dtype) -> None:
+        self.dtype = dtype
+        self.model.to(dtype)
+
+    def _forward(self, audio: np.ndarray):
+        """(probabilities over the checkpoint's labels, mean-pooled last hidden state), float32."""
+        torch = self._torch
+        inputs = self.extractor(list(audio), sampling_rate=self.sample_rate, return_tensors="pt", return_attention_mask=False)
+        with torch.inference_mode():
+            out = self.model(inputs["input_values"].to(self.device, self.dtype), output_hidden_states=True)
+        return out.logits.float().softmax(dim=-1), out.hidden_states[-1].float().mean(dim=1)
+
+    def score(self, windows: Sequence[Window], upstream: Sequence[Scores] | None = None) -> list[Scores]:
+        if not windows:
+            return []
+        torch = self._torch
+        audio = np.stack([w.at_rate(self.sample_rate) for w in windows])
+        probs, pooled = self._forward(audio)
+        emotions = torch.zeros(len(windows), len(EMOTIONS), device=probs.device).index_add_(1, self._index, probs)
+        emotions, pooled = emotions.cpu().numpy(), pooled.cpu().numpy()
+        return [
+            Scores(window=w, model=self.name, model_id=self.model_id,
+                   probabilities=frozen_mapping({e: float(p) for e, p in zip(EMOTIONS, row)}), embedding=emb)
+            for w, row, emb in zip(windows, emotions, pooled)
+        ]
+
+    def fall_back_to_cpu(self) -> None:
+        torch = self._torch
+        self.device, self.dtype, self.dtype_reason = "cpu", torch.float32, "fallback from GPU"
+        self.model.to("cpu", torch.float32)
+        self._index = self._index.to("cpu")

@@ -1,0 +1,120 @@
+"""Prometheus metrics on an HTTP endpoint (loopback by default).
+
+Most figures are read from the stages when Prometheus scrapes (a collector over the supervisor's
+snapshot), so no stage pushes numbers across threads: windows cut and passed per source, each
+model's outcomes per source, drops, queue depth, input level, every stage's state and restarts.
+What only the output stage sees (events published) and the inference stage's batch timings are
+recorded where they happen.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+
+from monitord.net import split_host_port
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Snapshot:
+    """What the collector reports, read off the stages at scrape time."""
+
+    windows: dict[tuple[str, str], int] = field(default_factory=dict)
+    """(source, "cut" | "passed") -> windows."""
+    outcomes: dict[tuple[str, str, str], int] = field(default_factory=dict)
+    """(source, model, verdict) -> windows."""
+    dropped: dict[str, int] = field(default_factory=dict)
+    queue_depth: int = 0
+    input_level: dict[str, float] = field(default_factory=dict)
+    source_up: dict[str, bool] = field(default_factory=dict)
+    stages: dict[str, tuple[str, bool, int]] = field(default_factory=dict)
+    """stage -> (state, healthy, restarts)."""
+
+
+STATES = ("starting", "running", "degraded", "failed", "stopped")
+
+
+class Metrics:
+    def __init__(self, snapshot: Callable[[], Snapshot]) -> None:
+        from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+        self.registry = CollectorRegistry()
+        r = self.registry
+        self.model_seconds = Histogram("monitord_model_batch_seconds", "Time to score one batch", ["model"], registry=r,
+                                       buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10))
+        self.batch_size = Histogram("monitord_model_batch_windows", "Windows per batch", ["model"], registry=r,
+                                    buckets=(1, 2, 4, 8, 16, 32, 64, 128))
+        self.events = Counter("monitord_events_total", "Alert events", ["source", "rule", "phase"], registry=r)
+        self.last_event = Gauge("monitord_last_event_timestamp_seconds", "When the last alert event was published", ["source"], registry=r)
+        r.register(_Collector(snapshot))
+        self._server = None
+
+    def on_batch(self, model: str, windows: int, seconds: float) -> None:
+        self.model_seconds.labels(model).observe(seconds)
+        self.batch_size.labels(model).observe(windows)
+
+    def on_published(self, event) -> None:
+        if event.kind == "alert":
+            self.events.labels(event.source, event.rule, event.phase).inc()
+            import time
+
+            self.last_event.labels(event.source).set(time.time())
+
+    def serve(self, bind: str) -> None:
+        from prometheus_client import start_http_server
+
+        host, port = split_host_port(bind)
+        self._server, _thread = start_http_server(port, addr=host, registry=self.registry)
+        log.info("metrics on http://%s/metrics", bind)
+
+    def close(self) -> None:
+        if self._server is not None:
+            self._server.shutdown()
+            self._server = None
+
+
+class _Collector:
+    def __init__(self, snapshot: Callable[[], Snapshot]):
+        self.snapshot = snapshot
+
+    def collect(self) -> Iterator:
+        from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+
+        s = self.snapshot()
+        windows = CounterMetricFamily("monitord_windows", "Windows cut, and those some model's gate passed",
+                                      labels=["source", "outcome"])
+        for (source, outcome), n in sorted(s.windows.items()):
+            windows.add_metric([source, outcome], n)
+        yield windows
+        outcomes = CounterMetricFamily("monitord_model_windows", "What became of windows, per model",
+                                       labels=["source", "model", "verdict"])
+        for (source, model, verdict), n in sorted(s.outcomes.items()):
+            outcomes.add_metric([source, model, verdict], n)
+        yield outcomes
+        dropped = CounterMetricFamily("monitord_windows_dropped", "Windows dropped because inference was behind", labels=["source"])
+        for source, n in sorted(s.dropped.items()):
+            dropped.add_metric([source], n)
+        yield dropped
+        yield GaugeMetricFamily("monitord_queue_depth", "Windows waiting for inference", value=s.queue_depth)
+        level = GaugeMetricFamily("monitord_input_level_dbfs", "RMS level of the latest window", labels=["source"])
+        for source, value in sorted(s.input_level.items()):
+            level.add_metric([source], max(value, -200.0))
+        yield level
+        up = GaugeMetricFamily("monitord_source_up", "1 while the source delivers audio", labels=["source"])
+        for source, value in sorted(s.source_up.items()):
+            up.add_metric([source], 1.0 if value else 0.0)
+        yield up
+        state = GaugeMetricFamily("monitord_stage_state", "1 for the state each stage is in", labels=["stage", "state"])
+        healthy = GaugeMetricFamily("monitord_stage_healthy", "1 while the stage runs and makes progress", labels=["stage"])
+        restarts = CounterMetricFamily("monitord_stage_restarts", "Times the supervisor restarted the stage", labels=["stage"])
+        for stage, (current, ok, n) in sorted(s.stages.items()):
+            for name in STATES:
+                state.add_metric([stage, name], 1.0 if name == current else 0.0)
+            healthy.add_metric([stage], 1.0 if ok else 0.0)
+            restarts.add_metric([stage], n)
+        yield state
+        yield healthy
+        yield restarts

@@ -1,0 +1,92 @@
+"""An audio file as a source: decoded block by block into the ring."""
+
+from __future__ import annotations
+
+import logging
+import time
+
+from monitord.audio import to_mono
+from monitord.config import SourceConfig
+from monitord.sources import CaptureStats, SourceError, StatusCallback
+from monitord.sources.ring import RingBuffer
+from monitord.stage import Stage
+
+log = logging.getLogger(__name__)
+
+FILE_BLOCK_S = 0.1
+"""Seconds decoded per block."""
+
+
+class FileSource(Stage):
+    """Decodes a file into the ring, paced in real time (``realtime: true``) or as fast as the
+    windowing stage takes the samples (back-pressure: nothing of a file is skipped).
+
+    Samples are dated as if the file had been playing live since it was opened. The read
+    position lives on the object, so a restarted stage goes on from where the dead one was.
+    """
+
+    def __init__(self, config: SourceConfig, ring_seconds: float, on_status: StatusCallback):
+        import soundfile as sf
+
+        super().__init__(f"file-{config.id}", stall_s=30.0)
+        assert config.file is not None
+        self.config = config
+        self.id = config.id
+        self.path = config.file
+        try:
+            info = sf.info(self.path)
+        except (RuntimeError, sf.LibsndfileError) as exc:
+            raise SourceError(f"cannot read audio file {self.path}: {exc}") from None
+        if info.frames == 0:
+            raise SourceError(f"audio file {self.path} holds no samples")
+        self.sample_rate = int(info.samplerate)
+        self.ring = RingBuffer(int(ring_seconds * self.sample_rate), self.sample_rate)
+        self.on_status = on_status
+        self.waits_for_worker = not config.realtime
+        self.stats = CaptureStats()
+        self._started_at: float | None = None
+
+    def run(self) -> None:
+        import soundfile as sf
+
+        block = max(1, int(self.sample_rate * FILE_BLOCK_S))
+        if self._started_at is None:
+            self._started_at = time.time()
+            self.on_status(self.id, "up", f"reading {self.path} at {self.sample_rate} Hz")
+        try:
+            with sf.SoundFile(self.path) as f:
+                f.seek(self.ring.written)
+                for chunk in f.blocks(blocksize=block, dtype="float32", always_2d=True):
+                    self.beat()
+                    if self.stopping.is_set():
+                        break
+                    mono = to_mono(chunk)
+                    if not self._wait_turn(len(mono)):
+                        break
+                    self.ring.write(mono, wall_time_end=self._started_at + (self.ring.written + len(mono)) / self.sample_rate)
+                    self.stats.blocks += 1
+                    self.stats.frames += len(mono)
+        except (RuntimeError, sf.LibsndfileError) as exc:
+            log.error("source %s: error decoding %s after %d samples: %s", self.id, self.path, self.ring.written, exc)
+            self.ring.close()
+            self.on_status(self.id, "error", f"decoding failed after {self.ring.written / self.sample_rate:.2f} s: {exc}")
+            return
+        self.ring.close()
+        if not self.stopping.is_set():
+            self.on_status(self.id, "eof", f"end of file after {self.ring.written / self.sample_rate:.2f} s")
+
+    def _wait_turn(self, n: int) -> bool:
+        """Real time: wait until these samples are due; otherwise until the ring has room for them."""
+        if self.config.realtime:
+            due = self._started_at + (self.ring.written + n) / self.sample_rate
+            while (remaining := due - time.time()) > 0:
+                if self.stopping.wait(min(remaining, 0.5)):
+                    return False
+                self.beat()
+            return True
+        return self.ring.wait_for_space(n, self.stopping, self.beat)
+
+    def stop(self) -> None:
+        super().stop()
+        if not self.alive:
+            self.ring.close()

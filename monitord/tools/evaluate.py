@@ -1,0 +1,219 @@
+"""``monitord enroll`` (anomaly banks) and ``monitord eval`` (the evaluation harness).
+
+eval runs a configured model over a labelled set through the daemon's own window path
+(``classify_file``: gate, resampling, batching, cascades) and reports:
+  - classifiers: per-label precision, recall and F1 and a confusion matrix, with a file's
+    prediction being the label (of those in the data set) with the highest score in any window;
+    detection latency from the true onset (when the CSV gives ``onset``) to the window whose
+    end raises the rule's onset; false alarms per hour of audio labelled ``background``;
+  - anomaly models: AUC and pAUC (FPR <= 0.1, DCASE's anomalous-sound metric) of each file's
+    highest window score, ``normal`` vs ``abnormal``.
+With random-weight test models the figures say nothing about accuracy: the harness is what gives
+real figures the day real weights are present.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import logging
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from monitord.alerts.engine import AlertEngine
+from monitord.audio import read_mono
+from monitord.config import Config, SourceConfig
+from monitord.inference.models.anomaly import build_bank, roc_auc
+from monitord.inference.queue import WindowQueue
+from monitord.tools.classify import audio_files, classify_file
+from monitord.types import StreamEnd, Window
+from monitord.windowing.stage import WindowingStage
+from monitord.windowing.tiling import ModelInput, WindowCutter, window_starts
+
+log = logging.getLogger(__name__)
+
+BACKGROUND = "background"
+
+
+@dataclass(frozen=True)
+class Example:
+    path: Path
+    label: str
+    onset_s: float | None = None
+
+
+def load_dataset(where: Path) -> list[Example]:
+    """A folder with one subfolder per label, or a CSV with columns file, label[, onset]."""
+    if where.is_dir():
+        return [Example(f, sub.name) for sub in sorted(p for p in where.iterdir() if p.is_dir()) for f in audio_files([sub])]
+    with where.open(newline="") as f:
+        rows = list(csv.DictReader(f))
+    if not rows or not {"file", "label"} <= set(rows[0]):
+        raise ValueError(f"{where}: expected a CSV with columns file,label[,onset]")
+    return [Example((where.parent / r["file"]).resolve(), r["label"], float(r["onset"]) if r.get("onset") else None) for r in rows]
+
+
+def evaluate(config: Config, models: dict, model_name: str, examples: list[Example]) -> dict[str, Any]:
+    model = models[model_name]
+    per_file = []
+    for example in examples:
+        rows = list(classify_file(example.path, config, models))
+        per_file.append((example, rows))
+    if getattr(model, "labels", ()) == ("anomaly",):
+        return _anomaly_report(model_name, per_file)
+    return _classifier_report(config, model_name, model, per_file)
+
+
+def _anomaly_report(model_name: str, per_file) -> dict[str, Any]:
+    labels, scores = [], []
+    for example, rows in per_file:
+        if example.label not in ("normal", "abnormal"):
+            raise ValueError(f"{example.path}: anomaly data sets label files normal or abnormal, not {example.label!r}")
+        window_scores = [r.scores[model_name]["anomaly"] for r in rows if model_name in r.scores]
+        labels.append(example.label == "abnormal")
+        scores.append(max(window_scores) if window_scores else 0.0)
+    return {
+        "model": model_name, "kind": "anomaly", "files": len(labels), "abnormal": int(sum(labels)),
+        "auc": roc_auc(np.array(labels), np.array(scores)), "pauc": roc_auc(np.array(labels), np.array(scores), max_fpr=0.1),
+        "file_scores": [{"file": str(e.path), "label": e.label, "score": s} for (e, _), s in zip(per_file, scores)],
+    }
+
+
+def _classifier_report(config: Config, model_name: str, model, per_file) -> dict[str, Any]:
+    targets = sorted({e.label for e, _ in per_file if e.label != BACKGROUND})
+    unknown = [t for t in targets if t not in model.labels]
+    if unknown:
+        raise ValueError(f"labels {unknown} of the data set are not labels of model {model_name!r}")
+    index = {label: i for i, label in enumerate(targets)}
+    confusion = np.zeros((len(targets), len(targets)), dtype=int)
+    latencies: dict[str, list[float]] = {}
+    background_seconds, false_alarms = 0.0, 0
+    rules = tuple(r for r in config.rules if r.model == model_name)
+    for example, rows in per_file:
+        scored = [r for r in rows if model_name in r.scores]
+        onsets = _onsets(rules, model_name, rows)
+        if example.label == BACKGROUND:
+            background_seconds += rows[-1].window.stream_end if rows else 0.0
+            false_alarms += len(onsets)
+            continue
+        best = {label: max((r.scores[model_name][label] for r in scored), default=0.0) for label in targets}
+        confusion[index[example.label], index[max(best, key=best.get)]] += 1
+        if example.onset_s is not None:
+            hits = [t for rule, t in onsets if rule.label == example.label and t >= example.onset_s]
+            if hits:
+                latencies.setdefault(example.label, []).append(hits[0] - example.onset_s)
+    per_label = {}
+    for label, i in index.items():
+        tp, predicted, actual = confusion[i, i], confusion[:, i].sum(), confusion[i, :].sum()
+        precision = tp / predicted if predicted else 0.0
+        recall = tp / actual if actual else 0.0
+        f1 = 2 * precision * recall / (precision + recall) if precision + recall else 0.0
+        entry = {"precision": float(precision), "recall": float(recall), "f1": float(f1), "files": int(actual)}
+        if label in latencies:
+            entry["detection_latency_s"] = {"mean": float(np.mean(latencies[label])), "median": float(np.median(latencies[label])),
+                                            "detected": len(latencies[label])}
+        per_label[label] = entry
+    return {
+        "model": model_name, "kind": "classifier", "labels": targets, "per_label": per_label,
+        "accuracy": float(np.trace(confusion) / confusion.sum()) if confusion.sum() else 0.0,
+        "confusion": confusion.tolist(),
+        "false_alarms_per_hour": (false_alarms / (background_seconds / 3600.0)) if background_seconds else None,
+        "background_seconds": background_seconds,
+    }
+
+
+def _onsets(rules, model_name: str, rows) -> list[tuple[Any, float]]:
+    """(rule, stream time) of each onset the alert engine raises over one file's windows."""
+    engine = AlertEngine(rules)
+    out = []
+    for r in rows:
+        t = r.window.stream_end
+        for outcome in r.scored.outcomes:
+            if outcome.model == model_name:
+                out += [(f.rule, t) for f in engine.observe(r.window.source, outcome, t) if f.phase == "onset"]
+    return out
+
+
+def plot_confusion(report: dict[str, Any], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    labels, matrix = report["labels"], np.array(report["confusion"])
+    fig, ax = plt.subplots(figsize=(1.2 * len(labels) + 3, 1.2 * len(labels) + 2.5), dpi=100)
+    ax.imshow(matrix, cmap="Blues")
+    ax.set_xticks(range(len(labels)), labels, rotation=45, ha="right")
+    ax.set_yticks(range(len(labels)), labels)
+    for i in range(len(labels)):
+        for j in range(len(labels)):
+            ax.text(j, i, str(matrix[i, j]), ha="center", va="center", color="black")
+    ax.set_xlabel("predicted")
+    ax.set_ylabel("true")
+    ax.set_title(f"{report['model']}: accuracy {report['accuracy']:.2f}")
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+
+
+def enrol_from_files(config: Config, embedder, files: list[Path]) -> list[Window]:
+    windows = []
+    for path in files:
+        samples, rate = read_mono(path)
+        cutter = WindowCutter(path.stem, rate, config.window, config.gate, {embedder.name: ModelInput(embedder.sample_rate)})
+        for start in window_starts(len(samples), cutter.length, cutter.hop):
+            window = cutter.cut(samples[start : start + cutter.length], start, 0.0, 0.0)
+            if window.passed:
+                windows.append(window)
+    return windows
+
+
+def enrol_from_source(config: Config, embedder, source: SourceConfig, seconds: float) -> list[Window]:
+    """Windows of a live source (or file source) until ``seconds`` of sound have been captured."""
+    from monitord.capture import open_source
+
+    src = open_source(source, config.pipeline.ring_seconds, lambda *a: None)
+    cutter = WindowCutter(src.id, src.sample_rate, config.window, config.gate_for(source),
+                          {embedder.name: ModelInput(embedder.sample_rate)})
+    queue = WindowQueue(max_windows=1 << 20)
+    windowing = WindowingStage(src.ring, cutter, queue, live=False)
+    windowing.start()
+    src.start()
+    target = int(seconds * src.sample_rate)
+    while src.ring.written < target and not windowing.finished:
+        time.sleep(0.05)
+    src.stop()
+    windowing.join(5)
+    windowing.stop()
+    items = queue.get_batch(1 << 20, 0.0, 0.0)
+    return [w for w in items if not isinstance(w, StreamEnd) and w.passed]
+
+
+def embed(embedder, windows: list[Window]) -> np.ndarray:
+    rows = []
+    for i in range(0, len(windows), embedder.batch_max):
+        rows.append(embedder.audio_embeddings(windows[i : i + embedder.batch_max]).cpu().numpy())
+    return np.concatenate(rows)
+
+
+def enrol(config: Config, embedder, windows: list[Window], k: int, out: Path) -> dict[str, Any]:
+    import os
+
+    if not windows:
+        raise ValueError("no window passed the gate: nothing to enrol (is the gate threshold above the machine's level?)")
+    bank = build_bank(embed(embedder, windows), embedder.model_id, embedder.sample_rate, config.window.seconds, config.window.hop_s, k)
+    bank.save(out)
+    os.chmod(out, 0o600)
+    return {"bank": str(out), "windows": len(windows), "k": k, "reference_distance": bank.reference,
+            "loo_median": float(np.median(bank.loo)), "model": embedder.model_id}
+
+
+def write_report(report: dict[str, Any], out: Path) -> None:
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "eval.json").write_text(json.dumps(report, indent=1))
+    if report["kind"] == "classifier":
+        plot_confusion(report, out / "confusion.png")
