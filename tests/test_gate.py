@@ -113,3 +113,20 @@ def test_windows_skipped_by_periodic_sampling_neither_start_nor_end_alerts():
     assert sum(w.passed for w in windows) == 4
     assert all(w.gates["clap"] is Verdict.SAMPLED_OUT for w in windows if not w.passed)
     assert phases == ["onset"]  # two sampled windows 5 s apart make the 2-of-3, and the skipped ones end nothing
+
+
+def test_each_gate_measures_with_its_own_vad():
+    """A model gated on silero never reuses the webrtc share the source's gate measured: a pure
+    tone is "speech" to webrtc and nothing to silero."""
+    from monitord.config import WindowConfig
+    from monitord.windowing.tiling import ModelInput, WindowCutter
+
+    rate = 16000
+    cutter = WindowCutter("s", rate, WindowConfig(), GateConfig(mode="speech", vad="webrtc"),
+                          {"clap": ModelInput(rate), "emotion": ModelInput(rate, GateConfig(mode="speech", vad="silero")),
+                           "emotion2": ModelInput(rate, GateConfig(mode="speech", vad="silero", threshold_dbfs=-60))})
+    window = cutter.cut(tone(440, 2.0, rate, dbfs=-12), 0, 0.0, 0.0)
+    assert window.gates["clap"] is Verdict.PASSED  # the source gate: webrtc calls the tone speech
+    assert window.gates["emotion"] is Verdict.QUIET and window.gates["emotion2"] is Verdict.QUIET
+    assert window.facts.speech["webrtc"] == 1.0 and window.facts.speech["silero"] == 0.0
+    assert window.facts.speech_ratio == 0.0  # the speech share reported is silero's

@@ -8,8 +8,11 @@ continues across rotations and restarts.
 from __future__ import annotations
 
 import json
+import logging
 import os
 from pathlib import Path
+
+log = logging.getLogger(__name__)
 
 TAIL_SCAN_BYTES = 1 << 16
 
@@ -73,16 +76,15 @@ class EventLog:
         assert self._fd is not None
         data = (b"\n" if self._torn else b"") + line + b"\n"
         view = memoryview(data)
-        try:
-            while view:
-                view = view[os.write(self._fd, view):]
-            if self.fsync:
-                os.fsync(self._fd)
-        except OSError:
-            self._torn = True
-            raise
-        self._torn = False
+        while view:
+            view = view[os.write(self._fd, view):]
+            self._torn = bool(view)  # part of a line is out: whatever comes next starts on a fresh line
         self._size += len(data)
+        if self.fsync:
+            try:
+                os.fsync(self._fd)
+            except OSError as exc:  # the line is written; retrying it would log the event twice
+                log.error("event log: fsync failed (%s); the event is written but may not survive a power loss", exc)
         if self.max_bytes is not None and self._size >= self.max_bytes:
             self._rotate()
 

@@ -178,6 +178,7 @@ class DeviceSource(LiveSource):
                 self._sd._terminate()  # PortAudio lists devices as they were when it was initialised
                 self._sd._initialize()
             self._open()
+        self.fill_pending_gap()  # the stream is open but not started: this thread is the only producer
         try:
             self._start_stream()
         except self._sd.PortAudioError as exc:

@@ -53,27 +53,39 @@ class FileSource(Stage):
         if self._started_at is None:
             self._started_at = time.time()
             self.on_status(self.id, "up", f"reading {self.path} at {self.sample_rate} Hz")
+        decode_errors = (RuntimeError, sf.LibsndfileError)
         try:
-            with sf.SoundFile(self.path) as f:
-                f.seek(self.ring.written)
-                for chunk in f.blocks(blocksize=block, dtype="float32", always_2d=True):
-                    self.beat()
-                    if self.stopping.is_set():
-                        break
-                    mono = to_mono(chunk)
-                    if not self._wait_turn(len(mono)):
-                        break
-                    self.ring.write(mono, wall_time_end=self._started_at + (self.ring.written + len(mono)) / self.sample_rate)
-                    self.stats.blocks += 1
-                    self.stats.frames += len(mono)
-        except (RuntimeError, sf.LibsndfileError) as exc:
-            log.error("source %s: error decoding %s after %d samples: %s", self.id, self.path, self.ring.written, exc)
-            self.ring.close()
-            self.on_status(self.id, "error", f"decoding failed after {self.ring.written / self.sample_rate:.2f} s: {exc}")
+            f = sf.SoundFile(self.path)
+            f.seek(self.ring.written)  # a restarted stage goes on where the dead one was
+        except decode_errors as exc:
+            self._failed(exc)
             return
+        with f:
+            blocks = f.blocks(blocksize=block, dtype="float32", always_2d=True)
+            while not self.stopping.is_set():
+                self.beat()
+                try:
+                    chunk = next(blocks)
+                except StopIteration:
+                    break
+                except decode_errors as exc:  # only decoding: the loop's own faults kill the stage
+                    self._failed(exc)
+                    return
+                mono = to_mono(chunk)
+                if not self._wait_turn(len(mono)):
+                    break
+                self.ring.write(mono, wall_time_end=self._started_at + (self.ring.written + len(mono)) / self.sample_rate)
+                self.stats.blocks += 1
+                self.stats.frames += len(mono)
         self.ring.close()
         if not self.stopping.is_set():
             self.on_status(self.id, "eof", f"end of file after {self.ring.written / self.sample_rate:.2f} s")
+
+    def _failed(self, exc: Exception) -> None:
+        """A file that cannot be decoded (further) is bad input, not a crash: an ``error`` status, no ``eof``."""
+        log.error("source %s: error decoding %s after %d samples: %s", self.id, self.path, self.ring.written, exc)
+        self.ring.close()
+        self.on_status(self.id, "error", f"decoding failed after {self.ring.written / self.sample_rate:.2f} s: {exc}")
 
     def _wait_turn(self, n: int) -> bool:
         """Real time: wait until these samples are due; otherwise until the ring has room for them."""

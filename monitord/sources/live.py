@@ -39,12 +39,13 @@ class Backoff:
 def fill_gap(source_id: str, ring: RingBuffer, lost_at: float, latency_s: float = 0.0) -> None:
     """Silence for the time a live source was away: from the last sample heard (``lost_at``) to
     the first the reopened source will deliver."""
-    missing = int((time.time() + latency_s - lost_at) * ring.sample_rate)
+    resumes_at = time.time() + latency_s  # the time the reopened source's first sample stands for
+    missing = int((resumes_at - lost_at) * ring.sample_rate)
     if missing <= 0:
         return
-    ring.write(np.zeros(min(missing, ring.capacity), dtype=np.float32))
     if missing > ring.capacity:
         ring.skip(missing - ring.capacity)
+    ring.write(np.zeros(min(missing, ring.capacity), dtype=np.float32), wall_time_end=resumes_at)
     log.info("source %s: %.2f s gap recorded in the stream", source_id, missing / ring.sample_rate)
 
 
@@ -52,8 +53,8 @@ class LiveSource(Stage):
     """The supervision loop; subclasses say how to connect, disconnect and what "lost" looks like.
 
     ``connect()`` opens and starts delivering into ``self.ring`` (raising SourceError when it
-    cannot); ``lost_reason()`` says why a connected stream is lost, or None; ``disconnect()``
-    closes it. The state, reconnect count and ring survive a restart of the stage's thread.
+    cannot), calling ``fill_pending_gap()`` on the producing side before the first samples;
+    ``lost_reason()`` says why a connected stream is lost, or None; ``disconnect()`` closes it. The state, reconnect count and ring survive a restart of the stage's thread.
     """
 
     def __init__(self, config: SourceConfig, ring: RingBuffer, on_status: StatusCallback, kind: str):
@@ -71,6 +72,7 @@ class LiveSource(Stage):
         """When the last sample was heard before an outage (None: never up yet, or up now)."""
         self._down = False
         self._attempts = 0
+        self._gap_from: float | None = None
         self._backoff = Backoff(0.5, config.backoff_max_s)
         self._last_blocks = -1
         self._last_block_at = time.monotonic()
@@ -103,6 +105,7 @@ class LiveSource(Stage):
                 self.connected = False
                 self._lost_at = self.ring.wall_time(self.ring.written)  # when the last sample was heard
                 self._backoff.reset()
+                self._attempts = 1  # give it the first backoff before trying again
                 if not self.config.reconnect:
                     log.error("source %s: %s; not reconnecting (reconnect: false)", self.id, reason)
                     self._went_down(f"{reason}; not reconnecting")
@@ -113,6 +116,7 @@ class LiveSource(Stage):
             if self._attempts and self.stopping.wait(self._backoff.next()):
                 break
             self._attempts += 1
+            self._gap_from = self._lost_at  # a reconnect, not the first start: the outage becomes silence
             try:
                 self.connect()
             except SourceError as exc:
@@ -138,9 +142,15 @@ class LiveSource(Stage):
             reason = f"no audio for {self.config.watchdog_s:g} s"
         return reason
 
+    def fill_pending_gap(self) -> None:
+        """Write the outage as silence: called by whoever produces the connection's first samples,
+        before them, on the producing thread (the ring has a single producer)."""
+        lost_at, self._gap_from = self._gap_from, None
+        if lost_at is not None:
+            fill_gap(self.id, self.ring, lost_at, self.gap_latency_s())
+
     def _came_up(self) -> None:
-        if self._lost_at is not None:  # a reconnect, not the first start: the outage becomes silence
-            fill_gap(self.id, self.ring, self._lost_at, self.gap_latency_s())
+        if self._lost_at is not None:
             self.reconnects += 1
         self.connected = True
         self._down = False

@@ -102,8 +102,12 @@ class StreamSource(LiveSource):
     def _read_audio(self, process: subprocess.Popen) -> None:
         block_bytes = int(self.sample_rate * READ_BLOCK_S) * 4
         leftover = b""
+        first = True
         try:
             while chunk := process.stdout.read1(block_bytes):
+                if first:
+                    self.fill_pending_gap()  # this thread is the ring's only producer now
+                    first = False
                 data = leftover + chunk
                 usable = len(data) - len(data) % 4
                 leftover = data[usable:]
