@@ -307,3 +307,51 @@ def test_read_since_is_not_fooled_by_a_rotation_in_the_middle_of_a_read(tmp_path
     log.close()
     seqs = [json.loads(e)["seq"] for e in events]
     assert seqs == list(range(oldest, seq + 1)), (oldest, seqs)
+
+
+def tail_while_publishing(tmp_path, capsys, topic: str, skip_every: int = 0) -> tuple[list[dict], str]:
+    """``monitord tail`` (in-process) against a live publisher of alerts interleaved with status events."""
+    import threading
+
+    from monitord.tail import tail
+
+    endpoint = f"tcp://127.0.0.1:{free_port()}"
+    p = Publisher(PublishConfig(endpoint=endpoint, event_log=str(tmp_path / "e.jsonl")), zmq.Context())
+    p.start()
+    stop = threading.Event()
+
+    def publish() -> None:
+        n = 0
+        while not stop.is_set():
+            p.publish(alert())
+            p.publish(status())
+            n += 1
+            if skip_every and n % skip_every == 0:
+                with p._lock:
+                    p.seq += 3  # three events lost on the way
+            time.sleep(0.005)
+
+    publisher = threading.Thread(target=publish, daemon=True)
+    publisher.start()
+    try:
+        code = tail(endpoint, topic, as_json=True, count=20, timeout_s=10)
+    finally:
+        stop.set()
+        publisher.join(5)
+        p.close()
+    out, err = capsys.readouterr()
+    assert code == 0, err
+    return [json.loads(line) for line in out.splitlines()], err
+
+
+def test_tail_with_a_topic_does_not_call_other_topics_missed(tmp_path, capsys):
+    events, err = tail_while_publishing(tmp_path, capsys, "alert.")
+    assert len(events) == 20 and {e["kind"] for e in events} == {"alert"}
+    assert "missed" not in err, err
+
+
+def test_tail_without_a_topic_still_reports_a_real_gap(tmp_path, capsys):
+    events, err = tail_while_publishing(tmp_path, capsys, "", skip_every=3)
+    seqs = [e["seq"] for e in events]
+    assert any(b > a + 1 for a, b in zip(seqs, seqs[1:]))
+    assert "missed (--replay fetches them)" in err, err
