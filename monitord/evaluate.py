@@ -161,7 +161,7 @@ def enrol_from_files(config: Config, embedder, files: list[Path]) -> list[Window
     windows = []
     for path in files:
         samples, rate = read_mono(path)
-        cutter = WindowCutter(path.stem, rate, config.window, config.gate, [embedder.sample_rate])
+        cutter = WindowCutter(str(path), rate, config.window, config.gate, [embedder.sample_rate])  # the bank's recording
         for start in window_starts(len(samples), cutter.length, cutter.hop):
             window = cutter.cut(samples[start : start + cutter.length], start, 0.0, 0.0)
             if window.passed:
@@ -201,11 +201,14 @@ def enrol(config: Config, embedder, windows: list[Window], k: int, out: Path) ->
 
     if not windows:
         raise ValueError("no window passed the gate: nothing to enrol (is the gate threshold above the machine's level?)")
-    bank = build_bank(embed(embedder, windows), embedder.model_id, embedder.sample_rate, config.window.seconds, config.window.hop_s, k)
+    rate = embedder.sample_rate
+    starts = [round(w.start_index * rate / w.sample_rate) for w in windows]  # at the bank's rate, as its window length
+    bank = build_bank(embed(embedder, windows), embedder.model_id, rate, config.window.seconds, config.window.hop_s, k,
+                      [w.source for w in windows], starts)
     bank.save(out)
     os.chmod(out, 0o600)
-    return {"bank": str(out), "windows": len(windows), "k": k, "reference_distance": bank.reference,
-            "loo_median": float(np.median(bank.loo)), "model": embedder.model_id}
+    return {"bank": str(out), "windows": len(windows), "recordings": len(set(bank.recordings)), "k": k,
+            "reference_distance": bank.reference, "loo_median": float(np.median(bank.loo)), "model": embedder.model_id}
 
 
 def write_report(report: dict[str, Any], out: Path) -> None:

@@ -103,6 +103,76 @@ def test_anomaly_rule_fires_when_the_machine_starts_to_hiss(machine):
     assert onsets[0]["stream_start"] < 10.0  # soon after the leak began at 8 s
 
 
+class SpectralShape:
+    """An embedder for calibration tests: the window's mean log-mel spectrum (CLAP's own features), level removed.
+
+    Its distances follow the sound, so windows sharing audio are near each other. The tiny CLAP
+    fixtures cannot serve here: they embed every hum window alike to within float32 rounding
+    (cosine distances ~1e-7, below the bank's 1e-6 floor on the reference)."""
+
+    model_id = "spectral-shape"
+    sample_rate = RATE
+    batch_max = 16
+
+    def __init__(self) -> None:
+        from transformers import ClapFeatureExtractor
+
+        from monitord.models.clap_features import ClapFeatures
+
+        extractor = ClapFeatureExtractor(truncation="rand_trunc", padding="repeatpad", frequency_min=50, frequency_max=14000)
+        self.features = ClapFeatures(extractor, "cpu")
+
+    def audio_embeddings(self, windows):
+        mel, _ = self.features(np.stack([w.at_rate(RATE) for w in windows]))
+        shape = mel[:, 0].mean(dim=1)
+        return shape - shape.mean(dim=1, keepdim=True)
+
+
+def test_fresh_normal_windows_reach_half_about_as_rarely_as_documented(tmp_path):
+    """0.5 means "as far from normal as the least typical 5 % of normal windows": fresh recordings of the
+    same machine running normally must reach it about that rarely, not nearly always."""
+    from monitord.config import parse_config
+    from monitord.evaluate import embed, enrol, enrol_from_files
+    from monitord.models.anomaly import Bank
+
+    config = parse_config("sources: [{id: m, device: default}]\ngate: {mode: energy, threshold_dbfs: -50}\n"
+                          "models: {clap: {kind: clap, model: unused, labels: [a, b]}}\n", tmp_path)
+    embedder = SpectralShape()
+    enrolled = [write_wav(tmp_path / f"n{seed}.wav", hum(10.0, seed), RATE) for seed in range(6)]
+    summary = enrol(config, embedder, enrol_from_files(config, embedder, enrolled), 5, tmp_path / "bank.npz")
+    bank = Bank.load(tmp_path / "bank.npz")
+    fresh = [write_wav(tmp_path / f"f{seed}.wav", hum(8.0, seed), RATE) for seed in range(100, 112)]
+    queries = embed(embedder, enrol_from_files(config, embedder, fresh))
+    scores = bank.score(queries / np.linalg.norm(queries, axis=1, keepdims=True))
+    share = float(np.mean(scores >= 0.5))
+    print(f"\n[health] {share:.1%} of {len(scores)} fresh normal windows score >= 0.5 (median {np.median(scores):.3f})")
+    assert len(scores) == 12 * 13
+    assert share <= 0.20
+    assert summary["windows"] == 6 * 17 and summary["recordings"] == 6
+    assert list(bank.recordings[:2]) == [str(enrolled[0])] * 2 and list(bank.starts[:3]) == [0, RATE // 2, RATE]
+
+
+def test_a_bank_without_window_origins_is_refused_with_advice(tmp_path):
+    from monitord.models import ModelUnavailable
+    from monitord.models.anomaly import Bank
+
+    e = np.eye(8, 4, dtype=np.float32)
+    np.savez(tmp_path / "old.npz", embeddings=e, model_id="m", sample_rate=48000, window_seconds=2.0, hop_s=0.5, k=5,
+             loo=np.ones(8), reference=0.1, created="2025-01-01T00:00:00Z")  # as enrolled before window origins were kept
+    with pytest.raises(ModelUnavailable, match="enrol again"):
+        Bank.load(tmp_path / "old.npz")
+
+
+def test_a_bank_needs_neighbours_that_share_no_audio():
+    from monitord.models.anomaly import build_bank
+
+    rng = np.random.default_rng(0)
+    starts = [i * 24000 for i in range(13)]  # one 8 s recording: each window overlaps up to 6 others
+    build_bank(rng.standard_normal((13, 4)), "m", 48000, 2.0, 0.5, 5, ["a"] * 13, starts)
+    with pytest.raises(ValueError, match="share no audio"):
+        build_bank(rng.standard_normal((5, 4)), "m", 48000, 2.0, 0.5, 1, ["a"] * 5, starts[:5])  # 4 s: all overlap
+
+
 def test_a_bank_from_other_window_settings_is_refused(machine):
     tmp_path, config = machine
     config.write_text(config.read_text() + "window: {seconds: 1.0, hop_s: 0.5}\n")
