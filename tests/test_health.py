@@ -209,3 +209,50 @@ rules:
         assert 0 < entry["detection_latency_s"]["mean"] <= 2.0  # the first window that holds the sound ends within 2 s
     assert report["false_alarms_per_hour"] == 0.0 and report["background_seconds"] == pytest.approx(60.0)
     assert (tmp_path / "eval" / "confusion.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_eval_counts_a_file_the_gate_hid_as_a_miss_not_a_prediction(tmp_path, random_clap):
+    from monitord.config import parse_config
+    from monitord.daemon import load_models
+    from monitord.evaluate import Example, evaluate
+
+    config = parse_config(f"""
+sources: [{{id: a, device: default}}]
+gate: {{mode: energy, threshold_dbfs: -50}}
+models: {{clap: {{kind: clap, model: {random_clap}, labels: [tone, noise], dtype: float32}}}}
+""", tmp_path)
+    examples = [Example(write_wav(tmp_path / "t.wav", tone(440, 3.0, RATE, -15), RATE), "tone"),
+                Example(write_wav(tmp_path / "n.wav", noise(3.0, RATE, -20), RATE), "noise"),
+                Example(write_wav(tmp_path / "hidden.wav", tone(440, 3.0, RATE, -70), RATE), "tone")]  # every window gated out
+    report = evaluate(config, load_models(config), "clap", examples)
+    assert sum(map(sum, report["confusion"])) == 2  # the hidden file predicts nothing
+    assert report["unscored_files"] == [str(tmp_path / "hidden.wav")]
+    assert report["per_label"]["tone"]["files"] == 2 and report["per_label"]["tone"]["unscored"] == 1
+    assert report["per_label"]["tone"]["recall"] <= 0.5 and report["accuracy"] <= 2 / 3
+
+
+def test_eval_of_an_anomaly_model_reports_unscored_abnormal_files_as_missed(tmp_path, random_clap):
+    from monitord.config import parse_config
+    from monitord.daemon import load_models
+    from monitord.evaluate import Example, enrol, enrol_from_files, evaluate
+
+    text = f"""
+sources: [{{id: a, device: default}}]
+gate: {{mode: energy, threshold_dbfs: -50}}
+models:
+  clap: {{kind: clap, model: {random_clap}, labels: [hum, hiss], dtype: float32}}
+  health: {{kind: anomaly, embedding_model: clap, bank: {tmp_path / "bank.npz"}}}
+"""
+    config = parse_config(text.split("  health:")[0], tmp_path)
+    embedder = load_models(config)["clap"]
+    enrolled = [write_wav(tmp_path / f"e{seed}.wav", hum(8.0, seed), RATE) for seed in range(2)]
+    enrol(config, embedder, enrol_from_files(config, embedder, enrolled), 5, tmp_path / "bank.npz")
+    config = parse_config(text, tmp_path)
+    hidden = write_wav(tmp_path / "hidden.wav", 10 ** (-60 / 20) * hiss(4.0, 7), RATE)  # a fault below the gate
+    examples = [Example(write_wav(tmp_path / "n.wav", hum(4.0, 9), RATE), "normal"),
+                Example(write_wav(tmp_path / "a.wav", hiss(4.0, 8), RATE), "abnormal"), Example(hidden, "abnormal")]
+    report = evaluate(config, load_models(config), "health", examples)
+    hidden_score = next(f["score"] for f in report["file_scores"] if f["file"] == str(hidden))
+    assert hidden_score is None  # not a score of 0.0, "as normal as can be"
+    assert report["unscored_files"] == [{"file": str(hidden), "label": "abnormal"}] and report["abnormal_unscored"] == 1
+    assert report["files"] == 3 and report["scored_files"] == 2 and report["auc"] is not None
