@@ -15,16 +15,20 @@ import soundfile as sf
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED = REPO.parent / "shared"
-IN_CI = bool(os.environ.get("CI"))
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
 
 
+def in_ci() -> bool:
+    """Whether this run is CI's, where everything the tests need must be present (read at each call)."""
+    return bool(os.environ.get("CI"))
+
+
 def need(condition: bool, reason: str) -> None:
     """Skip with a reason where the machine lacks something; in CI, where it must be there, fail."""
     if not condition:
-        if IN_CI:
+        if in_ci():
             pytest.fail(f"CI must provide this: {reason}")
         pytest.skip(reason)
 
@@ -121,9 +125,9 @@ AUDIO = SHARED / "audio"
 
 
 def shared_path(path: Path) -> Path:
-    """A file from ../shared (real recordings, YAMNet); the test skips, saying so, where it is absent."""
-    if not path.exists():
-        pytest.skip(f"{path} is absent: these tests use the real material in ../shared (CI has it)")
+    """A file from ../shared (real recordings, YAMNet); where it is absent the test skips, saying so,
+    or fails in CI, which must have it."""
+    need(path.exists(), f"{path} is absent: these tests use the real material in ../shared")
     return path
 
 
