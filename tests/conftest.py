@@ -7,6 +7,8 @@ import shutil
 import socket
 import subprocess
 import sys
+import tempfile
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -14,6 +16,7 @@ import pytest
 import soundfile as sf
 
 REPO = Path(__file__).resolve().parents[1]
+SOUND_SERVER = REPO / "tests" / "sound-server.sh"
 SHARED = REPO.parent / "shared"
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -96,19 +99,33 @@ def random_clap(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="session")
-def sound_server() -> dict[str, str]:
-    """The PulseAudio null sink 'vsink' (its monitor is the default capture source); returns env."""
+def sound_server() -> Iterator[dict[str, str]]:
+    """The PulseAudio null sink 'vsink' (its monitor is the default capture source); yields env.
+
+    The server is this session's own (a private runtime dir: nobody else's server is reused, or
+    stopped) and is stopped at the end of the session with its keep-alive reader."""
     need(shutil.which("pulseaudio") is not None and shutil.which("paplay") is not None,
          "PulseAudio is not installed (tests/sound-server.sh install)")
-    out = subprocess.run(["bash", str(REPO / "tests" / "sound-server.sh"), "start"], capture_output=True, text=True, timeout=60)
-    need(out.returncode == 0, f"the sound server did not start: {out.stderr.strip()}")
-    runtime_dir = out.stdout.strip().split("=", 1)[1]
-    os.environ["XDG_RUNTIME_DIR"] = runtime_dir
-    import sounddevice as sd
+    runtime_dir = tempfile.mkdtemp(prefix="monitord-sound-")  # short: the server's socket path must fit 108 bytes
+    env = {**os.environ, "XDG_RUNTIME_DIR": runtime_dir}
+    previous = os.environ.get("XDG_RUNTIME_DIR")
+    try:
+        out = subprocess.run(["bash", str(SOUND_SERVER), "start"], env=env, capture_output=True, text=True, timeout=60)
+        need(out.returncode == 0, f"the sound server did not start: {out.stderr.strip()}")
+        os.environ["XDG_RUNTIME_DIR"] = runtime_dir
+        import sounddevice as sd
 
-    sd._terminate()  # PortAudio lists devices as they were when it was initialised
-    sd._initialize()
-    return {"XDG_RUNTIME_DIR": runtime_dir}
+        sd._terminate()  # PortAudio lists devices as they were when it was initialised
+        sd._initialize()
+        yield {"XDG_RUNTIME_DIR": runtime_dir}
+    finally:
+        # `restart` (tests/test_faults.py) rewrites the pid files, so this stops whatever runs now
+        subprocess.run(["bash", str(SOUND_SERVER), "stop"], env=env, capture_output=True, timeout=60)
+        if previous is None:
+            os.environ.pop("XDG_RUNTIME_DIR", None)
+        else:
+            os.environ["XDG_RUNTIME_DIR"] = previous
+        shutil.rmtree(runtime_dir, ignore_errors=True)
 
 
 def play(path: Path, env: dict[str, str]) -> subprocess.Popen:
