@@ -14,7 +14,7 @@ import numpy as np
 import soundfile as sf
 
 from monitord.config import GateConfig
-from monitord.gate import speech_meter
+from monitord.windowing.gate import speech_meter
 from monitord.windows import resample, window_starts
 
 RATE = 16000

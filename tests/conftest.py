@@ -7,6 +7,8 @@ import shutil
 import socket
 import subprocess
 import sys
+import tempfile
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -14,17 +16,22 @@ import pytest
 import soundfile as sf
 
 REPO = Path(__file__).resolve().parents[1]
+SOUND_SERVER = REPO / "tests" / "sound-server.sh"
 SHARED = REPO.parent / "shared"
-IN_CI = bool(os.environ.get("CI"))
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
 
 
+def in_ci() -> bool:
+    """Whether this run is CI's, where everything the tests need must be present (read at each call)."""
+    return bool(os.environ.get("CI"))
+
+
 def need(condition: bool, reason: str) -> None:
     """Skip with a reason where the machine lacks something; in CI, where it must be there, fail."""
     if not condition:
-        if IN_CI:
+        if in_ci():
             pytest.fail(f"CI must provide this: {reason}")
         pytest.skip(reason)
 
@@ -122,19 +129,33 @@ def random_clap(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="session")
-def sound_server() -> dict[str, str]:
-    """The PulseAudio null sink 'vsink' (its monitor is the default capture source); returns env."""
+def sound_server() -> Iterator[dict[str, str]]:
+    """The PulseAudio null sink 'vsink' (its monitor is the default capture source); yields env.
+
+    The server is this session's own (a private runtime dir: nobody else's server is reused, or
+    stopped) and is stopped at the end of the session with its keep-alive reader."""
     need(shutil.which("pulseaudio") is not None and shutil.which("paplay") is not None,
          "PulseAudio is not installed (tests/sound-server.sh install)")
-    out = subprocess.run(["bash", str(REPO / "tests" / "sound-server.sh"), "start"], capture_output=True, text=True, timeout=60)
-    need(out.returncode == 0, f"the sound server did not start: {out.stderr.strip()}")
-    runtime_dir = out.stdout.strip().split("=", 1)[1]
-    os.environ["XDG_RUNTIME_DIR"] = runtime_dir
-    import sounddevice as sd
+    runtime_dir = tempfile.mkdtemp(prefix="monitord-sound-")  # short: the server's socket path must fit 108 bytes
+    env = {**os.environ, "XDG_RUNTIME_DIR": runtime_dir}
+    previous = os.environ.get("XDG_RUNTIME_DIR")
+    try:
+        out = subprocess.run(["bash", str(SOUND_SERVER), "start"], env=env, capture_output=True, text=True, timeout=60)
+        need(out.returncode == 0, f"the sound server did not start: {out.stderr.strip()}")
+        os.environ["XDG_RUNTIME_DIR"] = runtime_dir
+        import sounddevice as sd
 
-    sd._terminate()  # PortAudio lists devices as they were when it was initialised
-    sd._initialize()
-    return {"XDG_RUNTIME_DIR": runtime_dir}
+        sd._terminate()  # PortAudio lists devices as they were when it was initialised
+        sd._initialize()
+        yield {"XDG_RUNTIME_DIR": runtime_dir}
+    finally:
+        # `restart` (tests/test_faults.py) rewrites the pid files, so this stops whatever runs now
+        subprocess.run(["bash", str(SOUND_SERVER), "stop"], env=env, capture_output=True, timeout=60)
+        if previous is None:
+            os.environ.pop("XDG_RUNTIME_DIR", None)
+        else:
+            os.environ["XDG_RUNTIME_DIR"] = previous
+        shutil.rmtree(runtime_dir, ignore_errors=True)
 
 
 def play(path: Path, env: dict[str, str]) -> subprocess.Popen:
@@ -151,9 +172,9 @@ AUDIO = SHARED / "audio"
 
 
 def shared_path(path: Path) -> Path:
-    """A file from ../shared (real recordings, YAMNet); the test skips, saying so, where it is absent."""
-    if not path.exists():
-        pytest.skip(f"{path} is absent: these tests use the real material in ../shared (CI has it)")
+    """A file from ../shared (real recordings, YAMNet); where it is absent the test skips, saying so,
+    or fails in CI, which must have it."""
+    need(path.exists(), f"{path} is absent: these tests use the real material in ../shared")
     return path
 
 

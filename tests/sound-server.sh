@@ -53,6 +53,7 @@ stop() {
     [ -s "$f" ] || continue
     pid=$(cat "$f"); kill -s "$sig" "$pid" 2>/dev/null || true
     for _ in $(seq 50); do alive "$pid" || break; sleep 0.1; done
+    if alive "$pid"; then kill -s KILL "$pid" 2>/dev/null || true; fi  # 5 s were not enough
     rm -f "$f"
   done
 }

@@ -51,3 +51,36 @@ def test_an_unknown_device_lists_what_is_there(sound_server):
         resolve_device("no such microphone")
     assert "available input devices" in str(info.value) and "pulse" in str(info.value)
     assert resolve_device("default")["channels"] >= 1
+
+
+def test_the_sound_server_and_its_keep_alive_stop_when_the_session_ends(tmp_path):
+    """A test session that used the sound server leaves no PulseAudio and no keep-alive reader behind."""
+    import os
+    import shutil
+    import subprocess
+    import sys
+
+    import psutil
+
+    from tests.conftest import REPO, need
+
+    need(shutil.which("pulseaudio") is not None, "PulseAudio is not installed (tests/sound-server.sh install)")
+    env = {k: v for k, v in os.environ.items() if k != "XDG_RUNTIME_DIR"} | {"TMPDIR": str(tmp_path)}
+    inner = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider",
+                            "tests/test_capture.py::test_an_unknown_device_lists_what_is_there"],
+                           cwd=REPO, env=env, capture_output=True, text=True, timeout=180)
+
+    def started_there(p: psutil.Process) -> bool:  # the server names its runtime dir; the keep-alive has it in its environment
+        try:
+            return p.status() != psutil.STATUS_ZOMBIE and (
+                any(str(tmp_path) in arg for arg in p.cmdline()) or str(tmp_path) in p.environ().get("XDG_RUNTIME_DIR", ""))
+        except (psutil.NoSuchProcess, psutil.AccessDenied):
+            return False
+
+    left = [p for p in psutil.process_iter() if started_there(p)]
+    described = [f"{p.pid} {' '.join(p.cmdline())}" for p in left]
+    for p in left:
+        p.kill()
+    assert inner.returncode == 0, inner.stdout[-3000:] + inner.stderr[-3000:]
+    assert "1 passed" in inner.stdout, inner.stdout[-3000:]
+    assert not left, described

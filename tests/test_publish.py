@@ -229,3 +229,129 @@ def test_a_subscriber_that_never_reads_cannot_grow_the_daemons_memory(tmp_path):
     stalled.close(0)
     assert len((tmp_path / "e.jsonl").read_bytes().splitlines()) == 22000  # all of it is in the log
     assert grown < 15, f"RSS grew {grown:.1f} MB"
+
+
+def test_replay_stays_gapless_while_the_log_rotates_under_it(tmp_path, capsys):
+    import re
+    import threading
+
+    from monitord.tools.tail import ReplayClient
+
+    endpoint, replay = f"tcp://127.0.0.1:{free_port()}", f"tcp://127.0.0.1:{free_port()}"
+    ctx = zmq.Context()
+    config = PublishConfig(endpoint=endpoint, replay_endpoint=replay, event_log=str(tmp_path / "e.jsonl"),
+                           event_log_max_mb=0.002, event_log_keep=20)  # a rotation every ~5 events, ~100 kept
+    p = Publisher(config, ctx)
+    p.start()
+    stop = threading.Event()
+
+    def publish() -> None:
+        while not stop.is_set():
+            p.publish(alert())
+            time.sleep(0.0005)  # nothing kept rotates away between two pages of a replay unless it stalls ~100 ms
+
+    publisher = threading.Thread(target=publish, daemon=True)
+    publisher.start()
+    client = ReplayClient(ctx, replay)
+    fetches, bad, told = 0, [], []
+    try:
+        deadline = time.monotonic() + 60
+        while fetches < 60 and time.monotonic() < deadline:  # a count, not a rate: the machine may be busy
+            since = max(0, p.seq - 200)  # further back than the log keeps: the replay starts at the oldest kept
+            seqs = [event["seq"] for event in client.fetch(since)]
+            rotated = re.search(r"events \d+-(\d+) are no longer in the log", capsys.readouterr().err)
+            first = int(rotated.group(1)) + 1 if rotated else since + 1
+            if rotated:
+                told.append(first)
+            fetches += 1
+            if seqs != list(range(first, first + len(seqs))) or len(seqs) < 2:
+                bad.append((since, first, seqs))
+    finally:
+        stop.set()
+        publisher.join(5)
+        p.close()
+    print(f"\n[replay] {fetches} replays while {p.seq} events were published; {len(bad)} with a gap; "
+          f"oldest_seq told: {told[:3]} ... {told[-3:]}")
+    assert fetches >= 20 and told, (fetches, told)
+    assert not bad, bad[:3]
+
+
+def test_read_since_is_not_fooled_by_a_rotation_in_the_middle_of_a_read(tmp_path, monkeypatch):
+    import os
+    from pathlib import Path
+
+    log = EventLog(tmp_path / "e.jsonl", max_bytes=2000, keep=3)
+    log.open()
+    seq = 0
+
+    def append() -> None:
+        nonlocal seq
+        seq += 1
+        log.append(alert().with_sequence(seq, "x", None).to_json().encode())
+
+    for _ in range(30):
+        append()
+    real_open, opens = Path.open, []
+
+    def open_and_rotate_once(path, mode="r", *args, **kwargs):
+        opens.append(path.name)
+        if len(opens) == 2:  # the reader has opened one file: the writer rotates now
+            current = os.stat(log.path).st_ino
+            while os.stat(log.path).st_ino == current:
+                append()
+        return real_open(path, mode, *args, **kwargs)
+
+    monkeypatch.setattr(Path, "open", open_and_rotate_once)
+    events, oldest = log.read_since(0, 1000)
+    monkeypatch.undo()
+    log.close()
+    seqs = [json.loads(e)["seq"] for e in events]
+    assert seqs == list(range(oldest, seq + 1)), (oldest, seqs)
+
+
+def tail_while_publishing(tmp_path, capsys, topic: str, skip_every: int = 0) -> tuple[list[dict], str]:
+    """``monitord tail`` (in-process) against a live publisher of alerts interleaved with status events."""
+    import threading
+
+    from monitord.tools.tail import tail
+
+    endpoint = f"tcp://127.0.0.1:{free_port()}"
+    p = Publisher(PublishConfig(endpoint=endpoint, event_log=str(tmp_path / "e.jsonl")), zmq.Context())
+    p.start()
+    stop = threading.Event()
+
+    def publish() -> None:
+        n = 0
+        while not stop.is_set():
+            p.publish(alert())
+            p.publish(status())
+            n += 1
+            if skip_every and n % skip_every == 0:
+                with p._lock:
+                    p.seq += 3  # three events lost on the way
+            time.sleep(0.005)
+
+    publisher = threading.Thread(target=publish, daemon=True)
+    publisher.start()
+    try:
+        code = tail(endpoint, topic, as_json=True, count=20, timeout_s=10)
+    finally:
+        stop.set()
+        publisher.join(5)
+        p.close()
+    out, err = capsys.readouterr()
+    assert code == 0, err
+    return [json.loads(line) for line in out.splitlines()], err
+
+
+def test_tail_with_a_topic_does_not_call_other_topics_missed(tmp_path, capsys):
+    events, err = tail_while_publishing(tmp_path, capsys, "alert.")
+    assert len(events) == 20 and {e["kind"] for e in events} == {"alert"}
+    assert "missed" not in err, err
+
+
+def test_tail_without_a_topic_still_reports_a_real_gap(tmp_path, capsys):
+    events, err = tail_while_publishing(tmp_path, capsys, "", skip_every=3)
+    seqs = [e["seq"] for e in events]
+    assert any(b > a + 1 for a, b in zip(seqs, seqs[1:]))
+    assert "missed (--replay fetches them)" in err, err

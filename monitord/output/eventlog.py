@@ -10,7 +10,9 @@ from __future__ import annotations
 import json
 import logging
 import os
+import time
 from pathlib import Path
+from typing import BinaryIO
 
 log = logging.getLogger(__name__)
 
@@ -20,21 +22,30 @@ TAIL_SCAN_BYTES = 1 << 16
 def last_seq_in(path: Path) -> int:
     """The ``seq`` of the last complete event in one JSONL file (0 when none)."""
     try:
-        size = path.stat().st_size
+        with path.open("rb") as f:
+            return _last_seq_of(f)
     except FileNotFoundError:
         return 0
+
+
+def _last_seq_of(f: BinaryIO) -> int:
+    """The ``seq`` of the last complete event in an open JSONL file (0 when none), read from its tail."""
+    size = os.fstat(f.fileno()).st_size
     scan = TAIL_SCAN_BYTES
-    with path.open("rb") as f:
-        while True:
-            f.seek(max(0, size - scan))
-            for line in reversed(f.read().split(b"\n")):
-                try:
-                    return int(json.loads(line)["seq"])
-                except (ValueError, KeyError, TypeError):
-                    continue
-            if scan >= size:
-                return 0
-            scan *= 4
+    while True:
+        f.seek(max(0, size - scan))
+        for line in reversed(f.read(min(scan, size)).split(b"\n")):
+            try:
+                return int(json.loads(line)["seq"])
+            except (ValueError, KeyError, TypeError):
+                continue
+        if scan >= size:
+            return 0
+        scan *= 4
+
+
+class LogKeptRotating(Exception):
+    """No consistent view of the log files could be taken: it rotated during every attempt."""
 
 
 class EventLog:
@@ -101,26 +112,53 @@ class EventLog:
 
     def read_since(self, seq: int, limit: int) -> tuple[list[bytes], int | None]:
         """Up to ``limit`` logged events with a seq above ``seq``, in order, and the oldest seq still kept.
-        Files that end at or before ``seq`` are not read (their last line tells, from the tail)."""
+
+        Reads one consistent snapshot of the files (see ``_open_snapshot``), so a rotation while
+        reading cannot make it skip a file. Files that end at or before ``seq`` are not read
+        (their last line tells, from the tail)."""
         out: list[bytes] = []
-        files = self.files()
-        oldest = _first_seq(files[0]) if files else None
-        for path in files:
-            if last_seq_in(path) <= seq:
-                continue
+        snapshot = self._open_snapshot()
+        try:
+            oldest = next((first for f in snapshot if (first := _first_seq_of(f)) is not None), None)
+            for f in snapshot:
+                if _last_seq_of(f) <= seq:
+                    continue
+                f.seek(0)
+                for line in f:
+                    if not line.endswith(b"\n"):
+                        break  # being written right now
+                    event_seq = _seq_of(line)
+                    if event_seq is not None and event_seq > seq:
+                        out.append(line.rstrip(b"\n"))
+                        if len(out) >= limit:
+                            return out, oldest
+            return out, oldest
+        finally:
+            for f in snapshot:
+                f.close()
+
+    def _open_snapshot(self, attempts: int = 100) -> list[BinaryIO]:
+        """Every log file, oldest first, opened at one moment between two rotations.
+
+        An open file survives being renamed or deleted, so once every name has been opened and
+        checked (same names, each still the file we hold), the reader is immune to later rotations.
+        A rotation in between shows as a changed name list or inode: close all and try again.
+        """
+        for attempt in range(attempts):
+            paths = self.files()
+            opened: list[BinaryIO] = []
             try:
-                with path.open("rb") as f:
-                    for line in f:
-                        if not line.endswith(b"\n"):
-                            break  # being written right now
-                        event_seq = _seq_of(line)
-                        if event_seq is not None and event_seq > seq:
-                            out.append(line.rstrip(b"\n"))
-                            if len(out) >= limit:
-                                return out, oldest
-            except FileNotFoundError:  # rotated away while we read
-                continue
-        return out, oldest
+                for path in paths:
+                    opened.append(path.open("rb"))
+                if self.files() == paths and all(_same_file(path, f) for path, f in zip(paths, opened)):
+                    return opened
+            except FileNotFoundError:
+                pass
+            for f in opened:
+                f.close()
+            if attempt >= 3:
+                time.sleep(0.001)  # let a rotation in progress finish its renames
+        raise LogKeptRotating(f"{self.path} rotated during each of {attempts} attempts to read it")
 
     def close(self) -> None:
         if self._fd is not None:
@@ -138,16 +176,22 @@ def _seq_of(line: bytes) -> int | None:
         return None
 
 
-def _first_seq(path: Path) -> int | None:
-    try:
-        with path.open("rb") as f:
-            for line in f:
-                seq = _seq_of(line)
-                if seq is not None:
-                    return seq
-    except FileNotFoundError:
-        pass
+def _first_seq_of(f: BinaryIO) -> int | None:
+    f.seek(0)
+    for line in f:
+        seq = _seq_of(line)
+        if seq is not None:
+            return seq
     return None
+
+
+def _same_file(path: Path, f: BinaryIO) -> bool:
+    """Whether ``path`` still names the file ``f`` holds open."""
+    try:
+        named, held = path.stat(), os.fstat(f.fileno())
+    except FileNotFoundError:
+        return False
+    return (named.st_dev, named.st_ino) == (held.st_dev, held.st_ino)
 
 
 def _ends_with_newline(path: Path) -> bool:

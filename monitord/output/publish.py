@@ -17,7 +17,7 @@ import uuid
 import zmq
 
 from monitord.config import PublishConfig
-from monitord.output.eventlog import EventLog
+from monitord.output.eventlog import EventLog, LogKeptRotating
 from monitord.types import Event
 
 log = logging.getLogger(__name__)
@@ -178,7 +178,11 @@ class ReplayServer:
             limit = max(1, min(int(query.get("limit", REPLAY_LIMIT)), REPLAY_LIMIT))
         except (ValueError, KeyError, TypeError) as exc:
             return [json.dumps({"error": f'expected {{"since": N}}: {exc}'}).encode()]
-        events, oldest = self.event_log.read_since(since, limit)
+        try:
+            events, oldest = self.event_log.read_since(since, limit)
+        except LogKeptRotating as exc:
+            log.warning("replay: %s", exc)
+            return [json.dumps({"error": f"{exc}: ask again"}).encode()]
         last = json.loads(events[-1])["seq"] if events else since
         self.served += 1
         return [json.dumps({"count": len(events), "last_seq": last, "oldest_seq": oldest}).encode(), *events]

@@ -8,6 +8,10 @@ eval runs a configured model over a labelled set through the daemon's own window
     end raises the rule's onset; false alarms per hour of audio labelled ``background``;
   - anomaly models: AUC and pAUC (FPR <= 0.1, DCASE's anomalous-sound metric) of each file's
     highest window score, ``normal`` vs ``abnormal``.
+A file none of whose windows the model scored (all gated out) has no prediction and no score: it is
+listed in ``unscored_files``, left out of the confusion matrix and of AUC/pAUC, and counted as a
+miss: in its label's recall (and in accuracy) for classifiers, in ``abnormal_unscored`` for anomaly
+models (a machine fault the gate hides is never alerted on).
 With random-weight test models the figures say nothing about accuracy: the harness is what gives
 real figures the day real weights are present.
 """
@@ -69,17 +73,28 @@ def evaluate(config: Config, models: dict, model_name: str, examples: list[Examp
 
 
 def _anomaly_report(model_name: str, per_file) -> dict[str, Any]:
-    labels, scores = [], []
+    labels, scores, file_scores, unscored = [], [], [], []
     for example, rows in per_file:
         if example.label not in ("normal", "abnormal"):
             raise ValueError(f"{example.path}: anomaly data sets label files normal or abnormal, not {example.label!r}")
         window_scores = [r.scores[model_name]["anomaly"] for r in rows if model_name in r.scores]
+        score = max(window_scores) if window_scores else None
+        file_scores.append({"file": str(example.path), "label": example.label, "score": score})
+        if score is None:
+            unscored.append({"file": str(example.path), "label": example.label})
+            continue
         labels.append(example.label == "abnormal")
-        scores.append(max(window_scores) if window_scores else 0.0)
+        scores.append(score)
+    if not any(e.label == "abnormal" for e, _ in per_file) or all(e.label == "abnormal" for e, _ in per_file):
+        raise ValueError("AUC needs both normal and abnormal examples")
+    truth, best = np.array(labels, dtype=bool), np.array(scores)
+    rankable = truth.any() and not truth.all()  # else too many files went unscored to rank anything
     return {
-        "model": model_name, "kind": "anomaly", "files": len(labels), "abnormal": int(sum(labels)),
-        "auc": roc_auc(np.array(labels), np.array(scores)), "pauc": roc_auc(np.array(labels), np.array(scores), max_fpr=0.1),
-        "file_scores": [{"file": str(e.path), "label": e.label, "score": s} for (e, _), s in zip(per_file, scores)],
+        "model": model_name, "kind": "anomaly", "files": len(per_file),
+        "abnormal": sum(e.label == "abnormal" for e, _ in per_file), "scored_files": len(labels),
+        "auc": roc_auc(truth, best) if rankable else None, "pauc": roc_auc(truth, best, max_fpr=0.1) if rankable else None,
+        "unscored_files": unscored, "abnormal_unscored": sum(u["label"] == "abnormal" for u in unscored),
+        "file_scores": file_scores,
     }
 
 
@@ -92,6 +107,7 @@ def _classifier_report(config: Config, model_name: str, model, per_file) -> dict
     confusion = np.zeros((len(targets), len(targets)), dtype=int)
     latencies: dict[str, list[float]] = {}
     background_seconds, false_alarms = 0.0, 0
+    unscored: list[Example] = []
     rules = tuple(r for r in config.rules if r.model == model_name)
     for example, rows in per_file:
         scored = [r for r in rows if model_name in r.scores]
@@ -100,27 +116,33 @@ def _classifier_report(config: Config, model_name: str, model, per_file) -> dict
             background_seconds += rows[-1].window.stream_end if rows else 0.0
             false_alarms += len(onsets)
             continue
+        if not scored:
+            unscored.append(example)  # no window reached the model: no prediction, a miss
+            continue
         best = {label: max((r.scores[model_name][label] for r in scored), default=0.0) for label in targets}
         confusion[index[example.label], index[max(best, key=best.get)]] += 1
         if example.onset_s is not None:
             hits = [t for rule, t in onsets if rule.label == example.label and t >= example.onset_s]
             if hits:
                 latencies.setdefault(example.label, []).append(hits[0] - example.onset_s)
+    missed = {label: sum(e.label == label for e in unscored) for label in targets}
     per_label = {}
     for label, i in index.items():
-        tp, predicted, actual = confusion[i, i], confusion[:, i].sum(), confusion[i, :].sum()
+        tp, predicted, actual = confusion[i, i], confusion[:, i].sum(), confusion[i, :].sum() + missed[label]
         precision = tp / predicted if predicted else 0.0
         recall = tp / actual if actual else 0.0
         f1 = 2 * precision * recall / (precision + recall) if precision + recall else 0.0
-        entry = {"precision": float(precision), "recall": float(recall), "f1": float(f1), "files": int(actual)}
+        entry = {"precision": float(precision), "recall": float(recall), "f1": float(f1), "files": int(actual),
+                 "unscored": missed[label]}
         if label in latencies:
             entry["detection_latency_s"] = {"mean": float(np.mean(latencies[label])), "median": float(np.median(latencies[label])),
                                             "detected": len(latencies[label])}
         per_label[label] = entry
     return {
         "model": model_name, "kind": "classifier", "labels": targets, "per_label": per_label,
-        "accuracy": float(np.trace(confusion) / confusion.sum()) if confusion.sum() else 0.0,
+        "accuracy": float(np.trace(confusion) / (confusion.sum() + len(unscored))) if confusion.sum() + len(unscored) else 0.0,
         "confusion": confusion.tolist(),
+        "unscored_files": [str(e.path) for e in unscored],
         "false_alarms_per_hour": (false_alarms / (background_seconds / 3600.0)) if background_seconds else None,
         "background_seconds": background_seconds,
     }
@@ -164,7 +186,8 @@ def enrol_from_files(config: Config, embedder, files: list[Path]) -> list[Window
     windows = []
     for path in files:
         samples, rate = read_mono(path)
-        cutter = WindowCutter(path.stem, rate, config.window, config.gate, {embedder.name: ModelInput(embedder.sample_rate)})
+        cutter = WindowCutter(str(path), rate, config.window, config.gate,  # the source names the bank's recording
+                              {embedder.name: ModelInput(embedder.sample_rate)})
         for start in window_starts(len(samples), cutter.length, cutter.hop):
             window = cutter.cut(samples[start : start + cutter.length], start, 0.0, 0.0)
             if window.passed:
@@ -174,7 +197,7 @@ def enrol_from_files(config: Config, embedder, files: list[Path]) -> list[Window
 
 def enrol_from_source(config: Config, embedder, source: SourceConfig, seconds: float) -> list[Window]:
     """Windows of a live source (or file source) until ``seconds`` of sound have been captured."""
-    from monitord.capture import open_source
+    from monitord.sources import open_source
 
     src = open_source(source, config.pipeline.ring_seconds, lambda *a: None)
     cutter = WindowCutter(src.id, src.sample_rate, config.window, config.gate_for(source),
@@ -205,11 +228,14 @@ def enrol(config: Config, embedder, windows: list[Window], k: int, out: Path) ->
 
     if not windows:
         raise ValueError("no window passed the gate: nothing to enrol (is the gate threshold above the machine's level?)")
-    bank = build_bank(embed(embedder, windows), embedder.model_id, embedder.sample_rate, config.window.seconds, config.window.hop_s, k)
+    rate = embedder.sample_rate
+    starts = [round(w.start_index * rate / w.sample_rate) for w in windows]  # at the bank's rate, as its window length
+    bank = build_bank(embed(embedder, windows), embedder.model_id, rate, config.window.seconds, config.window.hop_s, k,
+                      [w.source for w in windows], starts)
     bank.save(out)
     os.chmod(out, 0o600)
-    return {"bank": str(out), "windows": len(windows), "k": k, "reference_distance": bank.reference,
-            "loo_median": float(np.median(bank.loo)), "model": embedder.model_id}
+    return {"bank": str(out), "windows": len(windows), "recordings": len(set(bank.recordings)), "k": k,
+            "reference_distance": bank.reference, "loo_median": float(np.median(bank.loo)), "model": embedder.model_id}
 
 
 def write_report(report: dict[str, Any], out: Path) -> None:

@@ -1,7 +1,11 @@
 """Machine health: "does this sound like it did when it was healthy?", from enrolled embeddings.
 
 Enrolment (``monitord enroll``) stores the CLAP audio embeddings of windows of normal
-operation in a bank, with the leave-one-out distance of each to its k nearest neighbours.
+operation in a bank, with where each came from (recording, start sample) and its leave-one-out
+distance: the mean cosine distance to its k nearest enrolled windows that share no audio with it.
+Windows overlap (a 2 s window every 0.5 s shares 75 % of its sound with the next), and a new
+window shares audio with no enrolled one, so an overlapping neighbour would make the reference
+too small and nearly every normal window look abnormal.
 A new window's distance d is the mean cosine distance to its k nearest enrolled embeddings;
 its score is ``d / (d + ref)``, where ``ref`` is the bank's 95th percentile leave-one-out
 distance. So 0.5 means "as far from normal as the least typical 5 % of the normal windows",
@@ -38,9 +42,13 @@ class Bank:
     hop_s: float
     k: int
     loo: np.ndarray
-    """Each enrolled window's mean distance to its k nearest other enrolled windows."""
+    """Each enrolled window's mean distance to its k nearest enrolled windows that do not overlap it."""
     reference: float
     created: str
+    recordings: np.ndarray
+    """(N,) str: the recording each window was cut from (a file path, or a source id)."""
+    starts: np.ndarray
+    """(N,) int64: each window's first sample in its recording, at ``sample_rate``."""
 
     def distance(self, queries: np.ndarray) -> np.ndarray:
         """Mean cosine distance of each query to its k nearest enrolled embeddings."""
@@ -55,32 +63,56 @@ class Bank:
     def save(self, path: str | Path) -> None:
         np.savez(path, embeddings=self.embeddings, model_id=self.model_id, sample_rate=self.sample_rate,
                  window_seconds=self.window_seconds, hop_s=self.hop_s, k=self.k, loo=self.loo,
-                 reference=self.reference, created=self.created)
+                 reference=self.reference, created=self.created, recordings=self.recordings, starts=self.starts)
 
     @classmethod
     def load(cls, path: str | Path) -> "Bank":
         try:
             with np.load(path, allow_pickle=False) as data:
+                if "embeddings" in data and "recordings" not in data:
+                    raise ModelUnavailable(f"anomaly bank {path} was enrolled by an older monitord, whose reference "
+                                           "counted overlapping windows as neighbours (normal sound scored too high): "
+                                           "enrol again with `monitord enroll`")
                 return cls(data["embeddings"].astype(np.float32), str(data["model_id"]), int(data["sample_rate"]),
                            float(data["window_seconds"]), float(data["hop_s"]), int(data["k"]), data["loo"],
-                           float(data["reference"]), str(data["created"]))
+                           float(data["reference"]), str(data["created"]), data["recordings"].astype(str),
+                           data["starts"].astype(np.int64))
         except FileNotFoundError:
             raise ModelUnavailable(f"anomaly bank {path} does not exist: record one with `monitord enroll`") from None
         except (OSError, KeyError, ValueError) as exc:
             raise ModelUnavailable(f"anomaly bank {path} is not a monitord bank ({exc})") from None
 
 
-def build_bank(embeddings: np.ndarray, model_id: str, sample_rate: int, window_seconds: float, hop_s: float, k: int) -> Bank:
-    """A bank from embeddings of normal windows, with its leave-one-out statistics."""
+def build_bank(embeddings: np.ndarray, model_id: str, sample_rate: int, window_seconds: float, hop_s: float, k: int,
+               recordings: Sequence[str], starts: Sequence[int]) -> Bank:
+    """A bank from embeddings of normal windows, with its leave-one-out statistics.
+
+    ``recordings`` and ``starts`` (first sample at ``sample_rate``) say where each window was cut:
+    windows of one recording less than a window length apart share audio and are not each
+    other's neighbours."""
     e = embeddings / np.linalg.norm(embeddings, axis=1, keepdims=True)
-    if len(e) < k + 1:
-        raise ValueError(f"an anomaly bank needs more than k={k} windows of normal sound; got {len(e)}")
+    recordings, starts = np.asarray(recordings, dtype=str), np.asarray(starts, dtype=np.int64)
+    if not len(recordings) == len(starts) == len(e):
+        raise ValueError(f"{len(e)} embeddings, but {len(recordings)} recordings and {len(starts)} starts")
+    shares_audio = _overlaps(recordings, starts, round(window_seconds * sample_rate))
+    fewest = int((~shares_audio).sum(axis=1).min()) if len(e) else 0
+    if fewest < k:
+        raise ValueError(f"an anomaly bank needs, for every window, more than k={k} enrolled windows that share no audio "
+                         f"with it; got {len(e)} windows, some with only {fewest}: enrol more or longer recordings")
     distances = 1.0 - e @ e.T
-    np.fill_diagonal(distances, np.inf)
+    distances[shares_audio] = np.inf
     loo = np.sort(distances, axis=1)[:, :k].mean(axis=1)
     reference = float(max(np.percentile(loo, REFERENCE_PERCENTILE), 1e-6))
     created = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
-    return Bank(e.astype(np.float32), model_id, sample_rate, window_seconds, hop_s, k, loo, reference, created)
+    return Bank(e.astype(np.float32), model_id, sample_rate, window_seconds, hop_s, k, loo, reference, created,
+                recordings, starts)
+
+
+def _overlaps(recordings: np.ndarray, starts: np.ndarray, length: int) -> np.ndarray:
+    """(N, N) bool: windows i and j share audio (same recording, starts less than ``length`` apart; i == j included)."""
+    _, codes = np.unique(recordings, return_inverse=True)
+    same = codes[:, None] == codes[None, :]
+    return same & (np.abs(starts[:, None] - starts[None, :]) < length)
 
 
 class AnomalyDetector(ModelBase):

@@ -3,9 +3,10 @@
 Reproduces ``ClapFeatureExtractor`` for windows up to its ``max_length`` (10 s): repeat-pad
 (or repeat, or zero-pad) to 10 s, centred STFT with reflect padding, periodic Hann window,
 power spectrum, the checkpoint's mel filter bank (Slaney for ``rand_trunc``, HTK for
-``fusion``), ``10*log10(max(mel, 1e-10))``. Computed in float64 like the numpy original, so
-features agree to ~1e-9 dB; the numpy extractor converts every window to float64 and
-loops in Python, which costs 30-45 ms per window on a desktop core.
+``fusion``), ``10*log10(max(mel, 1e-10))``. Computed in float64 like the numpy original (~1e-9 dB
+apart), then both round to float32, so they agree within one float32 step (under 1e-5 dB). The
+numpy extractor converts every window to float64 and loops in Python, which costs 30-45 ms per
+window on a desktop core.
 
 A repeat-padded window is periodic: when its length is a whole number of hops and tiles
 10 s exactly (2 s at 48 kHz: 200 hops, 5 tiles), every STFT frame away from the two ends
