@@ -10,6 +10,7 @@ from typing import Any
 import numpy as np
 
 from monitord.config import Config
+from monitord.frames import FrameScores
 from monitord.models import Model, Scores
 from monitord.windowqueue import WindowQueue
 from monitord.windows import Window, WindowCutter, window_starts
@@ -41,6 +42,8 @@ class WindowResult:
     scores: dict[str, dict[str, float]]
     """model name -> label -> probability (empty when the gate rejected the window)."""
     embeddings: dict[str, np.ndarray] = field(default_factory=dict)
+    frames: dict[str, FrameScores] = field(default_factory=dict)
+    """Frame-level models: the window's frames (model name -> FrameScores)."""
 
     def to_dict(self) -> dict[str, Any]:
         w = self.window
@@ -114,7 +117,8 @@ def classify_file(path: Path, config: Config, models: Mapping[str, Model]) -> It
         for window in pending:
             by_model = scored.pop(id(window), {})
             yield WindowResult(window, window.passed, {m: s.probabilities for m, s in by_model.items()},
-                               {m: s.embedding for m, s in by_model.items() if s.embedding is not None})
+                               {m: s.embedding for m, s in by_model.items() if s.embedding is not None},
+                               {m: s.frames for m, s in by_model.items() if s.frames is not None})
         pending.clear()
 
     for start in window_starts(len(samples), cutter.length, cutter.hop):

@@ -165,6 +165,9 @@ class EmotionModelConfig(_ModelSettings):
     label_map: dict[str, str] = {}
     """Checkpoint label -> emotion (angry, disgusted, fearful, happy, neutral, other, sad, surprised,
     unknown), on top of the built-in aliases (ang, hap, neu, calm, ...); unmapped labels go to other."""
+    granularity: Literal["window", "frame"] = "window"
+    """frame: also score every encoder frame (20 ms) from the same forward pass; needs a head that is
+    linear after the encoder (wav2vec2 / HuBERT / WavLM ...ForSequenceClassification)."""
 
 
 class AnomalyModelConfig(_ModelSettings):
@@ -212,6 +215,15 @@ class RuleConfig(_Strict):
     min_windows: int = Field(1, ge=1, le=1000)
     of_windows: int = Field(1, ge=1, le=1000)
     cooldown_s: float = Field(0.0, ge=0.0)
+    smooth_s: float | None = Field(None, ge=0.0, le=600.0)
+    """Frame rules: moving average of the frame scores over this many seconds."""
+    hold_s: float | None = Field(None, ge=0.0, le=3600.0)
+    """Frame rules: the (smoothed) frame score must stay at or above the threshold this long.
+    Either key makes the rule a frame rule, which needs a model with ``granularity: frame``."""
+
+    @property
+    def is_frame_rule(self) -> bool:
+        return self.smooth_s is not None or self.hold_s is not None
 
     @property
     def release_level(self) -> float:
@@ -588,6 +600,8 @@ def _cross_check(config: Config) -> list[Problem]:
             add(f"{where}.release", f"release ({rule.release}) must not exceed threshold ({rule.threshold})")
         if rule.min_windows > rule.of_windows:
             add(f"{where}.min_windows", f"min_windows ({rule.min_windows}) exceeds of_windows ({rule.of_windows})")
+        if rule.is_frame_rule:
+            problems.extend(_check_frame_rule(where, rule, config.models.get(rule.model)))
         for j, source_id in enumerate(rule.sources or ()):
             if source_id not in seen_ids and source_id not in {s.id for s in config.sources}:
                 add(f"{where}.sources.{j}", f"no source named {source_id!r}")
@@ -615,6 +629,21 @@ def _cross_check(config: Config) -> list[Problem]:
         if not Path(curve.authorized_clients).is_dir():
             add("publish.curve.authorized_clients", f"not a folder: {curve.authorized_clients}")
     return problems
+
+
+def _check_frame_rule(where: str, rule: RuleConfig, model: Any) -> list[Problem]:
+    key = f"{where}.{'hold_s' if rule.hold_s is not None else 'smooth_s'}"
+    if model is None:
+        return []  # the unknown model is reported already
+    if getattr(model, "granularity", None) != "frame":
+        if model.kind == "emotion":
+            why = f"model {rule.model!r} scores whole windows (set models.{rule.model}.granularity: frame)"
+        else:
+            why = f"model {rule.model!r} is a {model.kind} model, which scores whole windows only"
+        return [Problem(key, f"needs a frame-level model: {why}")]
+    if rule.min_windows != 1 or rule.of_windows != 1:
+        return [Problem(f"{where}.min_windows", "a frame rule holds with hold_s, not min_windows/of_windows: drop them")]
+    return []
 
 
 def _unknown_label(label: str, vocabulary: tuple[str, ...], model: str) -> str | None:

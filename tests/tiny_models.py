@@ -117,13 +117,15 @@ CHECKPOINT_EMOTIONS = ("ang", "hap", "neu", "sad", "fea", "dis", "sur", "calm", 
 
 
 def build_emotion(folder: Path, seed: int = 0, kind: str = "wav2vec2") -> Path:
-    """A tiny wav2vec2 (or WavLM) speech-emotion classifier with IEMOCAP/RAVDESS-style labels."""
+    """A tiny wav2vec2 (or WavLM) speech-emotion classifier with IEMOCAP/RAVDESS-style labels.
+
+    Its conv strides multiply to 320 like the full-size encoders', so its frames are 20 ms apart."""
     import torch
     from transformers import (Wav2Vec2Config, Wav2Vec2FeatureExtractor, Wav2Vec2ForSequenceClassification,
                               WavLMConfig, WavLMForSequenceClassification)
 
     shape = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64, conv_dim=(32,) * 3,
-                 conv_stride=(5, 4, 4), conv_kernel=(10, 4, 4), num_conv_pos_embeddings=16, num_conv_pos_embedding_groups=2,
+                 conv_stride=(5, 8, 8), conv_kernel=(10, 8, 8), num_conv_pos_embeddings=16, num_conv_pos_embedding_groups=2,
                  num_labels=len(CHECKPOINT_EMOTIONS), id2label=dict(enumerate(CHECKPOINT_EMOTIONS)),
                  label2id={v: k for k, v in enumerate(CHECKPOINT_EMOTIONS)})
     torch.manual_seed(seed)

@@ -9,6 +9,7 @@ from typing import Protocol
 import numpy as np
 
 from monitord.config import CascadeConfig
+from monitord.frames import FrameScores
 from monitord.windows import Window
 
 
@@ -27,6 +28,8 @@ class Scores:
     """HF id or local path the weights came from."""
     probabilities: dict[str, float]
     embedding: np.ndarray | None = None
+    frames: FrameScores | None = None
+    """Frame-level models: the probabilities of every ~20 ms frame of the window, same labels."""
 
     def top(self, k: int) -> list[tuple[str, float]]:
         return sorted(self.probabilities.items(), key=lambda kv: -kv[1])[:k]
