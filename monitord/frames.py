@@ -10,6 +10,13 @@ most context on both sides. Windows a gate rejected bring no frames: the curve h
 Rules on a curve (``FrameRuleParams``, ``rule_step``) take frames in chunks as they arrive and
 report onsets and offsets with their stream times; the result does not depend on where the
 chunk boundaries fall.
+
+Streaming, per source and frame-level model: keep a ``MergeState``; for each window in order,
+``merge_step`` if the model scored it (``Scores.frames``), else ``merge_skip``; the returned
+``Curve`` holds the frames now final (they trail the newest window by about 1.25 s with 2 s
+windows every 0.5 s). Feed each rule's label column (``Scores.probabilities`` order) to
+``rule_step``; when ``merge_skip`` or ``merge_end`` released a stretch's last frames, call
+``rule_close`` so an alert ends where the frames end rather than at the next stretch.
 """
 
 from __future__ import annotations
@@ -119,6 +126,15 @@ def merge_step(state: MergeState, start_s: float, end_s: float, frames: FrameSco
     return MergeState((start_s, end_s, frames), previous), out
 
 
+def merge_skip(state: MergeState, start_s: float) -> tuple[MergeState, Curve]:
+    """A window the model did not score (gated out) starting at ``start_s``: once windows start at or
+    after the pending window's end, nothing can compete for its frames, so they are all final (and
+    the stretch has ended: a frame rule may be closed)."""
+    if state.pending is not None and start_s >= state.pending[1]:
+        return merge_end(state)
+    return state, Curve(state.pending[2].hop_s if state.pending is not None else 0.0)
+
+
 def merge_end(state: MergeState) -> tuple[MergeState, Curve]:
     """The rest of the pending window (end of stream, or a pause long enough to let it go)."""
     return MergeState(), _release(state, following=None)
@@ -157,17 +173,6 @@ def merge_windows(windows: Iterable[tuple[float, float, FrameScores]]) -> Curve:
 
 
 # --- curve statistics ---------------------------------------------------------------------------
-
-
-def moving_average(values: np.ndarray, frames: int) -> np.ndarray:
-    """Trailing mean over ``frames`` rows (fewer at the start), as a rule smooths them."""
-    if frames <= 1 or len(values) == 0:
-        return values.astype(np.float64)
-    c = np.cumsum(np.concatenate([np.zeros((1, *values.shape[1:])), values.astype(np.float64)]), axis=0)
-    idx = np.arange(1, len(values) + 1)
-    lo = np.maximum(idx - frames, 0)
-    counts = (idx - lo).reshape(-1, *([1] * (values.ndim - 1)))
-    return (c[idx] - c[lo]) / counts
 
 
 def runs_at_or_above(times: np.ndarray, values: np.ndarray, threshold: float, hop_s: float) -> list[tuple[int, int]]:

@@ -9,7 +9,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from monitord.frames import (Curve, FrameRuleParams, FrameRuleState, FrameScores, MergeState, TIE_S, contiguous, frames_for,
-                             merge_end, merge_step, merge_windows, rule_close, rule_run, rule_step, runs_at_or_above)
+                             merge_end, merge_skip, merge_step, merge_windows, rule_close, rule_run, rule_step,
+                             runs_at_or_above)
 
 HOP = 0.02
 OFFSET = 0.0125
@@ -85,13 +86,20 @@ def test_merging_matches_the_most_central_window_for_any_set_of_scored_windows(h
 
 
 def test_merging_online_hands_out_each_frame_once_in_order():
-    windows = [window_frames(0.5 * k, seed=k) for k in (0, 1, 2, 5, 6)]
-    state, times = MergeState(), []
-    for w in windows:
-        state, part = merge_step(state, *w)
+    """Windows every 0.5 s, the model scoring some: frames come out final as soon as no later window
+    can compete for them, and all together they are the offline curve."""
+    scored = {0, 1, 2, 8, 9}
+    state, times, released_at = MergeState(), [], {}
+    for k in range(12):
+        start, end, frames = window_frames(0.5 * k, seed=k)
+        state, part = merge_step(state, start, end, frames) if k in scored else merge_skip(state, start)
         times += part.times.tolist()
+        released_at[k] = len(times)
+    assert released_at[2] == released_at[5] < released_at[6]  # window 2 (1-3 s) is final once a window starts at 3 s
+    assert released_at[9] == released_at[11]  # window 9 (4.5-6.5 s) is still pending
     times += merge_end(state)[1].times.tolist()
-    assert times == merge_windows(windows).times.tolist()
+    offline = merge_windows([window_frames(0.5 * k, seed=k) for k in sorted(scored)])
+    assert times == offline.times.tolist()
 
 
 def test_runs_and_gaps():
