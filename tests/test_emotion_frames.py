@@ -127,8 +127,6 @@ def _altered(folder: Path, how: str):
     ("max pooling in forward", r"the mean of its frame logits differs from its window logits by"),
 ])
 def test_a_head_that_is_not_linear_after_the_encoder_is_refused_for_frames(tiny_emotion, how, message):
-    from monitord.models.emotion import EmotionClassifier
-
     altered = _altered(tiny_emotion, how)
     with pytest.raises(FrameHeadError, match=r"^model 'emo': granularity: frame needs a head that is linear") as info:
         frame_model(tiny_emotion, model=altered)

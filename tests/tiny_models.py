@@ -3,7 +3,7 @@
 They exercise the real loading and inference code (same classes, same processors as the
 full-size checkpoints) in a fraction of a second. Their scores mean nothing about sound.
 
-    python -m tests.tiny_models DIR     # writes DIR/clap, for trying the daemon without a hub
+    python -m tests.tiny_models DIR     # writes DIR/clap and DIR/emotion, for trying the daemon without a hub
 """
 
 from __future__ import annotations
@@ -45,11 +45,6 @@ def build_clap(folder: Path, seed: int = 0) -> Path:
     model.save_pretrained(folder)
     processor.save_pretrained(folder)
     return folder
-
-
-if __name__ == "__main__":
-    out = Path(sys.argv[1] if len(sys.argv) > 1 else "tiny-models")
-    print(build_clap(out / "clap"))
 
 
 TRAIN_LABELS = ("tone", "noise", "speech", "music")
@@ -137,3 +132,9 @@ def build_emotion(folder: Path, seed: int = 0, kind: str = "wav2vec2") -> Path:
     model.eval().save_pretrained(folder)
     Wav2Vec2FeatureExtractor(sampling_rate=16000, do_normalize=True, return_attention_mask=False).save_pretrained(folder)
     return folder
+
+
+if __name__ == "__main__":
+    out = Path(sys.argv[1] if len(sys.argv) > 1 else "tiny-models")
+    print(build_clap(out / "clap"))
+    print(build_emotion(out / "emotion"))
