@@ -154,6 +154,9 @@ def cmd_classify(args: argparse.Namespace) -> int:
         models = load_models(config)
     except ModelUnavailable as exc:
         return _fail(str(exc))
+    summary_json = args.json and args.timeline  # --json with --timeline: the summary, not the windows
+    emotion_models = [n for n in models if config.models[n].kind == "emotion"] if args.timeline else []
+    curves, rows = [], []
     failed = 0
     for path in files:
         try:
@@ -163,7 +166,7 @@ def cmd_classify(args: argparse.Namespace) -> int:
             for row in classify_file(path, config, models):
                 if args.timeline:
                     results.append(row)
-                if not args.quiet:
+                if not args.quiet and not summary_json:
                     data = {"file": str(path), **row.to_dict()} if len(files) > 1 else row.to_dict()
                     print(json.dumps(data) if args.json else (f"{path.name}  " if len(files) > 1 else "") + row.to_text(args.top))
                 if progress:
@@ -171,15 +174,26 @@ def cmd_classify(args: argparse.Namespace) -> int:
             if progress:
                 progress.done()
             if args.timeline:
+                from monitord.tools.summary import file_curve, summarise_curve
                 from monitord.tools.timeline import write_timeline
 
                 folder = write_timeline(path, results, list(models), Path(args.timeline), args.embeddings, args.segment_s)
                 print(f"timeline: {folder}", file=sys.stderr)
+                for name in emotion_models:
+                    curves.append(file_curve(path, results, name, seconds, config.window.hop_s))
+                    rows.append(summarise_curve(curves[-1], args.peak_threshold, args.peak_min_s))
         except AudioFileError as exc:
             print(f"monitord: {exc}", file=sys.stderr)
             failed += 1
         except BrokenPipeError:
             return EXIT_OK
+    if rows:
+        from monitord.tools.summary import write_summary
+
+        csv_path, _ = write_summary(Path(args.timeline), curves, rows)
+        print(f"summary: {csv_path}", file=sys.stderr)
+    if summary_json:
+        print(json.dumps({"summary": rows}, indent=1))
     return EXIT_USAGE if failed else EXIT_OK
 
 
@@ -341,15 +355,27 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_devices)
 
+    from monitord.tools.summary import PEAK_MIN_S, PEAK_THRESHOLD
+
     p = sub.add_parser("classify", help="score audio files offline with the configured gates, windows and models")
     p.add_argument("files", nargs="+", metavar="FILE", help="audio files or folders of them")
     p.add_argument("-c", "--config", required=True)
-    p.add_argument("--json", action="store_true", help="one JSON object per window")
+    p.add_argument("--json", action="store_true",
+                   help="one JSON object per window; with --timeline instead the summary of every file and emotion "
+                        "model (summary.csv's rows, nested) as one JSON document at the end: the windows are in "
+                        "DIR/<name>/result.json")
     p.add_argument("--top", type=int, default=3, help="labels shown per row")
-    p.add_argument("--timeline", metavar="DIR", help="write per-model CSV, result.json and a PNG plot per file into DIR/<name>/")
+    p.add_argument("--timeline", metavar="DIR",
+                   help="write per-model CSV, result.json and a PNG plot per file into DIR/<name>/ (frame-level "
+                        "emotion models also <model>.frames.csv and a heat map), and with emotion models "
+                        "DIR/summary.csv and DIR/summary.png comparing the files")
     p.add_argument("--embeddings", action="store_true", help="with --timeline: also each model's embeddings (.npy)")
     p.add_argument("--segment-s", type=float, default=10.0, help="segment length for the timeline summary")
     p.add_argument("--quiet", action="store_true", help="no per-window rows (with --timeline)")
+    p.add_argument("--peak-threshold", type=float, default=PEAK_THRESHOLD,
+                   help=f"summary: an emotion peaks where its score stays at or above this (default {PEAK_THRESHOLD})")
+    p.add_argument("--peak-min-s", type=float, default=PEAK_MIN_S,
+                   help=f"summary: ...for at least this long (default {PEAK_MIN_S} s)")
     p.set_defaults(func=cmd_classify)
 
     p = sub.add_parser("tail", help="subscribe to a daemon and print its events")

@@ -149,6 +149,26 @@ class Window:
 
 
 @dataclass(frozen=True, eq=False)
+class FrameScores:
+    """The frames of one window: probabilities over the model's labels (columns in its label order)."""
+
+    start_s: float
+    """Stream time of the first frame's centre (the centre of its convolutional receptive field)."""
+    hop_s: float
+    """Seconds between frames: the product of the encoder's conv strides over its sample rate (0.02)."""
+    values: np.ndarray
+    """(n_frames, n_labels) float32; each row sums to 1."""
+
+    def __len__(self) -> int:
+        return len(self.values)
+
+    @property
+    def times(self) -> np.ndarray:
+        """Stream time of each frame's centre (float64)."""
+        return self.start_s + self.hop_s * np.arange(len(self.values), dtype=np.float64)
+
+
+@dataclass(frozen=True, eq=False)
 class Scores:
     """One model's verdict on one window."""
 
@@ -159,6 +179,8 @@ class Scores:
     """HF id or local path the weights came from."""
     probabilities: Mapping[str, float]
     embedding: np.ndarray | None = None
+    frames: FrameScores | None = None
+    """Frame-level models: the probabilities of every ~20 ms frame of the window, same labels."""
 
     def top(self, k: int) -> list[tuple[str, float]]:
         return sorted(self.probabilities.items(), key=lambda kv: -kv[1])[:k]

@@ -3,7 +3,7 @@
 They exercise the real loading and inference code (same classes, same processors as the
 full-size checkpoints) in a fraction of a second. Their scores mean nothing about sound.
 
-    python -m tests.tiny_models DIR     # writes DIR/clap, for trying the daemon without a hub
+    python -m tests.tiny_models DIR     # writes DIR/clap and DIR/emotion, for trying the daemon without a hub
 """
 
 from __future__ import annotations
@@ -45,11 +45,6 @@ def build_clap(folder: Path, seed: int = 0) -> Path:
     model.save_pretrained(folder)
     processor.save_pretrained(folder)
     return folder
-
-
-if __name__ == "__main__":
-    out = Path(sys.argv[1] if len(sys.argv) > 1 else "tiny-models")
-    print(build_clap(out / "clap"))
 
 
 TRAIN_LABELS = ("tone", "noise", "speech", "music")
@@ -117,13 +112,15 @@ CHECKPOINT_EMOTIONS = ("ang", "hap", "neu", "sad", "fea", "dis", "sur", "calm", 
 
 
 def build_emotion(folder: Path, seed: int = 0, kind: str = "wav2vec2") -> Path:
-    """A tiny wav2vec2 (or WavLM) speech-emotion classifier with IEMOCAP/RAVDESS-style labels."""
+    """A tiny wav2vec2 (or WavLM) speech-emotion classifier with IEMOCAP/RAVDESS-style labels.
+
+    Its conv strides multiply to 320 like the full-size encoders', so its frames are 20 ms apart."""
     import torch
     from transformers import (Wav2Vec2Config, Wav2Vec2FeatureExtractor, Wav2Vec2ForSequenceClassification,
                               WavLMConfig, WavLMForSequenceClassification)
 
     shape = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64, conv_dim=(32,) * 3,
-                 conv_stride=(5, 4, 4), conv_kernel=(10, 4, 4), num_conv_pos_embeddings=16, num_conv_pos_embedding_groups=2,
+                 conv_stride=(5, 8, 8), conv_kernel=(10, 8, 8), num_conv_pos_embeddings=16, num_conv_pos_embedding_groups=2,
                  num_labels=len(CHECKPOINT_EMOTIONS), id2label=dict(enumerate(CHECKPOINT_EMOTIONS)),
                  label2id={v: k for k, v in enumerate(CHECKPOINT_EMOTIONS)})
     torch.manual_seed(seed)
@@ -135,3 +132,9 @@ def build_emotion(folder: Path, seed: int = 0, kind: str = "wav2vec2") -> Path:
     model.eval().save_pretrained(folder)
     Wav2Vec2FeatureExtractor(sampling_rate=16000, do_normalize=True, return_attention_mask=False).save_pretrained(folder)
     return folder
+
+
+if __name__ == "__main__":
+    out = Path(sys.argv[1] if len(sys.argv) > 1 else "tiny-models")
+    print(build_clap(out / "clap"))
+    print(build_emotion(out / "emotion"))

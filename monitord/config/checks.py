@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import Any
 
 from monitord.config.errors import Problem
-from monitord.config.schema import EMOTIONS, ID_PATTERN, Config, PublishConfig
+from monitord.config.schema import EMOTIONS, ID_PATTERN, Config, PublishConfig, RuleConfig
 from monitord.net import is_loopback, split_host_port
 
 
@@ -80,6 +80,8 @@ def cross_check(config: Config) -> list[Problem]:
             add(f"{where}.release", f"release ({rule.release}) must not exceed threshold ({rule.threshold})")
         if rule.min_windows > rule.of_windows:
             add(f"{where}.min_windows", f"min_windows ({rule.min_windows}) exceeds of_windows ({rule.of_windows})")
+        if rule.is_frame_rule:
+            problems.extend(_check_frame_rule(where, rule, config.models.get(rule.model)))
         for j, source_id in enumerate(rule.sources or ()):
             if source_id not in seen_ids and source_id not in {s.id for s in config.sources}:
                 add(f"{where}.sources.{j}", f"no source named {source_id!r}")
@@ -106,6 +108,21 @@ def cross_check(config: Config) -> list[Problem]:
         if not Path(curve.authorized_clients).is_dir():
             add("publish.curve.authorized_clients", f"not a folder: {curve.authorized_clients}")
     return problems
+
+
+def _check_frame_rule(where: str, rule: RuleConfig, model: Any) -> list[Problem]:
+    key = f"{where}.{'hold_s' if rule.hold_s is not None else 'smooth_s'}"
+    if model is None:
+        return []  # the unknown model is reported already
+    if getattr(model, "granularity", None) != "frame":
+        if model.kind == "emotion":
+            why = f"model {rule.model!r} scores whole windows (set models.{rule.model}.granularity: frame)"
+        else:
+            why = f"model {rule.model!r} is a {model.kind} model, which scores whole windows only"
+        return [Problem(key, f"needs a frame-level model: {why}")]
+    if rule.min_windows != 1 or rule.of_windows != 1:
+        return [Problem(f"{where}.min_windows", "a frame rule holds with hold_s, not min_windows/of_windows: drop them")]
+    return []
 
 
 def _unknown_label(label: str, vocabulary: tuple[str, ...], model: str) -> str | None:

@@ -154,6 +154,9 @@ class EmotionModelConfig(_ModelSettings):
     label_map: dict[str, str] = {}
     """Checkpoint label -> emotion (angry, disgusted, fearful, happy, neutral, other, sad, surprised,
     unknown), on top of the built-in aliases (ang, hap, neu, calm, ...); unmapped labels go to other."""
+    granularity: Literal["window", "frame"] = "window"
+    """frame: also score every encoder frame (20 ms) from the same forward pass; needs a head that is
+    linear after the encoder (wav2vec2 / HuBERT / WavLM ...ForSequenceClassification)."""
 
 
 class AnomalyModelConfig(_ModelSettings):
@@ -201,6 +204,15 @@ class RuleConfig(_Strict):
     min_windows: int = Field(1, ge=1, le=1000)
     of_windows: int = Field(1, ge=1, le=1000)
     cooldown_s: float = Field(0.0, ge=0.0)
+    smooth_s: float | None = Field(None, ge=0.0, le=600.0)
+    """Frame rules: moving average of the frame scores over this many seconds."""
+    hold_s: float | None = Field(None, ge=0.0, le=3600.0)
+    """Frame rules: the (smoothed) frame score must stay at or above the threshold this long.
+    Either key makes the rule a frame rule, which needs a model with ``granularity: frame``."""
+
+    @property
+    def is_frame_rule(self) -> bool:
+        return self.smooth_s is not None or self.hold_s is not None
 
     @property
     def release_level(self) -> float:

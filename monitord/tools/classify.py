@@ -14,7 +14,7 @@ from monitord.config import Config
 from monitord.daemon import model_inputs
 from monitord.inference.models import Model
 from monitord.inference.worker import Scorer
-from monitord.types import ScoredWindow, Verdict, Window
+from monitord.types import FrameScores, ScoredWindow, Verdict, Window
 from monitord.windowing.tiling import WindowCutter, window_starts
 
 __all__ = ["AudioFileError", "WindowResult", "audio_files", "classify_file", "count_windows", "read_mono"]
@@ -38,6 +38,11 @@ class WindowResult:
     def scores(self) -> dict[str, dict[str, float]]:
         """model name -> label -> probability, for the models that scored the window."""
         return {name: dict(s.probabilities) for name, s in self.scored.scores().items()}
+
+    @property
+    def frames(self) -> dict[str, FrameScores]:
+        """Frame-level models: the window's frames (model name -> FrameScores)."""
+        return {name: s.frames for name, s in self.scored.scores().items() if s.frames is not None}
 
     @property
     def embeddings(self) -> dict[str, np.ndarray]:

@@ -6,6 +6,8 @@
     and a summary per model: the dominant label overall and per segment, entropy over time,
     and key moments (the top label changes, or a label's score peaks);
   - ``<model>.png``: each label's score over time (the top labels for models with many);
+  - frame-level models (``granularity: frame``): ``<model>.frames.csv`` (one row per 20 ms frame)
+    and ``<model>.heatmap.png``, and the frames in result.json (see ``monitord.tools.summary``);
   - with ``--embeddings``: ``<model>.embeddings.npy`` and ``<model>.windows.csv`` (their times).
 """
 
@@ -87,6 +89,7 @@ def write_timeline(path: Path, results: Sequence[WindowResult], models: Sequence
         entry["entropy"] = {m: round(entropy(p), 4) for m, p in r.scores.items()}
         windows_json.append(entry)
     summary = {}
+    frames = {}
     for model in models:
         scored = [r for r in results if model in r.scores]
         times = [(r.window.stream_start, r.window.stream_end) for r in scored]
@@ -94,6 +97,10 @@ def write_timeline(path: Path, results: Sequence[WindowResult], models: Sequence
         labels = list(scored[0].scores[model]) if scored else []
         _write_csv(folder / f"{model}.csv", results, model, labels)
         _plot(folder / f"{model}.png", path.name, model, results, labels)
+        if any(model in r.frames for r in results):
+            from monitord.tools.summary import write_frame_files
+
+            frames[model] = write_frame_files(folder, path.name, model, results)
         if embeddings and scored and all(model in r.embeddings for r in scored):
             np.save(folder / f"{model}.embeddings.npy", np.stack([r.embeddings[model] for r in scored]))
             with (folder / f"{model}.windows.csv").open("w", newline="") as f:
@@ -101,6 +108,8 @@ def write_timeline(path: Path, results: Sequence[WindowResult], models: Sequence
                 writer.writerow(["row", "stream_start", "stream_end"])
                 writer.writerows((i, f"{a:.6f}", f"{b:.6f}") for i, (a, b) in enumerate(times))
     result = {"file": str(path), "models": list(models), "windows": windows_json, "summary": summary}
+    if frames:
+        result["frames"] = frames
     (folder / "result.json").write_text(json.dumps(result, indent=1))
     return folder
 

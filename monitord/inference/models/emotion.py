@@ -20,7 +20,7 @@ import numpy as np
 from monitord.config import EMOTIONS, EmotionModelConfig
 from monitord.inference.models.base import ModelBase
 from monitord.inference.models.loading import choose_dtype, load_pretrained, pick_device
-from monitord.types import Scores, Window, frozen_mapping
+from monitord.types import FrameScores, Scores, Window, frozen_mapping
 
 log = logging.getLogger(__name__)
 
@@ -67,6 +67,13 @@ class EmotionClassifier(ModelBase):
         mapped = [map_label(label, config.label_map) for label in self.checkpoint_labels]
         self.mapping = {label: emotion for label, emotion in zip(self.checkpoint_labels, mapped)}
         self._index = torch.tensor([EMOTIONS.index(e) for e in mapped], device=self.device)
+        self.granularity = config.granularity
+        self.frame_geometry = None
+        self._tap = None
+        if config.granularity == "frame":  # frame scores from the same pass (see monitord.inference.models.frame_head)
+            from monitord.inference.models.frame_head import attach
+
+            self._tap, self.frame_geometry = attach(self.model, name, self.sample_rate)
         silent = np.zeros((2, self.sample_rate * 2), dtype=np.float32)
         self.dtype, self.dtype_reason = choose_dtype(config.dtype, self.device, self._use_dtype, lambda: self._forward(silent))
         log.info("model %s: emotion %s on %s, %s (%s); labels %s", name, self.model_id, self.device, self.dtype,
@@ -77,26 +84,41 @@ class EmotionClassifier(ModelBase):
         self.model.to(dtype)
 
     def _forward(self, audio: np.ndarray):
-        """(probabilities over the checkpoint's labels, mean-pooled last hidden state), float32."""
+        """(probabilities over the checkpoint's labels, mean-pooled last hidden state, per-frame
+        probabilities or None), float32."""
         torch = self._torch
         inputs = self.extractor(list(audio), sampling_rate=self.sample_rate, return_tensors="pt", return_attention_mask=False)
         with torch.inference_mode():
             out = self.model(inputs["input_values"].to(self.device, self.dtype), output_hidden_states=True)
-        return out.logits.float().softmax(dim=-1), out.hidden_states[-1].float().mean(dim=1)
+            frames = self._tap.logits().softmax(dim=-1) if self._tap is not None else None
+        return out.logits.float().softmax(dim=-1), out.hidden_states[-1].float().mean(dim=1), frames
 
     def score(self, windows: Sequence[Window], upstream: Sequence[Scores] | None = None) -> list[Scores]:
         if not windows:
             return []
         torch = self._torch
         audio = np.stack([w.at_rate(self.sample_rate) for w in windows])
-        probs, pooled = self._forward(audio)
+        probs, pooled, frames = self._forward(audio)
         emotions = torch.zeros(len(windows), len(EMOTIONS), device=probs.device).index_add_(1, self._index, probs)
         emotions, pooled = emotions.cpu().numpy(), pooled.cpu().numpy()
+        per_window = self._frame_scores(windows, frames) if frames is not None else [None] * len(windows)
         return [
             Scores(window=w, model=self.name, model_id=self.model_id,
-                   probabilities=frozen_mapping({e: float(p) for e, p in zip(EMOTIONS, row)}), embedding=emb)
-            for w, row, emb in zip(windows, emotions, pooled)
+                   probabilities=frozen_mapping({e: float(p) for e, p in zip(EMOTIONS, row)}), embedding=emb, frames=f)
+            for w, row, emb, f in zip(windows, emotions, pooled, per_window)
         ]
+
+    def _frame_scores(self, windows: Sequence[Window], frames) -> list[FrameScores]:
+        """Each window's frames mapped onto the nine emotions; frames centred in a file's padding dropped."""
+        torch, geometry = self._torch, self.frame_geometry
+        shape = (*frames.shape[:2], len(EMOTIONS))
+        emotions = torch.zeros(shape, device=frames.device).index_add_(2, self._index, frames).cpu().numpy()
+        out = []
+        for w, values in zip(windows, emotions):
+            valid = round(w.valid * self.sample_rate / w.sample_rate)
+            n = geometry.frames_before(valid, len(values))
+            out.append(FrameScores(w.stream_start + geometry.offset_s, geometry.hop_s, np.ascontiguousarray(values[:n])))
+        return out
 
     def fall_back_to_cpu(self) -> None:
         torch = self._torch
