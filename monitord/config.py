@@ -290,6 +290,42 @@ class HttpConfig(_Strict):
     """Required on every request when set; a non-loopback bind needs one."""
 
 
+class InferenceConfig(_Strict):
+    """Models scored by a ``monitord serve`` application (Ray Serve) instead of on this machine."""
+
+    url: str
+    """The serve application's route, e.g. http://gpu-head:8000/monitord (``monitord serve`` prints it)."""
+    models: tuple[str, ...] = Field(min_length=1)
+    """Models of this config scored remotely; the others stay local. Their entries here still
+    define labels, prompts, gates and cascades, and must match the server's (a fingerprint is checked)."""
+    token_file: str | None = None
+    """File holding the shared secret (16+ characters); required unless the url is loopback."""
+    timeout_s: float = Field(5.0, gt=0.0, le=600.0)
+    """How long one batch may take, retries included, before the cluster counts as down."""
+    max_in_flight: int = Field(4, ge=1, le=256)
+    """Batches in the air per capture node."""
+    pcm: Literal["float32", "int16"] = "float32"
+    """Audio on the wire; int16 halves the bytes but scores then differ slightly from local ones."""
+
+
+class ServeConfig(_Strict):
+    """``monitord serve``: this config's models as a Ray Serve application."""
+
+    route_prefix: str = Field("/monitord", pattern=r"^/[A-Za-z0-9_\-./]*$")
+    token_file: str | None = None
+    """The shared secret capture nodes send; required to serve on a non-loopback address."""
+    replicas: int = Field(1, ge=1, le=1024)
+    cpus_per_replica: float = Field(1.0, ge=0.0, le=1024.0)
+    gpus_per_replica: float = Field(0.0, ge=0.0, le=64.0)
+    max_ongoing_requests: int = Field(32, ge=1, le=100000)
+    """Requests one replica holds at once (each carries a batch of windows)."""
+    canary_every_s: float = Field(30.0, gt=0.0, le=86400.0)
+    """Health: a forward pass on a canary window at most this often (not while real batches succeed)."""
+    health_check_period_s: float = Field(10.0, gt=0.0, le=3600.0)
+    health_check_timeout_s: float = Field(30.0, gt=0.0, le=3600.0)
+    max_request_mb: float = Field(64.0, gt=0.0, le=4096.0)
+
+
 class Config(_Strict):
     sources: tuple[SourceConfig, ...] = Field(min_length=1)
     gate: GateConfig = GateConfig()
@@ -301,6 +337,8 @@ class Config(_Strict):
     clips: ClipsConfig = ClipsConfig()
     metrics: MetricsConfig = MetricsConfig()
     http: HttpConfig = HttpConfig()
+    inference: InferenceConfig | None = None
+    serve: ServeConfig = ServeConfig()
 
     def gate_for(self, source: SourceConfig) -> GateConfig:
         return source.gate if source.gate is not None else self.gate
@@ -436,6 +474,8 @@ _ALLOWED_KEYS: dict[str, type[BaseModel]] = {
     "clips": ClipsConfig,
     "metrics": MetricsConfig,
     "http": HttpConfig,
+    "inference": InferenceConfig,
+    "serve": ServeConfig,
 }
 
 
@@ -489,20 +529,7 @@ def _resolve_paths(config: Config, base_dir: Path) -> Config:
     sources = tuple(
         s.model_copy(update={"file": _resolve(base_dir, s.file)}) if s.file is not None else s for s in config.sources
     )
-    models = {}
-    for name, model in config.models.items():
-        if model.kind == "anomaly":
-            models[name] = model.model_copy(update={
-                "bank": None if model.bank is None else _resolve(base_dir, model.bank),
-                "banks": {source: _resolve(base_dir, path) for source, path in model.banks.items()},
-            })
-            continue
-        local = Path(_resolve(base_dir, model.model))
-        looks_like_path = model.kind == "yamnet" or model.model.startswith((".", "/", "~")) or local.exists()
-        update: dict[str, Any] = {"model": str(local)} if looks_like_path else {}
-        if getattr(model, "class_map", None) is not None:
-            update["class_map"] = _resolve(base_dir, model.class_map)
-        models[name] = model.model_copy(update=update)
+    models = {name: _resolve_model(model, base_dir) for name, model in config.models.items()}
     clips = config.clips.model_copy(update={"dir": _resolve(base_dir, config.clips.dir)})
     publish = config.publish
     if publish.event_log is not None:
@@ -513,7 +540,31 @@ def _resolve_paths(config: Config, base_dir: Path) -> Config:
             "authorized_clients": _resolve(base_dir, publish.curve.authorized_clients),
         })
         publish = publish.model_copy(update={"curve": curve})
-    return config.model_copy(update={"sources": sources, "models": models, "publish": publish, "clips": clips})
+    inference = config.inference
+    if inference is not None and inference.token_file is not None:
+        inference = inference.model_copy(update={"token_file": _resolve(base_dir, inference.token_file)})
+    return config.model_copy(update={"sources": sources, "models": models, "publish": publish, "clips": clips,
+                                     "inference": inference, "serve": _resolve_serve(config.serve, base_dir)})
+
+
+def _resolve_model(model: Any, base_dir: Path) -> Any:
+    if model.kind == "anomaly":
+        return model.model_copy(update={
+            "bank": None if model.bank is None else _resolve(base_dir, model.bank),
+            "banks": {source: _resolve(base_dir, path) for source, path in model.banks.items()},
+        })
+    local = Path(_resolve(base_dir, model.model))
+    looks_like_path = model.kind == "yamnet" or model.model.startswith((".", "/", "~")) or local.exists()
+    update: dict[str, Any] = {"model": str(local)} if looks_like_path else {}
+    if getattr(model, "class_map", None) is not None:
+        update["class_map"] = _resolve(base_dir, model.class_map)
+    return model.model_copy(update=update)
+
+
+def _resolve_serve(serve: ServeConfig, base_dir: Path) -> ServeConfig:
+    if serve.token_file is None:
+        return serve
+    return serve.model_copy(update={"token_file": _resolve(base_dir, serve.token_file)})
 
 
 def _cross_check(config: Config) -> list[Problem]:
@@ -597,6 +648,8 @@ def _cross_check(config: Config) -> list[Problem]:
             add(f"models.{name}", f"{name!r} is not a valid model name: use letters, digits, '-' and '_'")
 
     problems.extend(_check_endpoint(config.publish))
+    problems.extend(_check_inference(config))
+    problems.extend(_check_token_file("serve.token_file", config.serve.token_file))
     if config.http.bind is not None:
         host, _, port = config.http.bind.rpartition(":")
         if not port.isdigit() or not host:
@@ -724,3 +777,108 @@ def _is_loopback(host: str) -> bool:
         return ipaddress.ip_address(host).is_loopback
     except ValueError:
         return False
+
+
+# Inference on a Ray Serve application (monitord.serve): the capture node's section, and the
+# server's own reading of a config (only its models and serve section).
+
+MIN_TOKEN_CHARS = 16
+
+
+def _check_inference(config: Config) -> list[Problem]:
+    inference = config.inference
+    if inference is None:
+        return []
+    import urllib.parse
+
+    problems = []
+    url = urllib.parse.urlsplit(inference.url)
+    try:
+        url.port
+        port_ok = True
+    except ValueError:
+        port_ok = False
+    if url.scheme not in ("http", "https") or not url.hostname or not port_ok or url.query or url.fragment:
+        problems.append(Problem("inference.url", f"{inference.url!r} is not an http(s) URL such as http://HOST:8000/monitord "
+                                                 "(the line `monitord serve` prints)"))
+    elif inference.token_file is None and not _is_loopback(url.hostname):
+        problems.append(Problem("inference.token_file", f"required: {url.hostname} is not a loopback address, and the "
+                                                        "server refuses requests without its token"))
+    seen: set[str] = set()
+    for j, name in enumerate(inference.models):
+        model = config.models.get(name)
+        if model is None:
+            close = difflib.get_close_matches(name, list(config.models), n=1)
+            hint = f"; did you mean {close[0]!r}?" if close else f" (models: {', '.join(config.models)})"
+            problems.append(Problem(f"inference.models.{j}", f"no model named {name!r}{hint}"))
+        elif model.kind == "anomaly":
+            problems.append(Problem(f"inference.models.{j}", f"{name!r} is an anomaly model: it runs on the capture node "
+                                                             f"(its banks are local); list its embedding_model instead"))
+        elif name in seen:
+            problems.append(Problem(f"inference.models.{j}", f"{name!r} is listed twice"))
+        seen.add(name)
+    problems.extend(_check_token_file("inference.token_file", inference.token_file))
+    return problems
+
+
+def _check_token_file(key: str, path: str | None) -> list[Problem]:
+    if path is None:
+        return []
+    try:
+        token = Path(path).read_text(encoding="utf-8").strip()
+    except FileNotFoundError:
+        return [Problem(key, f"file not found: {path}")]
+    except (OSError, UnicodeDecodeError) as exc:
+        return [Problem(key, f"cannot read {path}: {exc}")]
+    if len(token) < MIN_TOKEN_CHARS:
+        return [Problem(key, f"{path} holds {len(token)} characters; a token needs at least {MIN_TOKEN_CHARS}")]
+    return []
+
+
+class ServeFile(_Strict):
+    """What ``monitord serve`` reads from a config: its models and its serve section. A capture
+    node's config may be served as it is: its other sections are not read here."""
+
+    model_config = ConfigDict(extra="ignore", frozen=True, strict=False)
+    models: dict[str, ModelConfig] = Field(min_length=1)
+    serve: ServeConfig = ServeConfig()
+
+
+def load_serve_config(path: str | os.PathLike[str]) -> ServeFile:
+    """The models and serve section of a config file, validated and resolved; raises ConfigError."""
+    path = Path(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise ConfigError([Problem("config", f"file not found: {path}")]) from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ConfigError([Problem("config", f"cannot read {path}: {exc}")]) from None
+    try:
+        root_node = yaml.compose(text, Loader=yaml.SafeLoader)
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        raise ConfigError([Problem("config", f"invalid YAML: {getattr(exc, 'problem', None) or exc}",
+                                   mark.line + 1 if mark is not None else None)]) from None
+    if not isinstance(data, dict):
+        raise ConfigError([Problem("config", "top level must be a mapping of sections with a models: section")])
+    try:
+        served = ServeFile.model_validate({k: v for k, v in data.items() if k in ("models", "serve")})
+    except ValidationError as exc:
+        raise ConfigError(_merge([_problem_from_pydantic(err, root_node) for err in exc.errors()])) from None
+    base_dir = path.resolve().parent
+    served = served.model_copy(update={
+        "models": {name: _resolve_model(m, base_dir) for name, m in served.models.items()},
+        "serve": _resolve_serve(served.serve, base_dir),
+    })
+    problems = []
+    for name, model in served.models.items():
+        if not re.match(ID_PATTERN, name):
+            problems.append(Problem(f"models.{name}", f"{name!r} is not a valid model name: use letters, digits, '-' and '_'"))
+        problems.extend(_model_vocabulary(name, model)[1])
+    if all(m.kind == "anomaly" for m in served.models.values()):
+        problems.append(Problem("models", "nothing to serve: anomaly models run on capture nodes (serve their embedding model)"))
+    problems.extend(_check_token_file("serve.token_file", served.serve.token_file))
+    if problems:
+        raise ConfigError([Problem(p.path, p.message, _line_of(root_node, p.path)) for p in problems])
+    return served
