@@ -306,6 +306,8 @@ class InferenceConfig(_Strict):
     """Batches in the air per capture node."""
     pcm: Literal["float32", "int16"] = "float32"
     """Audio on the wire; int16 halves the bytes but scores then differ slightly from local ones."""
+    ca_file: str | None = None
+    """CA certificates (PEM) to verify an https url with; the system's when absent."""
 
 
 class ServeConfig(_Strict):
@@ -324,6 +326,9 @@ class ServeConfig(_Strict):
     health_check_period_s: float = Field(10.0, gt=0.0, le=3600.0)
     health_check_timeout_s: float = Field(30.0, gt=0.0, le=3600.0)
     max_request_mb: float = Field(64.0, gt=0.0, le=4096.0)
+    ssl_certfile: str | None = None
+    """HTTPS from Serve's own proxy (with ssl_keyfile); or put a TLS-terminating proxy in front."""
+    ssl_keyfile: str | None = None
 
 
 class Config(_Strict):
@@ -541,8 +546,9 @@ def _resolve_paths(config: Config, base_dir: Path) -> Config:
         })
         publish = publish.model_copy(update={"curve": curve})
     inference = config.inference
-    if inference is not None and inference.token_file is not None:
-        inference = inference.model_copy(update={"token_file": _resolve(base_dir, inference.token_file)})
+    if inference is not None:
+        inference = inference.model_copy(update={k: _resolve(base_dir, getattr(inference, k)) for k in ("token_file", "ca_file")
+                                                 if getattr(inference, k) is not None})
     return config.model_copy(update={"sources": sources, "models": models, "publish": publish, "clips": clips,
                                      "inference": inference, "serve": _resolve_serve(config.serve, base_dir)})
 
@@ -562,9 +568,8 @@ def _resolve_model(model: Any, base_dir: Path) -> Any:
 
 
 def _resolve_serve(serve: ServeConfig, base_dir: Path) -> ServeConfig:
-    if serve.token_file is None:
-        return serve
-    return serve.model_copy(update={"token_file": _resolve(base_dir, serve.token_file)})
+    keys = ("token_file", "ssl_certfile", "ssl_keyfile")
+    return serve.model_copy(update={k: _resolve(base_dir, getattr(serve, k)) for k in keys if getattr(serve, k) is not None})
 
 
 def _cross_check(config: Config) -> list[Problem]:
@@ -649,7 +654,7 @@ def _cross_check(config: Config) -> list[Problem]:
 
     problems.extend(_check_endpoint(config.publish))
     problems.extend(_check_inference(config))
-    problems.extend(_check_token_file("serve.token_file", config.serve.token_file))
+    problems.extend(_check_serve(config.serve))
     if config.http.bind is not None:
         host, _, port = config.http.bind.rpartition(":")
         if not port.isdigit() or not host:
@@ -818,6 +823,20 @@ def _check_inference(config: Config) -> list[Problem]:
             problems.append(Problem(f"inference.models.{j}", f"{name!r} is listed twice"))
         seen.add(name)
     problems.extend(_check_token_file("inference.token_file", inference.token_file))
+    if inference.ca_file is not None and not Path(inference.ca_file).is_file():
+        problems.append(Problem("inference.ca_file", f"file not found: {inference.ca_file}"))
+    return problems
+
+
+def _check_serve(serve: ServeConfig) -> list[Problem]:
+    problems = _check_token_file("serve.token_file", serve.token_file)
+    if (serve.ssl_certfile is None) != (serve.ssl_keyfile is None):
+        problems.append(Problem("serve.ssl_keyfile" if serve.ssl_keyfile is None else "serve.ssl_certfile",
+                                "give both ssl_certfile and ssl_keyfile, or neither"))
+    for key in ("ssl_certfile", "ssl_keyfile"):
+        path = getattr(serve, key)
+        if path is not None and not Path(path).is_file():
+            problems.append(Problem(f"serve.{key}", f"file not found: {path}"))
     return problems
 
 
@@ -878,7 +897,7 @@ def load_serve_config(path: str | os.PathLike[str]) -> ServeFile:
         problems.extend(_model_vocabulary(name, model)[1])
     if all(m.kind == "anomaly" for m in served.models.values()):
         problems.append(Problem("models", "nothing to serve: anomaly models run on capture nodes (serve their embedding model)"))
-    problems.extend(_check_token_file("serve.token_file", served.serve.token_file))
+    problems.extend(_check_serve(served.serve))
     if problems:
         raise ConfigError([Problem(p.path, p.message, _line_of(root_node, p.path)) for p in problems])
     return served

@@ -49,12 +49,18 @@ class Recorder:
     def __init__(self, model):
         self._model = model
         self.scored: list = []
+        self.busy = threading.Event()
+        """Set while a score() call is in progress."""
 
     def __getattr__(self, name: str):
         return getattr(self._model, name)
 
     def score(self, windows):
-        out = self._model.score(windows)
+        self.busy.set()
+        try:
+            out = self._model.score(windows)
+        finally:
+            self.busy.clear()
         self.scored.extend(out)
         return out
 
@@ -69,25 +75,21 @@ class NodeRun:
     windows_passed: int = 0
 
 
-def run_node(config_path: Path, during=None) -> NodeRun:
-    """`monitord run --until-done`, in this process; ``during(daemon)`` runs beside it if given."""
+def run_node(config_path: Path, on_models=None) -> NodeRun:
+    """`monitord run --until-done`, in this process; ``on_models(models)`` sees the recording models first."""
     from monitord.config import load_config
     from monitord.daemon import Daemon, load_models
 
     config = load_config(config_path)
     models = {name: Recorder(m) for name, m in load_models(config).items()}
+    if on_models is not None:
+        on_models(models)
     daemon = Daemon(config, models)
     daemon.start()
-    helper = None
-    if during is not None:
-        helper = threading.Thread(target=during, args=(daemon,), daemon=True)
-        helper.start()
     try:
         daemon.wait(threading.Event(), until_done=True)
     finally:
         daemon.stop()
-    if helper is not None:
-        helper.join(60)
     run = NodeRun(read_log(config_path.parent / "events.jsonl"), models, windows_passed=daemon.worker.stats.windows)
     for recorder in models.values():
         for s in recorder.scored:

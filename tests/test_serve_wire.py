@@ -9,7 +9,10 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import json
+import shutil
 import socket
+import ssl
+import subprocess
 import threading
 import time
 from contextlib import contextmanager
@@ -27,7 +30,7 @@ from monitord.serve import wire
 from monitord.serve.client import (Availability, HttpTransport, InFlight, InferenceRefused, InferenceUnavailable,
                                    RemoteModel, RemoteModelError)
 from monitord.serve.service import InferenceService
-from tests.conftest import config_problems, free_port, noise, silence, tone, write_wav
+from tests.conftest import config_problems, free_port, need, noise, silence, tone, write_wav
 
 RATE = 48000
 LABELS = ("tone", "noise", "speech", "music")
@@ -268,8 +271,9 @@ class StubModel:
 
 
 @contextmanager
-def serving(service: InferenceService, prefix: str = "/monitord"):
-    """The service behind ThreadingHTTPServer on a free loopback port; yields the base URL."""
+def serving(service: InferenceService, prefix: str = "/monitord", tls: tuple[Path, Path] | None = None):
+    """The service behind ThreadingHTTPServer on a free loopback port (HTTPS with ``tls`` =
+    (certificate, key)); yields the base URL."""
 
     class Handler(BaseHTTPRequestHandler):
         protocol_version = "HTTP/1.1"
@@ -290,10 +294,14 @@ def serving(service: InferenceService, prefix: str = "/monitord"):
             pass
 
     server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    if tls is not None:
+        context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+        context.load_cert_chain(*tls)
+        server.socket = context.wrap_socket(server.socket, server_side=True)
     thread = threading.Thread(target=server.serve_forever, daemon=True)
     thread.start()
     try:
-        yield f"http://127.0.0.1:{server.server_address[1]}{prefix}"
+        yield f"{'https' if tls else 'http'}://127.0.0.1:{server.server_address[1]}{prefix}"
     finally:
         server.shutdown()
         server.server_close()
@@ -429,6 +437,23 @@ def test_the_clusters_5xx_is_retried_with_the_same_id_until_it_answers():
         assert len(remote.score([window()])) == 1
     assert [a for _, a in seen] == [1, 2, 3] and len({i for i, _ in seen}) == 1
     assert remote.transport.retries == 2 and model.calls == [1]
+
+
+def test_https_with_a_private_ca(tmp_path):
+    need(shutil.which("openssl") is not None, "openssl is not installed")
+    cert, key = tmp_path / "cert.pem", tmp_path / "key.pem"
+    subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", str(key), "-out", str(cert),
+                    "-days", "1", "-subj", "/CN=127.0.0.1", "-addext", "subjectAltName=IP:127.0.0.1"],
+                   check=True, capture_output=True, timeout=60)
+    (tmp_path / "t").write_text(TOKEN)
+    with serving(service_for(StubModel(), CLAP_CONFIG, token=TOKEN), tls=(cert, key)) as url:
+        assert url.startswith("https://")
+        remote = RemoteModel("clap", CLAP_CONFIG, inference(url, tmp_path / "t", ca_file=str(cert)))
+        assert remote.verified and len(remote.score([window()])) == 1
+        began = time.monotonic()
+        with pytest.raises(InferenceRefused, match="certificate is not trusted.*inference.ca_file"):
+            RemoteModel("clap", CLAP_CONFIG, inference(url, tmp_path / "t"), verify=False).score([window()])
+        assert time.monotonic() - began < 1.0  # not retried until the timeout
 
 
 def test_a_cluster_that_is_down_raises_within_the_timeout():

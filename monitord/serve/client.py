@@ -24,6 +24,7 @@ import os
 import random
 import secrets
 import socket
+import ssl
 import threading
 import time
 import urllib.parse
@@ -82,14 +83,14 @@ class HttpTransport:
     """HTTP(S) to one base URL, bounded in time: retries connection errors and the cluster's 5xx
     with exponential backoff (jittered) until ``timeout_s`` after the first attempt."""
 
-    def __init__(self, url: str, token: str | None, timeout_s: float, max_attempts: int = 30, backoff_s: float = 0.05,
-                 backoff_max_s: float = 1.0, clock: Callable[[], float] = time.monotonic,
+    def __init__(self, url: str, token: str | None, timeout_s: float, ca_file: str | None = None, max_attempts: int = 30,
+                 backoff_s: float = 0.05, backoff_max_s: float = 1.0, clock: Callable[[], float] = time.monotonic,
                  sleep: Callable[[float], None] = time.sleep):
         parts = urllib.parse.urlsplit(url)
         if parts.scheme not in ("http", "https") or not parts.hostname:
             raise ValueError(f"{url!r} is not an http(s) URL")
         self.url = url.rstrip("/")
-        self._https = parts.scheme == "https"
+        self._tls = ssl.create_default_context(cafile=ca_file) if parts.scheme == "https" else None
         self._host = parts.hostname
         self._port = parts.port
         self._prefix = parts.path.rstrip("/")
@@ -120,6 +121,10 @@ class HttpTransport:
                 if reply.status not in RETRIED_STATUSES or reply.headers.get(wire.ERROR_HEADER.lower()) == "model":
                     return reply
                 last = f"HTTP {reply.status}: {reply.error()[:200]}"
+            except ssl.SSLCertVerificationError as exc:
+                self._drop_connection()
+                raise InferenceRefused(f"{self.url}: the server's certificate is not trusted ({exc.verify_message}): "
+                                       "give its CA in inference.ca_file") from None
             except (OSError, http.client.HTTPException) as exc:
                 self._drop_connection()
                 last = f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
@@ -135,8 +140,10 @@ class HttpTransport:
     def _connection(self, timeout: float) -> http.client.HTTPConnection:
         conn = getattr(self._local, "conn", None)
         if conn is None:
-            cls = http.client.HTTPSConnection if self._https else http.client.HTTPConnection
-            conn = cls(self._host, self._port, timeout=timeout)
+            if self._tls is not None:
+                conn = http.client.HTTPSConnection(self._host, self._port, timeout=timeout, context=self._tls)
+            else:
+                conn = http.client.HTTPConnection(self._host, self._port, timeout=timeout)
             self._local.conn = conn
         conn.timeout = timeout
         if conn.sock is not None:
@@ -220,7 +227,7 @@ class RemoteModel:
         self.url = inference.url.rstrip("/")
         self.pcm = inference.pcm
         token = None if inference.token_file is None else wire.read_token(inference.token_file)
-        self.transport = transport or HttpTransport(self.url, token, inference.timeout_s)
+        self.transport = transport or HttpTransport(self.url, token, inference.timeout_s, inference.ca_file)
         self.node = (node or default_node_id())[:128]
         self.stats = RemoteStats()
         self._stats_lock = threading.Lock()

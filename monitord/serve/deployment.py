@@ -153,14 +153,18 @@ def serve_forever(config_path: str, address: str | None, host: str, port: int, r
         install_stop_handlers(stop)  # again: ours, not whatever starting Ray left
     ray_s = time.monotonic() - began
     try:
-        serve.start(http_options={"host": host, "port": port})
+        tls = served.serve.ssl_certfile is not None
+        http_options: dict[str, Any] = {"host": host, "port": port}
+        if tls:
+            http_options.update(ssl_certfile=served.serve.ssl_certfile, ssl_keyfile=served.serve.ssl_keyfile)
+        serve.start(http_options=http_options)
         app = build_app(config_path, replicas, gpus_per_replica)
         prefix = served.serve.route_prefix.rstrip("/") or "/"
         serve.run(app, name=APP_NAME, route_prefix=prefix)
         shown = socket.getfqdn() if host in ("0.0.0.0", "::") else host
         shown = f"[{shown}]" if ":" in shown else shown
         log.info("Ray %s in %.1f s, application up in %.1f s", "started" if started_ray else "joined", ray_s, time.monotonic() - began - ray_s)
-        print(f"http://{shown}:{port}{'' if prefix == '/' else prefix}", file=out, flush=True)
+        print(f"{'https' if tls else 'http'}://{shown}:{port}{'' if prefix == '/' else prefix}", file=out, flush=True)
         while not stop.wait(0.5):
             pass
         _take_down(started_ray)
