@@ -200,6 +200,8 @@ class RemoteStats:
     replayed: int = 0
     seconds: collections.deque[float] = field(default_factory=lambda: collections.deque(maxlen=1000))
     """Round trips of the last requests, retries included."""
+    hop_seconds: collections.deque[float] = field(default_factory=lambda: collections.deque(maxlen=1000))
+    """Of each round trip, what the replica's service did not spend: encoding, HTTP, Serve's proxy, decoding."""
     last_replica: str = ""
 
 
@@ -299,6 +301,7 @@ class RemoteModel:
             s.batch_sizes.update(answer.batch_sizes)
             s.replayed += answer.replayed
             s.seconds.append(time.perf_counter() - began)
+            s.hop_seconds.append(time.perf_counter() - began - answer.server_ms / 1000)
             s.last_replica = answer.replica
         embeddings = answer.embeddings
         return [

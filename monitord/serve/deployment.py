@@ -23,9 +23,9 @@ from starlette.requests import Request
 from starlette.responses import Response
 
 from monitord.config import ServeFile, load_serve_config
-from monitord.models.base import Model, Scores
+from monitord.models.base import Model
 from monitord.serve import wire
-from monitord.serve.service import InferenceService, error_reply, is_loopback
+from monitord.serve.service import InferenceService, Scored, error_reply, is_loopback
 from monitord.windows import Window
 
 log = logging.getLogger(__name__)
@@ -67,16 +67,18 @@ class MonitordInference:
         log.info("replica %s: serving %s", replica, {n: m.model_id for n, m in models.items()})
 
     def _batch_fn(self, name: str):
-        async def score_batch(windows: list[Window]) -> list[tuple[Scores, int]]:
+        async def score_batch(windows: list[Window]) -> list[Scored]:
+            began = time.perf_counter()
             scores = await asyncio.to_thread(self.service.score_now, name, windows)
+            took = time.perf_counter() - began
             self._batch_sizes.observe(len(windows), tags={"model": name})
             self._windows.inc(len(windows), tags={"model": name})
-            return [(s, len(windows)) for s in scores]
+            return [Scored(s, len(windows), took) for s in scores]
 
         score_batch.__name__ = score_batch.__qualname__ = f"score_{name}"
         return score_batch
 
-    async def _score(self, name: str, windows: list[Window]) -> list[tuple[Scores, int]]:
+    async def _score(self, name: str, windows: list[Window]) -> list[Scored]:
         """Each window joins its model's batch queue, with the windows of every other request."""
         return list(await asyncio.gather(*(self._batchers[name](w) for w in windows)))
 

@@ -41,8 +41,19 @@ CANARY_SECONDS = 2.0
 REPLAY_ENTRIES = 64
 """Answers kept per replica, so a retry whose answer was lost on the way is not computed again."""
 
-ScoreHook = Callable[[str, list[Window]], Awaitable[list[tuple[Scores, int]]]]
-"""(model, windows) -> (scores, size of the forward pass that scored it) per window, in order."""
+
+
+@dataclass(frozen=True)
+class Scored:
+    """One window's scores, and the forward pass they came from."""
+
+    scores: Scores
+    batch_size: int
+    forward_s: float
+
+
+ScoreHook = Callable[[str, list[Window]], Awaitable[list[Scored]]]
+"""(model, windows) -> each window's Scored, in order."""
 
 
 @dataclass(frozen=True)
@@ -143,10 +154,12 @@ class InferenceService:
             self.stats.windows[name] += len(windows)
         return scores
 
-    async def _score_each_request(self, name: str, windows: list[Window]) -> list[tuple[Scores, int]]:
+    async def _score_each_request(self, name: str, windows: list[Window]) -> list[Scored]:
         """Without Ray: each request is its own forward pass."""
+        began = time.perf_counter()
         scores = await asyncio.to_thread(self.score_now, name, windows)
-        return [(s, len(windows)) for s in scores]
+        took = time.perf_counter() - began
+        return [Scored(s, len(windows), took) for s in scores]
 
     async def check_health(self) -> None:
         """Raises when a model cannot score. A forward pass on a canary window runs at most every
@@ -217,6 +230,7 @@ class InferenceService:
         })
 
     async def _score(self, body: bytes) -> Reply:
+        began = time.perf_counter()
         try:
             request = wire.decode_request(body, self.max_request_bytes)
         except wire.WireError as exc:
@@ -242,7 +256,7 @@ class InferenceService:
         windows = [wire.make_window(meta, samples, request.sample_rate) for meta, samples in zip(request.windows, request.audio)]
         try:
             results = await self._score_hook(name, windows)
-            answer = self._response(request, results)
+            answer = self._response(request, results, began)
         except Exception as exc:
             log.warning("model %s failed on %d windows of request %s: %r", name, len(windows), request.request_id, exc)
             return error_reply(500, f"model {name!r} failed on this batch: {exc!r}", **{wire.ERROR_HEADER: "model"})
@@ -251,12 +265,12 @@ class InferenceService:
             self._recent.popitem(last=False)
         return Reply(200, wire.encode_response(answer), wire.CONTENT_TYPE)
 
-    def _response(self, request: wire.ScoreRequest, results: list[tuple[Scores, int]]) -> wire.ScoreResponse:
-        labels = tuple(results[0][0].probabilities)
-        if any(tuple(s.probabilities) != labels for s, _ in results):
+    def _response(self, request: wire.ScoreRequest, results: list[Scored], began: float) -> wire.ScoreResponse:
+        labels = tuple(results[0].scores.probabilities)
+        if any(tuple(r.scores.probabilities) != labels for r in results):
             raise RuntimeError("the model gave different labels for windows of one batch")
-        probabilities = np.array([[s.probabilities[label] for label in labels] for s, _ in results], dtype=np.float64)
-        embeddings = [s.embedding for s, _ in results]
+        probabilities = np.array([[r.scores.probabilities[label] for label in labels] for r in results], dtype=np.float64)
+        embeddings = [r.scores.embedding for r in results]
         if all(e is None for e in embeddings):
             stacked = None
         elif any(e is None for e in embeddings) or len({np.shape(e) for e in embeddings}) != 1 or np.ndim(embeddings[0]) != 1:
@@ -264,8 +278,9 @@ class InferenceService:
         else:
             stacked = np.stack([np.asarray(e, dtype=np.float32) for e in embeddings])
         return wire.ScoreResponse(request.request_id, request.model, labels, tuple(m.id for m in request.windows), probabilities,
-                                  stacked, tuple(size for _, size in results), self.replica)
-
+                                  stacked, tuple(r.batch_size for r in results), self.replica,
+                                  server_ms=(time.perf_counter() - began) * 1000,
+                                  forward_ms=max(r.forward_s for r in results) * 1000)
 
 def _content_crc(request: wire.ScoreRequest) -> int:
     """A digest of what a request asks to score, the same for every attempt of it."""

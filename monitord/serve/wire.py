@@ -28,7 +28,8 @@ Response, 200::
      "windows": [["kitchen", 96000], ...],      # the request's window ids, in its order
      "embedding_dim": 512,                      # 0 when the model gives no embeddings
      "batch_sizes": [8, 8, ...],                # per window: windows in the forward pass that scored it
-     "replica": "...", "replayed": false}       # replayed: a retry answered from the replica's memory
+     "replica": "...", "replayed": false,       # replayed: a retry answered from the replica's memory
+     "server_ms": 41.2, "forward_ms": 35.0}     # time in the replica's service; its longest forward pass
 
     payload: float64 probabilities (windows x labels, row-major), then float32 embeddings
              (windows x embedding_dim).
@@ -137,6 +138,10 @@ class ScoreResponse:
     batch_sizes: tuple[int, ...]
     replica: str = ""
     replayed: bool = False
+    server_ms: float = 0.0
+    """Time the request spent in the replica's service, from parsing to the answer (queueing included)."""
+    forward_ms: float = 0.0
+    """The longest forward pass this request's windows were in."""
 
 
 # frames
@@ -292,7 +297,8 @@ def encode_response(response: ScoreResponse) -> bytes:
     header = {"request_id": response.request_id, "model": response.model, "labels": list(response.labels),
               "windows": [list(w) for w in response.windows],
               "embedding_dim": 0 if embeddings is None else int(embeddings.shape[1]),
-              "batch_sizes": list(response.batch_sizes), "replica": response.replica, "replayed": response.replayed}
+              "batch_sizes": list(response.batch_sizes), "replica": response.replica, "replayed": response.replayed,
+              "server_ms": round(response.server_ms, 3), "forward_ms": round(response.forward_ms, 3)}
     return _frame(KIND_RESPONSE, header, [probabilities.tobytes(), b"" if embeddings is None else embeddings.tobytes()])
 
 
@@ -327,6 +333,8 @@ def decode_response(body: bytes) -> ScoreResponse:
         request_id=_text(header, "request_id", "header", MAX_ID_CHARS), model=_text(header, "model", "header", 64),
         labels=tuple(labels), windows=tuple(ids), probabilities=probabilities, embeddings=embeddings,
         batch_sizes=tuple(batch_sizes), replica=str(header.get("replica", "")), replayed=bool(header.get("replayed", False)),
+        server_ms=_time(header, "server_ms", "header") if "server_ms" in header else 0.0,
+        forward_ms=_time(header, "forward_ms", "header") if "forward_ms" in header else 0.0,
     )
 
 
