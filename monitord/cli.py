@@ -321,19 +321,23 @@ def cmd_bench(args: argparse.Namespace) -> int:
 def cmd_serve(args: argparse.Namespace) -> int:
     """Deploy the config's models as a Ray Serve application; print its URL; run until SIGTERM/SIGINT."""
     from monitord.config import load_serve_config
+    from monitord.serve.service import is_loopback
 
-    stop = threading.Event()
     try:
-        load_serve_config(args.config)
+        served = load_serve_config(args.config)
     except ConfigError as exc:
         print(f"{args.config}: invalid configuration", file=sys.stderr)
         for problem in exc.problems:
             print(str(problem), file=sys.stderr)
         return EXIT_USAGE
+    if not is_loopback(args.host) and served.serve.token_file is None:
+        return _fail(f"serve.token_file: required to serve on {args.host} (not loopback): capture nodes send the token "
+                     "and the server refuses requests without it")
     try:
         from monitord.serve.deployment import install_stop_handlers, serve_forever
     except ImportError as exc:
         return _fail(f"monitord serve needs Ray Serve: pip install 'monitord[cluster]' ({exc})")
+    stop = threading.Event()
     install_stop_handlers(stop)
     return serve_forever(args.config, args.address, args.host, args.port, args.replicas, args.gpus_per_replica, stop)
 

@@ -13,6 +13,7 @@ import shutil
 import socket
 import ssl
 import subprocess
+import sys
 import threading
 import time
 from contextlib import contextmanager
@@ -603,3 +604,27 @@ def test_a_file_run_with_remote_inference_gives_the_local_events(tiny_clap, tmp_
         remote = run_node(write_node(tmp_path, "node-remote", tiny_clap, url, ["in.wav"], remote=["clap"]))
     compare_runs(local, remote)
     assert any(e["kind"] == "alert" for e in local.events)
+
+
+def test_monitord_serve_refuses_bad_configs_and_an_open_address_without_a_token(tmp_path, capsys):
+    from monitord.cli import main
+
+    (tmp_path / "s.yaml").write_text("models:\n  clap: {kind: clap, model: /m/clap, labels: [a, b]}\n")
+    assert main(["serve", "-c", str(tmp_path / "s.yaml"), "--host", "0.0.0.0"]) == 2
+    assert "serve.token_file: required to serve on 0.0.0.0" in capsys.readouterr().err
+    (tmp_path / "bad.yaml").write_text("models:\n  clap: {kind: clap, model: /m/clap, labels: [a, a]}\n")
+    assert main(["serve", "-c", str(tmp_path / "bad.yaml")]) == 2
+    assert "models.clap.labels: duplicate labels: a (line 2)" in capsys.readouterr().err
+    (tmp_path / "bad.yaml").write_text("models:\n  clap: {kind: clap, model: /m/clap, labels: [a, b]}\nserve: {ssl_certfile: c.pem}\n")
+    assert main(["serve", "-c", str(tmp_path / "bad.yaml")]) == 2
+    err = capsys.readouterr().err
+    assert "serve.ssl_keyfile: give both ssl_certfile and ssl_keyfile, or neither (line 3)" in err
+    assert "serve.ssl_certfile: file not found" in err
+
+
+def test_a_capture_node_that_only_sends_imports_no_ray_and_no_torch():
+    code = ("import sys; from monitord.daemon import load_models; import monitord.serve.client, monitord.serve; "
+            "print(sorted(m for m in ('ray', 'torch', 'transformers') if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, cwd=Path(__file__).parents[1])
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "[]"

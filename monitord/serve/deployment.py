@@ -144,9 +144,7 @@ def serve_forever(config_path: str, address: str | None, host: str, port: int, r
 
     served = load_serve_config(config_path)
     if not is_loopback(host) and served.serve.token_file is None:
-        print(f"serve.token_file: required to serve on {host} (not loopback): capture nodes send it, "
-              "the server refuses requests without it", file=sys.stderr)
-        return 2
+        raise ValueError(f"serve.token_file is required to serve on {host} (not loopback)")
     began = time.monotonic()
     started_ray = address is None
     options: dict[str, Any] = {"include_dashboard": False} if started_ray else {"address": address}
