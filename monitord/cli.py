@@ -1,4 +1,4 @@
-"""``monitord`` command line: run, check-config, devices, classify, tail."""
+"""``monitord`` command line: run, serve, check-config, devices, classify, tail."""
 
 from __future__ import annotations
 
@@ -337,6 +337,30 @@ def cmd_bench(args: argparse.Namespace) -> int:
         return _fail(str(exc))
 
 
+def cmd_serve(args: argparse.Namespace) -> int:
+    """Deploy the config's models as a Ray Serve application; print its URL; run until SIGTERM/SIGINT."""
+    from monitord.config import load_serve_config
+    from monitord.serve.service import is_loopback
+
+    try:
+        served = load_serve_config(args.config)
+    except ConfigError as exc:
+        print(f"{args.config}: invalid configuration", file=sys.stderr)
+        for problem in exc.problems:
+            print(str(problem), file=sys.stderr)
+        return EXIT_USAGE
+    if not is_loopback(args.host) and served.serve.token_file is None:
+        return _fail(f"serve.token_file: required to serve on {args.host} (not loopback): capture nodes send the token "
+                     "and the server refuses requests without it")
+    try:
+        from monitord.serve.deployment import install_stop_handlers, serve_forever
+    except ImportError as exc:
+        return _fail(f"monitord serve needs Ray Serve: pip install 'monitord[cluster]' ({exc})")
+    stop = threading.Event()
+    install_stop_handlers(stop)
+    return serve_forever(args.config, args.address, args.host, args.port, args.replicas, args.gpus_per_replica, stop)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="monitord", description="Real-time audio monitoring daemon.")
     parser.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
@@ -346,6 +370,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-c", "--config", required=True)
     p.add_argument("--until-done", action="store_true", help="exit once every (file) source has ended and been scored")
     p.set_defaults(func=cmd_run)
+
+    p = sub.add_parser("serve", help="score the config's models for capture nodes, as a Ray Serve application")
+    p.add_argument("-c", "--config", required=True)
+    p.add_argument("--address", help="join this Ray cluster (default: start a local Ray instance)")
+    p.add_argument("--host", default="127.0.0.1", help="HTTP address (a non-loopback one needs serve.token_file)")
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--replicas", type=int, help="replicas of the models (default: serve.replicas)")
+    p.add_argument("--gpus-per-replica", type=float, help="GPUs per replica, fractions allowed (default: serve.gpus_per_replica)")
+    p.set_defaults(func=cmd_serve)
 
     p = sub.add_parser("check-config", help="validate a config file (exit 2 with one line per problem)")
     p.add_argument("config")

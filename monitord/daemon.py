@@ -58,11 +58,20 @@ def load_models(config: Config, only: set[str] | None = None) -> dict[str, Model
     from monitord.inference.models.anomaly import AnomalyDetector
 
     wanted = {n: m for n, m in config.models.items() if only is None or n in only}
-    models = {name: build_model(name, m) for name, m in wanted.items() if m.kind != "anomaly"}
+    remote = set(config.inference.models) if config.inference is not None else set()
+
+    def build(name: str, m) -> Model:
+        if name in remote:  # scored by a `monitord serve` application; no weights here
+            from monitord.serve.client import RemoteModel
+
+            return RemoteModel(name, m, config.inference)
+        return build_model(name, m)
+
+    models = {name: build(name, m) for name, m in wanted.items() if m.kind != "anomaly"}
     for name, m in wanted.items():
         if m.kind == "anomaly":
             if m.embedding_model not in models:
-                models[m.embedding_model] = build_model(m.embedding_model, config.models[m.embedding_model])
+                models[m.embedding_model] = build(m.embedding_model, config.models[m.embedding_model])
             models[name] = AnomalyDetector(name, m, models[m.embedding_model], config.window.seconds, config.window.hop_s)
     return models
 

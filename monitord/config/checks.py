@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import Any
 
 from monitord.config.errors import Problem
-from monitord.config.schema import EMOTIONS, ID_PATTERN, Config, PublishConfig, RuleConfig
+from monitord.config.schema import EMOTIONS, ID_PATTERN, Config, PublishConfig, RuleConfig, ServeConfig
 from monitord.net import is_loopback, split_host_port
 
 
@@ -46,7 +46,7 @@ def cross_check(config: Config) -> list[Problem]:
 
     vocabularies: dict[str, tuple[str, ...]] = {}
     for name, model in config.models.items():
-        labels, model_problems = _model_vocabulary(name, model)
+        labels, model_problems = model_vocabulary(name, model)
         problems.extend(model_problems)
         if labels is not None:
             vocabularies[name] = labels
@@ -91,6 +91,8 @@ def cross_check(config: Config) -> list[Problem]:
             add(f"models.{name}", f"{name!r} is not a valid model name: use letters, digits, '-' and '_'")
 
     problems.extend(_check_endpoint(config.publish))
+    problems.extend(_check_inference(config))
+    problems.extend(_check_serve(config.serve))
     if config.http.bind is not None:
         problem = _check_bind(config.http.bind, remote_ok=config.http.token is not None,
                               remote_hint=" without a token: set http.token (16+ characters)")
@@ -142,7 +144,7 @@ def yamnet_class_names(class_map: str | None) -> tuple[str, ...]:
         return tuple(row["display_name"] for row in csv.DictReader(f))
 
 
-def _model_vocabulary(name: str, model: Any) -> tuple[tuple[str, ...] | None, list[Problem]]:
+def model_vocabulary(name: str, model: Any) -> tuple[tuple[str, ...] | None, list[Problem]]:
     """Every label a rule may name on this model, and any problems with the model's own names."""
     if model.kind == "clap":
         return model.labels, []
@@ -237,3 +239,73 @@ def _check_bind(bind: str, remote_ok: bool, remote_hint: str) -> str | None:
     if not is_loopback(host) and not remote_ok:
         return f"binds a non-loopback address ({host}){remote_hint}"
     return None
+
+
+# Inference on a Ray Serve application (monitord.serve): the capture node's section, and the
+# server's own reading of a config (only its models and serve section).
+
+MIN_TOKEN_CHARS = 16
+
+
+def _check_inference(config: Config) -> list[Problem]:
+    inference = config.inference
+    if inference is None:
+        return []
+    import urllib.parse
+
+    problems = []
+    url = urllib.parse.urlsplit(inference.url)
+    try:
+        url.port
+        port_ok = True
+    except ValueError:
+        port_ok = False
+    if url.scheme not in ("http", "https") or not url.hostname or not port_ok or url.query or url.fragment:
+        problems.append(Problem("inference.url", f"{inference.url!r} is not an http(s) URL such as http://HOST:8000/monitord "
+                                                 "(the line `monitord serve` prints)"))
+    elif inference.token_file is None and not is_loopback(url.hostname):
+        problems.append(Problem("inference.token_file", f"required: {url.hostname} is not a loopback address, and the "
+                                                        "server refuses requests without its token"))
+    seen: set[str] = set()
+    for j, name in enumerate(inference.models):
+        model = config.models.get(name)
+        if model is None:
+            close = difflib.get_close_matches(name, list(config.models), n=1)
+            hint = f"; did you mean {close[0]!r}?" if close else f" (models: {', '.join(config.models)})"
+            problems.append(Problem(f"inference.models.{j}", f"no model named {name!r}{hint}"))
+        elif model.kind == "anomaly":
+            problems.append(Problem(f"inference.models.{j}", f"{name!r} is an anomaly model: it runs on the capture node "
+                                                             f"(its banks are local); list its embedding_model instead"))
+        elif name in seen:
+            problems.append(Problem(f"inference.models.{j}", f"{name!r} is listed twice"))
+        seen.add(name)
+    problems.extend(_check_token_file("inference.token_file", inference.token_file))
+    if inference.ca_file is not None and not Path(inference.ca_file).is_file():
+        problems.append(Problem("inference.ca_file", f"file not found: {inference.ca_file}"))
+    return problems
+
+
+def _check_serve(serve: ServeConfig) -> list[Problem]:
+    problems = _check_token_file("serve.token_file", serve.token_file)
+    if (serve.ssl_certfile is None) != (serve.ssl_keyfile is None):
+        problems.append(Problem("serve.ssl_keyfile" if serve.ssl_keyfile is None else "serve.ssl_certfile",
+                                "give both ssl_certfile and ssl_keyfile, or neither"))
+    for key in ("ssl_certfile", "ssl_keyfile"):
+        path = getattr(serve, key)
+        if path is not None and not Path(path).is_file():
+            problems.append(Problem(f"serve.{key}", f"file not found: {path}"))
+    return problems
+
+
+def _check_token_file(key: str, path: str | None) -> list[Problem]:
+    if path is None:
+        return []
+    try:
+        token = Path(path).read_text(encoding="utf-8").strip()
+    except FileNotFoundError:
+        return [Problem(key, f"file not found: {path}")]
+    except (OSError, UnicodeDecodeError) as exc:
+        return [Problem(key, f"cannot read {path}: {exc}")]
+    if len(token) < MIN_TOKEN_CHARS:
+        return [Problem(key, f"{path} holds {len(token)} characters; a token needs at least {MIN_TOKEN_CHARS}")]
+    return []

@@ -11,7 +11,7 @@ from pydantic import BaseModel
 
 from monitord.config.schema import (
     MODEL_KINDS, AnomalyModelConfig, CascadeConfig, ClapModelConfig, ClipsConfig, Config, CurveConfig, EmotionModelConfig,
-    GateConfig, HttpConfig, MetricsConfig, PipelineConfig, PublishConfig, RuleConfig, SourceConfig, WindowConfig,
+    GateConfig, HttpConfig, InferenceConfig, MetricsConfig, PipelineConfig, PublishConfig, RuleConfig, ServeConfig, SourceConfig, WindowConfig,
     YamnetModelConfig,
 )
 
@@ -100,6 +100,8 @@ _ALLOWED_KEYS: dict[str, type[BaseModel]] = {
     "clips": ClipsConfig,
     "metrics": MetricsConfig,
     "http": HttpConfig,
+    "inference": InferenceConfig,
+    "serve": ServeConfig,
 }
 
 

@@ -296,6 +296,47 @@ class HttpConfig(_Strict):
     """The try-it panel refuses larger uploads (413) without reading them whole."""
 
 
+class InferenceConfig(_Strict):
+    """Models scored by a ``monitord serve`` application (Ray Serve) instead of on this machine."""
+
+    url: str
+    """The serve application's route, e.g. http://gpu-head:8000/monitord (``monitord serve`` prints it)."""
+    models: tuple[str, ...] = Field(min_length=1)
+    """Models of this config scored remotely; the others stay local. Their entries here still
+    define labels, prompts, gates and cascades, and must match the server's (a fingerprint is checked)."""
+    token_file: str | None = None
+    """File holding the shared secret (16+ characters); required unless the url is loopback."""
+    timeout_s: float = Field(5.0, gt=0.0, le=600.0)
+    """How long one batch may take, retries included, before the cluster counts as down."""
+    max_in_flight: int = Field(4, ge=1, le=256)
+    """Batches in the air per capture node."""
+    pcm: Literal["float32", "int16"] = "float32"
+    """Audio on the wire; int16 halves the bytes but scores then differ slightly from local ones."""
+    ca_file: str | None = None
+    """CA certificates (PEM) to verify an https url with; the system's when absent."""
+
+
+class ServeConfig(_Strict):
+    """``monitord serve``: this config's models as a Ray Serve application."""
+
+    route_prefix: str = Field("/monitord", pattern=r"^/[A-Za-z0-9_\-./]*$")
+    token_file: str | None = None
+    """The shared secret capture nodes send; required to serve on a non-loopback address."""
+    replicas: int = Field(1, ge=1, le=1024)
+    cpus_per_replica: float = Field(1.0, ge=0.0, le=1024.0)
+    gpus_per_replica: float = Field(0.0, ge=0.0, le=64.0)
+    max_ongoing_requests: int = Field(32, ge=1, le=100000)
+    """Requests one replica holds at once (each carries a batch of windows)."""
+    canary_every_s: float = Field(30.0, gt=0.0, le=86400.0)
+    """Health: a forward pass on a canary window at most this often (not while real batches succeed)."""
+    health_check_period_s: float = Field(10.0, gt=0.0, le=3600.0)
+    health_check_timeout_s: float = Field(30.0, gt=0.0, le=3600.0)
+    max_request_mb: float = Field(64.0, gt=0.0, le=4096.0)
+    ssl_certfile: str | None = None
+    """HTTPS from Serve's own proxy (with ssl_keyfile); or put a TLS-terminating proxy in front."""
+    ssl_keyfile: str | None = None
+
+
 class Config(_Strict):
     sources: tuple[SourceConfig, ...] = Field(min_length=1)
     gate: GateConfig = GateConfig()
@@ -307,6 +348,8 @@ class Config(_Strict):
     clips: ClipsConfig = ClipsConfig()
     metrics: MetricsConfig = MetricsConfig()
     http: HttpConfig = HttpConfig()
+    inference: InferenceConfig | None = None
+    serve: ServeConfig = ServeConfig()
 
     def gate_for(self, source: SourceConfig) -> GateConfig:
         return source.gate if source.gate is not None else self.gate
