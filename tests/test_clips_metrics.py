@@ -95,3 +95,65 @@ def test_metrics_are_scraped_over_http(tiny_clap, tmp_path):
     assert metrics['monitord_last_event_timestamp_seconds{source="rec"}'] > 1e9
     assert -250 < metrics['monitord_input_level_dbfs{source="rec"}'] < 0
     assert "monitord_queue_depth" in metrics and 'monitord_windows_dropped{source="rec"}' not in metrics
+
+
+def test_a_clip_that_cannot_be_written_is_a_status_and_the_output_stage_lives_on(tiny_clap, tmp_path):
+    """Disk full, permissions, a folder gone: a clip_error status, and every later event still goes out."""
+    import shutil
+
+    from monitord.types import StageState
+
+    audio = np.concatenate([silence(1.0, RATE), noise(2.0, RATE, -20), silence(3.0, RATE), noise(2.0, RATE, -20), silence(3.0, RATE)])
+    write_wav(tmp_path / "in.wav", audio, RATE)
+    (tmp_path / "c.yaml").write_text(f"""
+sources: [{{id: rec, file: in.wav}}]
+gate: {{mode: energy, threshold_dbfs: -45}}
+models: {{clap: {{kind: clap, model: {tiny_clap}, labels: [tone, noise, speech, music], dtype: float32}}}}
+rules:
+  - {{id: noise, model: clap, label: noise, threshold: 0.6, release: 0.4}}
+publish: {{endpoint: "tcp://127.0.0.1:{free_port()}", event_log: events.jsonl}}
+clips: {{enabled: true, dir: clips, pre_s: 0.5, post_s: 0.5}}
+""")
+    config = load_config(tmp_path / "c.yaml")
+    daemon = Daemon(config, load_models(config))
+    daemon.start()
+    shutil.rmtree(tmp_path / "clips")
+    (tmp_path / "clips").write_text("not a folder any more")  # every clip write now fails with ENOTDIR
+    daemon.wait(threading.Event(), until_done=True)
+    assert daemon.output.state is StageState.RUNNING and daemon.output.restarts == 0
+    daemon.stop()
+    events = read_log(tmp_path / "events.jsonl")
+    onsets = [e for e in events if e["kind"] == "alert" and e["phase"] == "onset"]
+    errors = [e for e in events if e.get("status") == "clip_error"]
+    assert len(onsets) == 2 and len(errors) == 2 and {e["onset_seq"] for e in errors} == {e["seq"] for e in onsets}
+    assert all("not written" in e["detail"] for e in errors)
+    assert [e["phase"] for e in events if e["kind"] == "alert"] == ["onset", "offset", "onset", "offset"]
+
+
+def test_the_ring_holds_the_pre_roll_through_the_queues_worst_lag():
+    from monitord.config import ClipsConfig, Config, PipelineConfig, SourceConfig, WindowConfig
+    from monitord.daemon import ring_seconds
+
+    base = dict(sources=(SourceConfig(id="a", device="default"),), models={"c": {"kind": "clap", "labels": ["a", "b"]}},
+                window=WindowConfig(seconds=2.0, hop_s=0.5), pipeline=PipelineConfig(queue_max_windows=64, ring_seconds=10))
+    assert ring_seconds(Config(**base)) == 10  # no clips: the configured ring
+    with_clips = Config(**base, clips=ClipsConfig(enabled=True, pre_s=2.0, post_s=2.0))
+    # 64 queued windows of one source at 0.5 s hop are 32 s behind: the pre-roll must still be there then
+    assert ring_seconds(with_clips) >= 2.0 + 64 * 0.5 + 2.0 + 2.0
+
+
+def test_a_clip_whose_pre_roll_the_ring_no_longer_holds_is_cut_and_says_so(tmp_path):
+    from monitord.config import ClipsConfig
+    from monitord.output.clips import ClipWriter
+    from monitord.sources.ring import RingBuffer
+
+    writer = ClipWriter(ClipsConfig(enabled=True, dir=str(tmp_path / "clips"), pre_s=3.0, post_s=0.5))
+    writer.open()
+    ring = RingBuffer(4 * RATE, RATE)
+    ring.write(tone(440, 3.0, RATE, -20))
+    writer.request("rec", ring, 2 * RATE, 3 * RATE, writer.path_for("rec", "r", "2026-11-29T10:00:00.000Z"), 7)
+    ring.write(tone(440, 2.0, RATE, -20))  # the ring (4 s) now starts at 1.0 s: the pre-roll wanted from 0 is gone
+    result, = writer.poll()
+    assert result.path is not None and "pre-roll cut by" in result.detail
+    clip, rate = sf.read(str(result.path))
+    assert rate == RATE and len(clip) == round((3.5 - 1.25) * RATE)  # from what the ring holds (less a margin) to the post-roll

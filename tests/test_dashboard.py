@@ -122,3 +122,100 @@ def test_busy_dashboard_or_metrics_ports_are_clear_errors(tiny_clap, tmp_path):
             assert "Traceback" not in out.stderr
     finally:
         busy.close()
+
+
+@pytest.fixture
+def try_it(tiny_clap, tmp_path):
+    """The dashboard's app on a daemon whose pipeline runs from the window queue on (no source)."""
+    from starlette.testclient import TestClient
+
+    from monitord.config import parse_config
+    from monitord.daemon import Daemon, load_models
+    from monitord.output.dashboard import Dashboard
+
+    config = parse_config(f"""
+sources: [{{id: a, device: default}}]
+models: {{clap: {{kind: clap, model: {tiny_clap}, labels: [tone, noise, speech, music]}}}}
+publish: {{endpoint: "tcp://127.0.0.1:{free_port()}", event_log: events.jsonl}}
+""", tmp_path)
+    daemon = Daemon(config, load_models(config))
+    daemon.start(open_sources=False)
+    write_wav(tmp_path / "upload.wav", tone(700, 2.0, 44100, -10), 44100)
+    try:
+        yield daemon, TestClient(Dashboard(daemon, "127.0.0.1:1", None, max_upload_mb=0.5).app(), base_url="http://127.0.0.1:8080"), \
+            (tmp_path / "upload.wav").read_bytes()
+    finally:
+        daemon.stop()
+
+
+def post(client, data: bytes, labels: str, **headers):
+    return client.post("/api/try", files={"file": ("upload.wav", data, "audio/wav")}, data={"labels": labels}, headers=headers)
+
+
+def test_try_it_scores_on_the_inference_thread_and_keeps_no_text_tower(try_it):
+    import gc
+    import threading
+
+    from transformers import ClapModel
+
+    daemon, client, upload = try_it
+    model = daemon.models["clap"]
+    threads = []
+    real = model.probabilities_with
+
+    def recording(windows, text):
+        threads.append(threading.current_thread().name)
+        return real(windows, text)
+
+    model.probabilities_with = recording
+    answer = post(client, upload, "tone, noise")
+    assert answer.status_code == 200, answer.text
+    scores = answer.json()["probabilities"]
+    assert set(scores) == {"tone", "noise"} and scores["tone"] > 0.5
+    assert threads == ["inference"]  # the models are the inference stage's: nobody else runs them
+    gc.collect()
+    assert not [o for o in gc.get_objects() if type(o) is ClapModel], "a full CLAP model stayed resident"
+
+
+def test_try_it_refuses_what_it_should(try_it):
+    _, client, upload = try_it
+    assert post(client, upload, ", ".join(f"label {i}" for i in range(33))).status_code == 400
+    assert post(client, upload, "tone, noise", origin="http://evil.example").status_code == 403
+    assert post(client, upload, "tone, noise", **{"sec-fetch-site": "cross-site"}).status_code == 403
+    assert post(client, upload, "tone, noise", origin="http://127.0.0.1:8080").status_code == 200
+    big = post(client, b"RIFF" + b"\0" * (2 * 2**20), "tone, noise")
+    assert big.status_code == 413 and "max_upload_mb" in big.json()["error"]
+
+
+def test_a_chunked_upload_is_cut_off_at_the_limit_not_read_whole(try_it):
+    """A real server: an upload with no Content-Length is answered 413 once it passes the limit,
+    while the client is still sending (the body is never read whole)."""
+    import select
+    import socket
+
+    from monitord.output.dashboard import Dashboard
+
+    daemon, _, _ = try_it
+    port = free_port()
+    dashboard = Dashboard(daemon, f"127.0.0.1:{port}", None, max_upload_mb=0.5)
+    dashboard.start()
+    sent, answer = 0, b""
+    try:
+        with socket.create_connection(("127.0.0.1", port), timeout=5) as sock:
+            sock.sendall(b"POST /api/try HTTP/1.1\r\nHost: 127.0.0.1\r\nTransfer-Encoding: chunked\r\n"
+                         b"Content-Type: multipart/form-data; boundary=x\r\n\r\n")
+            chunk = b"%x\r\n%s\r\n" % (65536, b"\0" * 65536)
+            for _ in range(400):  # 25 MiB if it were all read
+                if select.select([sock], [], [], 0)[0]:
+                    break
+                try:
+                    sock.sendall(chunk)
+                except (BrokenPipeError, ConnectionResetError):
+                    break
+                sent += 1
+            sock.settimeout(5)
+            answer = sock.recv(4096)
+    finally:
+        dashboard.stop()
+    assert answer.startswith(b"HTTP/1.1 413"), answer[:200]
+    assert sent < 100, f"{sent} chunks of 64 KiB were taken before the refusal"

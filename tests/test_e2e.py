@@ -267,3 +267,32 @@ def test_tail_since_fetches_the_backlog_then_follows_live_without_gap_or_duplica
     assert [e["seq"] for e in got] == list(range(last + 1, last + 1 + backlog + 2))
     logged = {e["seq"]: e for e in read_log(log)}
     assert all(logged[e["seq"]] == e for e in got)
+
+
+def test_the_readme_demo_starts_alerts_only_on_scored_windows_and_ends_each_one(random_clap, tmp_path):
+    """threshold 0.0: every scored window reaches it, but a silent (gated-out) window must not
+    start an alert, and every onset gets its offset."""
+    import threading
+
+    from monitord.config import load_config
+    from monitord.daemon import Daemon, load_models
+
+    write_wav(tmp_path / "beep.wav", np.concatenate([silence(2.0, 48000), tone(1000, 2.0, 48000, -13), silence(2.0, 48000)]), 48000)
+    (tmp_path / "demo.yaml").write_text(f"""
+sources: [{{id: demo, file: beep.wav}}]
+models:
+  clap: {{kind: clap, model: {random_clap}, labels: [tone, noise, speech, music]}}
+rules:
+  - {{id: any-sound, model: clap, label: tone, threshold: 0.0, release: 0.0}}
+publish: {{endpoint: "tcp://127.0.0.1:{free_port()}", event_log: demo-events.jsonl}}
+""")
+    config = load_config(tmp_path / "demo.yaml")
+    daemon = Daemon(config, load_models(config))
+    daemon.start()
+    daemon.wait(threading.Event(), until_done=True)
+    daemon.stop()
+    alerts = [e for e in read_log(tmp_path / "demo-events.jsonl") if e["kind"] == "alert"]
+    assert [e["phase"] for e in alerts] == ["onset", "offset"], alerts
+    onset = alerts[0]
+    assert onset["scores"] is not None and onset["score"] > 0.0 and onset["facts"]["rms_dbfs"] > -60
+    assert onset["stream_end"] > 2.0 and onset["stream_start"] < 4.0  # a window that holds the beep

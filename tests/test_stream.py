@@ -125,3 +125,71 @@ def test_the_esports_preset_runs_against_a_local_stream(tiny_clap, tiny_emotion,
     for e in emotion:  # the emotion model heard only speech
         assert e["stream_end"] > 5.5 and set(e["scores"]) <= set(EMOTIONS)
         assert e["facts"]["speech_ratio"] >= 0.4
+
+
+class StallingHandler(http.server.BaseHTTPRequestHandler):
+    """The first connection sends eight seconds of audio, then holds the connection open and sends
+    nothing (a stalled server); later ones stream normally."""
+
+    connections: list[float] = []
+    audio: bytes = b""
+
+    def log_message(self, *args) -> None:
+        pass
+
+    def do_GET(self) -> None:
+        first = not StallingHandler.connections
+        StallingHandler.connections.append(time.monotonic())
+        self.send_response(200)
+        self.send_header("Content-Type", "audio/wav")
+        self.end_headers()
+        data = StallingHandler.audio
+        try:
+            if first:
+                self.wfile.write(data[: 44 + 8 * 2 * 16000])  # the header and 8 s of 16 kHz PCM (past what ffmpeg probes)
+                self.wfile.flush()
+                time.sleep(30)  # stalled: the connection stays open, nothing comes
+                return
+            for i in range(0, len(data), 8000):
+                self.wfile.write(data[i : i + 8000])
+                time.sleep(0.2)
+        except (BrokenPipeError, ConnectionResetError):
+            pass
+
+
+def test_a_stalled_stream_is_declared_down_by_the_watchdog_and_reconnected(tmp_path):
+    import io
+
+    import soundfile as sf
+
+    from monitord.config import load_config
+    from monitord.daemon import Daemon
+    from tests.test_faults import ScriptedModel
+
+    need(shutil.which("ffmpeg") is not None, "ffmpeg is not installed")
+    buffer = io.BytesIO()
+    sf.write(buffer, tone(500, 20.0, 16000, -12), 16000, format="WAV", subtype="PCM_16")
+    StallingHandler.audio, StallingHandler.connections = buffer.getvalue(), []
+    port = free_port()
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", port), StallingHandler)
+    server.daemon_threads = True
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    (tmp_path / "c.yaml").write_text(f"""
+sources: [{{id: cast, url: 'http://127.0.0.1:{port}/live.wav', sample_rate: 16000, watchdog_s: 1.0, backoff_max_s: 1.0}}]
+models: {{clap: {{kind: clap, model: unused, labels: [tone, noise]}}}}
+publish: {{endpoint: "tcp://127.0.0.1:{free_port()}", event_log: events.jsonl}}
+""")
+    daemon = Daemon(load_config(tmp_path / "c.yaml"), {"clap": ScriptedModel()})
+    daemon.start()
+    log = tmp_path / "events.jsonl"
+    try:
+        down = wait_log(log, status_is("down"), 30)
+        up_again = wait_log(log, lambda e: e["kind"] == "status" and e["status"] == "up" and down is not None
+                            and e["seq"] > down["seq"], 30)
+    finally:
+        daemon.stop()
+        server.shutdown()
+        server.server_close()
+    assert down is not None and "no audio for 1 s" in down["detail"], down
+    assert up_again is not None, "not reconnected after the stall"
+    assert len(StallingHandler.connections) >= 2

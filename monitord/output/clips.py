@@ -98,7 +98,10 @@ class ClipWriter:
                          subtype="PCM_16" if self.config.format == "flac" else "FLOAT")
         except (OSError, RuntimeError, sf.LibsndfileError) as exc:
             self.failed += 1
-            request.path.unlink(missing_ok=True)
+            try:
+                request.path.unlink(missing_ok=True)  # no half-written clip left behind
+            except OSError:
+                pass
             log.error("clip %s not written: %s", request.path, exc)
             return ClipResult(request, None, f"clip {request.path.name} not written: {exc}")
         self.written += 1
