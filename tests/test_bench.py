@@ -8,21 +8,23 @@ import subprocess
 from tests.conftest import REPO, monitord_cmd
 
 LAST_LINE = re.compile(
-    r"^speedup_vs_pipeline=(?P<speedup>[\d.]+) efficiency_vs_encoder=(?P<eff>[\d.]+) "
-    r"max_prob_diff=(?P<diff>[\d.e+-]+) realtime_streams_hop1=(?P<streams>\d+)$"
+    r"^speedup_vs_pipeline=(?P<speedup>[\d.]+) speedup_same_precision=(?P<same>[\d.]+) efficiency_vs_encoder=(?P<eff>[\d.]+) "
+    r"max_prob_diff=(?P<diff>[\d.e+-]+|inf) realtime_streams_hop1=(?P<streams>\d+)$"
 )
 
 
 def test_quick_benchmark_reports_the_side_by_side_figures():
-    out = subprocess.run(monitord_cmd("bench", "--quick"), cwd=REPO, capture_output=True, text=True, timeout=300)
+    out = subprocess.run(monitord_cmd("bench", "--quick"), cwd=REPO, capture_output=True, text=True, timeout=900)
     assert out.returncode == 0, out.stderr[-3000:]
     lines = out.stdout.strip().splitlines()
     match = LAST_LINE.match(lines[-1])
     assert match, lines[-1]
-    # correctness, not speed: the same probabilities as the transformers pipeline
-    assert float(match["diff"]) <= 1e-4
-    assert float(match["speedup"]) > 0 and float(match["eff"]) > 0
+    # correctness, not speed: in float32 the pipeline's probabilities, to a small part of how much they
+    # move between windows (a swapped logit scale or a reversed window would be of the order of 1)
+    assert float(match["diff"]) <= 1e-2
+    assert float(match["speedup"]) > 0 and float(match["same"]) > 0 and float(match["eff"]) > 0
     text = out.stdout
-    for row in ("1 pipeline", "2 bare audio encoder", "3 monitord window -> event", "latency window end -> event", "RSS", "capture callback"):
+    for row in ("1 pipeline", "2 bare audio encoder", "3 monitord window -> event", "live streams at hop 1 s",
+                "fsynced log on a 50 ms disk", "RSS", "capture callback"):
         assert row in text, row
     print(out.stdout)

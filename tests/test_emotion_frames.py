@@ -305,3 +305,53 @@ def _peaks(times: np.ndarray, values: np.ndarray, hop: float, threshold: float, 
             run = 0
         last = t
     return count + (run * hop >= min_s - 1e-9)
+
+
+def test_a_stream_publishes_new_frames_with_its_scores_and_a_hold_rule_fires_on_them(tiny_emotion, tmp_path):
+    """The daemon: score events carry the frames that became final (20 ms apart, nine columns
+    summing to 1), and a frame rule with hold_s onsets once frames held that long, offsets at the end."""
+    import threading
+
+    from monitord.config import load_config
+    from monitord.daemon import Daemon, load_models
+    from tests.conftest import free_port, noise, write_wav
+    from tests.test_e2e import read_log
+
+    write_wav(tmp_path / "in.wav", noise(6.0, 16000, -20), 16000)
+    (tmp_path / "c.yaml").write_text(f"""
+sources: [{{id: cast, file: in.wav}}]
+gate: {{mode: always}}
+models: {{emo: {{kind: emotion, model: {tiny_emotion}, granularity: frame, dtype: float32}}}}
+rules: [{{id: held, model: emo, label: other, threshold: 0.0, hold_s: 0.5}}]
+publish: {{endpoint: "tcp://127.0.0.1:{free_port()}", event_log: events.jsonl, scores: true}}
+""")
+    config = load_config(tmp_path / "c.yaml")
+    daemon = Daemon(config, load_models(config))
+    received = []
+
+    class Sink:
+        name = "test"
+
+        def start(self):
+            pass
+
+        def deliver(self, event):
+            received.append(event)
+
+        def stop(self, timeout):
+            pass
+
+    daemon.sinks.append(Sink())
+    daemon.start()
+    daemon.wait(threading.Event(), until_done=True)
+    daemon.stop()
+    frames = [e.extra["frames"] for e in received if e.kind == "scores" and "frames" in e.extra]
+    times = [t for f in frames for t in f["times"]]
+    assert frames and times == sorted(times) and len(set(times)) == len(times)  # each frame once, in order
+    steps = np.diff(times)
+    assert np.median(steps) == pytest.approx(0.02, abs=1e-3)
+    assert all(abs(sum(row) - 1.0) < 1e-3 for f in frames for row in f["values"])
+    alerts = [e for e in read_log(tmp_path / "events.jsonl") if e["kind"] == "alert"]
+    assert [e["phase"] for e in alerts] == ["onset", "offset"], alerts
+    onset = alerts[0]
+    assert onset["frame_rule"] and onset["stream_end"] - onset["stream_start"] == pytest.approx(0.5 - 0.02, abs=0.011)

@@ -186,3 +186,32 @@ def test_chunking_never_changes_the_transitions(values, cuts, smooth, hold, thre
         pieces += got
     pieces += rule_close(state, params)[1]
     assert pieces == whole
+
+
+def test_the_streaming_tracker_fires_a_hold_rule_where_the_merged_curve_held_and_ends_it_at_a_gap():
+    """Windows every 0.5 s whose frames say 0.9 from 3.0 s on: a 1 s hold fires at the frame that
+    completes a second at 0.9 (the curve as merged), and the first unscored stretch ends it."""
+    from monitord.alerts.frames import FrameTracker, merge_windows
+    from monitord.config import RuleConfig
+
+    rule = RuleConfig(id="angry", model="emo", label="b", threshold=0.7, hold_s=1.0)
+    tracker = FrameTracker([rule])
+    spans = [(0.5 * i, 0.5 * i + 2.0) for i in range(12)]
+    scored = []
+    alerts = []
+    for start, end in spans:
+        times = start + OFFSET + HOP * np.arange(round(2.0 / HOP))
+        values = np.where(times[:, None] >= 3.0, [0.1, 0.9], [0.9, 0.1]).astype(np.float32)
+        frames = FrameScores(start + OFFSET, HOP, values)
+        scored.append((start, end, frames))
+        _, fired = tracker.observe("s", "emo", start, end, frames, ("a", "b"))
+        alerts += fired
+    for start in (6.0, 6.5, 7.0, 7.5, 8.0):  # gated out: the stretch ends
+        _, fired = tracker.observe("s", "emo", start, start + 2.0, None)
+        alerts += fired
+    curve = merge_windows(scored)
+    first = curve.times[np.argmax(curve.values[:, 1] >= 0.7)]
+    expected_onset = curve.times[np.searchsorted(curve.times, first) + frames_for(1.0, HOP) - 1]
+    assert [(a.rule.id, a.transition.phase) for a in alerts] == [("angry", "onset"), ("angry", "offset")]
+    assert alerts[0].transition.time == pytest.approx(expected_onset) and alerts[0].transition.since == pytest.approx(first)
+    assert alerts[1].transition.time == pytest.approx(curve.times[-1] + HOP)  # the frames ended there

@@ -109,8 +109,8 @@ class AlertEngine:
             probabilities = None
         fired = []
         for rule in self.rules:
-            if rule.model != outcome.model or not _watches(rule, source):
-                continue
+            if rule.model != outcome.model or not _watches(rule, source) or rule.is_frame_rule:
+                continue  # frame rules (smooth_s, hold_s) are stepped on frames: see alerts.frames
             score = None
             if probabilities is not None:
                 score = probabilities.get(rule.label)

@@ -293,3 +293,90 @@ def rule_run(params: FrameRuleParams, times: np.ndarray, values: np.ndarray) -> 
     """Every transition over a whole curve of one label, the stream closed at its end."""
     state, out = rule_step(FrameRuleState(), params, times, values)
     return out + rule_close(state, params)[1]
+
+
+# --- streaming: frames of successive windows, rules stepped as frames become final --------------
+
+
+@dataclass(frozen=True)
+class FrameAlert:
+    rule: object
+    """The RuleConfig (a frame rule: ``smooth_s`` or ``hold_s``)."""
+    transition: FrameTransition
+
+
+class FrameTracker:
+    """Per source and frame-level model, the windows' frames merged into one curve as they come,
+    and the frame rules stepped on the frames that became final. No threads, no I/O: the alerts
+    stage feeds it each model's outcome for each window, in order."""
+
+    def __init__(self, rules: Sequence[object]):
+        self.rules = [r for r in rules if getattr(r, "is_frame_rule", False)]
+        self.models = {r.model for r in self.rules}
+        self._merge: dict[tuple[str, str], MergeState] = {}
+        self._states: dict[tuple[str, str], FrameRuleState] = {}
+        self._params: dict[str, FrameRuleParams] = {}
+        self._labels: dict[str, tuple[str, ...]] = {}
+
+    def observe(self, source: str, model: str, start_s: float, end_s: float,
+                frames: FrameScores | None, labels: Sequence[str] = ()) -> tuple[Curve, list[FrameAlert]]:
+        """One window of ``source`` (its span), with the model's frames if it scored them: the frames
+        now final, and what the frame rules made of them."""
+        key = (source, model)
+        state = self._merge.get(key, MergeState())
+        if frames is not None:
+            self._labels[model] = tuple(labels)
+            state, curve = merge_step(state, start_s, end_s, frames)
+            closed = False
+        else:
+            had = state.pending is not None
+            state, curve = merge_skip(state, start_s)
+            closed = had and state.pending is None
+        self._merge[key] = state
+        return curve, self._step(source, model, curve, closed)
+
+    def end(self, source: str | None) -> list[FrameAlert]:
+        """The end of ``source``'s stream (every source's when None): the last frames, then every rule closed."""
+        out = []
+        for (src, model), state in list(self._merge.items()):
+            if source is None or src == source:
+                self._merge[(src, model)], curve = merge_end(state)
+                out += self._step(src, model, curve, closed=True)
+        return out
+
+    def active(self) -> list[tuple[str, str]]:
+        return sorted(key for key, state in self._states.items() if state.active)
+
+    def with_rules(self, rules: Sequence[object]) -> tuple["FrameTracker", list[FrameAlert]]:
+        """A tracker for new rules keeping the merged frames and unchanged rules' states; changed or
+        removed rules' alerts end here."""
+        tracker = FrameTracker(rules)
+        kept = {r.id for r in self.rules if r in tracker.rules}
+        ended = []
+        for (rule_id, source), state in self._states.items():
+            if rule_id in kept:
+                tracker._states[(rule_id, source)] = state
+            elif state.active:
+                rule = next(r for r in self.rules if r.id == rule_id)
+                _, transitions = rule_close(state, self._params[rule_id])
+                ended += [FrameAlert(rule, t) for t in transitions]
+        tracker._merge, tracker._labels = dict(self._merge), dict(self._labels)
+        tracker._params = {k: v for k, v in self._params.items() if k in kept}
+        return tracker, ended
+
+    def _step(self, source: str, model: str, curve: Curve, closed: bool) -> list[FrameAlert]:
+        out = []
+        for rule in self.rules:
+            if rule.model != model or (rule.sources is not None and source not in rule.sources):
+                continue
+            key = (rule.id, source)
+            state = self._states.get(key, FrameRuleState())
+            if len(curve) and rule.label in self._labels.get(model, ()):
+                params = self._params.setdefault(rule.id, FrameRuleParams.from_config(rule, curve.hop_s))
+                state, transitions = rule_step(state, params, curve.times, curve.values[:, self._labels[model].index(rule.label)])
+                out += [FrameAlert(rule, t) for t in transitions]
+            if closed and rule.id in self._params:
+                state, transitions = rule_close(state, self._params[rule.id])
+                out += [FrameAlert(rule, t) for t in transitions]
+            self._states[key] = state
+        return out

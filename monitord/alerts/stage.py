@@ -13,6 +13,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 
 from monitord.alerts.engine import AlertEngine, Transition
+from monitord.alerts.frames import Curve, FrameAlert, FrameTracker
 from monitord.config import RuleConfig
 from monitord.stage import Channel, Closed, Stage
 from monitord.types import Event, Publication, Scores, ScoredWindow, StreamEnd, Verdict, Window, iso_utc
@@ -50,14 +51,33 @@ def alert_event(window: Window, transition: Transition, model_id: str, host: str
     )
 
 
-def scores_event(scores: Scores, host: str) -> Event:
+def scores_event(scores: Scores, host: str, frames: Curve | None = None) -> Event:
+    """A scored window's scores; for a frame-level model also the frames that became final with it
+    (the merged curve trails the newest window by about 1.25 s with 2 s windows every 0.5 s)."""
     window = scores.window
     (label, score), = scores.top(1)
+    extra = {}
+    if frames is not None and len(frames):
+        extra["frames"] = {"hop_s": round(frames.hop_s, 6), "labels": list(scores.probabilities),
+                           "times": [round(t, 4) for t in frames.times.tolist()],
+                           "values": [[round(v, 5) for v in row] for row in frames.values.tolist()]}
     return Event(
         kind="scores", source=window.source, time=iso_utc(window.wall_start), host=host, label=label,
         score=round(score, 6), scores=event_scores(scores.probabilities, label), model=scores.model_id,
         model_name=scores.model, stream_start=round(window.stream_start, 6), stream_end=round(window.stream_end, 6),
-        facts=window.facts.to_dict(),
+        facts=window.facts.to_dict(), extra=extra,
+    )
+
+
+def frame_alert_event(window: Window, alert: FrameAlert, model_id: str, host: str) -> Event:
+    """A frame rule's transition: stream_start is where the held run began (onset) or the onset it
+    ends (offset), stream_end the frame at which it happened."""
+    rule, t = alert.rule, alert.transition
+    return Event(
+        kind="alert", source=window.source, time=iso_utc(window.wall_start + (t.time - window.stream_start)), host=host,
+        rule=rule.id, label=rule.label, phase=t.phase, score=round(t.score, 6), model=model_id, model_name=rule.model,
+        stream_start=round(t.since, 6), stream_end=round(t.time, 6), facts=window.facts.to_dict(),
+        extra={"frame_rule": True},
     )
 
 
@@ -81,6 +101,8 @@ class AlertsStage(Stage):
         """Hand every scored window (and every score event) on, for the dashboard."""
         self._last_window: dict[str, Window] = {}
         self.events = 0
+        self.frames = FrameTracker(engine.rules)
+        self._frame_models = self.frames.models | set(self._frame_publishers())
         self._in_hand: object | None = None
         self.outcomes: Counter[tuple[str, str, str]] = Counter()
         """(source, model, verdict) -> windows seen."""
@@ -115,6 +137,9 @@ class AlertsStage(Stage):
         elif isinstance(item, RulesChange):
             self.engine, ended = self.engine.with_rules(item.rules)
             self._publish_transitions(ended, None)
+            self.frames, frame_ended = self.frames.with_rules(item.rules)
+            self._publish_frame_alerts(frame_ended, None)
+            self._frame_models = self.frames.models | set(self._frame_publishers())
 
     def _on_window(self, scored: ScoredWindow) -> None:
         window = scored.window
@@ -123,10 +148,17 @@ class AlertsStage(Stage):
             self.outcomes[(window.source, outcome.model, outcome.verdict.value)] += 1
             transitions = self.engine.observe(window.source, outcome, window.stream_end)
             self._publish_transitions(transitions, window, outcome.scores)
+            curve = None
+            if outcome.model in self._frame_models:
+                scores = outcome.scores if outcome.verdict is Verdict.SCORED else None
+                curve, alerts = self.frames.observe(window.source, outcome.model, window.stream_start, window.stream_end,
+                                                    None if scores is None else scores.frames,
+                                                    () if scores is None else tuple(scores.probabilities))
+                self._publish_frame_alerts(alerts, window)
             if outcome.verdict is Verdict.SCORED:
                 published = self._publishes_scores(outcome.model, window.source)
                 if published or self.feed_windows:
-                    self._put(Publication(scores_event(outcome.scores, self.host), window.ready_at, logged=False,
+                    self._put(Publication(scores_event(outcome.scores, self.host, curve), window.ready_at, logged=False,
                                           broadcast=published), may_drop=True)
         if self.feed_windows:
             self._put(scored, may_drop=True)
@@ -135,12 +167,29 @@ class AlertsStage(Stage):
         wanted = self.scores_wanted
         return wanted is True or (bool(wanted) and (model in wanted or source in wanted))
 
+    def _frame_publishers(self) -> list[str]:
+        """Models whose frames go out with their score events (any model can have frames: only
+        frame-level ones do)."""
+        return list(self.model_ids) if self.scores_wanted or self.feed_windows else []
+
     def _end(self, source: str, reason: str) -> None:
-        self._publish_transitions(self.engine.end(source, reason), self._last_window.get(source))
+        window = self._last_window.get(source)
+        self._publish_transitions(self.engine.end(source, reason), window)
+        self._publish_frame_alerts(self.frames.end(source), window)
 
     def _end_all(self, reason: str) -> None:
-        for source in sorted({source for _, source in self.engine.active()}):
+        for source in sorted({source for _, source in self.engine.active()} | {s for _, s in self.frames.active()}):
             self._end(source, reason)
+
+    def _publish_frame_alerts(self, alerts: list[FrameAlert], window: Window | None) -> None:
+        for alert in alerts:
+            if window is None:
+                continue
+            event = frame_alert_event(window, alert, self.model_ids.get(alert.rule.model, alert.rule.model), self.host)
+            rate = window.sample_rate
+            span = (round(alert.transition.since * rate), round(alert.transition.time * rate)) if alert.transition.phase == "onset" else None
+            self._put(Publication(event, window.ready_at, clip_span=span))
+            self.events += 1
 
     def _publish_transitions(self, transitions: list[Transition], window: Window | None, scores: Scores | None = None) -> None:
         for transition in transitions:
