@@ -1,8 +1,8 @@
 """systemd's notification protocol (Type=notify): READY, STATUS, STOPPING and watchdog pings.
 
-The pings come from the daemon's main loop only while the pipeline's own heartbeat is fresh
-(the model worker comes back to its queue at least every few tenths of a second, or is busy
-on one batch), never from a timer thread that would go on pinging while the pipeline is stuck.
+The pings come from the supervisor's loop only while every stage is healthy (its thread runs and
+beat within its bound, or it finished its work), never from a timer thread that would go on
+pinging while a stage is dead or stuck.
 """
 
 from __future__ import annotations
@@ -33,7 +33,7 @@ def notify(message: str) -> bool:
 
 
 class Watchdog:
-    """Pings at half of WatchdogSec, and only when told the pipeline is healthy."""
+    """Pings at half of WatchdogSec, and only when told every stage is healthy."""
 
     def __init__(self) -> None:
         usec = os.environ.get("WATCHDOG_USEC")
