@@ -161,3 +161,21 @@ def test_run_with_unavailable_weights_exits_2_without_traceback(tmp_path):
     out = subprocess.run(monitord_cmd("run", "-c", str(config)), capture_output=True, text=True, cwd=REPO, timeout=120)
     assert out.returncode == 2
     assert "no-such-model" in out.stderr and "Traceback" not in out.stderr
+
+
+def test_falling_back_to_the_cpu_keeps_scoring_in_float32(random_clap, tiny_emotion):
+    """The move CLAP and the emotion model share (TorchPlacement): modules and the tensors beside them."""
+    import torch
+
+    from monitord.config import EmotionModelConfig
+    from monitord.inference.models.emotion import EmotionClassifier
+
+    clap = ClapZeroShot("clap", ClapModelConfig(model=str(random_clap), labels=LABELS, dtype="bfloat16"))
+    emotion = EmotionClassifier("emo", EmotionModelConfig(kind="emotion", model=str(tiny_emotion), dtype="bfloat16"))
+    ws = windows()
+    for model in (clap, emotion):
+        assert model.dtype == torch.bfloat16
+        model.fall_back_to_cpu()
+        assert model.device == "cpu" and model.dtype == torch.float32 and model.dtype_reason == "fallback from GPU"
+        assert all(p.dtype == torch.float32 for module in model.torch_modules() for p in module.parameters())
+        assert len(model.score(ws[:2])) == 2

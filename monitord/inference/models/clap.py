@@ -18,13 +18,13 @@ import numpy as np
 from monitord.config import ClapModelConfig
 from monitord.inference.models.base import ModelBase
 from monitord.inference.models.clap_features import ClapFeatures
-from monitord.inference.models.loading import choose_dtype, load_pretrained, pick_device
+from monitord.inference.models.loading import TorchPlacement, load_pretrained, pick_device
 from monitord.types import Scores, Window, frozen_mapping
 
 log = logging.getLogger(__name__)
 
 
-class ClapZeroShot(ModelBase):
+class ClapZeroShot(TorchPlacement, ModelBase):
     """``score(windows)`` -> label probabilities per window, batched."""
 
     def __init__(self, name: str, config: ClapModelConfig, model=None, processor=None):
@@ -52,13 +52,15 @@ class ClapZeroShot(ModelBase):
         self.audio_projection = model.audio_projection
         del model
         features, is_longer = self.torch_features(np.zeros((2, self.sample_rate * 2), dtype=np.float32))
-        self.dtype, self.dtype_reason = choose_dtype(config.dtype, self.device, self._use_dtype, lambda: self._encode(features, is_longer))
+        self.place(config.dtype, lambda: self._encode(features, is_longer))
         log.info("model %s: CLAP %s on %s, %s (%s), %d labels", name, self.model_id, self.device, self.dtype, self.dtype_reason, len(self.labels))
 
-    def _use_dtype(self, dtype) -> None:
-        self.dtype = dtype
-        self.audio_model.to(dtype)
-        self.audio_projection.to(dtype)
+    def torch_modules(self) -> list:
+        return [self.audio_model, self.audio_projection]
+
+    def _moved_to_cpu(self) -> None:
+        self.text_embeddings = self.text_embeddings.to("cpu")
+        self.torch_features = ClapFeatures(self.feature_extractor, "cpu")
 
     def probabilities_with(self, windows: Sequence[Window], text_embeddings) -> np.ndarray:
         """(windows, labels) probabilities against other labels' embeddings (from ``prepare_labels``:
@@ -66,17 +68,6 @@ class ClapZeroShot(ModelBase):
         audio = self.audio_embeddings(windows)
         with self._torch.inference_mode():
             return (self.logit_scale * audio @ text_embeddings.to(audio.device).T).softmax(dim=-1).cpu().numpy()
-
-    def fall_back_to_cpu(self) -> None:
-        """Move to the CPU in float32 (after repeated GPU failures such as out-of-memory)."""
-        torch = self._torch
-        self.device, self.dtype, self.dtype_reason = "cpu", torch.float32, "fallback from GPU"
-        self.audio_model.to("cpu", torch.float32)
-        self.audio_projection.to("cpu", torch.float32)
-        self.text_embeddings = self.text_embeddings.to("cpu")
-        self.torch_features = ClapFeatures(self.feature_extractor, "cpu")
-        if torch.cuda.is_available():
-            torch.cuda.empty_cache()
 
     def prepare_labels(self, labels: Sequence[str], prompt: str) -> tuple[tuple[str, ...], str, object]:
         """Text embeddings for new candidate labels or a new prompt: the text tower is loaded

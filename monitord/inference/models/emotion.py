@@ -19,7 +19,7 @@ import numpy as np
 
 from monitord.config import EMOTIONS, EmotionModelConfig
 from monitord.inference.models.base import ModelBase
-from monitord.inference.models.loading import choose_dtype, load_pretrained, pick_device
+from monitord.inference.models.loading import TorchPlacement, load_pretrained, pick_device
 from monitord.types import FrameScores, Scores, Window, frozen_mapping
 
 log = logging.getLogger(__name__)
@@ -48,7 +48,7 @@ def map_label(label: str, label_map: dict[str, str]) -> str:
     return ALIASES.get(tail, "other")
 
 
-class EmotionClassifier(ModelBase):
+class EmotionClassifier(TorchPlacement, ModelBase):
     labels = EMOTIONS
 
     def __init__(self, name: str, config: EmotionModelConfig, model=None, extractor=None):
@@ -75,13 +75,15 @@ class EmotionClassifier(ModelBase):
 
             self._tap, self.frame_geometry = attach(self.model, name, self.sample_rate)
         silent = np.zeros((2, self.sample_rate * 2), dtype=np.float32)
-        self.dtype, self.dtype_reason = choose_dtype(config.dtype, self.device, self._use_dtype, lambda: self._forward(silent))
+        self.place(config.dtype, lambda: self._forward(silent))
         log.info("model %s: emotion %s on %s, %s (%s); labels %s", name, self.model_id, self.device, self.dtype,
                  self.dtype_reason, self.mapping)
 
-    def _use_dtype(self, dtype) -> None:
-        self.dtype = dtype
-        self.model.to(dtype)
+    def torch_modules(self) -> list:
+        return [self.model]
+
+    def _moved_to_cpu(self) -> None:
+        self._index = self._index.to("cpu")
 
     def _forward(self, audio: np.ndarray):
         """(probabilities over the checkpoint's labels, mean-pooled last hidden state, per-frame
@@ -119,9 +121,3 @@ class EmotionClassifier(ModelBase):
             n = geometry.frames_before(valid, len(values))
             out.append(FrameScores(w.stream_start + geometry.offset_s, geometry.hop_s, np.ascontiguousarray(values[:n])))
         return out
-
-    def fall_back_to_cpu(self) -> None:
-        torch = self._torch
-        self.device, self.dtype, self.dtype_reason = "cpu", torch.float32, "fallback from GPU"
-        self.model.to("cpu", torch.float32)
-        self._index = self._index.to("cpu")

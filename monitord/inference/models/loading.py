@@ -96,3 +96,37 @@ def choose_dtype(spec: str, device: str, use: Callable[[Any], None], forward: Ca
         reason = f"measured: float32 {timings[torch.float32] * 1000:.1f} ms, bfloat16 {timings[torch.bfloat16] * 1000:.1f} ms per batch"
     use(chosen)
     return chosen, reason
+
+
+class TorchPlacement:
+    """What the torch models share: the dtype to run in (chosen by timing where it is "auto"), and the
+    move to the CPU in float32 after repeated failures on an accelerator. A model lists its modules
+    (``torch_modules``) and moves its other tensors in ``_moved_to_cpu``."""
+
+    device: str
+    dtype: Any
+    dtype_reason: str
+
+    def torch_modules(self) -> list[Any]:
+        raise NotImplementedError
+
+    def _moved_to_cpu(self) -> None:
+        """Tensors that are not in ``torch_modules`` (cached embeddings, index tensors) follow here."""
+
+    def place(self, spec: str, forward: Callable[[], None]) -> None:
+        self.dtype, self.dtype_reason = choose_dtype(spec, self.device, self._use_dtype, forward)
+
+    def _use_dtype(self, dtype: Any) -> None:
+        self.dtype = dtype
+        for module in self.torch_modules():
+            module.to(dtype)
+
+    def fall_back_to_cpu(self) -> None:
+        import torch
+
+        self.device, self.dtype, self.dtype_reason = "cpu", torch.float32, "fallback from GPU"
+        for module in self.torch_modules():
+            module.to("cpu", torch.float32)
+        self._moved_to_cpu()
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
