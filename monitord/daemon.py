@@ -30,7 +30,7 @@ from monitord.output.metrics import Metrics, Snapshot
 from monitord.output.publish import Publisher, PublishError
 from monitord.output.stage import OutputStage, Sink
 from monitord.sdnotify import Watchdog
-from monitord.sources import SourceError, open_source
+from monitord.sources import open_source
 from monitord.stage import Channel, Health, Stage
 from monitord.types import Event, Publication, StageState, Window, iso_utc
 from monitord.windowing.stage import WindowingStage

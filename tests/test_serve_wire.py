@@ -25,11 +25,11 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from monitord.config import ClapModelConfig, EmotionModelConfig, InferenceConfig, ServeConfig, load_serve_config, parse_config
+from monitord.config import ClapModelConfig, EmotionModelConfig, InferenceConfig, load_serve_config, parse_config
 from monitord.inference.models.base import ModelUnavailable
 from monitord.types import Scores
 from monitord.serve import wire
-from monitord.serve.client import (Availability, HttpTransport, InFlight, InferenceRefused, InferenceUnavailable,
+from monitord.serve.client import (Availability, InFlight, InferenceRefused, InferenceUnavailable,
                                    RemoteModel, RemoteModelError)
 from monitord.serve.service import InferenceService
 from tests.conftest import config_problems, free_port, need, noise, silence, tone, write_wav

@@ -18,7 +18,7 @@ from typing import Any
 import yaml
 from pydantic import ConfigDict, Field, ValidationError
 
-from monitord.config.checks import _check_serve, cross_check, model_vocabulary, yamnet_class_names
+from monitord.config.checks import check_serve, cross_check, model_vocabulary, yamnet_class_names  # noqa: F401 (re-exported)
 from monitord.config.errors import ConfigError, Problem, error_path, line_of, merge, problem_from_pydantic
 from monitord.config.schema import *  # noqa: F401,F403  (the public names of every section)
 from monitord.config.schema import ID_PATTERN, Config, ModelConfig, ServeConfig, _Strict
@@ -156,7 +156,7 @@ def load_serve_config(path: str | os.PathLike[str]) -> ServeFile:
         problems.extend(model_vocabulary(name, model)[1])
     if all(m.kind == "anomaly" for m in served.models.values()):
         problems.append(Problem("models", "nothing to serve: anomaly models run on capture nodes (serve their embedding model)"))
-    problems.extend(_check_serve(served.serve))
+    problems.extend(check_serve(served.serve))
     if problems:
         raise ConfigError([Problem(p.path, p.message, line_of(root_node, p.path)) for p in problems])
     return served

@@ -92,7 +92,7 @@ def cross_check(config: Config) -> list[Problem]:
 
     problems.extend(_check_endpoint(config.publish))
     problems.extend(_check_inference(config))
-    problems.extend(_check_serve(config.serve))
+    problems.extend(check_serve(config.serve))
     if config.http.bind is not None:
         problem = _check_bind(config.http.bind, remote_ok=config.http.token is not None,
                               remote_hint=" without a token: set http.token (16+ characters)")
@@ -285,7 +285,7 @@ def _check_inference(config: Config) -> list[Problem]:
     return problems
 
 
-def _check_serve(serve: ServeConfig) -> list[Problem]:
+def check_serve(serve: ServeConfig) -> list[Problem]:
     problems = _check_token_file("serve.token_file", serve.token_file)
     if (serve.ssl_certfile is None) != (serve.ssl_keyfile is None):
         problems.append(Problem("serve.ssl_keyfile" if serve.ssl_keyfile is None else "serve.ssl_certfile",

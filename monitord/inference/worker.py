@@ -26,7 +26,7 @@ from monitord.config import CascadeConfig
 from monitord.inference.models.base import Model
 from monitord.inference.queue import Item, WindowQueue
 from monitord.stage import Channel, Stage
-from monitord.types import Outcome, Scores, ScoredWindow, StreamEnd, Verdict, Window
+from monitord.types import Outcome, Scores, ScoredWindow, Verdict, Window
 
 log = logging.getLogger(__name__)
 

@@ -18,7 +18,6 @@ from collections import deque
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 
 from monitord.net import split_host_port
 
