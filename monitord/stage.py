@@ -120,6 +120,15 @@ class Stage:
             fault, self._injected = self._injected, None
             raise fault
 
+    def pause(self, seconds: float) -> bool:
+        """Wait ``seconds`` (a backoff) while still beating; True if the stage is stopping."""
+        deadline = time.monotonic() + seconds
+        while (left := deadline - time.monotonic()) > 0:
+            if self.stopping.wait(min(left, 0.5)):
+                return True
+            self.beat()
+        return self.stopping.is_set()
+
     def inject_failure(self, fault: BaseException) -> None:
         """Make the stage's thread raise ``fault`` at its next beat: how tests kill a stage."""
         self._injected = fault

@@ -275,3 +275,25 @@ def test_the_stage_states_are_visible_over_json(tmp_path):
         json.dumps({k: v.__dict__ for k, v in health.items()})
     finally:
         run.close()
+
+
+def test_a_source_waiting_out_a_long_backoff_stays_healthy(tmp_path):
+    """Waiting for a microphone that is not there, with a backoff longer than the stall bound, is
+    being degraded, not stuck: the watchdog must keep being pinged."""
+    (tmp_path / "c.yaml").write_text(f"""
+sources: [{{id: mic, device: no-such-microphone, retry: true, backoff_max_s: 60}}]
+models: {{clap: {{kind: clap, model: unused, labels: [tone, noise]}}}}
+publish: {{endpoint: "tcp://127.0.0.1:{free_port()}", event_log: events.jsonl}}
+""")
+    daemon = Daemon(load_config(tmp_path / "c.yaml"), {"clap": ScriptedModel()})
+    daemon.start()
+    source = daemon.sources[0]
+    source.stall_s = 1.0  # shorter than the backoffs it will sit out (0.5, 1, 2, 4 s)
+    try:
+        deadline = time.monotonic() + 8
+        while time.monotonic() < deadline:
+            assert daemon.health()[source.name].ok, daemon.health()[source.name]
+            time.sleep(0.2)
+        assert source.state is StageState.DEGRADED and "waiting for input device" in source.detail
+    finally:
+        daemon.stop()

@@ -141,10 +141,9 @@ class OutputStage(Stage):
                 if self.stats.write_failures == 1 or delay >= RETRY_MAX_S:
                     log.error("event log: cannot write event %d: %s; retrying", self.publisher.seq + 1, exc)
                 self.set_degraded(f"event log write failing: {exc.strerror or exc}")
-                if self.stopping.wait(delay):
+                if self.pause(delay):
                     log.error("event log: stopping with event %d unwritten: %s", self.publisher.seq + 1, event.to_json())
                     raise
-                self.beat()
                 delay = min(delay * 2, RETRY_MAX_S)
                 continue
             if self.state.value == "degraded" and self.detail.startswith("event log"):

@@ -156,7 +156,7 @@ class DeviceSource(LiveSource):
             self._start_stream()
             self._came_up()
         elif not self.connected:
-            self._went_down(self.waiting_detail())
+            self.waiting_at_start = True  # the stage's thread says so as its first act
         super().start()
 
     def _start_stream(self) -> None:

@@ -73,6 +73,8 @@ class LiveSource(Stage):
         self._down = False
         self._attempts = 0
         self._gap_from: float | None = None
+        self.waiting_at_start = False
+        """Nothing to open at start (a device that is not there yet, ``retry: true``): say so first."""
         self._backoff = Backoff(0.5, config.backoff_max_s)
         self._last_blocks = -1
         self._last_block_at = time.monotonic()
@@ -94,6 +96,9 @@ class LiveSource(Stage):
     # the loop
 
     def run(self) -> None:
+        if self.waiting_at_start:
+            self.waiting_at_start = False
+            self._went_down(self.waiting_detail())
         while not self.stopping.is_set():
             self.beat()
             if self.connected:
@@ -113,7 +118,7 @@ class LiveSource(Stage):
                 log.warning("source %s: %s; reconnecting", self.id, reason)
                 self._went_down(reason)
                 continue
-            if self._attempts and self.stopping.wait(self._backoff.next()):
+            if self._attempts and self.pause(self._backoff.next()):
                 break
             self._attempts += 1
             self._gap_from = self._lost_at  # a reconnect, not the first start: the outage becomes silence
