@@ -239,7 +239,9 @@ def plot_heatmaps(path: Path, rows: Sequence[tuple[str, Curve, float]], labels: 
     import matplotlib.pyplot as plt
 
     n = max(1, len(rows))
-    fig, axes = plt.subplots(n, 1, figsize=(12, 1.0 + 2.2 * n), dpi=100, sharex=True, squeeze=False)
+    height = 1.0 + 2.2 * n
+    fig, axes = plt.subplots(n, 1, figsize=(12, height), dpi=100, sharex=True, squeeze=False)
+    fig.subplots_adjust(left=0.08, right=0.9, top=1 - 0.35 / height, bottom=0.6 / height, hspace=0.5)  # room for the axis label
     cmap = matplotlib.colormaps["magma"].with_extremes(bad="#d9d9d9")
     longest = max([d for _, _, d in rows] or [1.0])
     image = None
