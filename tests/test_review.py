@@ -1,0 +1,78 @@
+"""Review findings: each test fails on the code as it was reviewed (see the commit that adds it)."""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+
+import numpy as np
+import pytest
+
+from monitord.alerts.engine import AlertEngine
+from monitord.alerts.stage import AlertsStage, RulesChange
+from monitord.config import RuleConfig
+from monitord.stage import Channel
+from monitord.types import Event, Outcome, Publication, Scores, ScoredWindow, StageState, Window, WindowFacts, Verdict
+
+RATE = 16000
+
+
+def window(t: float, source: str = "k") -> Window:
+    samples = np.zeros(RATE, dtype=np.float32)
+    return Window(source, int(t * RATE), RATE, samples, RATE, 1000.0 + t, 1000.0 + t + 1,
+                  WindowFacts(-20, -10, -25, 0.0, 0, 0.0))
+
+
+def scored(t: float, score: float, model: str = "clap", label: str = "glass", source: str = "k") -> ScoredWindow:
+    w = window(t, source)
+    return ScoredWindow(w, (Outcome(model, Verdict.SCORED, Scores(w, model, model, {label: score, "other": 1 - score})),))
+
+
+def rule(**kw) -> RuleConfig:
+    return RuleConfig(**{**dict(id="r", model="clap", label="glass", threshold=0.6, release=0.4), **kw})
+
+
+def run_alerts(items, rules) -> list[Event]:
+    """An alerts stage fed ``items`` then closed; the events it handed on."""
+    inbox, out = Channel(1000, "alerts"), Channel(1000, "output")
+    stage = AlertsStage(AlertEngine(tuple(rules)), inbox, out, "host", {"clap": "clap-id"})
+    for item in items:
+        inbox.put(item)
+    inbox.close()
+    stage.start()
+    assert stage.join(5)
+    return [p.event for p in out.drain() if isinstance(p, Publication)]
+
+
+def test_a_reload_that_changes_a_rule_mid_alert_publishes_the_offset():
+    """SIGHUP changing an active rule ends its alert in the engine ("rule changed"), but the stage
+    publishes those transitions with no window and drops them: the onset never gets its offset."""
+    events = run_alerts([scored(1.0, 0.9), RulesChange((rule(threshold=0.7),)), scored(1.5, 0.1)], [rule()])
+    phases = [(e.phase, e.extra.get("reason")) for e in events if e.kind == "alert"]
+    assert phases == [("onset", None), ("offset", "rule changed")], phases
+
+
+def test_a_reload_that_removes_a_rule_mid_alert_publishes_the_offset():
+    events = run_alerts([scored(1.0, 0.9), RulesChange(())], [rule()])
+    phases = [e.phase for e in events if e.kind == "alert"]
+    assert phases.count("onset") == phases.count("offset") == 1, phases
+
+
+def framed(t: float, score: float, model: str = "clap", label: str = "glass") -> ScoredWindow:
+    from monitord.types import FrameScores
+
+    w = window(t)
+    n = 50  # 1 s of 20 ms frames
+    values = np.tile(np.array([[score, 1 - score]], dtype=np.float32), (n, 1))
+    frames = FrameScores(t + 0.01, 0.02, values)
+    return ScoredWindow(w, (Outcome(model, Verdict.SCORED, Scores(w, model, model, {label: score, "other": 1 - score},
+                                                                  frames=frames)),))
+
+
+def test_a_reload_that_changes_a_frame_rule_mid_alert_publishes_the_offset():
+    rules = [rule(hold_s=0.1)]
+    items = [framed(t, 0.9) for t in (0.0, 0.5, 1.0, 1.5, 2.0)] + [RulesChange((rule(hold_s=0.2),))]
+    events = run_alerts(items, rules)
+    phases = [e.phase for e in events if e.kind == "alert"]
+    assert "onset" in phases and phases.count("onset") == phases.count("offset"), phases
