@@ -76,3 +76,9 @@ def test_a_reload_that_changes_a_frame_rule_mid_alert_publishes_the_offset():
     events = run_alerts(items, rules)
     phases = [e.phase for e in events if e.kind == "alert"]
     assert "onset" in phases and phases.count("onset") == phases.count("offset"), phases
+
+
+def test_a_reload_ending_alerts_on_two_sources_names_each_source():
+    events = run_alerts([scored(1.0, 0.9, source="a"), scored(1.0, 0.9, source="b"), RulesChange(())], [rule()])
+    assert sorted((e.source, e.phase) for e in events if e.kind == "alert") == \
+        [("a", "offset"), ("a", "onset"), ("b", "offset"), ("b", "onset")]
