@@ -82,3 +82,35 @@ def test_a_reload_ending_alerts_on_two_sources_names_each_source():
     events = run_alerts([scored(1.0, 0.9, source="a"), scored(1.0, 0.9, source="b"), RulesChange(())], [rule()])
     assert sorted((e.source, e.phase) for e in events if e.kind == "alert") == \
         [("a", "offset"), ("a", "onset"), ("b", "offset"), ("b", "onset")]
+
+
+@pytest.mark.parametrize("hostile", [b'{"since": Infinity}', b'{"since": 1, "limit": -Infinity}',
+                                     b'[' * 100000 + b']' * 100000])
+def test_a_hostile_replay_request_gets_an_error_and_the_replay_server_keeps_answering(tmp_path, hostile):
+    """The replay thread dies on a request int() overflows on (or one json nests too deep), and
+    nobody notices: it is no stage, the daemon stays healthy, and replay is gone until a restart."""
+    import zmq
+
+    from monitord.config import PublishConfig
+    from monitord.output.publish import Publisher
+    from tests.conftest import free_port
+
+    endpoint, replay = f"tcp://127.0.0.1:{free_port()}", f"tcp://127.0.0.1:{free_port()}"
+    ctx = zmq.Context()
+    p = Publisher(PublishConfig(endpoint=endpoint, replay_endpoint=replay, event_log=str(tmp_path / "e.jsonl")), ctx)
+    p.start()
+    try:
+        p.publish(Event(kind="status", source="s", time="t", host="h", status="up"))
+        for request in (hostile, b'{"since": 0}'):
+            req = ctx.socket(zmq.REQ)
+            req.setsockopt(zmq.LINGER, 0)
+            req.connect(replay)
+            req.send(request)
+            answered = req.poll(3000)
+            reply = req.recv_multipart() if answered else None
+            req.close()
+            assert answered, f"no answer to {request[:40]!r}: the replay thread is {'alive' if p.replay._thread.is_alive() else 'dead'}"
+        assert json.loads(reply[0])["count"] == 1
+    finally:
+        p.close()
+        ctx.term()
