@@ -114,3 +114,71 @@ def test_a_hostile_replay_request_gets_an_error_and_the_replay_server_keeps_answ
     finally:
         p.close()
         ctx.term()
+
+
+def output_stage(tmp_path, feed=None, max_mb=None):
+    import zmq
+
+    from monitord.config import PublishConfig
+    from monitord.output.publish import Publisher
+    from monitord.output.stage import OutputStage
+    from tests.conftest import free_port
+
+    config = PublishConfig(endpoint=f"tcp://127.0.0.1:{free_port()}", event_log=str(tmp_path / "e.jsonl"),
+                           event_log_max_mb=max_mb)
+    publisher = Publisher(config, zmq.Context())
+    publisher.start()
+    inbox: Channel = Channel(100, "output")
+    return OutputStage(inbox, publisher, "h", {}, feed=feed), inbox, publisher
+
+
+def logged_seqs(tmp_path) -> list[int]:
+    files = sorted(tmp_path.glob("e.jsonl*"), key=lambda f: (f.name == "e.jsonl", f.name), reverse=False)
+    seqs = []
+    for f in [*sorted((f for f in files if f.name != "e.jsonl"), key=lambda f: -int(f.suffix[1:])),
+              *[f for f in files if f.name == "e.jsonl"]]:
+        for line in f.read_bytes().splitlines():
+            try:
+                seqs.append(json.loads(line)["seq"])
+            except ValueError:
+                pass
+    return seqs
+
+
+def status_publication(n: int) -> Publication:
+    return Publication(Event(kind="status", source="s", time="t", host="h", status="up", detail=str(n)))
+
+
+def test_an_fsync_error_while_rotating_the_log_neither_duplicates_an_event_nor_kills_the_output_stage(tmp_path, monkeypatch):
+    """Rotation closes the file with an fsync (even with publish.fsync off). If that fsync fails,
+    the event is already written but append raises: the output stage retries it (a second copy,
+    same seq), and the log's fd is gone, so every later append fails an assert (not an OSError):
+    the stage dies on each restart and the daemon ends."""
+    import errno
+
+    import monitord.output.eventlog as eventlog
+
+    stage, inbox, publisher = output_stage(tmp_path, max_mb=100 / 2**20)  # rotate after every ~100 bytes
+    real_fsync, failed = eventlog.os.fsync, []
+
+    def fsync(fd):
+        if not failed:
+            failed.append(fd)
+            raise OSError(errno.EIO, "Input/output error")
+        return real_fsync(fd)
+
+    monkeypatch.setattr(eventlog.os, "fsync", fsync)
+    stage.start()
+    try:
+        for n in range(3):
+            inbox.put(status_publication(n))
+        deadline = time.monotonic() + 5
+        while (len(inbox) or not stage.idle) and stage.state is not StageState.FAILED and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert stage.state is not StageState.FAILED, stage.error
+    finally:
+        inbox.close()
+        stage.join(5)
+        publisher.close()
+    assert failed, "the fault was never hit"
+    assert logged_seqs(tmp_path) == [1, 2, 3]
