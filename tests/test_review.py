@@ -182,3 +182,38 @@ def test_an_fsync_error_while_rotating_the_log_neither_duplicates_an_event_nor_k
         publisher.close()
     assert failed, "the fault was never hit"
     assert logged_seqs(tmp_path) == [1, 2, 3]
+
+
+def test_an_output_stage_that_dies_after_logging_an_event_does_not_log_it_again_on_restart(tmp_path):
+    """The event in hand is retried whole by a restarted output stage, log included: if the stage
+    died after the log had it (the dashboard feed, a clip request, the metrics hook raised), the
+    same event is logged again under a new seq."""
+
+    class Feed:
+        def __init__(self):
+            self.calls = 0
+
+        def on_window(self, scored):
+            pass
+
+        def on_event(self, event):
+            self.calls += 1
+            if self.calls == 1:
+                raise RuntimeError("dashboard feed bug")
+
+    stage, inbox, publisher = output_stage(tmp_path, feed=Feed())
+    stage.start()
+    try:
+        inbox.put(status_publication(0))
+        assert stage.join(5) and stage.state is StageState.FAILED
+        stage.restart()  # as the supervisor does
+        inbox.put(status_publication(1))
+        deadline = time.monotonic() + 5
+        while (len(inbox) or not stage.idle) and time.monotonic() < deadline:
+            time.sleep(0.05)
+    finally:
+        inbox.close()
+        stage.join(5)
+        publisher.close()
+    details = [json.loads(line)["detail"] for line in (tmp_path / "e.jsonl").read_bytes().splitlines()]
+    assert details == ["0", "1"], details
