@@ -217,3 +217,40 @@ def test_an_output_stage_that_dies_after_logging_an_event_does_not_log_it_again_
         publisher.close()
     details = [json.loads(line)["detail"] for line in (tmp_path / "e.jsonl").read_bytes().splitlines()]
     assert details == ["0", "1"], details
+
+
+@pytest.mark.parametrize("stage_name", ["alerts", "output"])
+def test_a_stop_while_a_stage_waits_for_its_restart_still_ends_alerts_and_writes_every_event(tmp_path, stage_name):
+    """SIGTERM during a stage's restart backoff (1-4 s): stop() joins the dead thread (at once),
+    closes the channels, and what that stage would have handled is never written: the open
+    alert's offset, and the stage_failed status itself."""
+    from monitord.config import load_config
+    from monitord.daemon import Daemon
+    from tests.conftest import free_port, silence, tone, write_wav
+    from tests.test_e2e import read_log
+    from tests.test_faults import ScriptedModel
+    from tests.test_supervisor import wait_until
+
+    write_wav(tmp_path / "in.wav", np.concatenate([silence(1.0, RATE), tone(500, 30.0, RATE, -12)]), RATE)
+    (tmp_path / "c.yaml").write_text(f"""
+sources: [{{id: rec, file: in.wav, realtime: true}}]
+gate: {{mode: energy, threshold_dbfs: -60}}
+window: {{seconds: 1.0, hop_s: 0.5}}
+models: {{clap: {{kind: clap, model: unused, labels: [tone, noise]}}}}
+rules: [{{id: tone, model: clap, label: tone, threshold: 0.5}}]
+publish: {{endpoint: "tcp://127.0.0.1:{free_port()}", event_log: events.jsonl}}
+""")
+    daemon = Daemon(load_config(tmp_path / "c.yaml"), {"clap": ScriptedModel()})
+    log_path = tmp_path / "events.jsonl"
+    daemon.start()
+    try:
+        assert wait_until(lambda: log_path.exists() and any(e.get("phase") == "onset" for e in read_log(log_path)), 20)
+        stage = next(s for s in daemon.stages if s.name == stage_name)
+        stage.inject_failure(RuntimeError("injected"))
+        assert wait_until(lambda: stage.state is StageState.FAILED, 5)
+    finally:
+        daemon.stop()  # what `monitord run` does on SIGTERM, the supervisor not having restarted it yet
+    logged = read_log(log_path)
+    phases = [e["phase"] for e in logged if e["kind"] == "alert"]
+    assert phases == ["onset", "offset"], phases
+    assert any(e.get("status") == "stage_failed" and e.get("stage") == stage_name for e in logged)
