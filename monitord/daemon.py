@@ -196,6 +196,10 @@ class Daemon:
         every event out, close sockets."""
         timeout = self.config.pipeline.shutdown_timeout_s if drain_timeout_s is None else drain_timeout_s
         self._closing.set()
+        for stage in (self.output, self.alerts, self.inference):  # downstream first
+            if stage is not None and stage.state is StageState.FAILED and stage.join(1.0):
+                log.warning("restarting stage %s to drain what it holds", stage.name)
+                stage.restart()  # a stage waiting out its restart backoff would drop all it had to hand on
         for source in self.sources:
             source.stop()
         for stage in [*self.sources, *self.windowing]:
