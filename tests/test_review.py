@@ -254,3 +254,56 @@ publish: {{endpoint: "tcp://127.0.0.1:{free_port()}", event_log: events.jsonl}}
     phases = [e["phase"] for e in logged if e["kind"] == "alert"]
     assert phases == ["onset", "offset"], phases
     assert any(e.get("status") == "stage_failed" and e.get("stage") == stage_name for e in logged)
+
+
+def silent_flac(path, minutes: float, rate: int = 48000) -> None:
+    import soundfile as sf
+
+    block = np.zeros(rate * 10, dtype=np.int16)
+    with sf.SoundFile(str(path), "w", rate, 1, subtype="PCM_16", format="FLAC") as f:
+        for _ in range(int(minutes * 6)):
+            f.write(block)
+
+
+class TryItModel:
+    name, kind, sample_rate, prompt = "clap", "clap", 48000, "This is a sound of {}."
+
+    def prepare_labels(self, labels, prompt):
+        return labels, prompt, np.zeros((len(labels), 4), dtype=np.float32)
+
+    def probabilities_with(self, windows, text):
+        return np.full((len(windows), len(text)), 1.0 / len(text), dtype=np.float32)
+
+
+def test_a_small_try_it_upload_is_not_decoded_whole(tmp_path):
+    """try-it scores at most TRY_MAX_WINDOWS windows but decodes the whole upload first, on the
+    event loop: FLAC silence packs ~10 minutes into 110 KB, so a 20 MB upload (the default
+    max_upload_mb) decodes to ~30 hours, ~10 GB of float32 per channel: one request OOMs the daemon."""
+    import asyncio
+    import tracemalloc
+    from concurrent.futures import Future
+    from types import SimpleNamespace
+
+    from monitord.config import WindowConfig
+    from monitord.output.dashboard import Dashboard
+
+    silent_flac(tmp_path / "bomb.flac", minutes=5)
+    data = (tmp_path / "bomb.flac").read_bytes()
+    assert len(data) < 200_000
+
+    def score_upload(fn):
+        future: Future = Future()
+        future.set_result(fn())
+        return future
+
+    daemon = SimpleNamespace(models={"clap": TryItModel()}, score_upload=score_upload,
+                             config=SimpleNamespace(models={"clap": SimpleNamespace(kind="clap")}, window=WindowConfig()))
+    dashboard = Dashboard(daemon, "127.0.0.1:8080", None)
+    tracemalloc.start()
+    try:
+        result = asyncio.run(dashboard.classify_upload(data, ["a", "b"]))
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert len(result["windows"]) == 30
+    assert peak < 40 * 2**20, f"{len(data) / 1e3:.0f} KB of upload took {peak / 2**20:.0f} MiB to score 30 windows"
