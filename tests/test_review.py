@@ -307,3 +307,42 @@ def test_a_small_try_it_upload_is_not_decoded_whole(tmp_path):
         tracemalloc.stop()
     assert len(result["windows"]) == 30
     assert peak < 40 * 2**20, f"{len(data) / 1e3:.0f} KB of upload took {peak / 2**20:.0f} MiB to score 30 windows"
+
+
+def test_a_try_it_job_is_not_starved_by_a_steady_trickle_of_windows():
+    """Low-priority jobs (the dashboard's try-it) run only when the window queue stayed empty for a
+    whole 0.2 s get timeout: windows arriving every 0.1 s (4+ sources at hop 0.5 s), each scored in
+    a millisecond, keep inference idle 99% of the time, yet the job never runs and the upload
+    request hangs (its Future has no timeout)."""
+    from types import MappingProxyType
+
+    from monitord.inference.queue import WindowQueue
+    from monitord.inference.worker import LOW, InferenceStage, Scorer
+    from tests.test_faults import ScriptedModel
+
+    queue = WindowQueue(64)
+    stage = InferenceStage(queue, Scorer([ScriptedModel()]), Channel(10000, "alerts"))
+    stop = threading.Event()
+
+    def feed():
+        t = 0.0
+        while not stop.is_set():
+            w = window(t)
+            queue.put(Window(w.source, w.start_index, w.sample_rate, w.samples, w.valid, w.wall_start, w.ready_at,
+                             w.facts, gates=MappingProxyType({"clap": Verdict.PASSED})), live=True)
+            t += 0.5
+            time.sleep(0.1)
+
+    feeder = threading.Thread(target=feed, daemon=True)
+    stage.start()
+    feeder.start()
+    try:
+        time.sleep(0.3)
+        job = stage.submit(lambda: "scored", priority=LOW)
+        assert job.result(timeout=3) == "scored"
+    finally:
+        stop.set()
+        feeder.join(2)
+        stage.finish(0)
+        stage.join(5)
+    assert stage.stats.batches > 0
