@@ -346,3 +346,34 @@ def test_a_try_it_job_is_not_starved_by_a_steady_trickle_of_windows():
         stage.finish(0)
         stage.join(5)
     assert stage.stats.batches > 0
+
+
+def test_a_reload_refused_for_timing_out_is_not_applied_later_behind_the_operators_back(tmp_path):
+    """apply_reload waits stall_s for the label swap; on timeout it publishes reload_failed and keeps
+    the old config, but the swap job stays queued and runs after the current batch anyway: the
+    models score the new labels (and the alerts stage gets the new rules) while the daemon's config
+    and its status events say the old ones are running."""
+    from monitord.config import load_config
+    from tests.test_faults import ScriptedModel
+    from tests.test_supervisor import make_daemon, wait_until
+
+    class Relabelled(ScriptedModel):
+        def prepare_labels(self, labels, prompt):
+            return tuple(labels)
+
+        def use_labels(self, prepared):
+            self.labels = prepared
+
+    model = Relabelled(delay_s=0.25)  # a batch of 8 takes 2 s
+    daemon = make_daemon(tmp_path, model, count=20, realtime=False)
+    daemon.start()
+    try:
+        assert wait_until(lambda: daemon.inference.stats.batches >= 1, 20)
+        daemon.inference.stall_s = 0.3
+        (tmp_path / "c2.yaml").write_text((tmp_path / "c.yaml").read_text().replace("labels: [tone, noise]",
+                                                                                   "labels: [tone, noise, hum]"))
+        assert daemon.apply_reload(load_config(tmp_path / "c2.yaml")) is False
+        time.sleep(3.0)  # the batch in hand ends
+        assert model.labels == ("tone", "noise"), "a refused reload was applied after all"
+    finally:
+        daemon.stop(drain_timeout_s=0)
