@@ -18,6 +18,7 @@ import socket
 import threading
 import time
 from collections.abc import Callable, Mapping, Sequence
+from concurrent.futures import TimeoutError as FutureTimeout
 
 from monitord.alerts.engine import AlertEngine
 from monitord.alerts.stage import AlertsStage, RulesChange
@@ -362,8 +363,17 @@ class Daemon:
 
         if not self.inference.alive:
             raise ReloadError("the inference stage is not running (see the stage_failed status)")
+        future = self.inference.submit(swap)
         try:
-            self.inference.submit(swap).result(timeout=self.inference.stall_s)
+            try:
+                future.result(timeout=self.inference.stall_s)
+            except FutureTimeout:
+                if future.cancel():  # not begun: it never will, so the running config really stays
+                    raise ReloadError(f"the inference stage did not swap the labels in within "
+                                      f"{self.inference.stall_s:g} s") from None
+                future.result()  # it had begun (a swap is quick): the reload is applied
+        except ReloadError:
+            raise
         except Exception as exc:
             raise ReloadError(f"the new labels could not be swapped in: {exc!r}") from None
         self.config = self.config.model_copy(update={"rules": new.rules, "models": new.models})
