@@ -377,3 +377,31 @@ def test_a_reload_refused_for_timing_out_is_not_applied_later_behind_the_operato
         assert model.labels == ("tone", "noise"), "a refused reload was applied after all"
     finally:
         daemon.stop(drain_timeout_s=0)
+
+
+def test_the_supervising_loop_never_blocks_on_a_full_output_channel(tmp_path, monkeypatch):
+    """supervise() publishes stage_restarted with a blocking put that only gives up on stop():
+    with the output channel full (the output stage itself failed, waiting out a longer backoff),
+    restarting another stage wedges the supervising loop: the output stage is never restarted,
+    SIGTERM (wait's stop event) goes unanswered and the watchdog unpinged, for good."""
+    import monitord.daemon as supervisor
+    from tests.test_supervisor import make_daemon
+
+    monkeypatch.setattr(supervisor, "OUTPUT_QUEUE", 3)
+    daemon = make_daemon(tmp_path)
+    for n in range(3):
+        daemon.output_inbox.put(status_publication(n))  # nobody drains it: the output stage is down
+    daemon.alerts.state = StageState.FAILED  # died a while ago; its backoff is over
+    daemon._failures["alerts"], daemon._restart_at["alerts"] = [time.monotonic()], 0.0
+    stop, returned = threading.Event(), threading.Event()
+    thread = threading.Thread(target=lambda: (daemon.wait(stop), returned.set()), daemon=True)
+    thread.start()
+    try:
+        time.sleep(0.5)
+        stop.set()  # SIGTERM
+        assert returned.wait(3), "the supervising loop ignored SIGTERM: it is stuck publishing a status"
+    finally:
+        daemon._closing.set()  # unblock it either way
+        thread.join(3)
+        daemon.alerts.stop()
+        daemon.alerts.join(3)
