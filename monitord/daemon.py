@@ -277,14 +277,14 @@ class Daemon:
                     del self._restart_at[name]
                     log.warning("restarting stage %s (restart %d)", name, stage.restarts + 1)
                     stage.restart()
-                    self.status(self._status_source(stage), "stage_restarted", f"stage {name} restarted", stage=name)
+                    self._status_nowait(self._status_source(stage), "stage_restarted", f"stage {name} restarted", stage=name)
                 continue
             recent = [t for t in self._failures.get(name, []) if now - t < RESTART_WINDOW_S]
             if len(recent) >= MAX_RESTARTS:
                 self.fatal = (f"stage {name} failed {len(recent) + 1} times within {RESTART_WINDOW_S:g} s "
                               f"(last: {stage.error!r}); stopping so that the service manager restarts monitord")
                 log.critical("%s", self.fatal)
-                self.status(DAEMON, "fatal", self.fatal, stage=name)
+                self._status_nowait(DAEMON, "fatal", self.fatal, stage=name)
                 return False
             self._failures[name] = [*recent, now]
             self._restart_at[name] = now + 2.0 ** len(recent)
@@ -295,6 +295,11 @@ class Daemon:
         detail = f"stage {stage.name} failed: {stage.error!r}"
         self.output_inbox.put_nowait(Publication(self._status_event(self._status_source(stage), "stage_failed", detail,
                                                                     stage=stage.name)))
+
+    def _status_nowait(self, source: str, status: str, detail: str, **extra: object) -> None:
+        """The supervising loop's statuses: it must never wait on the output stage it may have to restart."""
+        if not self.output_inbox.put_nowait(Publication(self._status_event(source, status, detail, **extra))):
+            log.warning("status %s (%s) not published: the output channel is full", status, detail)
 
     def _status_source(self, stage: Stage) -> str:
         return getattr(stage, "id", None) or getattr(getattr(stage, "cutter", None), "source", None) or DAEMON
