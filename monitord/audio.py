@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import math
 from pathlib import Path
 
 import numpy as np
@@ -42,13 +43,16 @@ def resample(samples: np.ndarray, from_rate: int, to_rate: int) -> np.ndarray:
     return out.astype(np.float32, copy=False)
 
 
-def read_mono(source: Path | bytes) -> tuple[np.ndarray, int]:
-    """A whole file (a path, or its bytes) as mono float32 and its sample rate; AudioFileError if unreadable."""
+def read_mono(source: Path | bytes, max_seconds: float | None = None) -> tuple[np.ndarray, int]:
+    """A whole file (a path, or its bytes), or its first ``max_seconds``, as mono float32 and its
+    sample rate; AudioFileError if unreadable."""
     import soundfile as sf
 
     name = "the upload" if isinstance(source, bytes) else str(source)
     try:
-        data, rate = sf.read(io.BytesIO(source) if isinstance(source, bytes) else str(source), dtype="float32", always_2d=True)
+        with sf.SoundFile(io.BytesIO(source) if isinstance(source, bytes) else str(source)) as f:
+            frames = -1 if max_seconds is None else min(f.frames, math.ceil(max_seconds * f.samplerate))
+            data, rate = f.read(frames, dtype="float32", always_2d=True), f.samplerate
     except (RuntimeError, sf.LibsndfileError, TypeError) as exc:
         raise AudioFileError(f"cannot read audio file {name}: {exc}") from None
     if data.shape[0] == 0:

@@ -18,6 +18,7 @@ import socket
 import threading
 import time
 from collections.abc import Callable, Mapping, Sequence
+from concurrent.futures import TimeoutError as FutureTimeout
 
 from monitord.alerts.engine import AlertEngine
 from monitord.alerts.stage import AlertsStage, RulesChange
@@ -196,6 +197,10 @@ class Daemon:
         every event out, close sockets."""
         timeout = self.config.pipeline.shutdown_timeout_s if drain_timeout_s is None else drain_timeout_s
         self._closing.set()
+        for stage in (self.output, self.alerts, self.inference):  # downstream first
+            if stage is not None and stage.state is StageState.FAILED and stage.join(1.0):
+                log.warning("restarting stage %s to drain what it holds", stage.name)
+                stage.restart()  # a stage waiting out its restart backoff would drop all it had to hand on
         for source in self.sources:
             source.stop()
         for stage in [*self.sources, *self.windowing]:
@@ -272,14 +277,14 @@ class Daemon:
                     del self._restart_at[name]
                     log.warning("restarting stage %s (restart %d)", name, stage.restarts + 1)
                     stage.restart()
-                    self.status(self._status_source(stage), "stage_restarted", f"stage {name} restarted", stage=name)
+                    self._status_nowait(self._status_source(stage), "stage_restarted", f"stage {name} restarted", stage=name)
                 continue
             recent = [t for t in self._failures.get(name, []) if now - t < RESTART_WINDOW_S]
             if len(recent) >= MAX_RESTARTS:
                 self.fatal = (f"stage {name} failed {len(recent) + 1} times within {RESTART_WINDOW_S:g} s "
                               f"(last: {stage.error!r}); stopping so that the service manager restarts monitord")
                 log.critical("%s", self.fatal)
-                self.status(DAEMON, "fatal", self.fatal, stage=name)
+                self._status_nowait(DAEMON, "fatal", self.fatal, stage=name)
                 return False
             self._failures[name] = [*recent, now]
             self._restart_at[name] = now + 2.0 ** len(recent)
@@ -290,6 +295,11 @@ class Daemon:
         detail = f"stage {stage.name} failed: {stage.error!r}"
         self.output_inbox.put_nowait(Publication(self._status_event(self._status_source(stage), "stage_failed", detail,
                                                                     stage=stage.name)))
+
+    def _status_nowait(self, source: str, status: str, detail: str, **extra: object) -> None:
+        """The supervising loop's statuses: it must never wait on the output stage it may have to restart."""
+        if not self.output_inbox.put_nowait(Publication(self._status_event(source, status, detail, **extra))):
+            log.warning("status %s (%s) not published: the output channel is full", status, detail)
 
     def _status_source(self, stage: Stage) -> str:
         return getattr(stage, "id", None) or getattr(getattr(stage, "cutter", None), "source", None) or DAEMON
@@ -358,8 +368,17 @@ class Daemon:
 
         if not self.inference.alive:
             raise ReloadError("the inference stage is not running (see the stage_failed status)")
+        future = self.inference.submit(swap)
         try:
-            self.inference.submit(swap).result(timeout=self.inference.stall_s)
+            try:
+                future.result(timeout=self.inference.stall_s)
+            except FutureTimeout:
+                if future.cancel():  # not begun: it never will, so the running config really stays
+                    raise ReloadError(f"the inference stage did not swap the labels in within "
+                                      f"{self.inference.stall_s:g} s") from None
+                future.result()  # it had begun (a swap is quick): the reload is applied
+        except ReloadError:
+            raise
         except Exception as exc:
             raise ReloadError(f"the new labels could not be swapped in: {exc!r}") from None
         self.config = self.config.model_copy(update={"rules": new.rules, "models": new.models})

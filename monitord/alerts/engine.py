@@ -86,6 +86,8 @@ class Transition:
     score: float
     reason: str | None = None
     """Why an offset happened other than by the score: "end of stream", "stopped"."""
+    source: str | None = None
+    """The source whose alert ended (set by ``end``: its offsets come with no window)."""
 
 
 @dataclass
@@ -133,7 +135,7 @@ class AlertEngine:
             if state.active and (source is None or rule_source == source) and (rule_ids is None or rule_id in rule_ids):
                 self.states[(rule_id, rule_source)] = RuleState(False, (), (), state.last_onset)
                 rule = next(r for r in self.rules if r.id == rule_id)
-                fired.append(Transition(rule, "offset", 0.0, reason))
+                fired.append(Transition(rule, "offset", 0.0, reason, rule_source))
         return fired
 
     def active(self) -> list[tuple[str, str]]:

@@ -303,6 +303,8 @@ class FrameAlert:
     rule: object
     """The RuleConfig (a frame rule: ``smooth_s`` or ``hold_s``)."""
     transition: FrameTransition
+    source: str | None = None
+    """Set where the alert ended with no window at hand (a rule changed by a reload)."""
 
 
 class FrameTracker:
@@ -359,7 +361,7 @@ class FrameTracker:
             elif state.active:
                 rule = next(r for r in self.rules if r.id == rule_id)
                 _, transitions = rule_close(state, self._params[rule_id])
-                ended += [FrameAlert(rule, t) for t in transitions]
+                ended += [FrameAlert(rule, t, source) for t in transitions]
         tracker._merge, tracker._labels = dict(self._merge), dict(self._labels)
         tracker._params = {k: v for k, v in self._params.items() if k in kept}
         return tracker, ended

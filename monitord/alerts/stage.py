@@ -182,7 +182,9 @@ class AlertsStage(Stage):
             self._end(source, reason)
 
     def _publish_frame_alerts(self, alerts: list[FrameAlert], window: Window | None) -> None:
+        given = window
         for alert in alerts:
+            window = given if given is not None else self._last_window.get(alert.source)
             if window is None:
                 continue
             event = frame_alert_event(window, alert, self.model_ids.get(alert.rule.model, alert.rule.model), self.host)
@@ -192,7 +194,9 @@ class AlertsStage(Stage):
             self.events += 1
 
     def _publish_transitions(self, transitions: list[Transition], window: Window | None, scores: Scores | None = None) -> None:
+        given = window
         for transition in transitions:
+            window = given if given is not None else self._last_window.get(transition.source)
             if window is None:
                 continue  # an alert on a source with no window seen cannot be on
             event = alert_event(window, transition, self.model_ids.get(transition.rule.model, transition.rule.model),

@@ -237,6 +237,8 @@ class InferenceStage(Stage):
             self._process(batch)
             if self.scorer.degraded:
                 self.set_degraded(self.scorer.degraded)
+            if not len(self.queue):  # no window waiting: low-priority jobs now, not after a 0.2 s lull
+                self._run_jobs(LOW)
 
     def _process(self, batch: list[Item]) -> None:
         windows = [item for item in batch if isinstance(item, Window)]

@@ -218,8 +218,10 @@ class Dashboard:
         if name is None:
             raise ValueError("no CLAP model is loaded")
         model = self.daemon.models[name]
+        window = self.daemon.config.window  # only what the first TRY_MAX_WINDOWS windows need (a second to spare)
+        seconds = window.seconds + window.hop_s * (TRY_MAX_WINDOWS - 1) + 1.0
         try:
-            mono, rate = read_mono(data)
+            mono, rate = read_mono(data, max_seconds=seconds)
         except AudioFileError as exc:
             raise ValueError(str(exc).replace("the upload", "upload")) from None
         loop = asyncio.get_running_loop()

@@ -84,7 +84,8 @@ class EventLog:
         """One event line, written straight to the file (no user-space buffer). An OSError (disk
         full, I/O error) propagates; the caller retries the same line, which then starts on a fresh
         line, so a torn write never merges with the event after it."""
-        assert self._fd is not None
+        if self._fd is None:  # a rotation failed part-way: an OSError here is retried like any write
+            self.open()
         data = (b"\n" if self._torn else b"") + line + b"\n"
         view = memoryview(data)
         while view:
@@ -97,18 +98,24 @@ class EventLog:
             except OSError as exc:  # the line is written; retrying it would log the event twice
                 log.error("event log: fsync failed (%s); the event is written but may not survive a power loss", exc)
         if self.max_bytes is not None and self._size >= self.max_bytes:
-            self._rotate()
+            try:
+                self._rotate()
+            except OSError as exc:  # the line is written: raising would have the caller log it twice
+                log.error("event log: rotation failed (%s); tried again after the next event", exc)
 
     def _rotate(self) -> None:
-        self.close()
-        oldest = self.rotated(self.keep)
-        if oldest.exists():
-            oldest.unlink()
-        for i in range(self.keep - 1, 0, -1):
-            if self.rotated(i).exists():
-                self.rotated(i).rename(self.rotated(i + 1))
-        self.path.rename(self.rotated(1))
-        self.open()
+        try:
+            self.close()
+            oldest = self.rotated(self.keep)
+            if oldest.exists():
+                oldest.unlink()
+            for i in range(self.keep - 1, 0, -1):
+                if self.rotated(i).exists():
+                    self.rotated(i).rename(self.rotated(i + 1))
+            self.path.rename(self.rotated(1))
+        finally:
+            if self._fd is None:
+                self.open()
 
     def read_since(self, seq: int, limit: int) -> tuple[list[bytes], int | None]:
         """Up to ``limit`` logged events with a seq above ``seq``, in order, and the oldest seq still kept.

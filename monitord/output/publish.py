@@ -167,7 +167,12 @@ class ReplayServer:
                     continue
                 frames = self.socket.recv_multipart()
                 envelope, request = frames[:-1], frames[-1]
-                self.socket.send_multipart(envelope + self.answer(request))
+                try:
+                    answer = self.answer(request)
+                except Exception as exc:  # one bad request must not end replay for everyone
+                    log.exception("replay: cannot answer %r", request[:200])
+                    answer = [json.dumps({"error": f"cannot answer: {type(exc).__name__}"}).encode()]
+                self.socket.send_multipart(envelope + answer)
         finally:
             self.socket.close(0)
 
@@ -176,7 +181,7 @@ class ReplayServer:
             query = json.loads(request)
             since = int(query["since"])
             limit = max(1, min(int(query.get("limit", REPLAY_LIMIT)), REPLAY_LIMIT))
-        except (ValueError, KeyError, TypeError) as exc:
+        except (ValueError, KeyError, TypeError, OverflowError, RecursionError) as exc:
             return [json.dumps({"error": f'expected {{"since": N}}: {exc}'}).encode()]
         try:
             events, oldest = self.event_log.read_since(since, limit)

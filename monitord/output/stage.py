@@ -111,6 +111,8 @@ class OutputStage(Stage):
             event = replace(event, clip=str(self.clips.path_for(event.source, event.rule or "", event.time)))
         if publication.logged:
             published = self._log_and_send(event, publication.ready_at)
+            if self._in_hand is publication:
+                self._in_hand = None  # in the log now: a restarted stage must not log it again
         elif publication.broadcast:
             published = self.publisher.publish_unlogged(event, publication.ready_at)
             self.stats.unlogged += 1
