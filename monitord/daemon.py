@@ -297,7 +297,8 @@ class Daemon:
                                                                     stage=stage.name)))
 
     def _status_nowait(self, source: str, status: str, detail: str, **extra: object) -> None:
-        """The supervising loop's statuses: it must never wait on the output stage it may have to restart."""
+        """Statuses from threads that must never wait on the output stage: the supervising loop (it may
+        have to restart that stage) and a live source's windowing."""
         if not self.output_inbox.put_nowait(Publication(self._status_event(source, status, detail, **extra))):
             log.warning("status %s (%s) not published: the output channel is full", status, detail)
 
@@ -324,7 +325,9 @@ class Daemon:
         self._last_overload[source] = now
         count = self.queue.dropped[source]
         log.warning("source %s: inference behind, %d windows dropped so far", source, count)
-        self.status(source, "overload", f"window queue full: {count} windows dropped so far", dropped=count)
+        # on the windowing thread of a live source, which must not wait: an overload status is a
+        # running count, so one lost to a full output channel is made good by the next
+        self._status_nowait(source, "overload", f"window queue full: {count} windows dropped so far", dropped=count)
 
     # reload (SIGHUP)
 
@@ -335,11 +338,11 @@ class Daemon:
             self.reload(new)
         except ReloadError as exc:
             log.error("reload refused: %s; the running configuration stays", exc)
-            self.status(DAEMON, "reload_failed", str(exc))
+            self._status_nowait(DAEMON, "reload_failed", str(exc))
             return False
         log.info("reloaded: %d rules, labels %s", len(new.rules), {n: len(m.labels) for n, m in new.models.items()
                                                                     if hasattr(m, "labels")})
-        self.status(DAEMON, "reloaded", f"{len(new.rules)} rules; labels and prompts applied")
+        self._status_nowait(DAEMON, "reloaded", f"{len(new.rules)} rules; labels and prompts applied")
         return True
 
     def reload(self, new: Config) -> None:

@@ -405,3 +405,47 @@ def test_the_supervising_loop_never_blocks_on_a_full_output_channel(tmp_path, mo
         thread.join(3)
         daemon.alerts.stop()
         daemon.alerts.join(3)
+
+
+def test_a_token_with_characters_outside_ascii_is_a_401_not_a_500(tiny_clap, tmp_path):
+    from starlette.testclient import TestClient
+
+    from monitord.config import parse_config
+    from monitord.output.dashboard import Dashboard
+
+    class Daemonless:
+        config = parse_config(f"sources: [{{id: a, device: default}}]\nmodels: {{c: {{kind: clap, model: {tiny_clap}, labels: [a, b]}}}}\n",
+                              tmp_path)
+        models, clips = {}, None
+
+    client = TestClient(Dashboard(Daemonless(), "127.0.0.1:1", "a-long-enough-secret").app())
+    assert client.get("/api/state", headers={"Authorization": "Bearer s\u00e9cret-s\u00e9cret-s\u00e9cret".encode("latin-1")}).status_code == 401
+    assert client.get("/api/state?token=%C3%A9t%C3%A9").status_code == 401
+
+
+def test_a_replay_request_larger_than_any_real_one_is_cut_off(tmp_path):
+    import zmq
+
+    from monitord.config import PublishConfig
+    from monitord.output.publish import Publisher
+    from tests.conftest import free_port
+
+    replay = f"tcp://127.0.0.1:{free_port()}"
+    ctx = zmq.Context()
+    p = Publisher(PublishConfig(endpoint=f"tcp://127.0.0.1:{free_port()}", replay_endpoint=replay, event_log=str(tmp_path / "e.jsonl")), ctx)
+    p.start()
+    try:
+        hog = ctx.socket(zmq.DEALER)
+        hog.setsockopt(zmq.LINGER, 0)
+        hog.connect(replay)
+        hog.send_multipart([b"", b"{" * (1 << 20)])  # 1 MiB of request
+        assert not hog.poll(1000), "a 1 MiB request was read and answered"
+        hog.close()
+        good = ctx.socket(zmq.REQ)
+        good.setsockopt(zmq.LINGER, 0)
+        good.connect(replay)
+        good.send(b'{"since": 0}')
+        assert good.poll(5000) and b"count" in good.recv_multipart()[0]  # the server still answers others
+        good.close()
+    finally:
+        p.close()

@@ -304,7 +304,7 @@ class TokenGate:
 
             request = Request(scope)
             given = request.query_params.get("token") or request.headers.get("authorization", "").removeprefix("Bearer ")
-            if not secrets.compare_digest(given or "", self.token):
+            if not secrets.compare_digest((given or "").encode("utf-8", "surrogateescape"), self.token.encode("utf-8")):
                 await PlainTextResponse("a token is required", status_code=401)(scope, receive, send)
                 return
         await self.app(scope, receive, send)

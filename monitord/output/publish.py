@@ -23,6 +23,7 @@ from monitord.types import Event
 log = logging.getLogger(__name__)
 
 REPLAY_LIMIT = 1000
+REPLAY_MAX_REQUEST = 4096
 
 
 class PublishError(Exception):
@@ -61,7 +62,9 @@ class Publisher:
         if self.config.replay_endpoint is not None:
             if self.event_log is None:
                 raise PublishError("publish.replay_endpoint: needs publish.event_log (replay reads the log)")
-            self.replay = ReplayServer(self._bind(zmq.ROUTER, self.config.replay_endpoint, "publish.replay_endpoint"), self.event_log)
+            # a request is a few bytes: a peer sending more is cut off
+            router = self._bind(zmq.ROUTER, self.config.replay_endpoint, "publish.replay_endpoint", REPLAY_MAX_REQUEST)
+            self.replay = ReplayServer(router, self.event_log)
             self.replay.start()
         log.info("publishing on %s (event log %s, next seq %d)", self.config.endpoint, self.config.event_log, self.seq + 1)
 
@@ -80,9 +83,11 @@ class Publisher:
         self._authenticator.start()
         self._authenticator.configure_curve(domain="*", location=curve.authorized_clients)
 
-    def _bind(self, kind: int, endpoint: str, key: str) -> zmq.Socket:
+    def _bind(self, kind: int, endpoint: str, key: str, max_message: int | None = None) -> zmq.Socket:
         socket = self._context.socket(kind)
         socket.setsockopt(zmq.LINGER, 1000)
+        if max_message is not None:  # before bind: it applies to the connections accepted after it
+            socket.setsockopt(zmq.MAXMSGSIZE, max_message)
         if self.config.curve is not None:
             socket.curve_secretkey = self._server_secret
             socket.curve_publickey = self._server_public
