@@ -112,7 +112,12 @@ class Daemon:
         self.output_inbox: Channel = Channel(OUTPUT_QUEUE, "output")
         self.scorer = Scorer(list(self.models.values()), status=self.status,
                              on_batch=self.metrics.on_batch if self.metrics else lambda model, n, seconds: None)
-        self.inference = InferenceStage(self.queue, self.scorer, self.alerts_inbox, stall_s=config.pipeline.inference_stall_s)
+        remote = config.inference
+        self.inference = InferenceStage(self.queue, self.scorer, self.alerts_inbox, stall_s=config.pipeline.inference_stall_s,
+                                        max_in_flight=remote.max_in_flight if remote else 4,
+                                        max_waiting_windows=remote.max_waiting_windows if remote else 128,
+                                        status=self.status, on_remote_drop=self._on_remote_drop,
+                                        status_interval_s=config.pipeline.overload_status_interval_s)
         self.alerts = AlertsStage(AlertEngine(config.rules), self.alerts_inbox, self.output_inbox, self.host,
                                   {name: m.model_id for name, m in self.models.items()}, config.publish.scores,
                                   feed_windows=config.http.bind is not None)
@@ -125,6 +130,7 @@ class Daemon:
         self._failures: dict[str, list[float]] = {}
         self._restart_at: dict[str, float] = {}
         self._last_overload: dict[str, float] = {}
+        self._last_remote_overload: dict[str, float] = {}
         self._idle_turns = 0
 
     @property
@@ -315,6 +321,22 @@ class Daemon:
         count = self.queue.dropped[source]
         log.warning("source %s: inference behind, %d windows dropped so far", source, count)
         self.status(source, "overload", f"window queue full: {count} windows dropped so far", dropped=count)
+
+    def _on_remote_drop(self, dropped: Window) -> None:
+        """A live source's window was taken off remote scoring (too many waiting for the cluster): a
+        status, at most one per interval per source."""
+        source = dropped.source
+        now = time.monotonic()
+        last = self._last_remote_overload.get(source)
+        if last is not None and now - last < self.config.pipeline.overload_status_interval_s:
+            return
+        self._last_remote_overload[source] = now
+        count = self.inference.stats.remote_dropped[source]
+        models = ", ".join(m.name for m in self.inference.remote_models)
+        log.warning("source %s: remote inference behind, %d windows not scored remotely so far", source, count)
+        self.status(source, "overload", f"remote inference behind: {count} windows of this source not scored by "
+                    f"{models} so far (unavailable; at most {self.inference.max_waiting_windows} wait)",
+                    dropped=count, remote=True)
 
     # reload (SIGHUP)
 

@@ -118,7 +118,9 @@ class AlertsStage(Stage):
 
     def _on_window(self, scored: ScoredWindow) -> None:
         window = scored.window
-        self._last_window[window.source] = window
+        last = self._last_window.get(window.source)
+        if last is None or window.start_index >= last.start_index:  # remote outcomes may come after later windows' local ones
+            self._last_window[window.source] = window
         for outcome in scored.outcomes:
             self.outcomes[(window.source, outcome.model, outcome.verdict.value)] += 1
             transitions = self.engine.observe(window.source, outcome, window.stream_end)

@@ -4,6 +4,9 @@ Live sources never wait: when the queue is full, a live source drops its own old
 window (or, with none queued, the window it brings), counted against that source. Sources that
 can wait (files) block instead, so nothing of a file is skipped and no file window is ever
 dropped for a live source. A ``StreamEnd`` marker is never dropped.
+
+The inference stage may take less than a full batch (``admit``: remote scoring has no room for a
+file's window) and may be woken while it waits for windows (``wake``: a remote result came back).
 """
 
 from __future__ import annotations
@@ -26,6 +29,9 @@ class WindowQueue:
         self.dropped: Counter[str] = Counter()
         """Windows dropped per source (live sources under overload, and any put after close)."""
         self._closed = False
+        self._woken = False
+        self.live: dict[str, bool] = {}
+        """Per source seen: whether it is live (drops its own oldest windows) or waits (a file)."""
 
     def __len__(self) -> int:
         return len(self._items)
@@ -37,6 +43,7 @@ class WindowQueue:
         A file's put waits while the queue is full (checking ``stop``, calling ``beat``); after
         ``close`` nothing is added and the item counts as dropped."""
         with self._cond:
+            self.live[item.source] = live
             if isinstance(item, Window) and not live:
                 while len(self._items) >= self.max_windows and not self._closed:
                     if stop is not None and stop.is_set():
@@ -64,14 +71,17 @@ class WindowQueue:
     def _oldest_of(self, source: str) -> Window | None:
         return next((w for w in self._items if isinstance(w, Window) and w.source == source), None)
 
-    def get_batch(self, max_windows: int, wait_s: float, timeout: float, taken: list[Item] | None = None) -> list[Item]:
+    def get_batch(self, max_windows: int, wait_s: float, timeout: float, taken: list[Item] | None = None,
+                  admit: Callable[[Window], bool] | None = None) -> list[Item]:
         """Up to ``max_windows`` windows (markers ride along in order): waits up to ``timeout``
-        for the first item, then up to ``wait_s`` for the batch to fill. With ``taken``, the batch
-        is also added to that list before the queue's lock is let go (so no observer ever sees a
-        window in neither place)."""
+        for the first item (or a ``wake``), then up to ``wait_s`` for the batch to fill. With
+        ``taken``, the batch is also added to that list before the queue's lock is let go (so no
+        observer ever sees a window in neither place). With ``admit``, asked once per window in
+        order, the batch ends before the first window it refuses (that window stays first)."""
         with self._cond:
-            if not self._items:
-                self._cond.wait_for(lambda: bool(self._items) or self._closed, timeout)
+            if not self._items and not self._woken:
+                self._cond.wait_for(lambda: bool(self._items) or self._closed or self._woken, timeout)
+            self._woken = False
             if not self._items:
                 return []
             deadline = time.monotonic() + wait_s
@@ -83,8 +93,10 @@ class WindowQueue:
             batch: list[Item] = []
             windows = 0
             while self._items and windows < max_windows:
-                item = self._items.popleft()
-                batch.append(item)
+                item = self._items[0]
+                if isinstance(item, Window) and admit is not None and not admit(item):
+                    break
+                batch.append(self._items.popleft())
                 windows += isinstance(item, Window)
             while self._items and isinstance(self._items[0], StreamEnd):
                 batch.append(self._items.popleft())
@@ -100,6 +112,12 @@ class WindowQueue:
         """Return a batch to the front, in order (inference died before finishing it)."""
         with self._cond:
             self._items.extendleft(reversed(items))
+            self._cond.notify_all()
+
+    def wake(self) -> None:
+        """End a ``get_batch`` that waits for a first item now (another thread has news for its caller)."""
+        with self._cond:
+            self._woken = True
             self._cond.notify_all()
 
     def close(self) -> None:
