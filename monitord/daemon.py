@@ -26,7 +26,7 @@ from monitord.inference.models import Model, build_model
 from monitord.inference.queue import WindowQueue
 from monitord.inference.worker import LOW, InferenceStage, Scorer
 from monitord.output.clips import ClipWriter
-from monitord.output.metrics import Metrics, Snapshot
+from monitord.output.metrics import Metrics, RemoteFigures, Snapshot
 from monitord.output.publish import Publisher, PublishError
 from monitord.output.stage import OutputStage, Sink
 from monitord.sdnotify import Watchdog
@@ -44,7 +44,7 @@ MAX_RESTARTS = 3
 RESTART_WINDOW_S = 600.0
 ALERTS_QUEUE = 4096
 OUTPUT_QUEUE = 10000
-RESTART_ONLY = ("sources", "gate", "window", "publish", "pipeline", "clips", "metrics", "http")
+RESTART_ONLY = ("sources", "gate", "window", "publish", "pipeline", "clips", "metrics", "http", "inference")
 """Sections a reload cannot apply while running: changing them needs a restart."""
 
 
@@ -408,4 +408,14 @@ class Daemon:
         now = time.monotonic()
         for stage in self.stages:
             s.stages[stage.name] = (stage.state.value, stage.health(now).ok, stage.restarts)
+        inference = self.inference
+        if inference.remote_models:
+            s.inference_up = inference.availability.up
+            s.remote_waiting = inference.remote_waiting
+            s.remote_in_flight = inference.remote_in_flight
+            s.remote_dropped = dict(inference.stats.remote_dropped)
+            for model in inference.remote_models:
+                requests, windows, sizes = model.stats_now()
+                s.remote[model.name] = RemoteFigures(requests, windows, sizes, inference.stats.remote_resends[model.name],
+                                                     model.transport.retries)
         return s

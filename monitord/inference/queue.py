@@ -5,8 +5,10 @@ window (or, with none queued, the window it brings), counted against that source
 can wait (files) block instead, so nothing of a file is skipped and no file window is ever
 dropped for a live source. A ``StreamEnd`` marker is never dropped.
 
-The inference stage may take less than a full batch (``admit``: remote scoring has no room for a
-file's window) and may be woken while it waits for windows (``wake``: a remote result came back).
+While too many windows wait for remote scoring (the cluster down or slow) the inference stage
+holds the sources that can wait (``hold_waiting``): their puts wait even with room in the queue,
+so live sources' windows still flow to the local models. ``wake`` ends a wait for windows early
+(a remote answer came back).
 """
 
 from __future__ import annotations
@@ -30,6 +32,7 @@ class WindowQueue:
         """Windows dropped per source (live sources under overload, and any put after close)."""
         self._closed = False
         self._woken = False
+        self._holding = False
         self.live: dict[str, bool] = {}
         """Per source seen: whether it is live (drops its own oldest windows) or waits (a file)."""
 
@@ -40,12 +43,12 @@ class WindowQueue:
             beat: Callable[[], None] | None = None) -> Window | None:
         """Enqueue; returns the window dropped to make room (a live source's own), if any.
 
-        A file's put waits while the queue is full (checking ``stop``, calling ``beat``); after
-        ``close`` nothing is added and the item counts as dropped."""
+        A file's put waits while the queue is full or waiting sources are held (checking ``stop``,
+        calling ``beat``); after ``close`` nothing is added and the item counts as dropped."""
         with self._cond:
             self.live[item.source] = live
             if isinstance(item, Window) and not live:
-                while len(self._items) >= self.max_windows and not self._closed:
+                while (len(self._items) >= self.max_windows or self._holding) and not self._closed:
                     if stop is not None and stop.is_set():
                         return None
                     self._cond.wait(0.1)
@@ -71,13 +74,11 @@ class WindowQueue:
     def _oldest_of(self, source: str) -> Window | None:
         return next((w for w in self._items if isinstance(w, Window) and w.source == source), None)
 
-    def get_batch(self, max_windows: int, wait_s: float, timeout: float, taken: list[Item] | None = None,
-                  admit: Callable[[Window], bool] | None = None) -> list[Item]:
+    def get_batch(self, max_windows: int, wait_s: float, timeout: float, taken: list[Item] | None = None) -> list[Item]:
         """Up to ``max_windows`` windows (markers ride along in order): waits up to ``timeout``
         for the first item (or a ``wake``), then up to ``wait_s`` for the batch to fill. With
         ``taken``, the batch is also added to that list before the queue's lock is let go (so no
-        observer ever sees a window in neither place). With ``admit``, asked once per window in
-        order, the batch ends before the first window it refuses (that window stays first)."""
+        observer ever sees a window in neither place)."""
         with self._cond:
             if not self._items and not self._woken:
                 self._cond.wait_for(lambda: bool(self._items) or self._closed or self._woken, timeout)
@@ -93,10 +94,8 @@ class WindowQueue:
             batch: list[Item] = []
             windows = 0
             while self._items and windows < max_windows:
-                item = self._items[0]
-                if isinstance(item, Window) and admit is not None and not admit(item):
-                    break
-                batch.append(self._items.popleft())
+                item = self._items.popleft()
+                batch.append(item)
                 windows += isinstance(item, Window)
             while self._items and isinstance(self._items[0], StreamEnd):
                 batch.append(self._items.popleft())
@@ -113,6 +112,18 @@ class WindowQueue:
         with self._cond:
             self._items.extendleft(reversed(items))
             self._cond.notify_all()
+
+    def hold_waiting(self, hold: bool) -> None:
+        """Hold (or let go) the sources that wait (files): their next windows wait in ``put``. What
+        they queued already stays and is taken as usual."""
+        with self._cond:
+            if hold != self._holding:
+                self._holding = hold
+                self._cond.notify_all()
+
+    @property
+    def holding(self) -> bool:
+        return self._holding
 
     def wake(self) -> None:
         """End a ``get_batch`` that waits for a first item now (another thread has news for its caller)."""

@@ -9,6 +9,8 @@ A batch a model fails on (CUDA out of memory, say) is split in halves and retrie
 windows; a window that still fails is FAILED for that model, with a ``model_error`` status. After
 ``fallback_after`` failed batches in a row a model on an accelerator moves to the CPU
 (``model_fallback`` status, stage degraded). Capture never stops for any of it.
+
+Remote models (``monitord serve``) are asked without blocking the thread: see ``InferenceStage``.
 """
 
 from __future__ import annotations
@@ -28,6 +30,7 @@ from monitord.config import CascadeConfig
 from monitord.inference.models.base import Model
 from monitord.inference.queue import Item, WindowQueue
 from monitord.serve.client import Availability, InferenceRefused, InferenceUnavailable, InFlight, RemoteModelError
+from monitord.serve.client import Outcome as RemoteOutcome
 from monitord.stage import Channel, Stage
 from monitord.types import Outcome, Scores, ScoredWindow, StreamEnd, Verdict, Window
 
@@ -123,9 +126,7 @@ class Scorer:
             verdicts, scores = state.verdicts[i], state.scores[i]
             if verdicts.get(model.name, Verdict.QUIET) is not Verdict.PASSED:
                 continue
-            if i in unavailable:
-                verdicts[model.name] = Verdict.UNAVAILABLE
-            elif model.depends_on is not None and model.depends_on not in scores:
+            if model.depends_on is not None and model.depends_on not in scores:
                 upstream = verdicts.get(model.depends_on, Verdict.QUIET)
                 verdicts[model.name] = Verdict.QUIET if upstream is Verdict.PASSED else upstream
             elif not model.accepts(w):
@@ -134,6 +135,8 @@ class Scorer:
                 verdicts[model.name] = Verdict.UNAVAILABLE  # its gate could not be asked: no evidence either way
             elif model.gated_by is not None and not self._cascade_passes(scores, model.gated_by):
                 verdicts[model.name] = Verdict.CASCADE
+            elif i in unavailable:
+                verdicts[model.name] = Verdict.UNAVAILABLE
             else:
                 todo.append(i)
         return todo
@@ -285,9 +288,12 @@ class InferenceStage(Stage):
     kept and sent again with backoff (one at a time until one is answered: ``inference_down`` /
     ``inference_up`` statuses). At most ``max_waiting_windows`` windows wait for remote scoring:
     past that a live source's window makes room by taking its own source's oldest waiting window
-    off remote scoring (UNAVAILABLE, counted, ``on_remote_drop``); a file's window stays in the
-    window queue (the file waits). Everything the thread holds lives on the object, so a
-    restarted thread goes on where the dead one stopped: nothing lost, nothing sent or handed on twice.
+    off remote scoring (UNAVAILABLE, counted, ``on_remote_drop``), and sources that wait (files)
+    are held at the window queue (their windowing waits; what they had queued still comes in).
+    Everything the thread holds lives on the object, so a restarted thread goes on where the dead
+    one stopped: nothing lost, nothing sent or handed on twice. The requests themselves run on
+    ``InFlight``'s pool, whose threads outlive a dead stage thread (a call's exception is its
+    outcome, never a thread's death); the stage thread is the only one that collects them.
     """
 
     def __init__(self, queue: WindowQueue, scorer: Scorer, out: Channel, stall_s: float = 60.0, *,
@@ -341,6 +347,8 @@ class InferenceStage(Stage):
         self._retry_at = 0.0
         self._last_refusal: dict[str, float] = {}
         self._wake = threading.Event()
+        self._answer_in_hand: RemoteOutcome | None = None
+        """The remote answer being handled: handled again by a restarted thread if its call is still out."""
 
     def submit(self, fn: Callable[[], object], priority: int = URGENT) -> Future:
         """Run ``fn`` on the inference thread; its result (or exception) arrives in the Future."""
@@ -385,6 +393,7 @@ class InferenceStage(Stage):
             self._in_hand = []
         if self.remote_models and (self._flight is None or self._flight.closed):
             self._flight = InFlight(self.max_in_flight, "inference-remote", on_done=self._woken)
+        self._recover()
         while not self.stopping.is_set():
             self.beat()
             self._wake.clear()
@@ -403,16 +412,15 @@ class InferenceStage(Stage):
             if self.queue.closed and len(self.queue) == 0:
                 if not self._pending and not self._outbox:
                     self._close_flight()
+                    self.queue.hold_waiting(False)
                     return
                 self._wake.wait(0.2)  # remote results still to come
                 continue
-            refused: list[Window] = []
-            batch = self.queue.get_batch(self.scorer.batch_max, self.scorer.batch_wait_s, timeout=0.2,
-                                         taken=self._in_hand, admit=self._admission(refused))
+            if self.remote_models:
+                self.queue.hold_waiting(self._held() >= self.max_waiting_windows)
+            batch = self.queue.get_batch(self.scorer.batch_max, self.scorer.batch_wait_s, timeout=0.2, taken=self._in_hand)
             if batch:
                 self._intake(batch)
-            elif refused:  # a file's window waits for room in remote scoring
-                self._wake.wait(0.2)
             else:
                 self._run_jobs(LOW)
 
@@ -456,27 +464,6 @@ class InferenceStage(Stage):
         if job is not None:
             self._make_room(job)
         self._release()
-
-    def _admission(self, refused: list[Window]) -> Callable[[Window], bool] | None:
-        """Which windows the next batch may take: a file's window that would wait for remote scoring
-        only while fewer than ``max_waiting_windows`` wait (a live source's always: it makes room).
-        The window refused, if any, lands in ``refused``."""
-        if not self.remote_models:
-            return None
-        room = self.max_waiting_windows - self._held()
-        live = self.queue.live
-
-        def admit(window: Window) -> bool:
-            nonlocal room
-            if live.get(window.source, False) or not any(window.passes(m.name) for m in self.remote_models):
-                return True
-            room -= 1
-            if room < 0:
-                refused.append(window)
-                return False
-            return True
-
-        return admit
 
     def _advance(self, job: _Job, abandon: bool = False) -> list[_Call]:
         """Take the job through its models until it needs a remote answer (the new requests) or is
@@ -532,8 +519,31 @@ class InferenceStage(Stage):
         """Every answer that came back, in the order sent."""
         if self._flight is None:
             return
-        while (outcome := self._flight.next(timeout=0)) is not None:
-            self._on_answer(outcome.tag, outcome.value, outcome.error)
+        while True:
+            if self._answer_in_hand is None:
+                self._answer_in_hand = self._flight.next(timeout=0)
+                if self._answer_in_hand is None:
+                    return
+            answer = self._answer_in_hand
+            self._on_answer(answer.tag, answer.value, answer.error)
+            self._answer_in_hand = None
+
+    def _recover(self) -> None:
+        """A restarted thread: finish what the dead one was doing with the remote work it left on
+        the object (an answer half handled, a request taken out of line, a job between two steps)."""
+        answer, self._answer_in_hand = self._answer_in_hand, None
+        if answer is not None and answer.tag in answer.tag.job.calls:
+            self._on_answer(answer.tag, answer.value, answer.error)  # applying the same scores again changes nothing
+        queued = {id(call) for call in self._to_send}
+        for job in self._pending:
+            if not isinstance(job, _Job):
+                continue
+            if not job.calls and job.step < len(job.models):
+                self._advance(job)  # its new requests are in job.calls, queued just below
+            for call in job.calls:
+                if not call.flying and id(call) not in queued:
+                    bisect.insort(self._to_send, call, key=_Call.key.fget)
+                    queued.add(id(call))
 
     def _on_answer(self, call: _Call, value: tuple[list[Scores], float] | None, error: BaseException | None) -> None:
         call.flying = False
@@ -545,11 +555,11 @@ class InferenceStage(Stage):
         if error is None:
             self._answered()
             self.scorer.apply(model, job.state, call.indices, scores)
+            self._call_done(call)
             self.stats.scored[model.name] += n
             self.stats.model_seconds[model.name] += seconds
             self.stats.batch_sizes[n] += 1
             self.scorer.on_batch(model.name, n, seconds)
-            self._call_done(call)
         elif isinstance(error, (InferenceUnavailable, CancelledError)):
             self._unreachable(error)
             bisect.insort(self._to_send, call, key=_Call.key.fget)  # sent again, unchanged
@@ -724,6 +734,7 @@ class InferenceStage(Stage):
                 self._advance(job, abandon=True)
         self._release()
         self._close_flight()
+        self.queue.hold_waiting(False)
         self._flush()
 
     def _close_flight(self) -> None:

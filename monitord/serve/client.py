@@ -311,6 +311,12 @@ class RemoteModel(ModelBase):
             for i, (window, row) in enumerate(zip(windows, answer.probabilities))
         ]
 
+    def stats_now(self) -> tuple[int, int, dict[int, int]]:
+        """(requests answered, windows scored, windows by the size of the forward pass that scored
+        them): a consistent copy, for any thread."""
+        with self._stats_lock:
+            return self.stats.requests, self.stats.windows, dict(self.stats.batch_sizes)
+
     def prepare_labels(self, labels: Sequence[str], prompt: str) -> Any:
         """Refused: a remote model's labels are the server's (a change here would only make the
         server refuse this node's windows, by fingerprint); change both configs and redeploy."""
