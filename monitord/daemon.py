@@ -84,10 +84,12 @@ def model_inputs(config: Config, models: Mapping[str, Model]) -> dict[str, Model
 
 def ring_seconds(config: Config) -> float:
     """The ring buffer each source gets: the configured length, or more when clips need their
-    pre-roll to survive the window queue's worst lag (a full queue of one source's windows)."""
+    pre-roll to survive the worst lag before an alert (a full window queue of one source's windows,
+    and with remote inference as many again waiting for the cluster)."""
     seconds = config.pipeline.ring_seconds
     if config.clips.enabled:
-        lag = config.pipeline.queue_max_windows * config.window.hop_s
+        waiting = config.pipeline.queue_max_windows + (config.inference.max_waiting_windows if config.inference else 0)
+        lag = waiting * config.window.hop_s
         seconds = max(seconds, config.window.seconds + lag + config.clips.pre_s + config.clips.post_s + 2.0)
     return seconds
 

@@ -530,3 +530,52 @@ def test_over_the_bound_a_live_source_drops_its_own_oldest_waiting_window_never_
         release.set()
         stage.finish(5)
         stage.join(10)
+
+
+def test_stopping_drains_remote_work_within_the_drain_timeout_and_hands_on_what_was_scored():
+    from monitord.inference.queue import WindowQueue
+    from monitord.inference.worker import InferenceStage, Scorer
+    from monitord.stage import Channel
+    from monitord.types import ScoredWindow, StreamEnd, Verdict
+
+    class Remote(ModelBase):
+        device, model_id, sample_rate, labels = "remote", "r", RATE, ("tone", "noise")
+
+        def __init__(self, answer: threading.Event):
+            super().__init__("clap", SimpleNamespace(batch_max=2, batch_wait_ms=1, gated_by=None))
+            self.answer = answer
+
+        def score(self, windows, upstream=None):
+            self.answer.wait(10)
+            return [Scores(w, "clap", "r", {"tone": 1.0, "noise": 0.0}) for w in windows]
+
+    def stop_with_work_waiting(answer: threading.Event, drain_s: float) -> tuple[InferenceStage, list, float]:
+        queue, out = WindowQueue(64), Channel(64)
+        stage = InferenceStage(queue, Scorer([Remote(answer), LocalTier("yam", SimpleNamespace(batch_max=2, batch_wait_ms=1, gated_by=None))]),
+                               out, max_in_flight=1)
+        for i in range(6):
+            queue.put(loud_window("a", i), live=False)
+        queue.put(StreamEnd("a", 6.0), live=False)
+        stage.start()
+        assert wait_until(lambda: len(queue) == 0 and stage.remote_waiting == 6, 5)
+        began = time.monotonic()
+        stage.finish(drain_s)
+        assert stage.join(drain_s + 5), "the stage did not stop"
+        took = time.monotonic() - began
+        return stage, [item for item in out.drain()], took
+
+    answer = threading.Event()
+    threading.Timer(0.5, answer.set).start()
+    stage, items, took = stop_with_work_waiting(answer, 10.0)  # the answers come within the drain timeout
+    remote = [s for s in items if isinstance(s, ScoredWindow) and s.verdict("clap") is not None]
+    assert [s.verdict("clap") for s in remote] == [Verdict.SCORED] * 6 and isinstance(items[-1], StreamEnd)
+    assert stage.stats.abandoned_at_shutdown == 0 and took < 5
+    never = threading.Event()
+    try:
+        stage, items, took = stop_with_work_waiting(never, 0.5)  # they do not
+        remote = [s for s in items if isinstance(s, ScoredWindow) and s.verdict("clap") is not None]
+        assert [s.verdict("clap") for s in remote] == [Verdict.UNAVAILABLE] * 6 and isinstance(items[-1], StreamEnd)
+        assert sum(isinstance(s, ScoredWindow) and s.verdict("yam") is Verdict.SCORED for s in items) == 6
+        assert stage.stats.abandoned_at_shutdown == 6 and 0.5 <= took < 3
+    finally:
+        never.set()
