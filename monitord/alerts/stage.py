@@ -119,7 +119,10 @@ class AlertsStage(Stage):
     def _on_window(self, scored: ScoredWindow) -> None:
         window = scored.window
         last = self._last_window.get(window.source)
-        if last is None or window.start_index >= last.start_index:  # remote outcomes may come after later windows' local ones
+        # a window's remote outcomes come in a ScoredWindow of their own, after its local ones (and
+        # maybe after later windows'): the last window seen and the dashboard's feed only move forward
+        fresh = last is None or window.start_index > last.start_index
+        if fresh:
             self._last_window[window.source] = window
         for outcome in scored.outcomes:
             self.outcomes[(window.source, outcome.model, outcome.verdict.value)] += 1
@@ -130,7 +133,7 @@ class AlertsStage(Stage):
                 if published or self.feed_windows:
                     self._put(Publication(scores_event(outcome.scores, self.host), window.ready_at, logged=False,
                                           broadcast=published), may_drop=True)
-        if self.feed_windows:
+        if self.feed_windows and fresh:
             self._put(scored, may_drop=True)
 
     def _publishes_scores(self, model: str, source: str) -> bool:
