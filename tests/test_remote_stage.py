@@ -472,6 +472,7 @@ def test_remote_answers_do_not_wait_for_the_local_tier_nor_it_for_them():
                 got.append(item)
         assert [tuple(o.model for o in s.outcomes) for s in got] == [("yam",)] * 6  # the local tier, not waiting
         assert not stage.idle and stage.remote_waiting == 6 and out.get(0.3) is None
+        assert stage.remote_in_flight == 2 and len(stage._to_send) == 1  # max_in_flight requests of 2 windows in the air
         release.set()
         rest = []
         while len(rest) < 7:
