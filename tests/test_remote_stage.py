@@ -416,11 +416,15 @@ def test_a_reload_that_changes_a_remote_models_labels_is_refused(tmp_path):
         assert daemon.apply_reload(load_config(changed)) is False
         assert daemon.config.models["clap"].labels == ("tone", "noise") and models["clap"].labels == ("tone", "noise")
         assert daemon.inference.alive
+        changed.write_text(path.read_text().replace("timeout_s: 1.0", "timeout_s: 2.0"))
+        assert daemon.apply_reload(load_config(changed)) is False
+        assert daemon.config.inference.timeout_s == 1.0
     finally:
         run.close()
     refused = statuses(log_of(path), "reload_failed")
-    assert len(refused) == 1 and refused[0]["detail"].startswith("models.clap: new labels could not be prepared: model clap is scored at")
+    assert len(refused) == 2 and refused[0]["detail"].startswith("models.clap: new labels could not be prepared: model clap is scored at")
     assert "change its labels in the server's config too" in refused[0]["detail"]
+    assert refused[1]["detail"].startswith("inference changed: restart monitord")
 
 
 def loud_window(source: str, i: int):
