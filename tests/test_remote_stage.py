@@ -296,7 +296,7 @@ def test_a_live_source_with_the_cluster_down_drops_its_own_oldest_waiting_window
     assert overloads[-1]["dropped"] <= stats.remote_dropped["live"] and len(overloads) <= 8 / 1.0 + 1
     up = statuses(events, "inference_up")[0]
     assert [e for e in events if e.get("rule") == "yam-tone" and e["source"] == "live" and e["seq"] < up["seq"]]
-    parse = lambda t: datetime.strptime(t, "%Y-%m-%dT%H:%M:%S.%fZ")  # noqa: E731
+    parse = lambda t: datetime.strptime(t, "%Y-%m-%dT%H:%M:%S.%fZ")
     began, ended = statuses(events, "up", "live")[0], statuses(events, "eof", "live")[0]
     assert (parse(ended["time"]) - parse(began["time"])).total_seconds() < 8.0 + 0.5  # the live source never waited
     # the file: no window dropped, every one scored remotely exactly once

@@ -32,7 +32,7 @@ from monitord.inference.queue import Item, WindowQueue
 from monitord.serve.client import Availability, InferenceRefused, InferenceUnavailable, InFlight, RemoteModelError
 from monitord.serve.client import Outcome as RemoteOutcome
 from monitord.stage import Channel, Stage
-from monitord.types import Outcome, Scores, ScoredWindow, StreamEnd, Verdict, Window
+from monitord.types import Outcome, ScoredWindow, Scores, StreamEnd, Verdict, Window
 
 log = logging.getLogger(__name__)
 
@@ -228,7 +228,7 @@ class _Job:
     """One batch's windows on their way through the models that wait on a remote one (the remote
     models, and local ones gated by or built on them), a step per model in cascade order."""
 
-    __slots__ = ("order", "state", "models", "step", "calls", "dropped")
+    __slots__ = ("calls", "dropped", "models", "order", "state", "step")
 
     def __init__(self, order: int, state: BatchState, models: list[Model]):
         self.order = order

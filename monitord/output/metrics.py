@@ -32,7 +32,7 @@ class Snapshot:
     source_up: dict[str, bool] = field(default_factory=dict)
     stages: dict[str, tuple[str, bool, int]] = field(default_factory=dict)
     """stage -> (state, healthy, restarts)."""
-    remote: dict[str, "RemoteFigures"] = field(default_factory=dict)
+    remote: dict[str, RemoteFigures] = field(default_factory=dict)
     """Remote models (``inference.models``) by name."""
     remote_dropped: dict[str, int] = field(default_factory=dict)
     """Windows a live source took off remote scoring (too many waiting), per source."""
