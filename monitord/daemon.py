@@ -27,7 +27,7 @@ from monitord.inference.models import Model, build_model
 from monitord.inference.queue import WindowQueue
 from monitord.inference.worker import LOW, InferenceStage, Scorer
 from monitord.output.clips import ClipWriter
-from monitord.output.metrics import Metrics, Snapshot
+from monitord.output.metrics import Metrics, RemoteFigures, Snapshot
 from monitord.output.publish import Publisher, PublishError
 from monitord.output.stage import OutputStage, Sink
 from monitord.sdnotify import Watchdog
@@ -45,7 +45,7 @@ MAX_RESTARTS = 3
 RESTART_WINDOW_S = 600.0
 ALERTS_QUEUE = 4096
 OUTPUT_QUEUE = 10000
-RESTART_ONLY = ("sources", "gate", "window", "publish", "pipeline", "clips", "metrics", "http")
+RESTART_ONLY = ("sources", "gate", "window", "publish", "pipeline", "clips", "metrics", "http", "inference")
 """Sections a reload cannot apply while running: changing them needs a restart."""
 
 
@@ -85,10 +85,12 @@ def model_inputs(config: Config, models: Mapping[str, Model]) -> dict[str, Model
 
 def ring_seconds(config: Config) -> float:
     """The ring buffer each source gets: the configured length, or more when clips need their
-    pre-roll to survive the window queue's worst lag (a full queue of one source's windows)."""
+    pre-roll to survive the worst lag before an alert (a full window queue of one source's windows,
+    and with remote inference as many again waiting for the cluster)."""
     seconds = config.pipeline.ring_seconds
     if config.clips.enabled:
-        lag = config.pipeline.queue_max_windows * config.window.hop_s
+        waiting = config.pipeline.queue_max_windows + (config.inference.max_waiting_windows if config.inference else 0)
+        lag = waiting * config.window.hop_s
         seconds = max(seconds, config.window.seconds + lag + config.clips.pre_s + config.clips.post_s + 2.0)
     return seconds
 
@@ -113,7 +115,12 @@ class Daemon:
         self.output_inbox: Channel = Channel(OUTPUT_QUEUE, "output")
         self.scorer = Scorer(list(self.models.values()), status=self.status,
                              on_batch=self.metrics.on_batch if self.metrics else lambda model, n, seconds: None)
-        self.inference = InferenceStage(self.queue, self.scorer, self.alerts_inbox, stall_s=config.pipeline.inference_stall_s)
+        remote = config.inference
+        self.inference = InferenceStage(self.queue, self.scorer, self.alerts_inbox, stall_s=config.pipeline.inference_stall_s,
+                                        max_in_flight=remote.max_in_flight if remote else 4,
+                                        max_waiting_windows=remote.max_waiting_windows if remote else 128,
+                                        status=self.status, on_remote_drop=self._on_remote_drop,
+                                        status_interval_s=config.pipeline.overload_status_interval_s)
         self.alerts = AlertsStage(AlertEngine(config.rules), self.alerts_inbox, self.output_inbox, self.host,
                                   {name: m.model_id for name, m in self.models.items()}, config.publish.scores,
                                   feed_windows=config.http.bind is not None)
@@ -126,6 +133,7 @@ class Daemon:
         self._failures: dict[str, list[float]] = {}
         self._restart_at: dict[str, float] = {}
         self._last_overload: dict[str, float] = {}
+        self._last_remote_overload: dict[str, float] = {}
         self._idle_turns = 0
 
     @property
@@ -329,6 +337,22 @@ class Daemon:
         # running count, so one lost to a full output channel is made good by the next
         self._status_nowait(source, "overload", f"window queue full: {count} windows dropped so far", dropped=count)
 
+    def _on_remote_drop(self, dropped: Window) -> None:
+        """A live source's window was taken off remote scoring (too many waiting for the cluster): a
+        status, at most one per interval per source."""
+        source = dropped.source
+        now = time.monotonic()
+        last = self._last_remote_overload.get(source)
+        if last is not None and now - last < self.config.pipeline.overload_status_interval_s:
+            return
+        self._last_remote_overload[source] = now
+        count = self.inference.stats.remote_dropped[source]
+        models = ", ".join(m.name for m in self.inference.remote_models)
+        log.warning("source %s: remote inference behind, %d windows not scored remotely so far", source, count)
+        self.status(source, "overload", f"remote inference behind: {count} windows of this source not scored by "
+                    f"{models} so far (unavailable; at most {self.inference.max_waiting_windows} wait)",
+                    dropped=count, remote=True)
+
     # reload (SIGHUP)
 
     def apply_reload(self, new: Config) -> bool:
@@ -408,4 +432,14 @@ class Daemon:
         now = time.monotonic()
         for stage in self.stages:
             s.stages[stage.name] = (stage.state.value, stage.health(now).ok, stage.restarts)
+        inference = self.inference
+        if inference.remote_models:
+            s.inference_up = inference.availability.up
+            s.remote_waiting = inference.remote_waiting
+            s.remote_in_flight = inference.remote_in_flight
+            s.remote_dropped = dict(inference.stats.remote_dropped)
+            for model in inference.remote_models:
+                requests, windows, sizes = model.stats_now()
+                s.remote[model.name] = RemoteFigures(requests, windows, sizes, inference.stats.remote_resends[model.name],
+                                                     model.transport.retries)
         return s

@@ -50,18 +50,26 @@ class Recorder:
         self._model = model
         self.scored: list = []
         self.busy = threading.Event()
-        """Set while a score() call is in progress."""
+        """Set while a score() call is in progress (remote models: several may be, on their own threads)."""
+        self._calls = 0
+        self._lock = threading.Lock()
 
     def __getattr__(self, name: str):
         return getattr(self._model, name)
 
     def score(self, windows, upstream=None):
-        self.busy.set()
+        with self._lock:
+            self._calls += 1
+            self.busy.set()
         try:
             out = self._model.score(windows, upstream)
         finally:
-            self.busy.clear()
-        self.scored.extend(out)
+            with self._lock:
+                self._calls -= 1
+                if not self._calls:
+                    self.busy.clear()
+        with self._lock:
+            self.scored.extend(out)
         return out
 
 

@@ -273,12 +273,22 @@ class StubModel:
 
 
 @contextmanager
-def serving(service: InferenceService, prefix: str = "/monitord", tls: tuple[Path, Path] | None = None):
-    """The service behind ThreadingHTTPServer on a free loopback port (HTTPS with ``tls`` =
-    (certificate, key)); yields the base URL."""
+def serving(service: InferenceService, prefix: str = "/monitord", tls: tuple[Path, Path] | None = None, port: int = 0):
+    """The service behind ThreadingHTTPServer on a loopback port (``port``, or a free one; HTTPS
+    with ``tls`` = (certificate, key)); yields the base URL. Leaving the block takes it down."""
+
+    connections: set[socket.socket] = set()
 
     class Handler(BaseHTTPRequestHandler):
         protocol_version = "HTTP/1.1"
+
+        def setup(self) -> None:
+            super().setup()
+            connections.add(self.connection)
+
+        def finish(self) -> None:
+            connections.discard(self.connection)
+            super().finish()
 
         def _handle(self) -> None:
             body = self.rfile.read(int(self.headers.get("content-length") or 0))
@@ -295,7 +305,7 @@ def serving(service: InferenceService, prefix: str = "/monitord", tls: tuple[Pat
         def log_message(self, *args) -> None:
             pass
 
-    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    server = ThreadingHTTPServer(("127.0.0.1", port), Handler)
     if tls is not None:
         context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
         context.load_cert_chain(*tls)
@@ -306,6 +316,11 @@ def serving(service: InferenceService, prefix: str = "/monitord", tls: tuple[Pat
         yield f"{'https' if tls else 'http'}://127.0.0.1:{server.server_address[1]}{prefix}"
     finally:
         server.shutdown()
+        for conn in list(connections):  # keep-alive connections too: the server is gone, not just its listener
+            try:
+                conn.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
         server.server_close()
 
 

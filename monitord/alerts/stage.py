@@ -143,7 +143,12 @@ class AlertsStage(Stage):
 
     def _on_window(self, scored: ScoredWindow) -> None:
         window = scored.window
-        self._last_window[window.source] = window
+        last = self._last_window.get(window.source)
+        # a window's remote outcomes come in a ScoredWindow of their own, after its local ones (and
+        # maybe after later windows'): the last window seen and the dashboard's feed only move forward
+        fresh = last is None or window.start_index > last.start_index
+        if fresh:
+            self._last_window[window.source] = window
         for outcome in scored.outcomes:
             self.outcomes[(window.source, outcome.model, outcome.verdict.value)] += 1
             transitions = self.engine.observe(window.source, outcome, window.stream_end)
@@ -160,7 +165,7 @@ class AlertsStage(Stage):
                 if published or self.feed_windows:
                     self._put(Publication(scores_event(outcome.scores, self.host, curve), window.ready_at, logged=False,
                                           broadcast=published), may_drop=True)
-        if self.feed_windows:
+        if self.feed_windows and fresh:
             self._put(scored, may_drop=True)
 
     def _publishes_scores(self, model: str, source: str) -> bool:

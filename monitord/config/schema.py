@@ -310,6 +310,9 @@ class InferenceConfig(_Strict):
     """How long one batch may take, retries included, before the cluster counts as down."""
     max_in_flight: int = Field(4, ge=1, le=256)
     """Batches in the air per capture node."""
+    max_waiting_windows: int = Field(128, ge=1, le=100000)
+    """Windows that may wait for remote scoring (cluster down or slow); past it a live source's oldest
+    waiting window is not scored remotely (UNAVAILABLE, an overload status) and a file waits."""
     pcm: Literal["float32", "int16"] = "float32"
     """Audio on the wire; int16 halves the bytes but scores then differ slightly from local ones."""
     ca_file: str | None = None

@@ -9,24 +9,30 @@ A batch a model fails on (CUDA out of memory, say) is split in halves and retrie
 windows; a window that still fails is FAILED for that model, with a ``model_error`` status. After
 ``fallback_after`` failed batches in a row a model on an accelerator moves to the CPU
 (``model_fallback`` status, stage degraded). Capture never stops for any of it.
+
+Remote models (``monitord serve``) are asked without blocking the thread: see ``InferenceStage``.
 """
 
 from __future__ import annotations
 
+import bisect
+import functools
 import logging
 import threading
 import time
-from collections import Counter
-from collections.abc import Callable, Sequence
-from concurrent.futures import Future
+from collections import Counter, deque
+from collections.abc import Callable, Collection, Sequence
+from concurrent.futures import CancelledError, Future
 from dataclasses import dataclass, field
 from queue import Empty, PriorityQueue
 
 from monitord.config import CascadeConfig
 from monitord.inference.models.base import Model
 from monitord.inference.queue import Item, WindowQueue
+from monitord.serve.client import Availability, InferenceRefused, InferenceUnavailable, InFlight, RemoteModelError
+from monitord.serve.client import Outcome as RemoteOutcome
 from monitord.stage import Channel, Stage
-from monitord.types import Outcome, Scores, ScoredWindow, Verdict, Window
+from monitord.types import Outcome, ScoredWindow, Scores, StreamEnd, Verdict, Window
 
 log = logging.getLogger(__name__)
 
@@ -47,6 +53,12 @@ class InferenceStats:
     """Failed model calls (a split batch counts each try)."""
     dropped_after_failure: int = 0
     abandoned_at_shutdown: int = 0
+    remote_resends: Counter[str] = field(default_factory=Counter)
+    """Remote requests sent again (same windows, same id) after the cluster did not answer, per model."""
+    remote_dropped: Counter[str] = field(default_factory=Counter)
+    """Windows a live source took off remote scoring (too many waiting), per source."""
+    remote_refused: int = 0
+    """Windows the server refused (4xx: configuration): FAILED, not retried."""
 
 
 def cascade_order(models: Sequence[Model]) -> list[Model]:
@@ -59,9 +71,22 @@ def cascade_passes(scores: Scores, cascade: CascadeConfig) -> bool:
     return max(scores.probabilities.get(label, 0.0) for label in cascade.labels) >= cascade.threshold
 
 
+@dataclass(eq=False)
+class BatchState:
+    """A batch on its way through the models: each window's verdict and scores so far, per model."""
+
+    windows: list[Window]
+    verdicts: list[dict[str, Verdict]]
+    scores: list[dict[str, Scores]]
+
+
 class Scorer:
     """Scores a batch of windows with every model: the stage's work without the thread, so
-    offline tools (classify, eval) run exactly what the daemon runs."""
+    offline tools (classify, eval) run exactly what the daemon runs.
+
+    ``process`` does it all at once; ``begin``, ``run_model`` (or ``todo`` then ``apply``) and
+    ``outcomes`` are its steps, for a stage that scores some models of a batch later than others
+    (remote ones, and what builds on them)."""
 
     def __init__(self, models: Sequence[Model], status: StatusCallback = lambda source, status, detail: None,
                  fallback_after: int = 3, on_batch: Callable[[str, int, float], None] = lambda model, n, seconds: None):
@@ -77,37 +102,60 @@ class Scorer:
         """Why the stage is degraded (a model moved to the CPU), if it is."""
 
     def process(self, windows: Sequence[Window]) -> list[ScoredWindow]:
-        verdicts = [dict(w.gates) for w in windows]
-        scores: list[dict[str, Scores]] = [{} for _ in windows]
-        self.stats.windows += sum(w.passed for w in windows)
+        state = self.begin(windows)
         for model in self.models:
-            todo: list[int] = []
-            for i, w in enumerate(windows):
-                verdict = verdicts[i].get(model.name, Verdict.QUIET)
-                if verdict is not Verdict.PASSED:
-                    continue
-                if model.depends_on is not None and model.depends_on not in scores[i]:
-                    upstream = verdicts[i].get(model.depends_on, Verdict.QUIET)
-                    verdicts[i][model.name] = Verdict.QUIET if upstream is Verdict.PASSED else upstream
-                elif not model.accepts(w):
-                    verdicts[i][model.name] = Verdict.QUIET
-                elif model.gated_by is not None and not self._cascade_passes(scores[i], model.gated_by):
-                    verdicts[i][model.name] = Verdict.CASCADE
-                else:
-                    todo.append(i)
-            upstream = [scores[i][model.depends_on] for i in todo] if model.depends_on is not None else None
-            results = self._score(model, [windows[i] for i in todo], upstream)
-            for i, result in zip(todo, results):
-                if result is None:
-                    verdicts[i][model.name] = Verdict.FAILED
-                else:
-                    verdicts[i][model.name] = Verdict.SCORED
-                    scores[i][model.name] = result
-        return [
-            ScoredWindow(w, tuple(Outcome(m.name, verdicts[i][m.name], scores[i].get(m.name)) for m in self.models
-                                  if m.name in verdicts[i]))
-            for i, w in enumerate(windows)
-        ]
+            self.run_model(model, state)
+        return [ScoredWindow(w, self.outcomes(state, i, self.models)) for i, w in enumerate(windows)]
+
+    def begin(self, windows: Sequence[Window]) -> BatchState:
+        self.stats.windows += sum(w.passed for w in windows)
+        return BatchState(list(windows), [dict(w.gates) for w in windows], [{} for _ in windows])
+
+    def run_model(self, model: Model, state: BatchState) -> None:
+        """Score the batch with one model, here and now (the models it builds on have had their turn)."""
+        todo = self.todo(model, state)
+        upstream = [state.scores[i][model.depends_on] for i in todo] if model.depends_on is not None else None
+        self.apply(model, state, todo, self._score(model, [state.windows[i] for i in todo], upstream))
+
+    def todo(self, model: Model, state: BatchState, unavailable: Collection[int] = ()) -> list[int]:
+        """The windows ``model`` must score; every other window's verdict for it is settled here
+        (quiet, skipped by its cascade, or no evidence because what it builds on had none). Windows
+        in ``unavailable`` that it would score are UNAVAILABLE instead."""
+        todo: list[int] = []
+        for i, w in enumerate(state.windows):
+            verdicts, scores = state.verdicts[i], state.scores[i]
+            if verdicts.get(model.name, Verdict.QUIET) is not Verdict.PASSED:
+                continue
+            if model.depends_on is not None and model.depends_on not in scores:
+                upstream = verdicts.get(model.depends_on, Verdict.QUIET)
+                verdicts[model.name] = Verdict.QUIET if upstream is Verdict.PASSED else upstream
+            elif not model.accepts(w):
+                verdicts[model.name] = Verdict.QUIET
+            elif model.gated_by is not None and verdicts.get(model.gated_by.model) is Verdict.UNAVAILABLE:
+                verdicts[model.name] = Verdict.UNAVAILABLE  # its gate could not be asked: no evidence either way
+            elif model.gated_by is not None and not self._cascade_passes(scores, model.gated_by):
+                verdicts[model.name] = Verdict.CASCADE
+            elif i in unavailable:
+                verdicts[model.name] = Verdict.UNAVAILABLE
+            else:
+                todo.append(i)
+        return todo
+
+    @staticmethod
+    def apply(model: Model, state: BatchState, indices: Sequence[int], results: Sequence[Scores | None]) -> None:
+        """A model's results for these windows (None: it failed on that one)."""
+        for i, result in zip(indices, results):
+            if result is None:
+                state.verdicts[i][model.name] = Verdict.FAILED
+            else:
+                state.verdicts[i][model.name] = Verdict.SCORED
+                state.scores[i][model.name] = result
+
+    @staticmethod
+    def outcomes(state: BatchState, i: int, models: Sequence[Model]) -> tuple[Outcome, ...]:
+        """Window ``i``'s outcomes for these models (those its gates named)."""
+        verdicts, scores = state.verdicts[i], state.scores[i]
+        return tuple(Outcome(m.name, verdicts[m.name], scores.get(m.name)) for m in models if m.name in verdicts)
 
     @staticmethod
     def _cascade_passes(scores: dict[str, Scores], cascade: CascadeConfig) -> bool:
@@ -166,7 +214,7 @@ class Scorer:
 
 
 @dataclass(order=True)
-class _Job:
+class _Task:
     priority: int
     order: int
     fn: Callable[[], object] = field(compare=False)
@@ -176,82 +224,522 @@ class _Job:
 URGENT, LOW = 0, 10
 
 
+class _Job:
+    """One batch's windows on their way through the models that wait on a remote one (the remote
+    models, and local ones gated by or built on them), a step per model in cascade order."""
+
+    __slots__ = ("calls", "dropped", "models", "order", "state", "step")
+
+    def __init__(self, order: int, state: BatchState, models: list[Model]):
+        self.order = order
+        self.state = state
+        self.models = models
+        self.step = 0
+        """Index into ``models`` of the model being scored (remotely: ``calls`` are out)."""
+        self.calls: list[_Call] = []
+        """The current step's remote requests not answered yet (waiting to be sent, or in the air)."""
+        self.dropped: set[int] = set()
+        """Windows taken off remote scoring (a live source over the bound): UNAVAILABLE for what is left."""
+
+    @property
+    def done(self) -> bool:
+        return self.step >= len(self.models) and not self.calls
+
+
+@dataclass(eq=False)
+class _Call:
+    """One remote request: some windows of a job for one remote model. Sent again, unchanged (same
+    windows, so the same request id), until the cluster answers."""
+
+    job: _Job
+    model: Model
+    indices: list[int]
+    flying: bool = False
+    sent: int = 0
+
+    @property
+    def key(self) -> tuple[int, int, int]:
+        """Queue order: its job, its step, its first window (split halves keep their order)."""
+        return self.job.order, self.job.step, self.indices[0]
+
+
+def _timed_score(model: Model, windows: list[Window]) -> tuple[list[Scores], float]:
+    began = time.perf_counter()
+    scores = model.score(windows)
+    return scores, time.perf_counter() - began
+
+
+DAEMON = "daemon"
+
+
 class InferenceStage(Stage):
     """The thread around a Scorer: batches from the window queue, results into ``out`` in order.
 
     Work other stages need done by the models (a label swap on reload, the dashboard's try-it)
     goes through ``submit``: urgent jobs run before the next batch, low-priority ones only when
     no window is waiting.
+
+    Remote models (device "remote") never block this thread. A batch's local models that do not
+    wait on a remote one score at once and their outcomes go on at once (one ScoredWindow per
+    window); the rest of the batch (remote models, and local ones gated by or built on them)
+    becomes a job whose requests go out through ``InFlight`` (``max_in_flight`` in the air) and
+    whose outcomes go on, in a second ScoredWindow per window, in queue order once answered;
+    ``StreamEnd`` markers wait behind them. While the cluster does not answer its requests are
+    kept and sent again with backoff (one at a time until one is answered: ``inference_down`` /
+    ``inference_up`` statuses). At most ``max_waiting_windows`` windows wait for remote scoring:
+    past that a live source's window makes room by taking its own source's oldest waiting window
+    off remote scoring (UNAVAILABLE, counted, ``on_remote_drop``), and sources that wait (files)
+    are held at the window queue (their windowing waits; what they had queued still comes in).
+    Everything the thread holds lives on the object, so a restarted thread goes on where the dead
+    one stopped: nothing lost, nothing sent or handed on twice. The requests themselves run on
+    ``InFlight``'s pool, whose threads outlive a dead stage thread (a call's exception is its
+    outcome, never a thread's death); the stage thread is the only one that collects them.
     """
 
-    def __init__(self, queue: WindowQueue, scorer: Scorer, out: Channel, stall_s: float = 60.0):
+    def __init__(self, queue: WindowQueue, scorer: Scorer, out: Channel, stall_s: float = 60.0, *,
+                 max_in_flight: int = 4, max_waiting_windows: int = 128,
+                 status: Callable[..., None] | None = None, on_remote_drop: Callable[[Window], None] = lambda w: None,
+                 status_interval_s: float = 10.0, retry_backoff_s: float = 0.25, retry_backoff_max_s: float = 5.0):
         super().__init__("inference", stall_s)
         self.queue = queue
         self.scorer = scorer
         self.stats = scorer.stats
         self.out = out
-        self._jobs: PriorityQueue[_Job] = PriorityQueue()
+        self.status = status or (lambda source, status, detail, **extra: scorer.status(source, status, detail))
+        self.on_remote_drop = on_remote_drop
+        self.status_interval_s = status_interval_s
+        self._jobs: PriorityQueue[_Task] = PriorityQueue()
         self._job_order = 0
         self._job_lock = threading.Lock()
         self._in_hand: list[Item] = []
-        """What of the current batch has not been handed on yet: put back at the queue's front if
-        the thread dies with it, so a restart loses and repeats nothing."""
+        """What of the current batch is not yet accounted for: put back at the queue's front if the
+        thread dies with it, so a restart loses and repeats nothing."""
+        self._outbox: deque[object] = deque()
+        """Ready for the alerts channel, in order; taken off only once it is in."""
         self._drain_deadline: float | None = None
+        # remote inference
+        self.remote_models = [m for m in scorer.models if getattr(m, "device", None) == "remote"]
+        self._remote = {m.name for m in self.remote_models}
+        deferred = set(self._remote)
+        grew = True
+        while grew:
+            grew = False
+            for m in scorer.models:
+                if m.name not in deferred and (m.depends_on in deferred or (m.gated_by is not None and m.gated_by.model in deferred)):
+                    deferred.add(m.name)
+                    grew = True
+        self._first = [m for m in scorer.models if m.name not in deferred]
+        """Scored as each batch is taken: local models that wait on no remote one."""
+        self._deferred = [m for m in scorer.models if m.name in deferred]
+        self.url = next((str(getattr(m, "url", "")) for m in self.remote_models), "")
+        self.max_in_flight = max_in_flight
+        self.max_waiting_windows = max_waiting_windows
+        self.retry_backoff_s = retry_backoff_s
+        self.retry_backoff_max_s = retry_backoff_max_s
+        self.availability = Availability()
+        self._flight: InFlight | None = None
+        self._pending: deque[_Job | StreamEnd] = deque()
+        """Jobs (and the markers behind them) in queue order: handed on from the front once done."""
+        self._to_send: list[_Call] = []
+        """Requests waiting to be sent, in queue order (``_Call.key``)."""
+        self._batches = 0
+        self._failed_sends = 0
+        self._retry_at = 0.0
+        self._last_refusal: dict[str, float] = {}
+        self._wake = threading.Event()
+        self._answer_in_hand: RemoteOutcome | None = None
+        """The remote answer being handled: handled again by a restarted thread if its call is still out."""
 
     def submit(self, fn: Callable[[], object], priority: int = URGENT) -> Future:
         """Run ``fn`` on the inference thread; its result (or exception) arrives in the Future."""
         future: Future = Future()
         with self._job_lock:
             self._job_order += 1
-            self._jobs.put(_Job(priority, self._job_order, fn, future))
+            self._jobs.put(_Task(priority, self._job_order, fn, future))
+        self._woken()
         return future
 
     @property
     def idle(self) -> bool:
-        """No batch in hand and no job waiting."""
-        return not self._in_hand and self._jobs.empty()
+        """No batch in hand, no job waiting, nothing waiting for remote scoring or to be handed on."""
+        return not self._in_hand and self._jobs.empty() and not self._pending and not self._outbox
+
+    @property
+    def remote_waiting(self) -> int:
+        """Windows waiting for remote scoring (in the air included); read from any thread (a snapshot)."""
+        try:
+            return self._held()
+        except RuntimeError:  # the thread changed what was being counted
+            return 0
+
+    @property
+    def remote_in_flight(self) -> int:
+        return 0 if self._flight is None else self._flight.running
 
     def finish(self, drain_timeout_s: float) -> None:
-        """Stop after the queue is empty, or after ``drain_timeout_s``, whichever is first."""
+        """Stop after the queue is empty and every remote result is in, or after ``drain_timeout_s``,
+        whichever is first."""
         self._drain_deadline = time.monotonic() + drain_timeout_s
         self.queue.close()
+        self._woken()
+
+    def _woken(self) -> None:
+        self._wake.set()
+        self.queue.wake()
 
     def run(self) -> None:
         if self._in_hand:  # a restart: the batch the dead thread held goes first
             self.queue.put_back(self._in_hand)
             self._in_hand = []
+        if self.remote_models and (self._flight is None or self._flight.closed):
+            self._flight = InFlight(self.max_in_flight, "inference-remote", on_done=self._woken)
+        self._recover()
         while not self.stopping.is_set():
             self.beat()
+            self._wake.clear()
             self._run_jobs(URGENT)
-            if self._drain_deadline is not None and time.monotonic() > self._drain_deadline:
-                self.stats.abandoned_at_shutdown = sum(isinstance(i, Window) for i in self.queue.get_batch(10**9, 0, 0))
-                if self.stats.abandoned_at_shutdown:
-                    log.warning("shutdown: %d queued windows not scored (drain timeout)", self.stats.abandoned_at_shutdown)
-                return
-            batch = self.queue.get_batch(self.scorer.batch_max, self.scorer.batch_wait_s, timeout=0.2, taken=self._in_hand)
-            if not batch:
-                if self.queue.closed:
-                    return
-                self._run_jobs(LOW)
+            if not self._flush():
                 continue
-            self._process(batch)
-            if self.scorer.degraded:
-                self.set_degraded(self.scorer.degraded)
+            self._collect()
+            self._send()
+            self._release()
+            self._update_state()
+            if not self._flush():
+                continue
+            if self._drain_deadline is not None and time.monotonic() > self._drain_deadline:
+                self._abandon()
+                return
+            if self.queue.closed and len(self.queue) == 0:
+                if not self._pending and not self._outbox:
+                    self._close_flight()
+                    self.queue.hold_waiting(False)
+                    return
+                self._wake.wait(0.2)  # remote results still to come
+                continue
+            if self.remote_models:
+                self.queue.hold_waiting(self._held() >= self.max_waiting_windows)
+            batch = self.queue.get_batch(self.scorer.batch_max, self.scorer.batch_wait_s, timeout=0.2, taken=self._in_hand)
+            if batch:
+                self._intake(batch)
             if not len(self.queue):  # no window waiting: low-priority jobs now, not after a 0.2 s lull
                 self._run_jobs(LOW)
 
-    def _process(self, batch: list[Item]) -> None:
+    def _update_state(self) -> None:
+        reasons = [r for r in (self.scorer.degraded, "" if self.availability.up else
+                               f"remote inference at {self.url} does not answer") if r]
+        if reasons:
+            self.set_degraded("; ".join(reasons))
+        else:
+            self.set_running()
+
+    # a batch comes in
+
+    def _intake(self, batch: list[Item]) -> None:
         windows = [item for item in batch if isinstance(item, Window)]
         self.stats.batches += 1
-        results = iter(self.scorer.process(windows))
-        for item in batch:
-            if not self.out.put(next(results) if isinstance(item, Window) else item, self.stopping, self.beat):
-                return  # stopping: what is left in hand is abandoned with the queue
-            self._in_hand.pop(0)
+        state = self.scorer.begin(windows)
+        for model in self._first:
+            self.scorer.run_model(model, state)
+        job, calls = None, []
+        if self._deferred and windows:
+            self._batches += 1
+            job = _Job(self._batches, state, self._deferred)
+            calls = self._advance(job)
+        # from here on nothing waits or beats (where an injected fault lands), so a thread that dies
+        # finds the batch either in hand (scored again) or in the outbox and pending jobs, not both
+        if (job is None or job.done) and not self._pending:
+            results = iter([ScoredWindow(w, self.scorer.outcomes(state, i, self.scorer.models)) for i, w in enumerate(windows)])
+            self._outbox.extend(next(results) if isinstance(item, Window) else item for item in batch)
+        else:
+            for i, w in enumerate(windows):
+                local = self.scorer.outcomes(state, i, self._first)
+                if local:
+                    self._outbox.append(ScoredWindow(w, local))
+            if job is not None:
+                self._pending.append(job)
+            self._pending.extend(item for item in batch if isinstance(item, StreamEnd))
+            for call in calls:
+                bisect.insort(self._to_send, call, key=_Call.key.fget)
+        self._in_hand.clear()
+        if job is not None:
+            self._make_room(job)
+        self._release()
+
+    def _advance(self, job: _Job, abandon: bool = False) -> list[_Call]:
+        """Take the job through its models until it needs a remote answer (the new requests) or is
+        done. With ``abandon``, remote models are UNAVAILABLE for every window instead."""
+        calls: list[_Call] = []
+        while job.step < len(job.models) and not job.calls:
+            model = job.models[job.step]
+            if model.name not in self._remote:
+                self.scorer.run_model(model, job.state)
+                job.step += 1
+                continue
+            skip = range(len(job.state.windows)) if abandon else job.dropped
+            todo = self.scorer.todo(model, job.state, unavailable=skip)
+            if not todo:
+                job.step += 1
+                continue
+            for k in range(0, len(todo), model.batch_max):
+                call = _Call(job, model, todo[k : k + model.batch_max])
+                job.calls.append(call)
+                calls.append(call)
+        return calls
+
+    def _call_done(self, call: _Call) -> None:
+        job = call.job
+        job.calls.remove(call)
+        if not job.calls:
+            job.step += 1
+            for new in self._advance(job):
+                bisect.insort(self._to_send, new, key=_Call.key.fget)
+
+    # requests out, answers in
+
+    def _send(self) -> None:
+        """Send waiting requests, oldest first, while fewer than ``max_in_flight`` are in the air;
+        while the cluster is down, one at a time after the backoff."""
+        flight = self._flight
+        if flight is None:
+            return
+        while self._to_send and not flight.full:
+            if not self.availability.up and (len(flight) or time.monotonic() < self._retry_at):
+                return
+            call = self._to_send[0]
+            windows = [call.job.state.windows[i] for i in call.indices]
+            if not flight.submit(functools.partial(_timed_score, call.model, windows), tag=call, timeout=0):
+                return
+            self._to_send.pop(0)
+            call.flying = True
+            if call.sent:
+                self.stats.remote_resends[call.model.name] += 1
+            call.sent += 1
+
+    def _collect(self) -> None:
+        """Every answer that came back, in the order sent."""
+        if self._flight is None:
+            return
+        while True:
+            if self._answer_in_hand is None:
+                self._answer_in_hand = self._flight.next(timeout=0)
+                if self._answer_in_hand is None:
+                    return
+            answer = self._answer_in_hand
+            self._on_answer(answer.tag, answer.value, answer.error)
+            self._answer_in_hand = None
+
+    def _recover(self) -> None:
+        """A restarted thread: finish what the dead one was doing with the remote work it left on
+        the object (an answer half handled, a request taken out of line, a job between two steps)."""
+        answer, self._answer_in_hand = self._answer_in_hand, None
+        if answer is not None and answer.tag in answer.tag.job.calls:
+            self._on_answer(answer.tag, answer.value, answer.error)  # applying the same scores again changes nothing
+        queued = {id(call) for call in self._to_send}
+        for job in self._pending:
+            if not isinstance(job, _Job):
+                continue
+            if not job.calls and job.step < len(job.models):
+                self._advance(job)  # its new requests are in job.calls, queued just below
+            for call in job.calls:
+                if not call.flying and id(call) not in queued:
+                    bisect.insort(self._to_send, call, key=_Call.key.fget)
+                    queued.add(id(call))
+
+    def _on_answer(self, call: _Call, value: tuple[list[Scores], float] | None, error: BaseException | None) -> None:
+        call.flying = False
+        model, job, n = call.model, call.job, len(call.indices)
+        if error is None:
+            scores, seconds = value
+            if len(scores) != n:
+                error = RemoteModelError(f"model {model.name} returned {len(scores)} scores for {n} windows")
+        if error is None:
+            self._answered()
+            self.scorer.apply(model, job.state, call.indices, scores)
+            self._call_done(call)
+            self.stats.scored[model.name] += n
+            self.stats.model_seconds[model.name] += seconds
+            self.stats.batch_sizes[n] += 1
+            self.scorer.on_batch(model.name, n, seconds)
+        elif isinstance(error, (InferenceUnavailable, CancelledError)):
+            self._unreachable(error)
+            bisect.insort(self._to_send, call, key=_Call.key.fget)  # sent again, unchanged
+        elif isinstance(error, InferenceRefused):
+            self._answered()
+            self.stats.failures += 1
+            self.stats.remote_refused += n
+            self.scorer.apply(model, job.state, call.indices, [None] * n)
+            self._refused(call, error)
+            self._call_done(call)
+        else:  # the model failed on the server (or the answer was wrong): what a local model's exception means
+            if isinstance(error, RemoteModelError):
+                self._answered()
+            self.stats.failures += 1
+            if n > 1:
+                log.warning("model %s failed on %d windows (%s); retrying in halves", model.name, n, error)
+                half = n // 2
+                halves = [_Call(job, model, call.indices[:half]), _Call(job, model, call.indices[half:])]
+                job.calls[job.calls.index(call)] = halves[0]
+                job.calls.append(halves[1])
+                for new in halves:
+                    bisect.insort(self._to_send, new, key=_Call.key.fget)
+                return
+            window = job.state.windows[call.indices[0]]
+            log.error("model %s failed on the window at %.2f s of %s: %s; dropped", model.name, window.stream_start,
+                      window.source, error)
+            self.stats.dropped_after_failure += 1
+            self.scorer.apply(model, job.state, call.indices, [None])
+            self.status(window.source, "model_error", f"model {model.name} failed on the window at "
+                        f"{window.stream_start:.2f} s and dropped it: {error}")
+            self._call_done(call)
+
+    def _unreachable(self, error: BaseException) -> None:
+        self._failed_sends += 1
+        delay = min(self.retry_backoff_max_s, self.retry_backoff_s * 2 ** min(self._failed_sends - 1, 30))
+        self._retry_at = time.monotonic() + delay
+        if self.availability.failed(error):
+            log.error("remote inference at %s does not answer: %s; windows wait for it", self.url, error)
+            self.status(DAEMON, "inference_down", f"remote inference at {self.url} does not answer ({error}); "
+                        f"windows wait for it (at most {self.max_waiting_windows}), local models go on", url=self.url)
+
+    def _answered(self) -> None:
+        self._failed_sends = 0
+        down_for = self.availability.succeeded()
+        if down_for is not None:
+            log.warning("remote inference at %s answers again after %.1f s", self.url, down_for)
+            self.status(DAEMON, "inference_up", f"remote inference at {self.url} answers again after {down_for:.1f} s; "
+                        f"{self._held()} waiting windows go out now", url=self.url, down_s=round(down_for, 3))
+
+    def _refused(self, call: _Call, error: InferenceRefused) -> None:
+        """A configuration problem: FAILED, not retried; a model_error status per model at most once an interval."""
+        name = call.model.name
+        log.error("%s; %d windows not scored", error, len(call.indices))
+        now = time.monotonic()
+        last = self._last_refusal.get(name)
+        if last is not None and now - last < self.status_interval_s:
+            return
+        self._last_refusal[name] = now
+        for source in sorted({call.job.state.windows[i].source for i in call.indices}):
+            self.status(source, "model_error", f"{error}; windows refused are not scored (not retried: fix the "
+                        f"configuration); {self.stats.remote_refused} so far", refused=self.stats.remote_refused)
+
+    # the bound on windows waiting for remote scoring
+
+    def _waits(self, job: _Job, i: int, asked: set[int]) -> bool:
+        """Whether window ``i`` of ``job`` still waits for a remote answer (``asked``: the windows of its current requests)."""
+        if i in job.dropped:
+            return False
+        if i in asked:
+            return True
+        verdicts = job.state.verdicts[i]
+        return any(verdicts.get(m.name) is Verdict.PASSED for m in job.models[job.step + 1 :] if m.name in self._remote)
+
+    def _held(self) -> int:
+        held = 0
+        for job in list(self._pending):
+            if isinstance(job, _Job) and not job.done:
+                asked = {i for c in job.calls for i in c.indices}
+                held += sum(self._waits(job, i, asked) for i in range(len(job.state.windows)))
+        return held
+
+    def _make_room(self, job: _Job) -> None:
+        """Over the bound, each live window of the new job takes its own source's oldest waiting
+        window (not in the air; possibly itself) off remote scoring."""
+        excess = self._held() - self.max_waiting_windows
+        if excess <= 0:
+            return
+        asked = {i for c in job.calls for i in c.indices}
+        for i, window in enumerate(job.state.windows):
+            if excess <= 0:
+                return
+            if not self.queue.live.get(window.source, False) or not self._waits(job, i, asked):
+                continue
+            victim = self._oldest_waiting(window.source)
+            if victim is not None:
+                self._drop(*victim)
+                excess -= 1
+                asked = {i for c in job.calls for i in c.indices}
+
+    def _oldest_waiting(self, source: str) -> tuple[_Job, int] | None:
+        for job in self._pending:
+            if not isinstance(job, _Job) or job.done:
+                continue
+            asked = {i for c in job.calls for i in c.indices}
+            flying = {i for c in job.calls if c.flying for i in c.indices}
+            for i, window in enumerate(job.state.windows):
+                if window.source == source and i not in flying and self._waits(job, i, asked):
+                    return job, i
+        return None
+
+    def _drop(self, job: _Job, i: int) -> None:
+        window = job.state.windows[i]
+        job.dropped.add(i)
+        for call in job.calls:
+            if i in call.indices:
+                job.state.verdicts[i][call.model.name] = Verdict.UNAVAILABLE
+                call.indices.remove(i)
+                if not call.indices:
+                    self._to_send.remove(call)
+                    self._call_done(call)
+                break
+        self.stats.remote_dropped[window.source] += 1
+        self.on_remote_drop(window)
+
+    # results out, in order
+
+    def _release(self) -> None:
+        """Hand on the jobs at the front that are done (their second ScoredWindow per window), and
+        the markers behind them."""
+        while self._pending:
+            head = self._pending[0]
+            if isinstance(head, _Job):
+                if not head.done:
+                    return
+                self._outbox.extend(ScoredWindow(w, self.scorer.outcomes(head.state, i, self._deferred))
+                                    for i, w in enumerate(head.state.windows))
+            else:
+                self._outbox.append(head)
+            self._pending.popleft()
+
+    def _flush(self) -> bool:
+        """Put what is ready into the alerts channel (waiting for room); False if stopping first."""
+        while self._outbox:
+            if not self.out.put(self._outbox[0], self.stopping, self.beat):
+                return False
+            self._outbox.popleft()
+        return True
 
     def emit(self, item: object) -> bool:
         """Hand something on to the alerts stage in order with the results (from a job on this thread)."""
-        return self.out.put(item, self.stopping, self.beat)
+        self._outbox.append(item)
+        return self._flush()
+
+    # the end
+
+    def _abandon(self) -> None:
+        """The drain timeout passed: what is queued is not scored; what waits for remote scoring is
+        UNAVAILABLE there, and what was scored goes on."""
+        left = sum(isinstance(i, Window) for i in self.queue.get_batch(10**9, 0, 0))
+        waiting = self._held()
+        self.stats.abandoned_at_shutdown = left + waiting
+        if self.stats.abandoned_at_shutdown:
+            log.warning("shutdown: %d queued windows not scored, %d not scored remotely (drain timeout)", left, waiting)
+        self._to_send.clear()
+        for job in self._pending:
+            if isinstance(job, _Job) and not job.done:
+                for call in job.calls:
+                    for i in call.indices:
+                        job.state.verdicts[i][call.model.name] = Verdict.UNAVAILABLE
+                job.calls.clear()
+                job.step += 1
+                self._advance(job, abandon=True)
+        self._release()
+        self._close_flight()
+        self.queue.hold_waiting(False)
+        self._flush()
+
+    def _close_flight(self) -> None:
+        if self._flight is not None:
+            self._flight.close(wait=False)
 
     def _run_jobs(self, up_to: int) -> None:
         while True:

@@ -32,9 +32,30 @@ class Snapshot:
     source_up: dict[str, bool] = field(default_factory=dict)
     stages: dict[str, tuple[str, bool, int]] = field(default_factory=dict)
     """stage -> (state, healthy, restarts)."""
+    remote: dict[str, RemoteFigures] = field(default_factory=dict)
+    """Remote models (``inference.models``) by name."""
+    remote_dropped: dict[str, int] = field(default_factory=dict)
+    """Windows a live source took off remote scoring (too many waiting), per source."""
+    remote_waiting: int = 0
+    remote_in_flight: int = 0
+    inference_up: bool | None = None
+    """Whether the cluster answers (None: no remote model)."""
+
+
+@dataclass
+class RemoteFigures:
+    requests: int = 0
+    windows: int = 0
+    forward_sizes: dict[int, int] = field(default_factory=dict)
+    """Windows by the size of the server's forward pass that scored them (batching across nodes)."""
+    resends: int = 0
+    """Requests sent again (same windows, same id) after the cluster did not answer within timeout_s."""
+    http_retries: int = 0
+    """Attempts after a first one within a request (connection errors, the cluster's 5xx)."""
 
 
 STATES = ("starting", "running", "degraded", "failed", "stopped")
+FORWARD_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
 
 
 class Metrics:
@@ -81,7 +102,7 @@ class _Collector:
         self.snapshot = snapshot
 
     def collect(self) -> Iterator:
-        from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+        from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
 
         s = self.snapshot()
         windows = CounterMetricFamily("monitord_windows", "Windows cut, and those some model's gate passed",
@@ -118,3 +139,33 @@ class _Collector:
         yield state
         yield healthy
         yield restarts
+        if s.inference_up is None:
+            return
+        yield GaugeMetricFamily("monitord_inference_up", "1 while the remote inference cluster answers", value=1.0 if s.inference_up else 0.0)
+        yield GaugeMetricFamily("monitord_remote_waiting_windows", "Windows waiting for remote scoring (in the air included)",
+                                value=s.remote_waiting)
+        yield GaugeMetricFamily("monitord_remote_in_flight", "Remote requests in the air", value=s.remote_in_flight)
+        forward = HistogramMetricFamily("monitord_remote_forward_batch_windows",
+                                        "Windows scored remotely, by the size of the server's forward pass that scored them",
+                                        labels=["model"])
+        requests = CounterMetricFamily("monitord_remote_requests", "Remote requests answered", labels=["model"])
+        resends = CounterMetricFamily("monitord_remote_resends", "Remote requests sent again after the cluster did not answer",
+                                      labels=["model"])
+        retries = CounterMetricFamily("monitord_remote_http_retries", "Attempts retried within a remote request "
+                                      "(connection errors, the cluster's 5xx)", labels=["model"])
+        for model, f in sorted(s.remote.items()):
+            buckets = [(str(float(le)), sum(n for size, n in f.forward_sizes.items() if size <= le)) for le in FORWARD_BUCKETS]
+            forward.add_metric([model], buckets + [("+Inf", sum(f.forward_sizes.values()))],
+                               sum_value=float(sum(size * n for size, n in f.forward_sizes.items())))
+            requests.add_metric([model], f.requests)
+            resends.add_metric([model], f.resends)
+            retries.add_metric([model], f.http_retries)
+        yield forward
+        yield requests
+        yield resends
+        yield retries
+        dropped = CounterMetricFamily("monitord_remote_windows_dropped", "Windows a live source took off remote scoring "
+                                      "(too many waiting for the cluster)", labels=["source"])
+        for source, n in sorted(s.remote_dropped.items()):
+            dropped.add_metric([source], n)
+        yield dropped

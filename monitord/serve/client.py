@@ -311,6 +311,12 @@ class RemoteModel(ModelBase):
             for i, (window, row) in enumerate(zip(windows, answer.probabilities))
         ]
 
+    def stats_now(self) -> tuple[int, int, dict[int, int]]:
+        """(requests answered, windows scored, windows by the size of the forward pass that scored
+        them): a consistent copy, for any thread."""
+        with self._stats_lock:
+            return self.stats.requests, self.stats.windows, dict(self.stats.batch_sizes)
+
     def prepare_labels(self, labels: Sequence[str], prompt: str) -> Any:
         """Refused: a remote model's labels are the server's (a change here would only make the
         server refuse this node's windows, by fingerprint); change both configs and redeploy."""
@@ -341,12 +347,14 @@ class Outcome(Generic[T]):
 class InFlight(Generic[T]):
     """Up to ``max_in_flight`` calls running at once, each on its own thread; outcomes come back in
     the order the calls were submitted (a finished call waits behind a slower earlier one, without
-    holding a slot). One thread submits and collects: ``submit``, then ``ready()`` for what is done."""
+    holding a slot). One thread submits and collects: ``submit``, then ``ready()`` for what is done;
+    ``on_done`` (called on the finishing call's thread, once its outcome can be collected) may wake it."""
 
-    def __init__(self, max_in_flight: int, name: str = "inference"):
+    def __init__(self, max_in_flight: int, name: str = "inference", on_done: Callable[[], None] = lambda: None):
         if max_in_flight < 1:
             raise ValueError("max_in_flight must be at least 1")
         self.max_in_flight = max_in_flight
+        self.on_done = on_done
         self._pool = concurrent.futures.ThreadPoolExecutor(max_in_flight, thread_name_prefix=name)
         self._pending: collections.deque[tuple[Any, concurrent.futures.Future]] = collections.deque()
         self._running = 0
@@ -365,6 +373,10 @@ class InFlight(Generic[T]):
     def full(self) -> bool:
         return self._running >= self.max_in_flight
 
+    @property
+    def closed(self) -> bool:
+        return self._closed
+
     def submit(self, call: Callable[[], T], tag: Any = None, timeout: float | None = None) -> bool:
         """Start ``call`` once fewer than ``max_in_flight`` run; False if none finished within ``timeout``."""
         with self._changed:
@@ -382,6 +394,7 @@ class InFlight(Generic[T]):
         with self._changed:
             self._running -= 1
             self._changed.notify_all()
+        self.on_done()
 
     def ready(self) -> list[Outcome[T]]:
         """The finished outcomes at the head of the line, without waiting."""
