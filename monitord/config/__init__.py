@@ -20,7 +20,7 @@ from pydantic import ValidationError
 from monitord.config.checks import cross_check, yamnet_class_names
 from monitord.config.errors import ConfigError, Problem, error_path, line_of, merge, problem_from_pydantic
 from monitord.config.schema import *  # noqa: F401,F403  (the public names of every section)
-from monitord.config.schema import Config
+from monitord.config.schema import BUILTIN, Config
 
 
 def load_config(path: str | os.PathLike[str]) -> Config:
@@ -82,8 +82,11 @@ def _resolve_paths(config: Config, base_dir: Path) -> Config:
                 "banks": {source: _resolve(base_dir, path) for source, path in model.banks.items()},
             })
             continue
-        local = Path(_resolve(base_dir, model.model))
-        looks_like_path = model.kind == "yamnet" or model.model.startswith((".", "/", "~")) or local.exists()
+        if model.kind == "yamnet" and model.model == BUILTIN:
+            local, looks_like_path = None, False
+        else:
+            local = Path(_resolve(base_dir, model.model))
+            looks_like_path = model.kind == "yamnet" or model.model.startswith((".", "/", "~")) or local.exists()
         update: dict[str, Any] = {"model": str(local)} if looks_like_path else {}
         if getattr(model, "class_map", None) is not None:
             update["class_map"] = _resolve(base_dir, model.class_map)

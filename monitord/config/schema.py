@@ -8,6 +8,8 @@ from pydantic import BaseModel, ConfigDict, Discriminator, Field, Tag, field_val
 
 ID_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_\-]*$"
 DEFAULT_CLAP_MODEL = "laion/clap-htsat-unfused"
+BUILTIN = "builtin"
+"""``model: builtin`` (or no ``model:``) on a yamnet model: the YAMNet file shipped inside monitord."""
 
 
 class _Strict(BaseModel):
@@ -89,6 +91,9 @@ class _ModelSettings(_Strict):
     gated_by: CascadeConfig | None = None
     gate: GateConfig | None = None
     """This model's own gate (e.g. speech for an emotion model); the source's gate when absent."""
+    optional: bool = False
+    """Start without this model when it cannot be loaded (no hub, no cache, a bad directory): its
+    rules, and models gated by it, are then inactive, and a status event says what to do."""
 
 
 EMOTIONS = ("angry", "disgusted", "fearful", "happy", "neutral", "other", "sad", "surprised", "unknown")
@@ -131,8 +136,8 @@ class YamnetModelConfig(_ModelSettings):
     """Google's YAMNet (TFLite classification export, 521 AudioSet classes) on CPU."""
 
     kind: Literal["yamnet"]
-    model: str
-    """Path to the .tflite file."""
+    model: str = BUILTIN
+    """Path to the .tflite classification export; ``builtin`` (the default): the file shipped with monitord."""
     class_map: str | None = None
     """CSV of class names in output order; the AudioSet map shipped with monitord when absent."""
     groups: dict[str, tuple[str, ...]] = {}
