@@ -118,7 +118,7 @@ def cmd_devices(args: argparse.Namespace) -> int:
     try:
         import sounddevice as sd
 
-        from monitord.capture import list_input_devices
+        from monitord.sources.device import list_input_devices
 
         devices = list_input_devices()
     except (OSError, ImportError) as exc:  # PortAudio library missing
@@ -131,7 +131,9 @@ def cmd_devices(args: argparse.Namespace) -> int:
             print(json.dumps({**d, "default": d["index"] == default}))
         return EXIT_OK
     if not devices:
-        print("no input devices (is a sound server running, and can this user reach it?)")
+        print("no input devices (is a sound server running, and can this user reach it?); "
+              "`monitord run` with `retry: true` on a device source waits for one")
+        return EXIT_OK
     print(f"{'index':>5}  {'ch':>3}  {'rate':>7}  name")
     for d in devices:
         mark = " *" if d["index"] == default else ""
