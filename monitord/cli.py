@@ -45,6 +45,14 @@ def cmd_check_config(args: argparse.Namespace) -> int:
     if config is None:
         return EXIT_USAGE
     print(f"{args.config}: ok ({len(config.sources)} sources, {len(config.models)} models, {len(config.rules)} rules)")
+    from monitord.config import inactive_without
+
+    for name in (n for n, m in config.models.items() if m.optional):
+        models, rules = inactive_without(config, {name})
+        parts = [f"rules {', '.join(sorted(rules))}" if rules else "",
+                 f"models {', '.join(sorted(m for m in models if m != name))}" if len(models) > 1 else ""]
+        depends = "; ".join(p for p in parts if p) or "nothing depends on it"
+        print(f"models.{name}: optional: where it cannot be loaded, monitord starts without it; inactive then: {depends}")
     return EXIT_OK
 
 
@@ -73,11 +81,14 @@ def cmd_run(args: argparse.Namespace) -> int:
         return _fail(str(exc))
     if stop.is_set():
         return EXIT_OK
-    daemon = Daemon(config, models)
+    daemon = Daemon(config, models, unavailable=models.unavailable)
     try:
         daemon.start()
     except (SourceError, PublishError) as exc:
         return _fail(str(exc))
+    if daemon.dashboard is not None:
+        url = daemon.dashboard.url  # the dashboard logs it too
+        print(f"monitord: dashboard at {url}" + (" (add ?token=YOUR_TOKEN)" if config.http.token else ""), flush=True)
     from monitord.sdnotify import Watchdog, notify
 
     log.info("monitord running: %d sources, %d models, %d rules", len(config.sources), len(models), len(config.rules))
@@ -156,6 +167,8 @@ def cmd_classify(args: argparse.Namespace) -> int:
         models = load_models(config)
     except ModelUnavailable as exc:
         return _fail(str(exc))
+    for name, reason in models.unavailable.items():
+        print(f"monitord: optional model {name} is not loaded, going on without it: {reason}", file=sys.stderr)
     failed = 0
     for path in files:
         try:

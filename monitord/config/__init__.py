@@ -17,7 +17,7 @@ from typing import Any
 import yaml
 from pydantic import ValidationError
 
-from monitord.config.checks import cross_check, yamnet_class_names
+from monitord.config.checks import cross_check, inactive_without, yamnet_class_names
 from monitord.config.errors import ConfigError, Problem, error_path, line_of, merge, problem_from_pydantic
 from monitord.config.schema import *  # noqa: F401,F403  (the public names of every section)
 from monitord.config.schema import BUILTIN, Config

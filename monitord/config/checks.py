@@ -220,3 +220,30 @@ def _check_bind(bind: str, remote_ok: bool, remote_hint: str) -> str | None:
     if not is_loopback(host) and not remote_ok:
         return f"binds a non-loopback address ({host}){remote_hint}"
     return None
+
+
+def inactive_without(config: Config, absent: set[str]) -> tuple[dict[str, str], dict[str, str]]:
+    """What cannot work while the models in ``absent`` are not loaded: {model: why} for the absent
+    models and those built on them (cascades gated by one, anomaly models on its embeddings), and
+    {rule id: why} for the rules on any of those."""
+    models: dict[str, str] = {name: "not loaded" for name in absent if name in config.models}
+
+    def state(name: str) -> str:
+        return "not loaded" if name in absent else "inactive"
+
+    changed = True
+    while changed:
+        changed = False
+        for name, model in config.models.items():
+            if name in models:
+                continue
+            gate = model.gated_by.model if model.gated_by is not None else None
+            if gate in models:
+                models[name] = f"gated by {gate}, which is {state(gate)}"
+            elif model.kind == "anomaly" and model.embedding_model in models:
+                models[name] = f"scores the embeddings of {model.embedding_model}, which is {state(model.embedding_model)}"
+            else:
+                continue
+            changed = True
+    rules = {rule.id: f"model {rule.model} is {models[rule.model]}" for rule in config.rules if rule.model in models}
+    return models, rules
