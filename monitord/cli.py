@@ -81,8 +81,8 @@ def cmd_run(args: argparse.Namespace) -> int:
         return _fail(str(exc))
     if stop.is_set():
         return EXIT_OK
-    daemon = Daemon(config, models, unavailable=models.unavailable)
     try:
+        daemon = Daemon(config, models, unavailable=models.unavailable)
         daemon.start()
     except (SourceError, PublishError) as exc:
         return _fail(str(exc))

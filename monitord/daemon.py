@@ -44,7 +44,7 @@ MAX_RESTARTS = 3
 RESTART_WINDOW_S = 600.0
 ALERTS_QUEUE = 4096
 OUTPUT_QUEUE = 10000
-RESTART_ONLY = ("sources", "gate", "window", "publish", "pipeline", "clips", "metrics", "http")
+RESTART_ONLY = ("sources", "gate", "window", "publish", "pipeline", "clips", "metrics", "http", "notify")
 """Sections a reload cannot apply while running: changing them needs a restart."""
 
 
@@ -135,7 +135,7 @@ class Daemon:
         """What cannot work without the models that are not loaded: {name: why}, {rule id: why}."""
         self.host = config.publish.host or socket.gethostname()
         self.publisher = publisher or Publisher(config.publish)
-        self.sinks = list(sinks)
+        self.sinks = [*self._configured_sinks(), *sinks]
         self.clips = ClipWriter(config.clips) if config.clips.enabled else None
         self.metrics = Metrics(self.snapshot) if config.metrics.bind else None
         self.dashboard = None
@@ -147,7 +147,8 @@ class Daemon:
         self.inference = InferenceStage(self.queue, self.scorer, self.alerts_inbox, stall_s=config.pipeline.inference_stall_s)
         self.alerts = AlertsStage(AlertEngine(config.rules), self.alerts_inbox, self.output_inbox, self.host,
                                   {name: m.model_id for name, m in self.models.items()}, config.publish.scores,
-                                  feed_windows=config.http.bind is not None)
+                                  feed_windows=config.http.bind is not None or any(getattr(s, "wants_windows", False)
+                                                                                    for s in self.sinks))
         self.output: OutputStage | None = None
         self.sources: list[Stage] = []
         self.windowing: list[WindowingStage] = []
@@ -158,6 +159,26 @@ class Daemon:
         self._restart_at: dict[str, float] = {}
         self._last_overload: dict[str, float] = {}
         self._idle_turns = 0
+
+    def _configured_sinks(self) -> list[Sink]:
+        """The sinks the config asks for (MQTT, notifications); PublishError naming the extra to
+        install when its package is missing."""
+        from monitord.config.checks import extra_missing
+
+        sinks: list[Sink] = []
+        if self.config.publish.mqtt is not None:
+            if extra_missing("paho.mqtt"):
+                raise PublishError("publish.mqtt: needs paho-mqtt, which is not installed: pip install 'monitord[mqtt]'")
+            from monitord.output.mqtt import build_mqtt_sink
+
+            sinks.append(build_mqtt_sink(self.config, self.host, self.publisher.event_log, self.status))
+        if self.config.notify:
+            if extra_missing("apprise"):
+                raise PublishError("notify: needs apprise, which is not installed: pip install 'monitord[notify]'")
+            from monitord.output.notify import build_notifiers
+
+            sinks.extend(build_notifiers(self.config, self.host, self.status))
+        return sinks
 
     @property
     def stages(self) -> list[Stage]:

@@ -101,4 +101,17 @@ def _resolve_paths(config: Config, base_dir: Path) -> Config:
             "authorized_clients": _resolve(base_dir, publish.curve.authorized_clients),
         })
         publish = publish.model_copy(update={"curve": curve})
-    return config.model_copy(update={"sources": sources, "models": models, "publish": publish, "clips": clips})
+    mqtt = publish.mqtt
+    if mqtt is not None:
+        tls = mqtt.tls
+        if tls is not None:
+            tls = tls.model_copy(update={k: _resolve(base_dir, getattr(tls, k)) for k in ("ca", "cert", "key")
+                                         if getattr(tls, k) is not None})
+        update = {"tls": tls}
+        if mqtt.password_file is not None:
+            update["password_file"] = _resolve(base_dir, mqtt.password_file)
+        publish = publish.model_copy(update={"mqtt": mqtt.model_copy(update=update)})
+    notify = tuple(n.model_copy(update={"url_file": _resolve(base_dir, n.url_file)}) if n.url_file is not None else n
+                   for n in config.notify)
+    return config.model_copy(update={"sources": sources, "models": models, "publish": publish, "clips": clips,
+                                     "notify": notify})

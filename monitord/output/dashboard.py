@@ -20,7 +20,7 @@ from typing import Any
 
 import numpy as np
 
-from monitord.net import split_host_port
+from monitord.net import split_host_port, url_for_bind
 
 log = logging.getLogger(__name__)
 
@@ -336,11 +336,8 @@ class Dashboard:
 
     @property
     def url(self) -> str:
-        """Where a browser on this machine finds the page (a wildcard bind: this host's name)."""
-        import socket
-
-        host = socket.gethostname() if self.host in ("0.0.0.0", "::", "") else self.host
-        return f"http://{'[' + host + ']' if ':' in host else host}:{self.port}/"
+        """Where a browser finds the page (a wildcard bind: this host's name)."""
+        return url_for_bind(f"[{self.host}]:{self.port}" if ":" in self.host else f"{self.host}:{self.port}")
 
     def start(self) -> None:
         """Serve in a thread of its own; OSError when the address cannot be bound."""
