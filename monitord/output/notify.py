@@ -95,7 +95,8 @@ class Notifier:
     def deliver(self, event: Event) -> None:
         if event.kind == "status" and event.status in ("clip", "clip_error") and "onset_seq" in event.extra:
             with self._clip_ready:
-                self._clips[int(event.extra["onset_seq"])] = event.clip if event.status == "clip" else None
+                path = event.extra.get("clip") or event.clip  # in extra when made in-process, a field when read back
+                self._clips[int(event.extra["onset_seq"])] = path if event.status == "clip" else None
                 while len(self._clips) > CLIPS_REMEMBERED:
                     self._clips.popitem(last=False)
                 self._clip_ready.notify_all()
