@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import os
 import subprocess
-import sys
 import threading
 import time
 from pathlib import Path
@@ -16,12 +15,13 @@ import pytest
 from monitord.config import MqttConfig, load_config
 from monitord.output.mqtt import Topics
 from tests.conftest import IN_CI, REPO, config_problems, free_port, need, silence, tone, write_wav
-from tests.mqtt_broker import PASSWORD, USER, Broker, Subscriber
+from tests.mqtt_broker import USER, Broker, Subscriber
 from tests.test_e2e import Subscriber as ZmqSubscriber
 from tests.test_e2e import read_log
 from tests.test_faults import ScriptedModel
 
-pytest.importorskip("paho.mqtt.client") if not IN_CI else None
+if not IN_CI:
+    pytest.importorskip("paho.mqtt.client")
 
 RATE = 16000
 PREFIX = "monitord-test"
@@ -202,8 +202,11 @@ def test_discovery_is_what_home_assistant_accepts_and_state_follows_alerts(tmp_p
 
 def check_with_home_assistant(messages) -> None:
     """Home Assistant's own discovery schemas (homeassistant 2024.3, in its own environment: .venv-ha)."""
-    need(HA_PYTHON.exists(), f"no Home Assistant environment at {HA_PYTHON} (`make test` creates .venv-ha with "
-                             "homeassistant==2024.3.*; MONITORD_HA_PYTHON points elsewhere)")
+    usable = HA_PYTHON.exists() and subprocess.run(
+        [str(HA_PYTHON), "-c", "import homeassistant.components.mqtt.binary_sensor, homeassistant.components.mqtt.sensor"],
+        capture_output=True, timeout=120).returncode == 0
+    need(usable, f"no Home Assistant environment at {HA_PYTHON} (`make test` creates .venv-ha with "
+                 "homeassistant==2024.3.*; MONITORD_HA_PYTHON may point at another Python that has it)")
     payload = json.dumps([{"topic": m.topic, "payload": m.payload.decode()} for m in messages])
     out = subprocess.run([str(HA_PYTHON), str(REPO / "tests" / "ha_discovery_check.py")], input=payload,
                          capture_output=True, text=True, timeout=120)
