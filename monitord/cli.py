@@ -168,7 +168,8 @@ def cmd_classify(args: argparse.Namespace) -> int:
     except ModelUnavailable as exc:
         return _fail(str(exc))
     for name, reason in models.unavailable.items():
-        print(f"monitord: optional model {name} is not loaded, going on without it: {reason}", file=sys.stderr)
+        print(f"monitord: optional model {name} is not loaded, going on without it: {reason.missing or reason}"
+              + (f". Fix: {reason.fix}" if reason.fix else ""), file=sys.stderr)
     failed = 0
     for path in files:
         try:
@@ -265,7 +266,10 @@ def cmd_enroll(args: argparse.Namespace) -> int:
     if not args.files and not args.source:
         return _fail("give --source ID (record live) or --files FILE... (enrol from recordings)")
     try:
-        embedder = load_models(config, only={name})[name]
+        loaded = load_models(config, only={name})
+        if name not in loaded:  # optional, and not there: enrolling needs it
+            raise loaded.unavailable[name]
+        embedder = loaded[name]
         if args.files:
             windows = enrol_from_files(config, embedder, audio_files([Path(f) for f in args.files]))
         else:
@@ -297,6 +301,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
         if not examples:
             return _fail(f"no labelled audio files in {args.data}")
         models = load_models(config)
+        if name in models.unavailable:  # optional, and not there: it is the one to evaluate
+            raise models.unavailable[name]
         report = evaluate(config, models, name, examples)
     except (ModelUnavailable, AudioFileError, ValueError, OSError) as exc:
         return _fail(str(exc))
