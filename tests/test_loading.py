@@ -44,7 +44,11 @@ def test_the_probe_gives_up_within_its_timeout(monkeypatch):
     """A resolver or a connect that hangs costs the probe's timeout, not the system's."""
     import monitord.inference.models.loading as loading
 
-    monkeypatch.setattr(loading.socket, "create_connection", lambda *a, **k: time.sleep(10))
+    def hang(*args, **kwargs):
+        time.sleep(2.5)
+        raise OSError("too late")
+
+    monkeypatch.setattr(loading.socket, "create_connection", hang)
     began = time.monotonic()
     reason = probe_hub("https://huggingface.co", timeout_s=1.0)
     assert reason == "huggingface.co:443: no answer within 1 s" and time.monotonic() - began < 2.0
