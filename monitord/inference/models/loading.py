@@ -111,8 +111,8 @@ def load_pretrained(loader: Any, ref: str, what: str, **kwargs: Any) -> Any:
             missing=f"{ref} is not in the Hugging Face cache and {hub_endpoint()} cannot be reached ({unreachable})",
             fix=_fix(ref)) from None
     try:
-        download(ref, what)
-        return loader.from_pretrained(ref, **kwargs)
+        folder = download(ref, what)
+        return loader.from_pretrained(folder, **kwargs)
     except (OSError, ValueError) as exc:
         raise ModelUnavailable(_explain(ref, what, exc), missing=f"{ref} could not be downloaded ({_first_line(exc)})",
                                fix=_fix(ref)) from None
@@ -122,11 +122,13 @@ def download(ref: str, what: str) -> str:
     """Fetch a hub repository's checkpoint files into the cache, logging progress every few seconds."""
     from huggingface_hub import HfApi, snapshot_download
 
-    files = HfApi().list_repo_files(ref)
+    endpoint = hub_endpoint()
+    files = HfApi(endpoint=endpoint).list_repo_files(ref)
     patterns = list(WEIGHT_FILES) + ([] if any(f.endswith(".safetensors") for f in files) else ["*.bin"])
-    log.info("%s: downloading %s from %s into the Hugging Face cache", what, ref, hub_endpoint())
+    log.info("%s: downloading %s from %s into the Hugging Face cache", what, ref, endpoint)
     began = time.monotonic()
-    folder = snapshot_download(ref, allow_patterns=patterns, tqdm_class=progress_logger(f"{what} {ref}"))
+    folder = snapshot_download(ref, allow_patterns=patterns, endpoint=endpoint,
+                               tqdm_class=progress_logger(f"{what} {ref}", every_s=PROGRESS_EVERY_S))
     log.info("%s: %s downloaded in %.0f s", what, ref, time.monotonic() - began)
     return folder
 
@@ -142,14 +144,18 @@ def progress_logger(what: str, every_s: float = PROGRESS_EVERY_S, logger: loggin
             kwargs["disable"] = False
             kwargs["file"] = _Discard()
             kwargs.setdefault("mininterval", every_s)
+            desc = str(kwargs.get("desc") or "")
             super().__init__(*args, **kwargs)
             self._began = self._logged = time.monotonic()
             self._done_logged = False
+            self._silent = desc.startswith("Reconstruct")  # huggingface_hub's second bar over the same bytes
 
         def update(self, n: float | None = 1) -> bool | None:
             shown = super().update(n)
             now = time.monotonic()
             finished = bool(self.total) and self.n >= self.total
+            if self._silent:
+                return shown
             if (now - self._logged >= every_s and self.n) or (finished and not self._done_logged):
                 self._logged = now
                 self._done_logged = finished
