@@ -272,6 +272,8 @@ class MqttSink:
                     self._wake.clear()
                     delay = min(delay * 2, self.config.backoff_max_s)
                 continue
+            if self._lost is None and not self._client.is_connected():  # gone before on_disconnect could say so
+                self._lost = f"connection to {self.config.host}:{self.config.port} lost"
             if self._lost is not None:
                 self._went_down(self._lost)
                 continue
