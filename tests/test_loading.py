@@ -130,7 +130,7 @@ class FakeHub:
                 self.wfile.write(body)
 
             def _file(self, head: bool) -> None:
-                name = self.path.split(f"/resolve/", 1)[1].split("/", 1)[1].split("?")[0]
+                name = self.path.split("/resolve/", 1)[1].split("/", 1)[1].split("?")[0]
                 data = hub.files.get(name)
                 if data is None:
                     self.send_response(404)
