@@ -6,15 +6,26 @@ PY := $(VENV)/bin/python
 CONFIG ?= config/monitord.yaml
 # torch first and pinned: a bare `torch` requirement pulls a multi-GB CUDA build where none is wanted
 TORCH ?= torch==2.13.0
-SYSTEM_PACKAGES := libportaudio2 libasound2-plugins libsndfile1 ffmpeg pulseaudio pulseaudio-utils sox espeak-ng systemd chromium
+# Home Assistant, only for the tests that check MQTT discovery payloads with its own schemas: in an
+# environment of its own (its pins clash with monitord's). 2024.3 is the last release for Python 3.11.
+HA_VENV ?= .venv-ha
+HA ?= homeassistant==2024.3.*
+SYSTEM_PACKAGES := libportaudio2 libasound2-plugins libsndfile1 ffmpeg pulseaudio pulseaudio-utils sox espeak-ng systemd chromium mosquitto
 
-.PHONY: run test setup system-packages
+.PHONY: run test setup system-packages ha-env
 
 run: setup
 	$(VENV)/bin/monitord run -c $(CONFIG)
 
-test: setup
+test: setup ha-env
 	$(PY) -m pytest
+
+# May fail (no PyPI, another Python) without touching .venv: the discovery test then skips, saying why.
+ha-env: $(HA_VENV)/.installed
+
+$(HA_VENV)/.installed:
+	@if python3 -m venv $(HA_VENV) && $(HA_VENV)/bin/pip install -q "$(HA)"; then touch $@; \
+	else echo "warning: could not install $(HA) into $(HA_VENV); the Home Assistant discovery check will not run"; fi
 
 setup: system-packages $(VENV)/.installed
 
@@ -25,6 +36,9 @@ system-packages:
 	  sudo=$$([ "$$(id -u)" -eq 0 ] || echo sudo); \
 	  $$sudo apt-get update -q >/dev/null && \
 	  DEBIAN_FRONTEND=noninteractive $$sudo apt-get install -y -q --no-install-recommends $$missing >/dev/null; \
+	  case " $$missing " in *" mosquitto "*) \
+	    echo "mosquitto is for the tests (they start their own broker): not leaving its system service on"; \
+	    $$sudo systemctl disable --now mosquitto >/dev/null 2>&1 || true;; esac; \
 	fi
 
 $(VENV)/.installed: pyproject.toml

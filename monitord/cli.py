@@ -45,6 +45,14 @@ def cmd_check_config(args: argparse.Namespace) -> int:
     if config is None:
         return EXIT_USAGE
     print(f"{args.config}: ok ({len(config.sources)} sources, {len(config.models)} models, {len(config.rules)} rules)")
+    from monitord.config import inactive_without
+
+    for name in (n for n, m in config.models.items() if m.optional):
+        models, rules = inactive_without(config, {name})
+        parts = [f"rules {', '.join(sorted(rules))}" if rules else "",
+                 f"models {', '.join(sorted(m for m in models if m != name))}" if len(models) > 1 else ""]
+        depends = "; ".join(p for p in parts if p) or "nothing depends on it"
+        print(f"models.{name}: optional: where it cannot be loaded, monitord starts without it; inactive then: {depends}")
     return EXIT_OK
 
 
@@ -73,11 +81,14 @@ def cmd_run(args: argparse.Namespace) -> int:
         return _fail(str(exc))
     if stop.is_set():
         return EXIT_OK
-    daemon = Daemon(config, models)
     try:
+        daemon = Daemon(config, models, unavailable=models.unavailable)
         daemon.start()
     except (SourceError, PublishError) as exc:
         return _fail(str(exc))
+    if daemon.dashboard is not None:
+        url = daemon.dashboard.url  # the dashboard logs it too
+        print(f"monitord: dashboard at {url}" + (" (add ?token=YOUR_TOKEN)" if config.http.token else ""), flush=True)
     from monitord.sdnotify import Watchdog, notify
 
     log.info("monitord running: %d sources, %d models, %d rules", len(config.sources), len(models), len(config.rules))
@@ -131,7 +142,9 @@ def cmd_devices(args: argparse.Namespace) -> int:
             print(json.dumps({**d, "default": d["index"] == default}))
         return EXIT_OK
     if not devices:
-        print("no input devices (is a sound server running, and can this user reach it?)")
+        print("no input devices (is a sound server running, and can this user reach it?); "
+              "`monitord run` with `retry: true` on a device source waits for one")
+        return EXIT_OK
     print(f"{'index':>5}  {'ch':>3}  {'rate':>7}  name")
     for d in devices:
         mark = " *" if d["index"] == default else ""
@@ -154,6 +167,9 @@ def cmd_classify(args: argparse.Namespace) -> int:
         models = load_models(config)
     except ModelUnavailable as exc:
         return _fail(str(exc))
+    for name, reason in models.unavailable.items():
+        print(f"monitord: optional model {name} is not loaded, going on without it: {reason.missing or reason}"
+              + (f". Fix: {reason.fix}" if reason.fix else ""), file=sys.stderr)
     summary_json = args.json and args.timeline  # --json with --timeline: the summary, not the windows
     emotion_models = [n for n in models if config.models[n].kind == "emotion"] if args.timeline else []
     curves, rows = [], []
@@ -264,7 +280,10 @@ def cmd_enroll(args: argparse.Namespace) -> int:
     if not args.files and not args.source:
         return _fail("give --source ID (record live) or --files FILE... (enrol from recordings)")
     try:
-        embedder = load_models(config, only={name})[name]
+        loaded = load_models(config, only={name})
+        if name not in loaded:  # optional, and not there: enrolling needs it
+            raise loaded.unavailable[name]
+        embedder = loaded[name]
         if args.files:
             windows = enrol_from_files(config, embedder, audio_files([Path(f) for f in args.files]))
         else:
@@ -296,6 +315,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
         if not examples:
             return _fail(f"no labelled audio files in {args.data}")
         models = load_models(config)
+        if name in models.unavailable:  # optional, and not there: it is the one to evaluate
+            raise models.unavailable[name]
         report = evaluate(config, models, name, examples)
     except (ModelUnavailable, AudioFileError, ValueError, OSError) as exc:
         return _fail(str(exc))

@@ -22,8 +22,8 @@ from concurrent.futures import TimeoutError as FutureTimeout
 
 from monitord.alerts.engine import AlertEngine
 from monitord.alerts.stage import AlertsStage, RulesChange
-from monitord.config import Config
-from monitord.inference.models import Model, build_model
+from monitord.config import Config, inactive_without
+from monitord.inference.models import Model, ModelUnavailable, build_model
 from monitord.inference.queue import WindowQueue
 from monitord.inference.worker import LOW, InferenceStage, Scorer
 from monitord.output.clips import ClipWriter
@@ -45,7 +45,7 @@ MAX_RESTARTS = 3
 RESTART_WINDOW_S = 600.0
 ALERTS_QUEUE = 4096
 OUTPUT_QUEUE = 10000
-RESTART_ONLY = ("sources", "gate", "window", "publish", "pipeline", "clips", "metrics", "http", "inference")
+RESTART_ONLY = ("sources", "gate", "window", "publish", "pipeline", "clips", "metrics", "http", "inference", "notify")
 """Sections a reload cannot apply while running: changing them needs a restart."""
 
 
@@ -53,27 +53,61 @@ class ReloadError(Exception):
     """A new config cannot be applied while running."""
 
 
-def load_models(config: Config, only: set[str] | None = None) -> dict[str, Model]:
-    """Build the configured models (or ``only`` these); raises ModelUnavailable with a readable reason.
-    Anomaly models are built last, on the embedding model they use."""
+class LoadedModels(dict):
+    """The models that loaded, by name; ``unavailable``: the optional ones that could not be, and why."""
+
+    def __init__(self, models: Mapping[str, Model] = (), unavailable: Mapping[str, ModelUnavailable] | None = None):
+        super().__init__(models)
+        self.unavailable: dict[str, ModelUnavailable] = dict(unavailable or {})
+
+
+def load_models(config: Config, only: set[str] | None = None) -> LoadedModels:
+    """Build the configured models (or ``only`` these). A required model that cannot be loaded
+    raises ModelUnavailable with a readable reason; an ``optional`` one is left out and its reason
+    kept in ``unavailable`` (with those of the models that cannot work without it). Anomaly models
+    are built last, on the embedding model they use."""
     from monitord.inference.models.anomaly import AnomalyDetector
 
     wanted = {n: m for n, m in config.models.items() if only is None or n in only}
+    models = LoadedModels()
     remote = set(config.inference.models) if config.inference is not None else set()
 
-    def build(name: str, m) -> Model:
-        if name in remote:  # scored by a `monitord serve` application; no weights here
-            from monitord.serve.client import RemoteModel
+    def build(name: str) -> None:
+        try:
+            if name in remote:  # scored by a `monitord serve` application; no weights here
+                from monitord.serve.client import RemoteModel
 
-            return RemoteModel(name, m, config.inference)
-        return build_model(name, m)
+                models[name] = RemoteModel(name, config.models[name], config.inference)
+            else:
+                models[name] = build_model(name, config.models[name])
+        except ModelUnavailable as exc:
+            if not config.models[name].optional:
+                raise
+            log.info("optional model %s not loaded: %s", name, exc)
+            models.unavailable[name] = exc
 
-    models = {name: build(name, m) for name, m in wanted.items() if m.kind != "anomaly"}
     for name, m in wanted.items():
-        if m.kind == "anomaly":
-            if m.embedding_model not in models:
-                models[m.embedding_model] = build(m.embedding_model, config.models[m.embedding_model])
+        if m.kind != "anomaly":
+            build(name)
+    for name, m in wanted.items():
+        if m.kind != "anomaly":
+            continue
+        if m.embedding_model not in models and m.embedding_model not in models.unavailable:
+            build(m.embedding_model)
+        if m.embedding_model in models.unavailable:
+            if not m.optional:
+                raise models.unavailable[m.embedding_model]
+            models.unavailable[name] = ModelUnavailable(
+                f"model {name}: its embedding model {m.embedding_model} is not loaded",
+                missing=f"its embedding model {m.embedding_model}", fix=models.unavailable[m.embedding_model].fix)
+            continue
+        try:
             models[name] = AnomalyDetector(name, m, models[m.embedding_model], config.window.seconds, config.window.hop_s)
+        except ModelUnavailable as exc:
+            if not m.optional:
+                raise
+            log.info("optional model %s not loaded: %s", name, exc)
+            models.unavailable[name] = exc
     return models
 
 
@@ -101,12 +135,16 @@ class Daemon:
     Models, the publisher and sinks may be injected (tests, the benchmark)."""
 
     def __init__(self, config: Config, models: Mapping[str, Model], publisher: Publisher | None = None,
-                 sinks: Sequence[Sink] = ()):
+                 sinks: Sequence[Sink] = (), unavailable: Mapping[str, ModelUnavailable] | None = None):
         self.config = config
         self.models = dict(models)
+        self.unavailable = dict(getattr(models, "unavailable", {}) if unavailable is None else unavailable)
+        """Optional models that could not be loaded, and why (each gets a model_unavailable status at start)."""
+        self.inactive_models, self.inactive_rules = inactive_without(config, set(config.models) - set(self.models))
+        """What cannot work without the models that are not loaded: {name: why}, {rule id: why}."""
         self.host = config.publish.host or socket.gethostname()
         self.publisher = publisher or Publisher(config.publish)
-        self.sinks = list(sinks)
+        self.sinks = [*self._configured_sinks(), *sinks]
         self.clips = ClipWriter(config.clips) if config.clips.enabled else None
         self.metrics = Metrics(self.snapshot) if config.metrics.bind else None
         self.dashboard = None
@@ -123,7 +161,8 @@ class Daemon:
                                         status_interval_s=config.pipeline.overload_status_interval_s)
         self.alerts = AlertsStage(AlertEngine(config.rules), self.alerts_inbox, self.output_inbox, self.host,
                                   {name: m.model_id for name, m in self.models.items()}, config.publish.scores,
-                                  feed_windows=config.http.bind is not None)
+                                  feed_windows=config.http.bind is not None or any(getattr(s, "wants_windows", False)
+                                                                                    for s in self.sinks))
         self.output: OutputStage | None = None
         self.sources: list[Stage] = []
         self.windowing: list[WindowingStage] = []
@@ -135,6 +174,26 @@ class Daemon:
         self._last_overload: dict[str, float] = {}
         self._last_remote_overload: dict[str, float] = {}
         self._idle_turns = 0
+
+    def _configured_sinks(self) -> list[Sink]:
+        """The sinks the config asks for (MQTT, notifications); PublishError naming the extra to
+        install when its package is missing."""
+        from monitord.config.checks import extra_missing
+
+        sinks: list[Sink] = []
+        if self.config.publish.mqtt is not None:
+            if extra_missing("paho.mqtt"):
+                raise PublishError("publish.mqtt: needs paho-mqtt, which is not installed: pip install 'monitord[mqtt]'")
+            from monitord.output.mqtt import build_mqtt_sink
+
+            sinks.append(build_mqtt_sink(self.config, self.host, self.publisher.event_log, self.status))
+        if self.config.notify:
+            if extra_missing("apprise"):
+                raise PublishError("notify: needs apprise, which is not installed: pip install 'monitord[notify]'")
+            from monitord.output.notify import build_notifiers
+
+            sinks.extend(build_notifiers(self.config, self.host, self.status))
+        return sinks
 
     @property
     def stages(self) -> list[Stage]:
@@ -175,6 +234,23 @@ class Daemon:
         for stage in self.stages:
             stage.on_failure = self._on_stage_failure
             stage.start()
+        for name, reason in self.unavailable.items():
+            self._report_unavailable(name, reason)
+
+    def _report_unavailable(self, name: str, reason: ModelUnavailable) -> None:
+        """One status event (and log line) per optional model left out: what is missing, what fixes it, what is off."""
+        model_config = self.config.models[name]
+        ref = getattr(model_config, "model", None) or getattr(model_config, "embedding_model", "")
+        models, rules = inactive_without(self.config, {name})
+        dependents = [f"rules {', '.join(sorted(rules))}" if rules else "",
+                      f"models {', '.join(sorted(m for m in models if m != name))}" if len(models) > 1 else ""]
+        missing = reason.missing or str(reason)
+        fix = reason.fix or "see the log"
+        detail = (f"optional model {name} ({ref}) is not loaded: {missing}. Fix: {fix}; then restart monitord. "
+                  f"Inactive until then: {'; '.join(d for d in dependents if d) or 'nothing'}.")
+        log.warning("%s", detail)
+        self.status(DAEMON, "model_unavailable", detail, model=name, missing=missing, fix=fix,
+                    inactive_rules=sorted(rules), inactive_models=sorted(models))
 
     def _start_servers(self) -> None:
         if self.metrics is not None:
@@ -380,6 +456,8 @@ class Daemon:
             raise ReloadError(f"{', '.join(restart_only)} changed: restart monitord to apply them")
         prepared = {}
         for name, model_config in new.models.items():
+            if name not in self.models:  # an optional model that is not loaded: nothing to swap
+                continue
             old = self.config.models[name]
             if getattr(model_config, "labels", None) != getattr(old, "labels", None) or \
                     getattr(model_config, "prompt", None) != getattr(old, "prompt", None):

@@ -20,3 +20,13 @@ def is_loopback(host: str) -> bool:
         return ipaddress.ip_address(host.strip("[]")).is_loopback
     except ValueError:
         return False
+
+
+def url_for_bind(bind: str, scheme: str = "http") -> str:
+    """Where a browser finds a server bound to HOST:PORT (a wildcard address: this host's name)."""
+    import socket
+
+    host, port = split_host_port(bind)
+    if host in ("0.0.0.0", "::", ""):
+        host = socket.gethostname()
+    return f"{scheme}://{'[' + host + ']' if ':' in host else host}:{port}/"

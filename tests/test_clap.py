@@ -149,7 +149,7 @@ def test_an_uncached_hub_id_offline_fails_fast_with_advice(monkeypatch):
         ClapZeroShot("clap", ClapModelConfig(model="laion/clap-model-that-is-not-cached", labels=LABELS))
     assert time.monotonic() - began < 30
     message = str(info.value)
-    assert "laion/clap-model-that-is-not-cached" in message and "huggingface-cli download" in message
+    assert "laion/clap-model-that-is-not-cached" in message and "hf download laion/clap-model-that-is-not-cached" in message
 
 
 def test_run_with_unavailable_weights_exits_2_without_traceback(tmp_path):

@@ -29,7 +29,11 @@ def test_dashboard_shows_bars_events_and_try_it(tiny_clap, tmp_path):
     write_wav(tmp_path / "upload.wav", tone(700, 2.0, rate, -10), rate)
     port = free_port()
     config = write_config(tmp_path, tiny_clap, "{id: rec, file: clip.wav, realtime: true}", free_port())
-    config.write_text(config.read_text() + f"http: {{bind: '127.0.0.1:{port}'}}\n"
+    text = config.read_text().replace("models:\n", "models:\n"
+                                      "  yam: {kind: yamnet, groups: {beep: ['Beep, bleep', 'Sine wave']}}\n"
+                                      "  extra: {kind: clap, model: ./no-such-dir, labels: [a, b], optional: true}\n")
+    text = text.replace("rules:\n", "rules:\n  - {id: extra-rule, model: extra, label: a, threshold: 0.5}\n")
+    config.write_text(text + f"http: {{bind: '127.0.0.1:{port}'}}\n"
                       "clips: {enabled: true, dir: clips, pre_s: 0.5, post_s: 0.5}\n")
     proc = start_daemon(config)
     url = f"http://127.0.0.1:{port}/"
@@ -65,13 +69,33 @@ def test_dashboard_shows_bars_events_and_try_it(tiny_clap, tmp_path):
             page.locator("#events audio").first.wait_for(state="attached", timeout=30000)
             assert page.locator("#connection").inner_text() == "live"
             assert page.locator("canvas[data-timeline]").count() >= 1
+            # which models work here, and which rules cannot fire
+            card = page.locator('.source[data-source="rec"]')
+            assert card.locator('.model-state[data-model="clap"]').get_attribute("data-state") == "active"
+            assert card.locator('.model-state[data-model="yam"]').get_attribute("data-state") == "active"
+            extra = card.locator('.model-state[data-model="extra"]')
+            assert extra.get_attribute("data-state") == "inactive" and "no-such-dir" in extra.inner_text()
+            assert card.locator('.rule-state[data-rule="extra-rule"]').get_attribute("data-active") == "false"
+            assert card.locator('.rule-state[data-rule="tone"]').get_attribute("data-active") == "true"
+            # the timeline spans the data it has: the first window sits at the left edge, not at "now - 5 min"
+            timeline = page.locator('canvas[data-timeline="rec / clap"]')
+            assert float(timeline.get_attribute("data-t0")) < 5.0, timeline.get_attribute("data-t0")
+            assert float(timeline.get_attribute("data-x0")) < 60
+            assert timeline.get_attribute("data-x-label") == "stream time (s)" and timeline.get_attribute("data-y-label") == "score"
+            assert timeline.get_attribute("data-ticks").endswith(" s"), timeline.get_attribute("data-ticks")
+            # try it: CLAP's zero-shot for the typed labels, and YAMNet's classes and groups
+            assert "clap (clap)" in page.locator("#try-models").inner_text() and "yam (yamnet)" in page.locator("#try-models").inner_text()
             page.set_input_files("#try-file", str(tmp_path / "upload.wav"))
             page.fill("#try-labels", "tone, noise")
             page.click("#try-submit")
-            result = page.locator("#try-result .bar")
+            result = page.locator('#try-result .try-model[data-model="clap"] .bar')
             result.nth(1).wait_for(timeout=60000)
             scores = {result.nth(i).get_attribute("data-label"): float(result.nth(i).get_attribute("data-score")) for i in range(2)}
             assert set(scores) == {"tone", "noise"} and abs(sum(scores.values()) - 1) < 1e-3 and scores["tone"] > 0.5
+            classes = page.locator('#try-result .try-model[data-model="yam"] .classes .bar')
+            assert classes.count() == 10
+            groups = page.locator('#try-result .try-model[data-model="yam"] .groups .bar')
+            assert groups.first.get_attribute("data-label") == "beep" and float(groups.first.get_attribute("data-score")) > 0.1
             ARTIFACTS.mkdir(exist_ok=True)
             page.screenshot(path=str(ARTIFACTS / "dashboard.png"), full_page=True)
             browser.close()
@@ -170,7 +194,7 @@ def test_try_it_scores_on_the_inference_thread_and_keeps_no_text_tower(try_it):
     model.probabilities_with = recording
     answer = post(client, upload, "tone, noise")
     assert answer.status_code == 200, answer.text
-    scores = answer.json()["probabilities"]
+    scores = answer.json()["models"]["clap"]["probabilities"]
     assert set(scores) == {"tone", "noise"} and scores["tone"] > 0.5
     assert threads == ["inference"]  # the models are the inference stage's: nobody else runs them
     gc.collect()

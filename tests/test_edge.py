@@ -76,8 +76,51 @@ rules:
 
 
 def test_a_missing_model_file_says_where_to_get_it(tmp_path):
-    with pytest.raises(ModelUnavailable, match="official YAMNet distribution"):
+    with pytest.raises(ModelUnavailable, match="official YAMNet distribution") as info:
         YamnetClassifier("yam", YamnetModelConfig(kind="yamnet", model=str(tmp_path / "yamnet.tflite")))
+    assert "leave `model:` out" in str(info.value) and info.value.fix and info.value.missing
+
+
+def test_yamnet_ships_inside_the_package_and_is_the_default(tmp_path):
+    import hashlib
+
+    from monitord.daemon import load_models
+    from monitord.inference.models.yamnet import BUILTIN_FILE, BUILTIN_ID
+
+    digest = hashlib.sha256(BUILTIN_FILE.read_bytes()).hexdigest()
+    assert digest == "687f226c147a2caab4706fbbab5e9cecb14b9a368264bf61108078b1fddf68f5"
+    notice = (BUILTIN_FILE.parent / "NOTICE.md").read_text()
+    assert "yamnet.tflite" in notice and "Apache License 2.0" in notice and digest in notice
+    for line in ("", "model: builtin, "):
+        config = parse_config(f"sources: [{{id: a, device: default}}]\nmodels: {{yam: {{kind: yamnet, {line}groups: {{cat: [Cat]}}}}}}\n",
+                              tmp_path)
+        assert config.models["yam"].model == "builtin"
+        model = load_models(config)["yam"]
+        assert model.model_id == BUILTIN_ID and model.labels[-1] == "cat"
+    # the real model on a real recording, from the shipped file
+    rate, windows = file_windows(shared_path(AUDIO / "cat" / "esc50_cat_3-95694-A-5.wav"), GateConfig(mode="always"))
+    assert any("Cat" in {label for label, _ in s.top(5)} for s in model.score(windows))
+
+
+def test_the_edge_preset_runs_with_nothing_to_download():
+    """The preset needs no file outside the package: its models load from the config alone."""
+    from monitord.config import load_config
+    from monitord.daemon import load_models
+    from tests.conftest import REPO
+
+    config = load_config(REPO / "config" / "home-security-edge.yaml")
+    models = load_models(config)
+    assert {m.model_id for m in models.values()} == {"yamnet:builtin"}
+
+
+def test_the_package_data_includes_the_model():
+    import tomllib
+
+    from tests.conftest import REPO
+
+    data = tomllib.loads((REPO / "pyproject.toml").read_text())["tool"]["setuptools"]["package-data"]
+    assert "*.tflite" in data["monitord.inference.models"]
+    assert "ai-edge-litert" in " ".join(tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["dependencies"])
 
 
 def mix(seconds_of_silence: float, clip, rate_hint: int = 44100):

@@ -90,7 +90,7 @@ def test_a_missing_device_lists_devices_or_is_retried(tiny_clap, tmp_path):
         assert proc.poll() is None
     finally:
         code, _, err = stop_daemon(proc)
-    assert waiting and "waiting for input device" in waiting["detail"], err[-2000:]
+    assert waiting and "waiting for a microphone (input device 'no-such-microphone')" in waiting["detail"], err[-2000:]
     assert code == 0
 
 

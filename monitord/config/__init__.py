@@ -18,10 +18,10 @@ from typing import Any
 import yaml
 from pydantic import ConfigDict, Field, ValidationError
 
-from monitord.config.checks import check_serve, cross_check, model_vocabulary, yamnet_class_names  # noqa: F401 (re-exported)
+from monitord.config.checks import check_serve, cross_check, inactive_without, model_vocabulary, yamnet_class_names  # noqa: F401 (re-exported)
 from monitord.config.errors import ConfigError, Problem, error_path, line_of, merge, problem_from_pydantic
 from monitord.config.schema import *  # noqa: F401,F403  (the public names of every section)
-from monitord.config.schema import ID_PATTERN, Config, ModelConfig, ServeConfig, _Strict
+from monitord.config.schema import BUILTIN, ID_PATTERN, Config, ModelConfig, ServeConfig, _Strict
 
 
 def load_config(path: str | os.PathLike[str]) -> Config:
@@ -86,12 +86,26 @@ def _resolve_paths(config: Config, base_dir: Path) -> Config:
             "authorized_clients": _resolve(base_dir, publish.curve.authorized_clients),
         })
         publish = publish.model_copy(update={"curve": curve})
+    mqtt = publish.mqtt
+    if mqtt is not None:
+        tls = mqtt.tls
+        if tls is not None:
+            tls = tls.model_copy(update={k: _resolve(base_dir, getattr(tls, k)) for k in ("ca", "cert", "key")
+                                         if getattr(tls, k) is not None})
+        update = {"tls": tls}
+        if mqtt.password_file is not None:
+            update["password_file"] = _resolve(base_dir, mqtt.password_file)
+        publish = publish.model_copy(update={"mqtt": mqtt.model_copy(update=update)})
+    notify = tuple(n.model_copy(update={"url_file": _resolve(base_dir, n.url_file)}) if n.url_file is not None else n
+                   for n in config.notify)
     inference = config.inference
     if inference is not None:
         inference = inference.model_copy(update={k: _resolve(base_dir, getattr(inference, k)) for k in ("token_file", "ca_file")
                                                  if getattr(inference, k) is not None})
+    notify = tuple(n.model_copy(update={"url_file": _resolve(base_dir, n.url_file)}) if n.url_file is not None else n
+                   for n in config.notify)
     return config.model_copy(update={"sources": sources, "models": models, "publish": publish, "clips": clips,
-                                     "inference": inference, "serve": _resolve_serve(config.serve, base_dir)})
+                                     "inference": inference, "serve": _resolve_serve(config.serve, base_dir), "notify": notify})
 
 
 def _resolve_model(model: Any, base_dir: Path) -> Any:
@@ -100,8 +114,11 @@ def _resolve_model(model: Any, base_dir: Path) -> Any:
             "bank": None if model.bank is None else _resolve(base_dir, model.bank),
             "banks": {source: _resolve(base_dir, path) for source, path in model.banks.items()},
         })
-    local = Path(_resolve(base_dir, model.model))
-    looks_like_path = model.kind == "yamnet" or model.model.startswith((".", "/", "~")) or local.exists()
+    if model.kind == "yamnet" and model.model == BUILTIN:
+        local, looks_like_path = None, False
+    else:
+        local = Path(_resolve(base_dir, model.model))
+        looks_like_path = model.kind == "yamnet" or model.model.startswith((".", "/", "~")) or local.exists()
     update: dict[str, Any] = {"model": str(local)} if looks_like_path else {}
     if getattr(model, "class_map", None) is not None:
         update["class_map"] = _resolve(base_dir, model.class_map)

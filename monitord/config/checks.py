@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import Any
 
 from monitord.config.errors import Problem
-from monitord.config.schema import EMOTIONS, ID_PATTERN, Config, PublishConfig, RuleConfig, ServeConfig
+from monitord.config.schema import EMOTIONS, HA_BINARY_SENSOR_CLASSES, ID_PATTERN, Config, PublishConfig, RuleConfig, ServeConfig
 from monitord.net import is_loopback, split_host_port
 
 
@@ -103,6 +103,8 @@ def cross_check(config: Config) -> list[Problem]:
         for j, name in enumerate(config.publish.scores):
             if name not in names:
                 add(f"publish.scores.{j}", f"{name!r} is neither a model nor a source")
+    problems.extend(_check_mqtt(config))
+    problems.extend(_check_notify(config))
     curve = config.publish.curve
     if curve is not None:
         if not Path(curve.server_secret_key).is_file():
@@ -309,3 +311,122 @@ def _check_token_file(key: str, path: str | None) -> list[Problem]:
     if len(token) < MIN_TOKEN_CHARS:
         return [Problem(key, f"{path} holds {len(token)} characters; a token needs at least {MIN_TOKEN_CHARS}")]
     return []
+
+
+def inactive_without(config: Config, absent: set[str]) -> tuple[dict[str, str], dict[str, str]]:
+    """What cannot work while the models in ``absent`` are not loaded: {model: why} for the absent
+    models and those built on them (cascades gated by one, anomaly models on its embeddings), and
+    {rule id: why} for the rules on any of those."""
+    models: dict[str, str] = {name: "not loaded" for name in absent if name in config.models}
+
+    def state(name: str) -> str:
+        return "not loaded" if name in absent else "inactive"
+
+    changed = True
+    while changed:
+        changed = False
+        for name, model in config.models.items():
+            if name in models:
+                continue
+            gate = model.gated_by.model if model.gated_by is not None else None
+            if gate in models:
+                models[name] = f"gated by {gate}, which is {state(gate)}"
+            elif model.kind == "anomaly" and model.embedding_model in models:
+                models[name] = f"scores the embeddings of {model.embedding_model}, which is {state(model.embedding_model)}"
+            else:
+                continue
+            changed = True
+    rules = {rule.id: f"model {rule.model} is {models[rule.model]}" for rule in config.rules if rule.model in models}
+    return models, rules
+
+
+def extra_missing(module: str) -> bool:
+    """Whether an optional dependency (an extra) is not installed."""
+    import importlib.util
+
+    try:
+        return importlib.util.find_spec(module) is None
+    except (ImportError, ValueError):
+        return True
+
+
+MQTT_RESERVED_IDS = ("level", "status", "state")
+"""Rule ids that would share a topic with a source's level or status topic."""
+
+
+def _check_mqtt(config: Config) -> list[Problem]:
+    mqtt = config.publish.mqtt
+    if mqtt is None:
+        return []
+    where = "publish.mqtt"
+    problems = []
+    if extra_missing("paho.mqtt"):
+        problems.append(Problem(where, "needs paho-mqtt, which is not installed: pip install 'monitord[mqtt]'"))
+    if mqtt.password_file is not None:
+        if mqtt.username is None:
+            problems.append(Problem(f"{where}.password_file", "give username too"))
+        if not Path(mqtt.password_file).is_file():
+            problems.append(Problem(f"{where}.password_file", f"file not found: {mqtt.password_file}"))
+    if mqtt.tls is not None:
+        for key in ("ca", "cert", "key"):
+            path = getattr(mqtt.tls, key)
+            if path is not None and not Path(path).is_file():
+                problems.append(Problem(f"{where}.tls.{key}", f"file not found: {path}"))
+        if (mqtt.tls.cert is None) != (mqtt.tls.key is None):
+            problems.append(Problem(f"{where}.tls", "give cert and key together"))
+    rule_ids = [r.id for r in config.rules]
+    for rule, device_class in mqtt.device_classes.items():
+        if rule not in rule_ids:
+            close = difflib.get_close_matches(rule, rule_ids, n=1, cutoff=0.5)
+            problems.append(Problem(f"{where}.device_classes.{rule}", f"no rule named {rule!r}" + (f"; did you mean {close[0]!r}?" if close else "")))
+        if device_class not in HA_BINARY_SENSOR_CLASSES:
+            close = difflib.get_close_matches(device_class, HA_BINARY_SENSOR_CLASSES, n=1, cutoff=0.5)
+            problems.append(Problem(f"{where}.device_classes.{rule}", f"{device_class!r} is not a Home Assistant binary_sensor "
+                                    "device class" + (f"; did you mean {close[0]!r}?" if close else "")))
+    for i, rule in enumerate(config.rules):
+        if rule.id in MQTT_RESERVED_IDS:
+            problems.append(Problem(f"rules.{i}.id", f"{rule.id!r} is taken by an MQTT topic of each source "
+                                    f"({mqtt.topic_prefix}/<source>/{rule.id}): pick another id"))
+    return problems
+
+
+def _check_notify(config: Config) -> list[Problem]:
+    problems = []
+    rule_ids = [r.id for r in config.rules]
+    if config.notify and extra_missing("apprise"):
+        problems.append(Problem("notify", "needs apprise, which is not installed: pip install 'monitord[notify]'"))
+    for i, target in enumerate(config.notify):
+        where = f"notify.{i}"
+        if (target.url is None) == (target.url_file is None):
+            problems.append(Problem(where, "give exactly one of 'url' or 'url_file'"))
+        if target.url_file is not None and not Path(target.url_file).is_file():
+            problems.append(Problem(f"{where}.url_file", f"file not found: {target.url_file}"))
+        if target.url is not None and not extra_missing("apprise"):
+            if not _apprise_accepts(target.url):
+                problems.append(Problem(f"{where}.url", "not an Apprise URL that this Apprise supports "
+                                        "(see https://github.com/caronc/apprise/wiki)"))
+        for j, rule in enumerate(target.rules or ()):
+            if rule not in rule_ids:
+                close = difflib.get_close_matches(rule, rule_ids, n=1, cutoff=0.5)
+                problems.append(Problem(f"{where}.rules.{j}", f"no rule named {rule!r}" + (f"; did you mean {close[0]!r}?" if close else "")))
+        if target.attach_clip and not config.clips.enabled:
+            problems.append(Problem(f"{where}.attach_clip", "needs clips.enabled: true (no clip is written otherwise)"))
+        try:
+            target.title.format(rule="r", source="s", label="l", host="h")
+        except (KeyError, IndexError, ValueError) as exc:
+            problems.append(Problem(f"{where}.title", f"not a valid template ({exc}); use {{rule}}, {{source}}, {{label}}, {{host}}"))
+    return problems
+
+
+def _apprise_accepts(url: str) -> bool:
+    """Whether Apprise knows what to do with a URL (its own complaint stays out of the output)."""
+    import logging
+
+    import apprise
+
+    logger = logging.getLogger("apprise")
+    level, logger.level = logger.level, logging.CRITICAL
+    try:
+        return bool(apprise.Apprise().add(url))
+    finally:
+        logger.setLevel(level)

@@ -8,6 +8,8 @@ from pydantic import BaseModel, ConfigDict, Discriminator, Field, Tag, field_val
 
 ID_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_\-]*$"
 DEFAULT_CLAP_MODEL = "laion/clap-htsat-unfused"
+BUILTIN = "builtin"
+"""``model: builtin`` (or no ``model:``) on a yamnet model: the YAMNet file shipped inside monitord."""
 
 
 class _Strict(BaseModel):
@@ -89,6 +91,9 @@ class _ModelSettings(_Strict):
     gated_by: CascadeConfig | None = None
     gate: GateConfig | None = None
     """This model's own gate (e.g. speech for an emotion model); the source's gate when absent."""
+    optional: bool = False
+    """Start without this model when it cannot be loaded (no hub, no cache, a bad directory): its
+    rules, and models gated by it, are then inactive, and a status event says what to do."""
 
 
 EMOTIONS = ("angry", "disgusted", "fearful", "happy", "neutral", "other", "sad", "surprised", "unknown")
@@ -131,8 +136,8 @@ class YamnetModelConfig(_ModelSettings):
     """Google's YAMNet (TFLite classification export, 521 AudioSet classes) on CPU."""
 
     kind: Literal["yamnet"]
-    model: str
-    """Path to the .tflite file."""
+    model: str = BUILTIN
+    """Path to the .tflite classification export; ``builtin`` (the default): the file shipped with monitord."""
     class_map: str | None = None
     """CSV of class names in output order; the AudioSet map shipped with monitord when absent."""
     groups: dict[str, tuple[str, ...]] = {}
@@ -228,6 +233,85 @@ class CurveConfig(_Strict):
     """A folder of client public certificates (NAME.key) allowed to subscribe and replay."""
 
 
+HA_BINARY_SENSOR_CLASSES = (
+    "battery", "battery_charging", "carbon_monoxide", "cold", "connectivity", "door", "garage_door", "gas", "heat",
+    "light", "lock", "moisture", "motion", "moving", "occupancy", "opening", "plug", "power", "presence", "problem",
+    "running", "safety", "smoke", "sound", "tamper", "update", "vibration", "window",
+)
+"""Home Assistant's binary_sensor device classes (what ``publish.mqtt.device_classes`` may name)."""
+
+
+class MqttTlsConfig(_Strict):
+    """TLS to the broker."""
+
+    ca: str | None = None
+    """CA certificate(s) (PEM) the broker's certificate is checked against; the system's when absent."""
+    cert: str | None = None
+    """Client certificate (PEM), for brokers that require one."""
+    key: str | None = None
+    """The client certificate's private key (PEM)."""
+    insecure: bool = False
+    """Do not check that the broker's certificate names ``host`` (a self-signed test broker)."""
+
+
+class MqttConfig(_Strict):
+    """Events to an MQTT broker, with Home Assistant discovery (pip install 'monitord[mqtt]')."""
+
+    host: str = Field(min_length=1)
+    port: int = Field(1883, ge=1, le=65535)
+    username: str | None = None
+    password_file: str | None = None
+    """A file holding the password (its first line), owner-only; never the password itself in the config."""
+    tls: MqttTlsConfig | None = None
+    topic_prefix: str = Field("monitord", min_length=1)
+    """Events on <prefix>/<source>/<rule>; alert state on .../<rule>/state; availability on <prefix>/availability.
+    Give each monitord host on one broker its own prefix."""
+    client_id: str | None = None
+    """MQTT client id; monitord-<host> when absent."""
+    qos: Literal[0, 1, 2] = 1
+    """QoS of events and states; with 1 or 2 an event counts as delivered once the broker acknowledged it."""
+    keepalive_s: int = Field(30, ge=5, le=3600)
+    discovery: bool = False
+    """Publish Home Assistant MQTT discovery configs (retained): a binary_sensor per source and rule, an
+    input level sensor per source, all under one device per monitord host."""
+    discovery_prefix: str = "homeassistant"
+    device_classes: dict[str, str] = {}
+    """Rule id -> Home Assistant binary_sensor device class (e.g. glass-break: safety, smoke-alarm: smoke);
+    ``sound`` for rules not listed."""
+    level_interval_s: float = Field(10.0, ge=1.0, le=3600.0)
+    """Seconds between two input level readings per source."""
+    backoff_max_s: float = Field(60.0, ge=1.0, le=3600.0)
+    """Longest wait between two connection attempts."""
+
+    @field_validator("topic_prefix", "discovery_prefix")
+    @classmethod
+    def _topic_level(cls, prefix: str) -> str:
+        if any(c in prefix for c in "#+") or any(c.isspace() for c in prefix):
+            raise ValueError("no wildcards (# +) or spaces in a topic prefix")
+        if prefix.startswith("/") or prefix.endswith("/") or "//" in prefix:
+            raise ValueError("no leading, trailing or doubled '/' in a topic prefix")
+        return prefix
+
+
+class NotifyConfig(_Strict):
+    """Push notifications for alert onsets through Apprise (pip install 'monitord[notify]')."""
+
+    url: str | None = None
+    """Any Apprise URL (ntfy://, tgram://, mailto://, json://, ...)."""
+    url_file: str | None = None
+    """A file holding the URL (first line): for URLs that carry a secret."""
+    rules: tuple[str, ...] | None = None
+    """Rules that notify; every rule when absent."""
+    attach_clip: bool = False
+    """Attach the alert's clip (needs clips.enabled): the message is sent once the clip is written."""
+    title: str = "monitord: {rule} on {source}"
+    """Message title; {rule}, {source}, {label}, {host} are filled in."""
+    clip_wait_s: float = Field(60.0, ge=0.0, le=3600.0)
+    """How long to wait for the clip before sending without it."""
+    retries: int = Field(4, ge=0, le=100)
+    """Further attempts after a failed send, with exponential backoff."""
+
+
 class PublishConfig(_Strict):
     endpoint: str = "tcp://127.0.0.1:5556"
     event_log: str | None = "events.jsonl"
@@ -249,6 +333,8 @@ class PublishConfig(_Strict):
     """Allow a non-loopback bind without CURVE (events readable by anyone on the network)."""
     host: str | None = None
     """Host name stamped on events; the machine's name when absent."""
+    mqtt: MqttConfig | None = None
+    """Also send every event to an MQTT broker (Home Assistant discovery optional)."""
 
 
 class PipelineConfig(_Strict):
@@ -353,6 +439,8 @@ class Config(_Strict):
     http: HttpConfig = HttpConfig()
     inference: InferenceConfig | None = None
     serve: ServeConfig = ServeConfig()
+    notify: tuple[NotifyConfig, ...] = ()
+    """Push notifications of alert onsets (Apprise URLs)."""
 
     def gate_for(self, source: SourceConfig) -> GateConfig:
         return source.gate if source.gate is not None else self.gate

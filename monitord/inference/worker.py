@@ -96,8 +96,8 @@ class Scorer:
         self.on_batch = on_batch
         self.stats = InferenceStats()
         self._consecutive_failures: Counter[str] = Counter()
-        self.batch_max = max(m.batch_max for m in self.models)
-        self.batch_wait_s = max(m.batch_wait_ms for m in self.models) / 1000.0
+        self.batch_max = max((m.batch_max for m in self.models), default=8)  # no model loaded: windows still flow
+        self.batch_wait_s = max((m.batch_wait_ms for m in self.models), default=0.0) / 1000.0
         self.degraded: str = ""
         """Why the stage is degraded (a model moved to the CPU), if it is."""
 

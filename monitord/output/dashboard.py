@@ -3,8 +3,8 @@
 One push channel (server-sent events) carries what the daemon already produces: each window's
 level and gate verdict, each scored window's label scores, and every published event. The page
 draws level meters, probability bars, a timeline per model and the event list from it; no
-widget polls. A try-it panel scores an uploaded file against typed labels with the loaded CLAP
-model, off the live path. Loopback only unless a token is set; static files ship in the package.
+widget polls. A try-it panel scores an uploaded file with whatever is loaded, off the live path:
+YAMNet's top classes and groups, and CLAP's zero-shot probabilities for typed labels. Loopback only unless a token is set; static files ship in the package.
 """
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any
 
 
-from monitord.net import split_host_port
+from monitord.net import split_host_port, url_for_bind
 
 log = logging.getLogger(__name__)
 
@@ -28,6 +28,8 @@ CLIENT_QUEUE = 256
 RECENT_EVENTS = 200
 TRY_MAX_WINDOWS = 30
 TRY_MAX_LABELS = 32
+TRY_TOP_CLASSES = 10
+"""YAMNet classes the try-it panel lists (by their best window)."""
 TEXT_CACHE = 8
 """Label sets whose embeddings the try-it panel keeps (a few KB each)."""
 
@@ -123,15 +125,14 @@ class Dashboard:
             return FileResponse(STATIC / "index.html")
 
         async def state(request):
-            models = {name: {"kind": m.kind, "labels": list(getattr(self.daemon.models.get(name), "labels", ()))[:64]}
-                      for name, m in self.daemon.config.models.items()}
             return JSONResponse({
                 "sources": [s.id for s in self.daemon.config.sources],
-                "models": models,
-                "rules": [{"id": r.id, "model": r.model, "label": r.label, "threshold": r.threshold} for r in self.daemon.config.rules],
+                "source_states": self.source_states(),
+                "models": self.model_states(),
+                "rules": self.rule_states(),
                 "events": list(self.broadcaster.recent_events)[::-1],
                 "latest": list(self.broadcaster.latest.values()),
-                "try_it": self._clap_name() is not None,
+                "try_it": self.try_models(),
             })
 
         async def events(request):
@@ -169,7 +170,13 @@ class Dashboard:
             labels = [x.strip() for x in labels_text.split(",") if x.strip()]
             if upload is None or not hasattr(upload, "read"):
                 return JSONResponse({"error": "attach an audio file"}, status_code=400)
-            if len(labels) < 2 or len(set(labels)) != len(labels):
+            usable = self.try_models()
+            if not usable:
+                return JSONResponse({"error": "no model that can score an upload is loaded"}, status_code=400)
+            has_clap = "clap" in usable.values()
+            if labels and has_clap and (len(labels) < 2 or len(set(labels)) != len(labels)):
+                return JSONResponse({"error": "type at least two different labels, comma-separated"}, status_code=400)
+            if not labels and set(usable.values()) == {"clap"}:
                 return JSONResponse({"error": "type at least two different labels, comma-separated"}, status_code=400)
             if len(labels) > TRY_MAX_LABELS:
                 return JSONResponse({"error": f"at most {TRY_MAX_LABELS} labels"}, status_code=400)
@@ -201,23 +208,73 @@ class Dashboard:
         middleware = [Middleware(TokenGate, token=self.token)] if self.token else []
         return Starlette(routes=routes, middleware=middleware)
 
-    def _clap_name(self) -> str | None:
-        return next((n for n, m in self.daemon.config.models.items() if m.kind == "clap" and n in self.daemon.models), None)
+    # what the page shows besides the stream: which models and rules work, and each source's state
+
+    def model_states(self) -> dict[str, dict[str, Any]]:
+        """Per configured model: ``active`` (loaded, scoring here), ``remote`` (loaded, scoring on a
+        remote backend) or ``inactive`` (not loaded, or built on one that is not), and why."""
+        daemon = self.daemon
+        inactive = getattr(daemon, "inactive_models", {})
+        unavailable = getattr(daemon, "unavailable", {})
+        out = {}
+        for name, m in daemon.config.models.items():
+            model = daemon.models.get(name)
+            if name in inactive or model is None:
+                reason = unavailable.get(name)
+                why = inactive.get(name, "not loaded")
+                if reason is not None:
+                    why = f"not loaded: {reason.missing or reason}" + (f". Fix: {reason.fix}" if reason.fix else "")
+                out[name] = {"kind": m.kind, "state": "inactive", "detail": why, "labels": []}
+            else:
+                remote = getattr(model, "device", "cpu") == "remote"
+                out[name] = {"kind": m.kind, "state": "remote" if remote else "active",
+                             "detail": getattr(model, "model_id", ""), "labels": list(getattr(model, "labels", ()))[:64]}
+        return out
+
+    def rule_states(self) -> list[dict[str, Any]]:
+        inactive = getattr(self.daemon, "inactive_rules", {})
+        return [{"id": r.id, "model": r.model, "label": r.label, "threshold": r.threshold,
+                 "sources": list(r.sources) if r.sources else None,
+                 "active": r.id not in inactive, "detail": inactive.get(r.id, "")} for r in self.daemon.config.rules]
+
+    def source_states(self) -> dict[str, dict[str, str]]:
+        """Per source: up / down / ended / starting, and the detail (``waiting for a microphone ...``)."""
+        out = {s.id: {"state": "starting", "detail": ""} for s in self.daemon.config.sources}
+        for source in getattr(self.daemon, "sources", []):
+            state = getattr(source, "state", None)
+            value = getattr(state, "value", "")
+            connected = getattr(source, "connected", value == "running")
+            if getattr(source, "finished", False):
+                out[source.id] = {"state": "ended", "detail": "end of stream"}
+            elif value in ("running", "degraded") and connected:
+                out[source.id] = {"state": "up", "detail": ""}
+            elif value in ("running", "degraded", "failed", "stopped"):
+                out[source.id] = {"state": "down", "detail": getattr(source, "detail", "") or value}
+        return out
+
+    def try_models(self) -> dict[str, str]:
+        """What the try-it panel can use: {model name: kind} for loaded local CLAP and YAMNet models."""
+        return {name: m.kind for name, m in self.daemon.config.models.items()
+                if m.kind in ("clap", "yamnet") and name in self.daemon.models
+                and getattr(self.daemon.models[name], "device", "cpu") != "remote"}
 
     async def classify_upload(self, data: bytes, labels: list[str]) -> dict[str, Any]:
-        """Zero-shot probabilities of an uploaded file for typed labels, with the loaded CLAP model.
+        """What the loaded models make of an uploaded file: YAMNet's top classes and groups (the best
+        window's score for each), and CLAP's zero-shot probabilities for typed labels (mean over the
+        windows) where a CLAP model is loaded and labels were typed.
 
-        The label prompts are embedded off the inference thread (the text tower is loaded for it and
-        dropped again: only the audio tower stays resident); the audio is scored on the inference
+        CLAP's label prompts are embedded off the inference thread (the text tower is loaded for it
+        and dropped again: only the audio tower stays resident); the audio is scored on the inference
         thread at low priority, when no window is waiting. The live labels are untouched."""
         from monitord.audio import AudioFileError, read_mono
         from monitord.config import GateConfig
         from monitord.windowing.tiling import ModelInput, WindowCutter, window_starts
 
-        name = self._clap_name()
-        if name is None:
-            raise ValueError("no CLAP model is loaded")
-        model = self.daemon.models[name]
+        usable = self.try_models()
+        names = [n for n, kind in usable.items() if kind == "yamnet" or (kind == "clap" and labels)]
+        if not names:
+            raise ValueError("no loaded model can score this upload (CLAP needs labels)")
+        models = {name: self.daemon.models[name] for name in names}
         window = self.daemon.config.window  # only what the first TRY_MAX_WINDOWS windows need (a second to spare)
         seconds = window.seconds + window.hop_s * (TRY_MAX_WINDOWS - 1) + 1.0
         try:
@@ -225,20 +282,48 @@ class Dashboard:
         except AudioFileError as exc:
             raise ValueError(str(exc).replace("the upload", "upload")) from None
         loop = asyncio.get_running_loop()
-        text = await loop.run_in_executor(None, self._label_embeddings, model, tuple(labels))
+        texts = {name: await loop.run_in_executor(None, self._label_embeddings, model, tuple(labels))
+                 for name, model in models.items() if usable[name] == "clap"}
         cutter = WindowCutter("try-it", rate, self.daemon.config.window, GateConfig(mode="always"),
-                              {name: ModelInput(model.sample_rate)})
+                              {name: ModelInput(model.sample_rate) for name, model in models.items()})
         starts = window_starts(len(mono), cutter.length, cutter.hop)[:TRY_MAX_WINDOWS]
         windows = [cutter.cut(mono[s : s + cutter.length], s, 0.0, 0.0) for s in starts]
-        probs = await asyncio.wrap_future(self.daemon.score_upload(lambda: model.probabilities_with(windows, text)))
-        mean = probs.mean(axis=0)
-        return {
-            "model": name, "labels": labels,
-            "probabilities": {label: round(float(p), 6) for label, p in zip(labels, mean)},
-            "windows": [{"stream_start": round(w.stream_start, 3), "stream_end": round(w.stream_end, 3),
-                         "probabilities": {label: round(float(p), 6) for label, p in zip(labels, row)}}
-                        for w, row in zip(windows, probs)],
-        }
+
+        def score() -> dict[str, Any]:  # on the inference thread
+            return {name: (model.probabilities_with(windows, texts[name]) if name in texts else model.score(windows))
+                    for name, model in models.items()}
+
+        scored = await asyncio.wrap_future(self.daemon.score_upload(score))
+        spans = [{"stream_start": round(w.stream_start, 3), "stream_end": round(w.stream_end, 3)} for w in windows]
+        out: dict[str, Any] = {}
+        for name, result in scored.items():
+            if name in texts:
+                mean = result.mean(axis=0)
+                out[name] = {
+                    "kind": "clap", "labels": labels,
+                    "probabilities": {label: round(float(p), 6) for label, p in zip(labels, mean)},
+                    "windows": [{**span, "probabilities": {label: round(float(p), 6) for label, p in zip(labels, row)}}
+                                for span, row in zip(spans, result)],
+                }
+            else:
+                model = models[name]
+                groups = set(getattr(model, "groups", {}))
+                best: dict[str, float] = {}
+                for scores in result:
+                    for label, p in scores.probabilities.items():
+                        best[label] = max(best.get(label, 0.0), float(p))
+                classes = sorted((c for c in best if c not in groups), key=best.get, reverse=True)[:TRY_TOP_CLASSES]
+                out[name] = {
+                    "kind": "yamnet",
+                    "top": {c: round(best[c], 6) for c in classes},
+                    "groups": {g: round(best[g], 6) for g in sorted(groups, key=best.get, reverse=True)},
+                    "windows": [{**span, "top": [label for label, _ in scores.top(3) if label not in groups]}
+                                for span, scores in zip(spans, result)],
+                }
+        note = "" if labels or "clap" not in usable.values() else "type labels to see CLAP's zero-shot probabilities too"
+        if labels and "clap" not in usable.values():
+            note = "no CLAP model is loaded: the labels were not used"
+        return {"models": out, "windows": len(windows), "note": note}
 
     def _label_embeddings(self, model, labels: tuple[str, ...]):
         key = (model.name, labels)
@@ -249,6 +334,11 @@ class Dashboard:
                 while len(self._text_cache) > TEXT_CACHE:
                     self._text_cache.pop(next(iter(self._text_cache)))
             return self._text_cache[key]
+
+    @property
+    def url(self) -> str:
+        """Where a browser finds the page (a wildcard bind: this host's name)."""
+        return url_for_bind(f"[{self.host}]:{self.port}" if ":" in self.host else f"{self.host}:{self.port}")
 
     def start(self) -> None:
         """Serve in a thread of its own; OSError when the address cannot be bound."""
@@ -281,7 +371,7 @@ class Dashboard:
         self._thread = threading.Thread(target=run, name="dashboard", daemon=True)
         self._thread.start()
         ready.wait(5)
-        log.info("dashboard on http://%s:%d/", self.host, self.port)
+        log.info("dashboard on %s", self.url)
 
     def stop(self) -> None:
         if self._server is not None:

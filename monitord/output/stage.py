@@ -30,7 +30,10 @@ RETRY_MAX_S = 5.0
 
 class Sink(Protocol):
     """Somewhere else events go, after the log (MQTT, notifications). ``deliver`` is called on the
-    output thread and must not block: a sink with a network hands the event to its own thread."""
+    output thread and must not block: a sink with a network hands the event to its own thread.
+
+    A sink with ``wants_windows = True`` also gets every scored window through ``on_window(scored)``
+    (same thread, same rule: no blocking), e.g. for input levels."""
 
     name: str
 
@@ -69,6 +72,7 @@ class OutputStage(Stage):
         self.rings = dict(rings)
         self.clips = clips
         self.sinks = list(sinks)
+        self.window_sinks = [sink for sink in self.sinks if getattr(sink, "wants_windows", False)]
         self.feed = feed
         self.on_published = on_published
         self.stats = OutputStats()
@@ -97,8 +101,14 @@ class OutputStage(Stage):
                 self._in_hand = item
                 self._publish(item)
                 self._in_hand = None
-            elif isinstance(item, ScoredWindow) and self.feed is not None:
-                self.feed.on_window(item)
+            elif isinstance(item, ScoredWindow):
+                if self.feed is not None:
+                    self.feed.on_window(item)
+                for sink in self.window_sinks:
+                    try:
+                        sink.on_window(item)
+                    except Exception:  # a sink's failure is its own
+                        log.exception("sink %s failed on a window", sink.name)
 
     def status(self, source: str, status: str, detail: str, **extra: object) -> Event:
         return Event(kind="status", source=source, time=iso_utc(time.time()), host=self.host, status=status,

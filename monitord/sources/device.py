@@ -166,7 +166,7 @@ class DeviceSource(LiveSource):
         log.info("source %s: capturing %s at %d Hz, %d ch", self.id, self.device["name"], self.sample_rate, self.channels)
 
     def waiting_detail(self) -> str:
-        return f"waiting for input device {self.spec!r}"
+        return f"waiting for a microphone (input device {self.spec!r})"
 
     def up_detail(self) -> str:
         return f"capturing {self.device['name']} at {self.sample_rate} Hz"

@@ -16,7 +16,15 @@ if TYPE_CHECKING:
 
 
 class ModelUnavailable(Exception):
-    """Weights or processor files cannot be found; the message says where to get them."""
+    """Weights or processor files cannot be found; the message says where to get them.
+
+    ``missing`` says in a few words what is not there, ``fix`` the command (or config change) that
+    provides it: an optional model's status event carries both."""
+
+    def __init__(self, message: str, missing: str | None = None, fix: str | None = None):
+        super().__init__(message)
+        self.missing = missing
+        self.fix = fix
 
 
 class LabelsFixed(Exception):

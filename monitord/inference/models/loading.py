@@ -1,12 +1,23 @@
-"""Finding weights: a local directory, or a Hugging Face id (cache or download)."""
+"""Finding weights: a local directory, or a Hugging Face id (cache or download).
+
+An id is looked up in the Hugging Face cache first. Where it is not there: with ``HF_HUB_OFFLINE``
+set, or when the hub cannot be reached (a DNS lookup and a TCP connect, a few seconds at most),
+loading fails at once with a ``ModelUnavailable`` that says what is missing and the command that
+fixes it, instead of retrying for minutes. Where the hub answers, the files are downloaded with
+progress written as log lines (a journal gets lines, not progress bars).
+"""
 
 from __future__ import annotations
 
 import logging
 import os
-from pathlib import Path
+import socket
+import threading
+import time
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 from monitord.inference.models.base import ModelUnavailable
 
@@ -14,42 +25,188 @@ log = logging.getLogger(__name__)
 
 os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
 
+PROBE_TIMEOUT_S = 3.0
+"""How long the hub gets to answer a DNS lookup and a TCP connect before it counts as unreachable."""
+PROGRESS_EVERY_S = 5.0
+"""Seconds between two download progress lines."""
+WEIGHT_FILES = ("*.json", "*.txt", "*.model", "*.safetensors")
+"""What from_pretrained reads (config, processor, tokenizer, weights); .bin only where no .safetensors."""
+
 
 def is_local(ref: str) -> bool:
     return Path(ref).is_dir()
 
 
+def hub_offline() -> bool:
+    return any(os.environ.get(name, "").strip().lower() in ("1", "true", "yes", "on")
+               for name in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE"))
+
+
+def hub_endpoint() -> str:
+    return os.environ.get("HF_ENDPOINT", "https://huggingface.co").rstrip("/")
+
+
+def fetch_command(ref: str) -> str:
+    return f"hf download {ref}"
+
+
+def probe_hub(endpoint: str | None = None, timeout_s: float = PROBE_TIMEOUT_S) -> str | None:
+    """None when the hub (or the HTTPS proxy in front of it) accepts a TCP connection within
+    ``timeout_s``; otherwise why not. The DNS lookup runs in a thread, so a resolver that hangs
+    costs ``timeout_s``, not its own minutes."""
+    url = urlsplit(endpoint or hub_endpoint())
+    proxy = os.environ.get("HTTPS_PROXY") or os.environ.get("https_proxy") if url.scheme == "https" else \
+        os.environ.get("HTTP_PROXY") or os.environ.get("http_proxy")
+    target = urlsplit(proxy if "://" in (proxy or "") else f"http://{proxy}") if proxy else url
+    host = target.hostname or ""
+    port = target.port or (443 if target.scheme == "https" else 80)
+    result: list[str | None] = []
+
+    def attempt() -> None:
+        try:
+            with socket.create_connection((host, port), timeout=timeout_s):
+                result.append(None)
+        except OSError as exc:
+            result.append(f"{host}:{port}: {exc.strerror or exc}")
+
+    thread = threading.Thread(target=attempt, name="hub-probe", daemon=True)
+    thread.start()
+    thread.join(timeout_s + 0.5)
+    if not result:
+        return f"{host}:{port}: no answer within {timeout_s:g} s"
+    return result[0]
+
+
 def load_pretrained(loader: Any, ref: str, what: str, **kwargs: Any) -> Any:
     """``loader.from_pretrained(ref)`` with a clear ModelUnavailable when the files are not there.
 
-    A directory is read as it is. An id is looked up in the Hugging Face cache and
-    downloaded where the hub is reachable; ``HF_HUB_OFFLINE=1`` makes it cache-only.
+    A directory is read as it is. An id is read from the Hugging Face cache, or downloaded (with
+    progress lines) where the hub can be reached; ``HF_HUB_OFFLINE=1`` makes it cache-only.
     """
     if ref.startswith((".", "/", "~")) and not is_local(ref):
-        raise ModelUnavailable(f"{what}: model directory {ref} does not exist.")
+        raise ModelUnavailable(f"{what}: model directory {ref} does not exist.", missing=f"the directory {ref}",
+                               fix=f"{fetch_command('<model id>')} --local-dir {ref}")
     from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()
+    if is_local(ref):
+        try:
+            return loader.from_pretrained(ref, **kwargs)
+        except (OSError, ValueError) as exc:
+            raise ModelUnavailable(_explain(ref, what, exc), missing=f"a complete checkpoint in {ref}",
+                                   fix=f"{fetch_command('<model id>')} --local-dir {ref}") from None
     try:
-        return loader.from_pretrained(ref, **kwargs)
+        return loader.from_pretrained(ref, local_files_only=True, **kwargs)
     except (OSError, ValueError) as exc:
-        raise ModelUnavailable(_explain(ref, what, exc)) from None
+        cache_error = exc
+    if hub_offline():
+        raise ModelUnavailable(_explain(ref, what, cache_error), missing=f"{ref} is not in the Hugging Face cache "
+                               "and HF_HUB_OFFLINE is set", fix=_fix(ref)) from None
+    unreachable = probe_hub()
+    if unreachable is not None:
+        log.warning("%s: %s is not in the Hugging Face cache and the hub cannot be reached (%s)", what, ref, unreachable)
+        raise ModelUnavailable(
+            f"{what}: cannot load {ref!r}: it is not in the Hugging Face cache and the hub ({hub_endpoint()}) "
+            f"cannot be reached ({unreachable}). {_fix(ref)}",
+            missing=f"{ref} is not in the Hugging Face cache and {hub_endpoint()} cannot be reached ({unreachable})",
+            fix=_fix(ref)) from None
+    try:
+        folder = download(ref, what)
+        return loader.from_pretrained(folder, **kwargs)
+    except (OSError, ValueError) as exc:
+        raise ModelUnavailable(_explain(ref, what, exc), missing=f"{ref} could not be downloaded ({_first_line(exc)})",
+                               fix=_fix(ref)) from None
+
+
+def download(ref: str, what: str) -> str:
+    """Fetch a hub repository's checkpoint files into the cache, logging progress every few seconds."""
+    from huggingface_hub import HfApi, snapshot_download
+
+    endpoint = hub_endpoint()
+    files = HfApi(endpoint=endpoint).list_repo_files(ref)
+    patterns = list(WEIGHT_FILES) + ([] if any(f.endswith(".safetensors") for f in files) else ["*.bin"])
+    log.info("%s: downloading %s from %s into the Hugging Face cache", what, ref, endpoint)
+    began = time.monotonic()
+    folder = snapshot_download(ref, allow_patterns=patterns, endpoint=endpoint,
+                               tqdm_class=progress_logger(f"{what} {ref}", every_s=PROGRESS_EVERY_S))
+    log.info("%s: %s downloaded in %.0f s", what, ref, time.monotonic() - began)
+    return folder
+
+
+def progress_logger(what: str, every_s: float = PROGRESS_EVERY_S, logger: logging.Logger = log) -> type:
+    """A tqdm class that writes no bar but a log line every ``every_s`` seconds (and one at the end):
+    ``CLAP model x: downloading 312.4 of 615.2 MB (51 %), 12.3 MB/s``."""
+    from tqdm.auto import tqdm
+
+    class LogProgress(tqdm):  # type: ignore[misc,valid-type]
+        def __init__(self, *args: Any, **kwargs: Any) -> None:
+            kwargs.pop("name", None)
+            kwargs["disable"] = False
+            kwargs["file"] = _Discard()
+            kwargs.setdefault("mininterval", every_s)
+            desc = str(kwargs.get("desc") or "")
+            super().__init__(*args, **kwargs)
+            self._began = self._logged = time.monotonic()
+            self._done_logged = False
+            self._silent = desc.startswith("Reconstruct")  # huggingface_hub's second bar over the same bytes
+
+        def update(self, n: float | None = 1) -> bool | None:
+            shown = super().update(n)
+            now = time.monotonic()
+            finished = bool(self.total) and self.n >= self.total
+            if self._silent:
+                return shown
+            if (now - self._logged >= every_s and self.n) or (finished and not self._done_logged):
+                self._logged = now
+                self._done_logged = finished
+                logger.info("%s: %s", what, self.describe(now))
+            return shown
+
+        def describe(self, now: float) -> str:
+            elapsed = max(now - self._began, 1e-6)
+            if self.unit == "B":
+                mb, total = self.n / 1e6, (self.total or 0) / 1e6
+                share = f" ({100 * self.n / self.total:.0f} %)" if self.total else ""
+                return (f"downloading {mb:.1f}" + (f" of {total:.1f}" if total else "") +
+                        f" MB{share}, {mb / elapsed:.1f} MB/s")
+            return f"{self.n:g} of {self.total:g} files" if self.total else f"{self.n:g} files"
+
+        def display(self, *args: Any, **kwargs: Any) -> None:  # no bar, ever
+            return None
+
+    return LogProgress
+
+
+class _Discard:
+    def write(self, text: str) -> None:
+        return None
+
+    def flush(self) -> None:
+        return None
+
+
+def _fix(ref: str) -> str:
+    return (f"on a machine that reaches the hub, `{fetch_command(ref)}` (then copy HF_HOME's hub cache here), or "
+            f"`{fetch_command(ref)} --local-dir DIR` and set the model's `model:` to DIR")
+
+
+def _first_line(exc: Exception) -> str:
+    return str(exc).splitlines()[0] if str(exc) else type(exc).__name__
 
 
 def _explain(ref: str, what: str, exc: Exception) -> str:
-    offline = os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes", "on")
     if is_local(ref):
         return (
             f"{what}: the directory {ref} does not hold a complete {what} checkpoint ({exc}). "
             "It needs the files that save_pretrained writes: config.json, the weights "
             "(model.safetensors) and the processor files (preprocessor_config.json, tokenizer files)."
         )
-    where = "the Hugging Face cache (HF_HUB_OFFLINE is set)" if offline else "the Hugging Face cache or hub"
+    where = "the Hugging Face cache (HF_HUB_OFFLINE is set)" if hub_offline() else "the Hugging Face cache or hub"
     return (
         f"{what}: cannot load {ref!r}: it is not a local directory and could not be found in {where}. "
-        f"On a machine with internet, `huggingface-cli download {ref} --local-dir DIR` fetches it; "
+        f"On a machine with internet, `{fetch_command(ref)} --local-dir DIR` fetches it; "
         f"copy DIR here and set the model's `model:` to that directory (or pre-fill the cache at "
-        f"HF_HOME). Underlying error: {str(exc).splitlines()[0] if str(exc) else type(exc).__name__}"
+        f"HF_HOME). Underlying error: {_first_line(exc)}"
     )
 
 

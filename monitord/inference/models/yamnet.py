@@ -1,5 +1,8 @@
 """YAMNet on CPU: Google's TFLite classification export, run with ai-edge-litert.
 
+The export ships inside monitord (``yamnet.tflite`` beside this module, 3.9 MB, Apache-2.0; see
+NOTICE.md): ``model: builtin``, or no ``model:`` at all, uses it.
+
 The export takes 0.975 s of 16 kHz mono (15,600 samples) and returns 521 independent
 (sigmoid) AudioSet class scores. A window is scored frame by frame at YAMNet's own hop
 (0.48 s), plus one frame aligned to the window's end, and the frames are pooled (max by
@@ -14,7 +17,7 @@ from pathlib import Path
 
 import numpy as np
 
-from monitord.config import YamnetModelConfig, yamnet_class_names
+from monitord.config import BUILTIN, YamnetModelConfig, yamnet_class_names
 from monitord.inference.models.base import ModelBase, ModelUnavailable
 from monitord.types import Scores, Window, frozen_mapping
 from monitord.windowing.tiling import window_starts
@@ -25,11 +28,20 @@ SAMPLE_RATE = 16000
 FRAME = 15600
 HOP = 7680
 
+BUILTIN_FILE = Path(__file__).with_name("yamnet.tflite")
+BUILTIN_ID = "yamnet:builtin"
+"""The model id events carry when the shipped file is used."""
+
 WHERE_TO_GET = (
-    "YAMNet's TFLite classification export comes from Google's official YAMNet distribution "
-    "(Kaggle Models / TensorFlow Hub: google/yamnet, variant 'tflite/classification', Apache-2.0); "
-    "save the .tflite file and set the model's `model:` to its path."
+    "monitord ships YAMNet: leave `model:` out (or write `model: builtin`) to use it. Another copy of "
+    "the TFLite classification export comes from Google's official YAMNet distribution (Kaggle Models / "
+    "TensorFlow Hub: google/yamnet, variant 'tflite/classification', Apache-2.0)."
 )
+
+
+def model_file(config: YamnetModelConfig) -> Path:
+    """The .tflite file a config entry means (the shipped one for ``builtin``)."""
+    return BUILTIN_FILE if config.model == BUILTIN else Path(config.model)
 
 
 class YamnetClassifier(ModelBase):
@@ -39,13 +51,15 @@ class YamnetClassifier(ModelBase):
 
     def __init__(self, name: str, config: YamnetModelConfig):
         super().__init__(name, config)
-        self.model_id = config.model
+        path = model_file(config)
+        self.model_id = BUILTIN_ID if config.model == BUILTIN else config.model
         self.pool = config.pool
         self.classes = yamnet_class_names(config.class_map)
         self.groups = {group: [self.classes.index(c) for c in members] for group, members in config.groups.items()}
         self.labels = self.classes + tuple(self.groups)
-        if not Path(config.model).is_file():
-            raise ModelUnavailable(f"YAMNet model: {config.model} does not exist. {WHERE_TO_GET}")
+        if not path.is_file():
+            raise ModelUnavailable(f"YAMNet model: {path} does not exist. {WHERE_TO_GET}",
+                                   missing=f"the file {path}", fix=f"remove `model: {config.model}` (the built-in YAMNet)")
         try:
             from ai_edge_litert.interpreter import Interpreter
         except ImportError:
@@ -53,14 +67,16 @@ class YamnetClassifier(ModelBase):
                 "kind: yamnet needs Google's TFLite runtime: pip install 'monitord[edge]' (ai-edge-litert)"
             ) from None
         try:
-            self._interpreter = Interpreter(model_path=config.model, num_threads=config.threads)
+            self._interpreter = Interpreter(model_path=str(path), num_threads=config.threads)
             self._interpreter.allocate_tensors()
         except (ValueError, RuntimeError) as exc:
-            raise ModelUnavailable(f"YAMNet model: {config.model} is not a usable TFLite model ({exc}). {WHERE_TO_GET}") from None
+            raise ModelUnavailable(f"YAMNet model: {path} is not a usable TFLite model ({exc}). {WHERE_TO_GET}",
+                                   missing=f"a usable TFLite model at {path}",
+                                   fix=f"remove `model: {config.model}` (the built-in YAMNet)") from None
         inputs, outputs = self._interpreter.get_input_details(), self._interpreter.get_output_details()
         if list(inputs[0]["shape"]) != [FRAME] or outputs[0]["shape"][-1] != len(self.classes):
             raise ModelUnavailable(
-                f"YAMNet model: {config.model} takes {list(inputs[0]['shape'])} and gives {list(outputs[0]['shape'])}; "
+                f"YAMNet model: {path} takes {list(inputs[0]['shape'])} and gives {list(outputs[0]['shape'])}; "
                 f"expected the classification export ([{FRAME}] -> [1, {len(self.classes)}]). {WHERE_TO_GET}"
             )
         self._input = inputs[0]["index"]

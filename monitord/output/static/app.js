@@ -4,7 +4,7 @@ const token = new URLSearchParams(location.search).get("token");
 const withToken = (url) => token ? `${url}${url.includes("?") ? "&" : "?"}token=${encodeURIComponent(token)}` : url;
 const TIMELINE_S = 300, MAX_BARS = 8, LINES = 6;
 const COLORS = ["#4fb3ff", "#3fb950", "#d29922", "#f85149", "#bc8cff", "#39c5cf", "#ff9bce", "#e3b341"];
-const state = { models: {}, history: {}, canvases: {} };
+const state = { models: {}, rules: [], history: {}, canvases: {} };
 
 function el(tag, attrs = {}, ...children) {
   const node = document.createElement(tag);
@@ -20,15 +20,41 @@ function sourceCard(source) {
   if (card) return card;
   card = el("div", { class: "source", "data-source": source },
     el("h3", {}, el("span", { text: source }), el("span", { class: "badge quiet gate", text: "quiet" })),
+    el("div", { class: "source-state", "data-state": "starting", text: "starting" }),
     el("div", { class: "level", text: "level: -- dBFS" }),
     el("div", { class: "meter" }, el("div")),
+    el("ul", { class: "model-states" }),
+    el("ul", { class: "rule-states" }),
     el("div", { class: "models" }));
   document.getElementById("sources").append(card);
+  renderModelStates(card);
   return card;
 }
 
-function renderBars(container, scores) {
-  const entries = Object.entries(scores).sort((a, b) => b[1] - a[1]).slice(0, MAX_BARS);
+// which models are active (scoring here), remote (scoring on a remote backend) or inactive, and the rules on them
+function renderModelStates(card) {
+  const source = card.dataset.source;
+  card.querySelector(".model-states").replaceChildren(...Object.entries(state.models).map(([name, m]) =>
+    el("li", { class: `model-state ${m.state}`, "data-model": name, "data-state": m.state, title: m.detail || "" },
+      el("strong", { text: name }), ` ${m.kind}: ${m.state}`,
+      m.state === "inactive" ? el("small", { text: ` (${m.detail})` }) : "")));
+  card.querySelector(".rule-states").replaceChildren(...state.rules
+    .filter((r) => !r.sources || r.sources.includes(source))
+    .map((r) => el("li", { class: `rule-state ${r.active ? "active" : "inactive"}`, "data-rule": r.id,
+                           "data-active": String(r.active), title: r.detail || "" },
+      `rule ${r.id} (${r.model}: ${r.label} \u2265 ${r.threshold})`,
+      r.active ? "" : el("small", { text: ` inactive: ${r.detail}` }))));
+}
+
+function setSourceState(source, value, detail) {
+  const line = sourceCard(source).querySelector(".source-state");
+  line.dataset.state = value;
+  line.className = `source-state ${value}`;
+  line.textContent = detail ? `${value}: ${detail}` : value;
+}
+
+function renderBars(container, scores, max = MAX_BARS) {
+  const entries = Object.entries(scores).sort((a, b) => b[1] - a[1]).slice(0, max);
   container.replaceChildren(...entries.map(([label, p]) => {
     const fill = el("div", { class: "fill" });
     fill.style.width = `${(100 * p).toFixed(1)}%`;
@@ -62,27 +88,54 @@ function onScores(s) {
   drawTimeline(key);
 }
 
+// The time axis spans the data the page has (at most the last TIMELINE_S seconds of stream time),
+// so the first minutes fill the width instead of being squeezed into its right edge.
 function drawTimeline(key) {
   let entry = state.canvases[key];
   if (!entry) {
-    const canvas = el("canvas", { "data-timeline": key, width: 1200, height: 180 });
+    const canvas = el("canvas", { "data-timeline": key, width: 1200, height: 200,
+                                  "data-x-label": "stream time (s)", "data-y-label": "score" });
     const legend = el("div", { class: "legend" });
     document.getElementById("timelines").append(el("h4", { text: key }), canvas, legend);
     entry = state.canvases[key] = { canvas, legend };
   }
   const history = state.history[key];
-  const ctx = entry.canvas.getContext("2d");
-  const { width, height } = entry.canvas;
+  const canvas = entry.canvas;
+  const ctx = canvas.getContext("2d");
+  const { width, height } = canvas;
   ctx.clearRect(0, 0, width, height);
   if (!history.length) return;
   const best = {};
   for (const h of history) for (const [label, p] of Object.entries(h.scores)) best[label] = Math.max(best[label] || 0, p);
   const labels = Object.keys(best).sort((a, b) => best[b] - best[a]).slice(0, LINES);
-  const t1 = history[history.length - 1].t, t0 = Math.max(0, t1 - TIMELINE_S);
-  const x = (t) => 30 + (width - 40) * (t - t0) / Math.max(1, t1 - t0);
-  const y = (p) => height - 15 - (height - 25) * p;
+  const t1 = history[history.length - 1].t, t0 = history[0].t;
+  const span = Math.max(t1 - t0, 1);
+  const left = 52, right = 28, top = 10, bottom = 38;
+  const x = (t) => left + (width - left - right) * (t - t0) / span;
+  const y = (p) => height - bottom - (height - top - bottom) * p;
+  canvas.dataset.t0 = t0.toFixed(3);
+  canvas.dataset.t1 = t1.toFixed(3);
+  canvas.dataset.x0 = x(history[0].t).toFixed(1);
+  ctx.font = "12px system-ui, sans-serif";
+  ctx.fillStyle = "#8b98a5";
   ctx.strokeStyle = "#2d3742"; ctx.lineWidth = 1;
-  for (const p of [0, 0.5, 1]) { ctx.beginPath(); ctx.moveTo(30, y(p)); ctx.lineTo(width - 10, y(p)); ctx.stroke(); }
+  ctx.textAlign = "right"; ctx.textBaseline = "middle";
+  for (const p of [0, 0.25, 0.5, 0.75, 1]) {
+    ctx.beginPath(); ctx.moveTo(left, y(p)); ctx.lineTo(width - right, y(p)); ctx.stroke();
+    ctx.fillText(p.toFixed(2), left - 6, y(p));
+  }
+  const step = niceStep(span / 8);
+  ctx.textAlign = "center"; ctx.textBaseline = "top";
+  const ticks = [];
+  for (let t = Math.ceil(t0 / step) * step; t <= t1 + 1e-9; t += step) {
+    ticks.push(t);
+    ctx.beginPath(); ctx.moveTo(x(t), height - bottom); ctx.lineTo(x(t), height - bottom + 4); ctx.stroke();
+    ctx.fillText(formatTime(t), x(t), height - bottom + 6);
+  }
+  canvas.dataset.ticks = ticks.map(formatTime).join(",");
+  ctx.fillText(canvas.dataset.xLabel, left + (width - left - right) / 2, height - 14);
+  ctx.save(); ctx.translate(12, top + (height - top - bottom) / 2); ctx.rotate(-Math.PI / 2);
+  ctx.textBaseline = "middle"; ctx.fillText(canvas.dataset.yLabel, 0, 0); ctx.restore();
   labels.forEach((label, i) => {
     ctx.strokeStyle = COLORS[i % COLORS.length]; ctx.lineWidth = 2; ctx.beginPath();
     history.forEach((h, j) => { const p = h.scores[label] ?? 0; j ? ctx.lineTo(x(h.t), y(p)) : ctx.moveTo(x(h.t), y(p)); });
@@ -91,6 +144,17 @@ function drawTimeline(key) {
   entry.legend.replaceChildren(...labels.map((label, i) => {
     const s = el("span", { text: `\u25A0 ${label}` }); s.style.color = COLORS[i % COLORS.length]; return s;
   }));
+}
+
+function niceStep(raw) {
+  const steps = [0.5, 1, 2, 5, 10, 15, 30, 60, 120, 300, 600, 1800, 3600];
+  return steps.find((s) => s >= raw) || 3600 * Math.ceil(raw / 3600);
+}
+
+function formatTime(t) {
+  if (t < 120) return `${+t.toFixed(1)} s`;
+  const m = Math.floor(t / 60), s = Math.round(t - 60 * m);
+  return `${m}:${String(s).padStart(2, "0")}`;
 }
 
 function onEvent(e) {
@@ -102,7 +166,10 @@ function onEvent(e) {
       ` ${e.source}: "${e.label}" ${e.score.toFixed(3)} at ${e.stream_start.toFixed(1)}-${e.stream_end.toFixed(1)} s`,
       el("br"), el("small", { text: `#${e.seq} ${e.time} latency ${e.latency_ms ?? "-"} ms` }));
   } else {
-    item = el("li", { class: "status" }, `#${e.seq} ${e.source}: ${e.status}: ${e.detail ?? ""}`);
+    item = el("li", { class: "status", "data-status": e.status, "data-source": e.source },
+      `#${e.seq} ${e.source}: ${e.status}: ${e.detail ?? ""}`);
+    if (["up", "down", "eof"].includes(e.status) && document.querySelector(`.source[data-source="${CSS.escape(e.source)}"]`))
+      setSourceState(e.source, e.status === "eof" ? "ended" : e.status, e.status === "up" ? "" : e.detail);
     if (e.status === "clip" && e.clip) {
       const name = e.clip.split("/").pop();
       item.append(el("audio", { controls: "", preload: "none", src: withToken(`clips/${encodeURIComponent(name)}`) }));
@@ -115,10 +182,13 @@ function onEvent(e) {
 async function start() {
   const response = await fetch(withToken("api/state"));
   const initial = await response.json();
+  state.models = initial.models;
+  state.rules = initial.rules;
   initial.sources.forEach(sourceCard);
+  for (const [source, s] of Object.entries(initial.source_states || {})) setSourceState(source, s.state, s.detail);
   initial.events.slice().reverse().forEach(onEvent);
   for (const m of initial.latest) (m.scores && m.model_name ? onScores : onWindow)(m);
-  if (!initial.try_it) document.getElementById("try-form").hidden = true;
+  setUpTryIt(initial.try_it || {});
   const channel = new EventSource(withToken("api/events"));
   const badge = document.getElementById("connection");
   channel.onopen = () => { badge.textContent = "live"; badge.className = "badge on"; };
@@ -126,6 +196,39 @@ async function start() {
   channel.addEventListener("window", (m) => onWindow(JSON.parse(m.data)));
   channel.addEventListener("scores", (m) => onScores(JSON.parse(m.data)));
   channel.addEventListener("event", (m) => onEvent(JSON.parse(m.data)));
+}
+
+function setUpTryIt(models) {
+  const kinds = Object.values(models);
+  const form = document.getElementById("try-form");
+  if (!kinds.length) { form.hidden = true; document.getElementById("try-status").textContent = "no model that can score an upload is loaded"; return; }
+  const labels = document.getElementById("try-labels");
+  const names = Object.entries(models).map(([n, k]) => `${n} (${k})`).join(", ");
+  document.getElementById("try-models").textContent = `scored by ${names}`;
+  if (!kinds.includes("clap")) {
+    labels.closest("label").hidden = true;
+  } else if (kinds.includes("yamnet")) {
+    labels.placeholder = "optional for CLAP: glass breaking, dog barking, speech, silence";
+  }
+}
+
+function renderTryResult(result) {
+  const box = document.getElementById("try-result");
+  box.replaceChildren(...Object.entries(result.models).map(([name, r]) => {
+    const section = el("div", { class: "try-model", "data-model": name, "data-kind": r.kind });
+    if (r.kind === "clap") {
+      section.append(el("h4", { text: `${name}: zero-shot, mean over ${r.windows.length} windows` }), el("div", { class: "bars" }));
+      renderBars(section.querySelector(".bars"), r.probabilities, Infinity);
+    } else {
+      section.append(el("h4", { text: `${name}: top classes (best window)` }), el("div", { class: "bars classes" }));
+      renderBars(section.querySelector(".classes"), r.top, Infinity);
+      if (Object.keys(r.groups).length) {
+        section.append(el("h4", { text: `${name}: groups` }), el("div", { class: "bars groups" }));
+        renderBars(section.querySelector(".groups"), r.groups, Infinity);
+      }
+    }
+    return section;
+  }));
 }
 
 document.getElementById("try-form").addEventListener("submit", async (ev) => {
@@ -140,8 +243,8 @@ document.getElementById("try-form").addEventListener("submit", async (ev) => {
   const response = await fetch(withToken("api/try"), { method: "POST", body });
   const result = await response.json();
   if (!response.ok) { status.textContent = result.error; return; }
-  status.textContent = `${result.model}: mean over ${result.windows.length} windows`;
-  renderBars(document.getElementById("try-result"), result.probabilities);
+  status.textContent = `${result.windows} windows` + (result.note ? ` (${result.note})` : "");
+  renderTryResult(result);
 });
 
 start();
