@@ -14,7 +14,7 @@ import pytest
 
 from monitord.config import MqttConfig, load_config
 from monitord.output.mqtt import Topics
-from tests.conftest import IN_CI, REPO, config_problems, free_port, need, silence, tone, write_wav
+from tests.conftest import IN_CI, REPO, config_problems, free_port, silence, tone, write_wav
 from tests.mqtt_broker import USER, Broker, Subscriber
 from tests.test_e2e import Subscriber as ZmqSubscriber
 from tests.test_e2e import read_log
