@@ -14,13 +14,13 @@ import pytest
 
 from monitord.config import MqttConfig, load_config
 from monitord.output.mqtt import Topics
-from tests.conftest import IN_CI, REPO, config_problems, free_port, silence, tone, write_wav
+from tests.conftest import in_ci, REPO, config_problems, free_port, silence, tone, write_wav
 from tests.mqtt_broker import USER, Broker, Subscriber
 from tests.test_e2e import Subscriber as ZmqSubscriber
 from tests.test_e2e import read_log
 from tests.test_faults import ScriptedModel
 
-if not IN_CI:
+if not in_ci():
     pytest.importorskip("paho.mqtt.client")
 
 RATE = 16000
