@@ -78,3 +78,18 @@ def test_windows_cannot_be_changed_once_cut():
         w.gates["m"] = Verdict.QUIET
     with pytest.raises(TypeError):
         w.facts.speech["silero"] = 1.0
+
+
+def test_models_are_scored_after_the_models_they_build_on():
+    """A model gated by an anomaly model must come after it (and it after the CLAP whose embedding it
+    scores), or the gated model would find no gate scores and skip every window as CASCADE."""
+    from types import SimpleNamespace
+
+    from monitord.inference.worker import cascade_order
+
+    def model(name, depends_on=None, gate=None):
+        return SimpleNamespace(name=name, depends_on=depends_on, gated_by=None if gate is None else SimpleNamespace(model=gate))
+
+    clap, health, alarm, yam = model("clap"), model("health", depends_on="clap"), model("alarm", gate="health"), model("yam")
+    order = [m.name for m in cascade_order([alarm, health, yam, clap])]
+    assert order.index("clap") < order.index("health") < order.index("alarm") and set(order) == {"clap", "health", "alarm", "yam"}

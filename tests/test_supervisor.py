@@ -294,6 +294,6 @@ publish: {{endpoint: "tcp://127.0.0.1:{free_port()}", event_log: events.jsonl}}
         while time.monotonic() < deadline:
             assert daemon.health()[source.name].ok, daemon.health()[source.name]
             time.sleep(0.2)
-        assert source.state is StageState.DEGRADED and "waiting for input device" in source.detail
+        assert source.state is StageState.DEGRADED and "waiting for a microphone" in source.detail
     finally:
         daemon.stop()

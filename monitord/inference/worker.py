@@ -62,9 +62,23 @@ class InferenceStats:
 
 
 def cascade_order(models: Sequence[Model]) -> list[Model]:
-    """Models that others build on first: gating models before gated ones (one level deep, checked
-    by the config), embedding models before those that use their embeddings."""
-    return sorted(models, key=lambda m: (m.depends_on is not None, m.gated_by is not None))
+    """Every model after the models it builds on: its cascade's gate and the model whose embedding
+    it scores (a model gated by an anomaly model comes after the anomaly model, which comes after
+    CLAP). Otherwise the configured order. The config refuses cycles (cascades are one level deep)."""
+    by_name = {m.name: m for m in models}
+    ordered: list[Model] = []
+
+    def place(model: Model, path: tuple[str, ...] = ()) -> None:
+        if model in ordered or model.name in path:
+            return
+        for needed in (model.depends_on, model.gated_by.model if model.gated_by is not None else None):
+            if needed in by_name:
+                place(by_name[needed], (*path, model.name))
+        ordered.append(model)
+
+    for model in models:
+        place(model)
+    return ordered
 
 
 def cascade_passes(scores: Scores, cascade: CascadeConfig) -> bool:
