@@ -27,24 +27,31 @@ from monitord.config.schema import BUILTIN, ID_PATTERN, Config, ModelConfig, Ser
 def load_config(path: str | os.PathLike[str]) -> Config:
     """Read, validate and resolve a YAML config file; raises ConfigError."""
     path = Path(path)
+    return parse_config(_read(path), base_dir=path.resolve().parent)
+
+
+def _read(path: Path) -> str:
     try:
-        text = path.read_text(encoding="utf-8")
+        return path.read_text(encoding="utf-8")
     except FileNotFoundError:
         raise ConfigError([Problem("config", f"file not found: {path}")]) from None
     except (OSError, UnicodeDecodeError) as exc:
         raise ConfigError([Problem("config", f"cannot read {path}: {exc}")]) from None
-    return parse_config(text, base_dir=path.resolve().parent)
 
 
-def parse_config(text: str, base_dir: Path) -> Config:
+def _compose(text: str) -> tuple[yaml.Node | None, Any]:
+    """The YAML's node tree (for line numbers) and its data; ConfigError for invalid YAML."""
     try:
-        root_node = yaml.compose(text, Loader=yaml.SafeLoader)
-        data = yaml.safe_load(text)
+        return yaml.compose(text, Loader=yaml.SafeLoader), yaml.safe_load(text)
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         line = mark.line + 1 if mark is not None else None
         problem = getattr(exc, "problem", None) or str(exc)
         raise ConfigError([Problem("config", f"invalid YAML: {problem}", line)]) from None
+
+
+def parse_config(text: str, base_dir: Path) -> Config:
+    root_node, data = _compose(text)
     if data is None:
         data = {}
     if not isinstance(data, dict):
@@ -142,19 +149,7 @@ class ServeFile(_Strict):
 def load_serve_config(path: str | os.PathLike[str]) -> ServeFile:
     """The models and serve section of a config file, validated and resolved; raises ConfigError."""
     path = Path(path)
-    try:
-        text = path.read_text(encoding="utf-8")
-    except FileNotFoundError:
-        raise ConfigError([Problem("config", f"file not found: {path}")]) from None
-    except (OSError, UnicodeDecodeError) as exc:
-        raise ConfigError([Problem("config", f"cannot read {path}: {exc}")]) from None
-    try:
-        root_node = yaml.compose(text, Loader=yaml.SafeLoader)
-        data = yaml.safe_load(text)
-    except yaml.YAMLError as exc:
-        mark = getattr(exc, "problem_mark", None)
-        raise ConfigError([Problem("config", f"invalid YAML: {getattr(exc, 'problem', None) or exc}",
-                                   mark.line + 1 if mark is not None else None)]) from None
+    root_node, data = _compose(_read(path))
     if not isinstance(data, dict):
         raise ConfigError([Problem("config", "top level must be a mapping of sections with a models: section")])
     try:

@@ -17,7 +17,6 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import hmac
-import ipaddress
 import json
 import logging
 import os
@@ -31,6 +30,7 @@ from typing import Any
 
 import numpy as np
 
+from monitord import net
 from monitord.inference.models.base import Model
 from monitord.types import Scores
 from monitord.serve import wire
@@ -87,14 +87,7 @@ class ServiceStats:
 
 
 def is_loopback(host: str | None) -> bool:
-    if host is None:
-        return False
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host.strip("[]")).is_loopback
-    except ValueError:
-        return False
+    return host is not None and net.is_loopback(host)
 
 
 def canary_window(sample_rate: int) -> Window:
