@@ -1,0 +1,181 @@
+"""Review 2: failing tests for faults found in the MQTT and notification sinks, optional models and
+remote inference. Each test names the fault it shows."""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+from monitord.config import MqttConfig
+from monitord.output.eventlog import EventLog
+from monitord.output.mqtt import MqttSink, Topics
+from monitord.types import Event
+
+pytest.importorskip("paho.mqtt.client")
+
+
+class _Reason:
+    def __init__(self, value: int = 0):
+        self.value = value
+        self.is_failure = value >= 0x80
+
+    def __str__(self) -> str:
+        return f"reason {self.value}"
+
+
+class _Info:
+    def __init__(self, mid: int):
+        self.mid = mid
+
+    def wait_for_publish(self, timeout: float) -> None:
+        return None
+
+
+class FakeBroker:
+    """Stands in for paho and a broker: ``up`` decides whether a connection succeeds; every publish
+    is kept and acknowledged at once (unless ``hold_acks``)."""
+
+    def __init__(self):
+        self.up = False
+        self.published: list[tuple[str, str, bool]] = []
+        self.lock = threading.Lock()
+        self.mid = 0
+
+    def factory(self):
+        broker = self
+
+        class Client:
+            on_connect = on_disconnect = on_publish = None
+
+            def __init__(self):
+                self.connected = False
+
+            def connect(self, host, port, keepalive):
+                if not broker.up:
+                    raise ConnectionRefusedError(111, "Connection refused")
+
+            def loop_start(self):
+                self.connected = True
+                self.on_connect(self, None, None, _Reason(0), None)
+
+            def loop_stop(self):
+                pass
+
+            def disconnect(self):
+                self.connected = False
+
+            def is_connected(self):
+                return self.connected and broker.up
+
+            def publish(self, topic, payload, qos=0, retain=False):
+                with broker.lock:
+                    broker.mid += 1
+                    mid = broker.mid
+                    broker.published.append((topic, payload if isinstance(payload, str) else payload.decode(), retain))
+                self.on_publish(self, None, mid, _Reason(0), None)
+                return _Info(mid)
+
+        return Client()
+
+    def event_seqs(self, prefix: str = "m") -> list[int]:
+        with self.lock:
+            return [json.loads(p)["seq"] for t, p, r in self.published
+                    if t.startswith(prefix + "/") and not t.endswith(("/state", "/level")) and t != f"{prefix}/availability"]
+
+
+def status_event(seq: int) -> Event:
+    return Event(kind="status", source="rec", time="2026-01-01T00:00:00.000Z", host="h", seq=seq, id=f"id{seq}",
+                 status="overload", detail="x" * 200)
+
+
+def make_sink(tmp_path: Path, broker: FakeBroker, log: EventLog | None, statuses: list, **mqtt) -> MqttSink:
+    config = MqttConfig(host="127.0.0.1", port=1, topic_prefix="m", backoff_max_s=1.0, **mqtt)
+    topics = Topics(config, "h", [("rec", "tone")], ["rec"])
+    return MqttSink(config, topics, log, lambda *a, **k: statuses.append((a, k)),
+                    state_path=tmp_path / "events.jsonl.mqtt-state.json", client_factory=broker.factory)
+
+
+def wait_until(predicate, timeout: float) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return True
+        time.sleep(0.05)
+    return predicate()
+
+
+# --- MQTT -------------------------------------------------------------------------------------
+
+
+def test_mqtt_sink_thread_dies_silently_on_a_password_file_that_is_not_utf8(tmp_path):
+    """A password file in another encoding (Latin-1 'é') raises UnicodeDecodeError (a ValueError, not the
+    OSError _connect catches) on the sink's thread: the thread dies, nothing says so, no retry ever
+    follows, and the daemon stays healthy while no event reaches the broker again."""
+    from monitord.output.mqtt import MqttSink as RealSink
+
+    password = tmp_path / "pw"
+    password.write_bytes("caf\u00e9\n".encode("latin-1"))
+    statuses: list = []
+    config = MqttConfig(host="127.0.0.1", port=1, username="u", password_file=str(password), topic_prefix="m")
+    sink = RealSink(config, Topics(config, "h", [], []), None, lambda *a, **k: statuses.append((a, k)))
+    sink.start()
+    try:
+        time.sleep(1.0)
+        assert sink._thread.is_alive(), "the MQTT sink's thread died; nothing reported it"
+    finally:
+        sink.stop(0.5)
+
+
+def test_mqtt_events_still_in_memory_are_lost_when_the_log_rotated_while_the_broker_was_down(tmp_path):
+    """Broker down; 1500 events logged (the log keeps only its last few hundred: rotation) and handed
+    over (the sink holds the last 1000 in memory). When the broker is back the sink asks the log
+    first, which starts hundreds of seqs later than what it holds: the events only memory had
+    are skipped, and nothing says events were lost."""
+    log = EventLog(tmp_path / "events.jsonl", max_bytes=80_000, keep=1)
+    log.open()
+    broker, statuses = FakeBroker(), []
+    sink = make_sink(tmp_path, broker, log, statuses)
+    sink.start()
+    try:
+        for seq in range(1, 1501):
+            event = status_event(seq)
+            log.append(event.to_json().encode())
+            sink.deliver(event)
+        oldest_logged = json.loads(EventLog(tmp_path / "events.jsonl", keep=1).read_since(0, 1)[0][0])["seq"]
+        assert oldest_logged > 501  # the log no longer has what only memory holds
+        broker.up = True
+        assert wait_until(lambda: 1500 in broker.event_seqs(), 20)
+        sent = broker.event_seqs()
+        lost = sorted(set(range(501, 1501)) - set(sent))
+        assert not lost, f"{len(lost)} events held in memory never sent (seqs {lost[0]}..{lost[-1]})"
+    finally:
+        sink.stop(1.0)
+        log.close()
+
+
+def test_mqtt_events_rotated_out_of_the_log_while_the_broker_was_down_are_lost_without_a_word(tmp_path):
+    """Restart with a state file whose acknowledged seq is older than anything the log still keeps
+    (rotated away while the broker was down): the sink jumps the gap and no status says that events
+    1..N never reached the broker (the module promises 'nothing is lost while the broker is away')."""
+    log = EventLog(tmp_path / "events.jsonl", max_bytes=20_000, keep=1)
+    log.open()
+    for seq in range(1, 301):
+        log.append(status_event(seq).to_json().encode())
+    (tmp_path / "events.jsonl.mqtt-state.json").write_text('{"acked_seq": 10}\n')
+    oldest = log.read_since(0, 1)[1]
+    assert oldest > 11
+    broker, statuses = FakeBroker(), []
+    broker.up = True
+    sink = make_sink(tmp_path, broker, log, statuses)
+    sink.start()
+    try:
+        assert wait_until(lambda: 300 in broker.event_seqs(), 20)
+        said = [a for a, k in statuses if a[1] not in ("mqtt_up",)]
+        assert said, f"events 11..{oldest - 1} never reached the broker and no status said so: {statuses}"
+    finally:
+        sink.stop(1.0)
+        log.close()
