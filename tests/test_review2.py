@@ -213,3 +213,31 @@ def test_mqtt_replaying_a_backlog_from_the_log_is_quadratic(tmp_path, monkeypatc
         sink.stop(1.0)
         log.close()
     assert parsed[0] < 5 * n, f"{parsed[0]} log lines parsed to replay {n} events"
+
+
+def alert_event(seq: int, phase: str) -> Event:
+    return Event(kind="alert", source="rec", rule="tone", label="tone", phase=phase, score=0.9,
+                 time="2026-01-01T00:00:00.000Z", host="h", seq=seq, id=f"id{seq}")
+
+
+def test_mqtt_retained_state_stays_on_after_a_crash_with_an_unacknowledged_onset(tmp_path):
+    """The broker was away when an onset was logged, then the process died (power loss, OOM kill:
+    no offset at stop). At the next start the sink publishes OFF, then replays the old onset,
+    which sets the retained state ON: nothing in this run will ever send its offset (the engine
+    starts with no open alert), so Home Assistant shows the alarm on until the rule fires again."""
+    log = EventLog(tmp_path / "events.jsonl")
+    log.open()
+    log.append(status_event(1).to_json().encode())
+    log.append(alert_event(2, "onset").to_json().encode())
+    (tmp_path / "events.jsonl.mqtt-state.json").write_text('{"acked_seq": 1}\n')
+    broker, statuses = FakeBroker(), []
+    broker.up = True
+    sink = make_sink(tmp_path, broker, log, statuses)
+    sink.start()
+    try:
+        assert wait_until(lambda: 2 in broker.event_seqs(), 10)
+    finally:
+        sink.stop(1.0)
+        log.close()
+    states = [p for t, p, r in broker.published if t == "m/rec/tone/state"]
+    assert states[-1] == "OFF", f"retained alert state after the restart: {states}"
