@@ -241,3 +241,30 @@ def test_mqtt_retained_state_stays_on_after_a_crash_with_an_unacknowledged_onset
         log.close()
     states = [p for t, p, r in broker.published if t == "m/rec/tone/state"]
     assert states[-1] == "OFF", f"retained alert state after the restart: {states}"
+
+
+def test_home_assistant_discovery_gives_two_alerts_one_entity_when_ids_hold_underscores(tmp_path):
+    """Source and rule ids may hold '_': source 'front_door' with rule 'bark' and source 'front' with
+    rule 'door_bark' get the same object id, discovery topic and unique_id, so the second config
+    overwrites the first (retained) and Home Assistant shows one sensor for two alarms. The config
+    check does not catch it."""
+    from monitord.config import ConfigError, parse_config
+
+    topics = Topics(MqttConfig(host="h"), "node", [("front_door", "bark"), ("front", "door_bark")], ["front_door", "front"])
+    messages = topics.discovery()
+    binary = [m for m in messages if "/binary_sensor/" in m.topic]
+    unique = {json.loads(m.payload)["uniq_id"] for m in binary}
+    if len(unique) == len(binary) and len({m.topic for m in binary}) == len(binary):
+        return
+    text = ("sources: [{id: front_door, device: default}, {id: front, device: default}]\n"
+            "models: {yam: {kind: yamnet, groups: {dog: [Dog]}}}\n"
+            "rules: [{id: bark, model: yam, label: dog, threshold: 0.3, sources: [front_door]},\n"
+            "        {id: door_bark, model: yam, label: dog, threshold: 0.3, sources: [front]}]\n"
+            "publish: {mqtt: {host: h, discovery: true}}\n")
+    try:
+        parse_config(text, tmp_path)
+        found = []
+    except ConfigError as exc:
+        found = [str(p) for p in exc.problems]
+    assert any("publish.mqtt" in p or p.startswith("rules.") for p in found), \
+        f"two binary_sensors share unique_id {unique} and the config check says nothing: {found}"
