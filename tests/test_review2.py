@@ -268,3 +268,54 @@ def test_home_assistant_discovery_gives_two_alerts_one_entity_when_ids_hold_unde
         found = [str(p) for p in exc.problems]
     assert any("publish.mqtt" in p or p.startswith("rules.") for p in found), \
         f"two binary_sensors share unique_id {unique} and the config check says nothing: {found}"
+
+
+# --- notifications ----------------------------------------------------------------------------
+
+
+def test_a_service_that_refuses_attachments_never_gets_the_alert(tmp_path):
+    """attach_clip on a service that refuses the attachment (a self-hosted ntfy without an
+    attachment cache answers 400, ntfy.sh 413 past its size limit, Pushover above 5 MB): every
+    retry sends the same message with the same clip, all are refused, and the alarm is never
+    delivered, not even as text."""
+    pytest.importorskip("apprise")
+    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+    from monitord.config import NotifyConfig, RuleConfig
+    from monitord.output.notify import Notifier
+    from tests.conftest import free_port
+
+    got: list[tuple[int, dict]] = []
+
+    class Handler(BaseHTTPRequestHandler):
+        def do_POST(self):  # noqa: N802
+            body = json.loads(self.rfile.read(int(self.headers.get("Content-Length", 0))) or b"{}")
+            code = 413 if body.get("attachments") else 200
+            got.append((code, body))
+            self.send_response(code)
+            self.send_header("Content-Length", "0")
+            self.end_headers()
+
+        def log_message(self, *args):
+            return None
+
+    server = ThreadingHTTPServer(("127.0.0.1", free_port()), Handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    clip = tmp_path / "clip.flac"
+    clip.write_bytes(b"\0" * 1000)
+    config = NotifyConfig(url=f"json://127.0.0.1:{server.server_address[1]}/hook", attach_clip=True, retries=1, clip_wait_s=1)
+    rules = {"tone": RuleConfig(id="tone", model="m", label="tone", threshold=0.5)}
+    notifier = Notifier(config, 0, rules, "h", None, lambda *a, **k: None)
+    notifier.start()
+    try:
+        onset = Event(kind="alert", source="rec", rule="tone", label="tone", phase="onset", score=0.9,
+                      time="2026-01-01T00:00:00.000Z", host="h", seq=7, id="x", clip=str(clip))
+        notifier.deliver(onset)
+        notifier.deliver(Event(kind="status", source="rec", time=onset.time, host="h", seq=8, status="clip",
+                               extra={"clip": str(clip), "onset_seq": 7}))
+        wait_until(lambda: any(code == 200 for code, _ in got) or notifier.failed, 10)
+    finally:
+        notifier.stop(1.0)
+        server.shutdown()
+        server.server_close()
+    assert any(code == 200 for code, _ in got), f"the alert never arrived: {[code for code, _ in got]}"
