@@ -319,3 +319,59 @@ def test_a_service_that_refuses_attachments_never_gets_the_alert(tmp_path):
         server.shutdown()
         server.server_close()
     assert any(code == 200 for code, _ in got), f"the alert never arrived: {[code for code, _ in got]}"
+
+
+# --- remote inference -------------------------------------------------------------------------
+
+
+def test_windows_held_for_a_down_cluster_are_unbounded_when_later_windows_need_no_remote_answer():
+    """max_waiting_windows counts only windows that still wait for a remote answer. With the
+    cluster down, one window waits at the head of the line; every later batch of a live source
+    whose windows the remote model need not score (its cascade gate said no: the usual case, quiet
+    windows) becomes a job that is done at once but is held behind the head, samples and all, for
+    as long as the cluster is down: memory grows by every window of the source (~190 kB per second
+    of 48 kHz audio), without bound and without a drop."""
+    from types import SimpleNamespace
+
+    from monitord.config import CascadeConfig
+    from monitord.inference.models import ModelBase
+    from monitord.inference.queue import WindowQueue
+    from monitord.inference.worker import InferenceStage, Scorer, _Job
+    from monitord.serve.client import InferenceUnavailable
+    from monitord.stage import Channel
+    from monitord.types import Scores, Verdict, WindowFacts
+    from tests.test_remote_stage import RATE, LocalTier, loud_window
+
+    class Down(ModelBase):
+        device, model_id, sample_rate, labels = "remote", "r", RATE, ("tone", "noise")
+
+        def __init__(self):
+            super().__init__("clap", SimpleNamespace(batch_max=4, batch_wait_ms=1,
+                                                     gated_by=CascadeConfig(model="yam", labels=("tone",), threshold=0.5)))
+
+        def score(self, windows, upstream=None):
+            raise InferenceUnavailable("the cluster is down")
+
+    def quiet_window(i: int):
+        from dataclasses import replace
+
+        window = loud_window("a", i)
+        return replace(window, facts=WindowFacts(-80.0, -80.0, -80.0, 0.0, 0, 0.0))
+
+    yam = LocalTier("yam", SimpleNamespace(batch_max=4, batch_wait_ms=1, gated_by=None))
+    queue, out = WindowQueue(64), Channel(100_000)
+    stage = InferenceStage(queue, Scorer([Down(), yam]), out, max_in_flight=1, max_waiting_windows=8,
+                           retry_backoff_s=0.01, retry_backoff_max_s=0.05)
+    stage.start()
+    try:
+        queue.put(loud_window("a", 0), live=True)
+        for start in range(1, 401, 20):
+            for i in range(start, start + 20):
+                queue.put(quiet_window(i), live=True)
+            assert wait_until(lambda: len(queue) == 0 and not stage._in_hand, 5)
+        time.sleep(0.2)
+        held = sum(len(j.state.windows) for j in list(stage._pending) if isinstance(j, _Job))
+        assert held <= 8 + 4, f"{held} windows held in memory for a down cluster (bound: max_waiting_windows=8)"
+    finally:
+        stage.finish(0.5)
+        stage.join(5)
