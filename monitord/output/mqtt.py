@@ -264,26 +264,38 @@ class MqttSink:
     def _run(self) -> None:
         delay = 1.0
         while not self._stop.is_set():
-            if self._client is None:
-                if self._connect():
-                    delay = 1.0
-                else:
-                    self._wake.wait(delay)
-                    self._wake.clear()
-                    delay = min(delay * 2, self.config.backoff_max_s)
-                continue
-            if self._lost is None and not self._client.is_connected():  # gone before on_disconnect could say so
-                self._lost = f"connection to {self.config.host}:{self.config.port} lost"
-            if self._lost is not None:
-                self._went_down(self._lost)
-                continue
-            self._take_acks()
-            self._pump()
-            self._send_levels()
-            self._save_state()
-            self._wake.wait(0.2)
-            self._wake.clear()
+            try:
+                delay = self._turn(delay)
+            except Exception as exc:  # noqa: BLE001 - the sink's thread must not die: nothing would notice
+                log.exception("mqtt: unexpected error")
+                self._went_down(f"unexpected error in the MQTT sink: {exc!r}", error=True)
+                self._wake.wait(delay)
+                self._wake.clear()
+                delay = min(delay * 2, self.config.backoff_max_s)
         self._finish()
+
+    def _turn(self, delay: float) -> float:
+        """One turn of the sink's loop; the next connection backoff."""
+        if self._client is None:
+            if self._connect():
+                delay = 1.0
+            else:
+                self._wake.wait(delay)
+                self._wake.clear()
+                delay = min(delay * 2, self.config.backoff_max_s)
+            return delay
+        if self._lost is None and not self._client.is_connected():  # gone before on_disconnect could say so
+            self._lost = f"connection to {self.config.host}:{self.config.port} lost"
+        if self._lost is not None:
+            self._went_down(self._lost)
+            return delay
+        self._take_acks()
+        self._pump()
+        self._send_levels()
+        self._save_state()
+        self._wake.wait(0.2)
+        self._wake.clear()
+        return delay
 
     def _new_client(self) -> Any:
         import paho.mqtt.client as mqtt
@@ -327,7 +339,7 @@ class MqttSink:
 
         try:
             client = self.client_factory()
-        except OSError as exc:
+        except (OSError, ValueError) as exc:  # a password file not in UTF-8 is a ValueError
             self._went_down(f"cannot set up the MQTT client for {where}: {exc}")
             return False
         client.on_connect, client.on_disconnect, client.on_publish = on_connect, on_disconnect, on_publish
