@@ -383,6 +383,17 @@ def _check_mqtt(config: Config) -> list[Problem]:
             close = difflib.get_close_matches(device_class, HA_BINARY_SENSOR_CLASSES, n=1, cutoff=0.5)
             problems.append(Problem(f"{where}.device_classes.{rule}", f"{device_class!r} is not a Home Assistant binary_sensor "
                                     "device class" + (f"; did you mean {close[0]!r}?" if close else "")))
+    if mqtt.discovery:  # Home Assistant object ids are "<source>_<rule>": two pairs may spell the same one
+        sources = [s.id for s in config.sources]
+        seen: dict[str, tuple[str, str]] = {}
+        for rule in config.rules:
+            for source in rule.sources or sources:
+                object_id = f"{source}_{rule.id}"
+                other = seen.setdefault(object_id, (source, rule.id))
+                if other != (source, rule.id):
+                    problems.append(Problem(f"{where}.discovery", f"source {source!r} with rule {rule.id!r} and source "
+                                            f"{other[0]!r} with rule {other[1]!r} would be one Home Assistant entity "
+                                            f"({object_id}): rename one of them"))
     for i, rule in enumerate(config.rules):
         if rule.id in MQTT_RESERVED_IDS:
             problems.append(Problem(f"rules.{i}.id", f"{rule.id!r} is taken by an MQTT topic of each source "
