@@ -175,6 +175,9 @@ class Notifier:
         attach = apprise.AppriseAttachment(clip) if clip and Path(clip).is_file() else None
         delay = BACKOFF_FIRST_S
         for attempt in range(1, self.config.retries + 2):
+            if attach is not None and attempt > 1 and attempt == self.config.retries + 1:
+                # the service may refuse the clip itself (too large, attachments off): the alert goes without it
+                attach, body = None, body + "\n(the clip could not be attached: see the event log for its path)"
             with apprise.LogCapture(level=logging.WARNING) as captured:
                 ok = self._apprise.notify(body=body, title=title, attach=attach)
             if ok:
