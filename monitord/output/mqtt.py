@@ -222,6 +222,9 @@ class MqttSink:
         self._levels_at = 0.0
         self._down_reported = ""
         self._stop_deadline = 0.0
+        self._run_first_seq = 0
+        """The last seq logged before this run: alerts up to it are an earlier run's."""
+        self._gap_reported = 0
 
     # the output stage's side (must not block)
 
@@ -232,7 +235,7 @@ class MqttSink:
             saved = last  # first start (or a log that was reset): begin with what comes next...
             self.ack_state.save(saved)  # ...and remember it, so what this run logs is sent even if it never connects
         self.acked_seq = self.sent_seq = self._saved_seq = saved
-        self.latest_seq = last
+        self.latest_seq = self._run_first_seq = last
         if self.event_log is None:
             log.warning("mqtt: no publish.event_log: events sent while the broker is away cannot be read back")
         self._thread = threading.Thread(target=self._run, name="mqtt", daemon=True)
@@ -411,8 +414,13 @@ class MqttSink:
             if item is None:
                 return
             seq, event = item
+            if seq > self.sent_seq + 1:
+                self._gap(self.sent_seq + 1, seq - 1)
             mids = set()
-            if event.kind == "alert" and event.phase in ("onset", "offset") and (event.source, event.rule) in self.states:
+            # an earlier run's alerts (replayed from the log) leave the state alone: this run's engine
+            # starts with no open alert, so an onset whose offset a crash prevented must not stay ON
+            if seq > self._run_first_seq and event.kind == "alert" and event.phase in ("onset", "offset") \
+                    and (event.source, event.rule) in self.states:
                 value = "ON" if event.phase == "onset" else "OFF"
                 self.states[(event.source, event.rule)] = value
                 mids.add(self._publish(self.topics.state(event.source, event.rule), value, retain=True))
@@ -447,8 +455,21 @@ class MqttSink:
                     continue
             if not self._backlog:
                 return None
+        if self.queue and self.queue[0].seq < self._backlog[0].seq:  # rotated out of the log, still in memory
+            event = self.queue.popleft()
+            return event.seq, event
         event = self._backlog.popleft()
         return event.seq, event
+
+    def _gap(self, first: int, last: int) -> None:
+        """Events that can no longer be sent (rotated out of the event log, or never in one): said once."""
+        if last <= self._gap_reported:
+            return
+        self._gap_reported = last
+        detail = (f"events {first}-{last} were not sent to the MQTT broker and no longer can be (no longer in the "
+                  "event log: it rotated while the broker was away)")
+        log.error("mqtt: %s", detail)
+        self.status("daemon", "mqtt_gap", detail, sink="mqtt", first_seq=first, last_seq=last)
 
     def _take_acks(self) -> None:
         while self._acks:
