@@ -375,3 +375,34 @@ def test_windows_held_for_a_down_cluster_are_unbounded_when_later_windows_need_n
     finally:
         stage.finish(0.5)
         stage.join(5)
+
+
+# --- optional models, first start -------------------------------------------------------------
+
+
+def test_a_download_that_breaks_off_is_not_model_unavailable_so_an_optional_model_stops_the_daemon(monkeypatch):
+    """huggingface_hub 1.x+ speaks httpx, whose errors are not OSError: a hub that accepts the TCP probe
+    but then drops the connection (a proxy, a captive portal, a reset mid-download) raises
+    httpx.RemoteProtocolError out of load_pretrained (seen for real against a socket that accepts and
+    closes, after ~30 s of huggingface_hub's retries). load_models only leaves out an optional model on
+    ModelUnavailable, so the daemon does not start at all."""
+    httpx = pytest.importorskip("httpx")
+    import monitord.inference.models.loading as loading
+    from monitord.inference.models.base import ModelUnavailable
+
+    class Loader:
+        @staticmethod
+        def from_pretrained(ref, **kwargs):
+            if kwargs.get("local_files_only"):
+                raise OSError(f"{ref} is not in the cache")
+            return "weights"
+
+    def dropped(ref, what):
+        raise httpx.RemoteProtocolError("Server disconnected without sending a response.")
+
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    monkeypatch.delenv("TRANSFORMERS_OFFLINE", raising=False)
+    monkeypatch.setattr(loading, "probe_hub", lambda *a, **k: None)
+    monkeypatch.setattr(loading, "download", dropped)
+    with pytest.raises(ModelUnavailable):
+        loading.load_pretrained(Loader, "org/model", "model x")
