@@ -112,6 +112,10 @@ def load_pretrained(loader: Any, ref: str, what: str, **kwargs: Any) -> Any:
             fix=_fix(ref)) from None
     try:
         folder = download(ref, what)
+    except Exception as exc:  # noqa: BLE001 - huggingface_hub's network errors (httpx) are not OSError
+        raise ModelUnavailable(_explain(ref, what, exc), missing=f"{ref} could not be downloaded ({_first_line(exc)})",
+                               fix=_fix(ref)) from None
+    try:
         return loader.from_pretrained(folder, **kwargs)
     except (OSError, ValueError) as exc:
         raise ModelUnavailable(_explain(ref, what, exc), missing=f"{ref} could not be downloaded ({_first_line(exc)})",
