@@ -242,7 +242,7 @@ class _Job:
     """One batch's windows on their way through the models that wait on a remote one (the remote
     models, and local ones gated by or built on them), a step per model in cascade order."""
 
-    __slots__ = ("calls", "dropped", "models", "order", "state", "step")
+    __slots__ = ("calls", "dropped", "models", "order", "released", "state", "step")
 
     def __init__(self, order: int, state: BatchState, models: list[Model]):
         self.order = order
@@ -254,6 +254,8 @@ class _Job:
         """The current step's remote requests not answered yet (waiting to be sent, or in the air)."""
         self.dropped: set[int] = set()
         """Windows taken off remote scoring (a live source over the bound): UNAVAILABLE for what is left."""
+        self.released: set[int] = set()
+        """Windows already handed on (each as soon as it is settled and nothing earlier of its source is not)."""
 
     @property
     def done(self) -> bool:
@@ -566,6 +568,16 @@ class InferenceStage(Stage):
             scores, seconds = value
             if len(scores) != n:
                 error = RemoteModelError(f"model {model.name} returned {len(scores)} scores for {n} windows")
+        # windows taken off remote scoring while their request was in the air: their answer is not used
+        kept = [k for k, i in enumerate(call.indices) if i not in job.dropped]
+        if len(kept) < n:
+            call.indices = [call.indices[k] for k in kept]
+            if error is None:
+                scores = [scores[k] for k in kept]
+            n = len(kept)
+            if not n:
+                self._call_done(call)
+                return
         if error is None:
             self._answered()
             self.scorer.apply(model, job.state, call.indices, scores)
@@ -576,7 +588,7 @@ class InferenceStage(Stage):
             self.scorer.on_batch(model.name, n, seconds)
         elif isinstance(error, (InferenceUnavailable, CancelledError)):
             self._unreachable(error)
-            bisect.insort(self._to_send, call, key=_Call.key.fget)  # sent again, unchanged
+            bisect.insort(self._to_send, call, key=_Call.key.fget)  # sent again: the same windows, less any dropped
         elif isinstance(error, InferenceRefused):
             self._answered()
             self.stats.failures += 1
@@ -648,39 +660,36 @@ class InferenceStage(Stage):
         return any(verdicts.get(m.name) is Verdict.PASSED for m in job.models[job.step + 1 :] if m.name in self._remote)
 
     def _held(self) -> int:
-        held = 0
-        for job in list(self._pending):
-            if isinstance(job, _Job) and not job.done:
-                asked = {i for c in job.calls for i in c.indices}
-                held += sum(self._waits(job, i, asked) for i in range(len(job.state.windows)))
-        return held
+        """Windows held on the stage for the remote part, samples and all: every window of a job not
+        handed on yet, whether it still waits for an answer or waits behind one that does (results
+        leave in order). This is what the bound bounds."""
+        return sum(len(job.state.windows) - len(job.released) for job in list(self._pending) if isinstance(job, _Job))
 
     def _make_room(self, job: _Job) -> None:
-        """Over the bound, each live window of the new job takes its own source's oldest waiting
-        window (not in the air; possibly itself) off remote scoring."""
+        """Over the bound, each live window of the new job takes its own source's oldest window still
+        waiting for a remote answer (possibly itself) off remote scoring: that frees the windows
+        held behind it too, whether or not they needed the cluster themselves."""
         excess = self._held() - self.max_waiting_windows
-        if excess <= 0:
-            return
-        asked = {i for c in job.calls for i in c.indices}
-        for i, window in enumerate(job.state.windows):
+        for window in job.state.windows:
             if excess <= 0:
                 return
-            if not self.queue.live.get(window.source, False) or not self._waits(job, i, asked):
+            if not self.queue.live.get(window.source, False):
                 continue
             victim = self._oldest_waiting(window.source)
             if victim is not None:
                 self._drop(*victim)
-                excess -= 1
-                asked = {i for c in job.calls for i in c.indices}
+                self._release()
+                excess = self._held() - self.max_waiting_windows
 
     def _oldest_waiting(self, source: str) -> tuple[_Job, int] | None:
+        """The source's oldest window still waiting for a remote answer, in the air or not (one in the
+        air is taken off all the same: its answer will not be used, and the windows behind it go on)."""
         for job in self._pending:
             if not isinstance(job, _Job) or job.done:
                 continue
             asked = {i for c in job.calls for i in c.indices}
-            flying = {i for c in job.calls if c.flying for i in c.indices}
             for i, window in enumerate(job.state.windows):
-                if window.source == source and i not in flying and self._waits(job, i, asked):
+                if window.source == source and self._waits(job, i, asked):
                     return job, i
         return None
 
@@ -690,6 +699,8 @@ class InferenceStage(Stage):
         for call in job.calls:
             if i in call.indices:
                 job.state.verdicts[i][call.model.name] = Verdict.UNAVAILABLE
+                if call.flying:
+                    break  # its answer, when it comes, is not used for this window (_on_answer)
                 call.indices.remove(i)
                 if not call.indices:
                     self._to_send.remove(call)
@@ -701,18 +712,42 @@ class InferenceStage(Stage):
     # results out, in order
 
     def _release(self) -> None:
-        """Hand on the jobs at the front that are done (their second ScoredWindow per window), and
-        the markers behind them."""
-        while self._pending:
-            head = self._pending[0]
-            if isinstance(head, _Job):
-                if not head.done:
-                    return
-                self._outbox.extend(ScoredWindow(w, self.scorer.outcomes(head.state, i, self._deferred))
-                                    for i, w in enumerate(head.state.windows))
-            else:
-                self._outbox.append(head)
-            self._pending.popleft()
+        """Hand on every window whose remaining outcomes are settled (its second ScoredWindow), and the
+        markers, as soon as nothing earlier of the same source is unsettled: results keep their order
+        per source, which is what the alerts need, and one source waiting for the cluster holds back
+        none of the others."""
+        blocked: set[str] = set()
+        kept: deque = deque()
+        for item in self._pending:
+            if not isinstance(item, _Job):
+                if item.source in blocked:
+                    kept.append(item)
+                else:
+                    self._outbox.append(item)
+                continue
+            asked = {i for c in item.calls for i in c.indices}
+            for i, window in enumerate(item.state.windows):
+                if i in item.released:
+                    continue
+                if window.source in blocked or not self._settled(item, i, asked):
+                    blocked.add(window.source)
+                    continue
+                self._outbox.append(ScoredWindow(window, self.scorer.outcomes(item.state, i, self._deferred)))
+                item.released.add(i)
+            if len(item.released) < len(item.state.windows):
+                kept.append(item)
+        self._pending = kept
+
+    def _settled(self, job: _Job, i: int, asked: set[int]) -> bool:
+        """Whether window ``i`` of ``job`` will get no further outcome: the job is done, or nothing of
+        what is left of it will score the window (a window taken off remote scoring is settled once
+        the models after it have ruled on it)."""
+        if job.done:
+            return True
+        if i in asked and i not in job.dropped:
+            return False
+        verdicts = job.state.verdicts[i]
+        return not any(verdicts.get(m.name) is Verdict.PASSED for m in job.models[job.step:])
 
     def _flush(self) -> bool:
         """Put what is ready into the alerts channel (waiting for room); False if stopping first."""

@@ -130,7 +130,7 @@ class EventLog:
             for f in snapshot:
                 if _last_seq_of(f) <= seq:
                     continue
-                f.seek(0)
+                _seek_after(f, seq)
                 for line in f:
                     if not line.endswith(b"\n"):
                         break  # being written right now
@@ -174,6 +174,33 @@ class EventLog:
                 os.fsync(fd)
             finally:
                 os.close(fd)
+
+
+SEEK_LINEAR_BYTES = 1 << 14
+"""Below this many bytes the bisection gives way to reading lines."""
+
+
+def _seek_after(f: BinaryIO, seq: int) -> None:
+    """Put ``f`` at a line start at or before the first line whose seq is above ``seq``, bisecting on
+    byte offsets (a file's lines are in seq order), so reading a backlog in pages costs each page,
+    not the file up to it."""
+    lo, hi = 0, f.seek(0, os.SEEK_END)
+    while hi - lo > SEEK_LINEAR_BYTES:
+        mid = (lo + hi) // 2
+        f.seek(mid)
+        f.readline()  # to the next line start
+        start = f.tell()
+        found = None
+        while found is None:
+            line = f.readline()
+            if not line.endswith(b"\n"):
+                break  # the end (or a line being written)
+            found = _seq_of(line)
+        if found is None or found > seq:
+            hi = mid
+        else:
+            lo = start
+    f.seek(lo)
 
 
 def _seq_of(line: bytes) -> int | None:
