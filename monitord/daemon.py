@@ -151,13 +151,14 @@ class Daemon:
         self.queue = WindowQueue(config.pipeline.queue_max_windows)
         self.alerts_inbox: Channel = Channel(ALERTS_QUEUE, "alerts")
         self.output_inbox: Channel = Channel(OUTPUT_QUEUE, "output")
-        self.scorer = Scorer(list(self.models.values()), status=self.status,
+        # statuses from the inference thread never wait on the output channel (inference waits on no disk or socket)
+        self.scorer = Scorer(list(self.models.values()), status=self._status_nowait,
                              on_batch=self.metrics.on_batch if self.metrics else lambda model, n, seconds: None)
         remote = config.inference
         self.inference = InferenceStage(self.queue, self.scorer, self.alerts_inbox, stall_s=config.pipeline.inference_stall_s,
                                         max_in_flight=remote.max_in_flight if remote else 4,
                                         max_waiting_windows=remote.max_waiting_windows if remote else 128,
-                                        status=self.status, on_remote_drop=self._on_remote_drop,
+                                        status=self._status_nowait, on_remote_drop=self._on_remote_drop,
                                         status_interval_s=config.pipeline.overload_status_interval_s)
         self.alerts = AlertsStage(AlertEngine(config.rules), self.alerts_inbox, self.output_inbox, self.host,
                                   {name: m.model_id for name, m in self.models.items()}, config.publish.scores,
@@ -312,8 +313,17 @@ class Daemon:
     # supervision
 
     def health(self) -> dict[str, Health]:
+        """Every stage's health, and the threads the output stage relies on (the dashboard's server,
+        the replay server, each sink's thread): one that died is not healthy either."""
         now = time.monotonic()
-        return {stage.name: stage.health(now) for stage in self.stages}
+        health = {stage.name: stage.health(now) for stage in self.stages}
+        if self.output is not None and self.output.state is not StageState.STOPPED:
+            helpers = [("dashboard", self.dashboard), ("replay", self.publisher.replay),
+                       *((f"sink-{sink.name}", sink) for sink in self.sinks)]
+            for name, helper in helpers:
+                if helper is not None and getattr(helper, "alive", True) is False:
+                    health[name] = Health(False, "its thread is not running")
+        return health
 
     def healthy(self) -> bool:
         return self.fatal is None and all(h.ok for h in self.health().values())
@@ -425,7 +435,7 @@ class Daemon:
         count = self.inference.stats.remote_dropped[source]
         models = ", ".join(m.name for m in self.inference.remote_models)
         log.warning("source %s: remote inference behind, %d windows not scored remotely so far", source, count)
-        self.status(source, "overload", f"remote inference behind: {count} windows of this source not scored by "
+        self._status_nowait(source, "overload", f"remote inference behind: {count} windows of this source not scored by "
                     f"{models} so far (unavailable; at most {self.inference.max_waiting_windows} wait)",
                     dropped=count, remote=True)
 

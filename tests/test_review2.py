@@ -339,7 +339,7 @@ def test_windows_held_for_a_down_cluster_are_unbounded_when_later_windows_need_n
     from monitord.inference.worker import InferenceStage, Scorer, _Job
     from monitord.serve.client import InferenceUnavailable
     from monitord.stage import Channel
-    from monitord.types import Scores, Verdict, WindowFacts
+    from monitord.types import WindowFacts
     from tests.test_remote_stage import RATE, LocalTier, loud_window
 
     class Down(ModelBase):
@@ -406,3 +406,51 @@ def test_a_download_that_breaks_off_is_not_model_unavailable_so_an_optional_mode
     monkeypatch.setattr(loading, "download", dropped)
     with pytest.raises(ModelUnavailable):
         loading.load_pretrained(Loader, "org/model", "model x")
+
+
+def test_an_answer_with_nan_or_out_of_range_probabilities_is_refused_not_used():
+    import numpy as np
+
+    from monitord.serve import wire
+
+    def answer(values):
+        return wire.encode_response(wire.ScoreResponse("r", "clap", ("tone", "noise"), (("a", 0),),
+                                                       np.array([values], dtype=np.float64), None, (1,)))
+
+    assert wire.decode_response(answer([0.25, 0.75])).probabilities.shape == (1, 2)
+    for bad in ([float("nan"), 0.5], [1.5, -0.5], [float("inf"), 0.0]):
+        with pytest.raises(wire.WireError, match="finite and within"):
+            wire.decode_response(answer(bad))
+
+
+def test_an_answer_bigger_than_any_batch_is_refused_unread():
+    import http.server
+    import threading
+
+    from monitord.serve.client import MAX_ANSWER_BYTES, HttpTransport, InferenceRefused
+    from tests.conftest import free_port
+
+    class Huge(http.server.BaseHTTPRequestHandler):
+        def log_message(self, *args):
+            pass
+
+        def do_POST(self):
+            self.rfile.read(int(self.headers.get("content-length", 0)))
+            self.send_response(200)
+            self.send_header("Content-Length", str(100 * 2**30))  # 100 GiB promised
+            self.end_headers()
+            try:
+                self.wfile.write(b"\0" * 65536)
+            except (BrokenPipeError, ConnectionResetError):
+                pass
+
+    port = free_port()
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", port), Huge)
+    server.daemon_threads = True
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        with pytest.raises(InferenceRefused, match=f"at most {MAX_ANSWER_BYTES}"):
+            HttpTransport(f"http://127.0.0.1:{port}/monitord", None, 5.0).send("POST", "/v1/score", lambda attempt: b"x")
+    finally:
+        server.shutdown()
+        server.server_close()

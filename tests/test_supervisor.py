@@ -297,3 +297,39 @@ publish: {{endpoint: "tcp://127.0.0.1:{free_port()}", event_log: events.jsonl}}
         assert source.state is StageState.DEGRADED and "waiting for a microphone" in source.detail
     finally:
         daemon.stop()
+
+
+def test_a_dead_replay_server_thread_makes_the_daemon_unhealthy(tmp_path, monkeypatch):
+    """The threads the output stage relies on count too: replay dying (here by an error no handler
+    catches) stops the watchdog pings like a dead stage does."""
+    import zmq
+
+    from monitord.output.publish import ReplayServer
+
+    class Fatal(BaseException):
+        pass
+
+    def explode(self, request):
+        raise Fatal("the replay thread dies")
+
+    daemon = make_daemon(tmp_path)
+    replay = f"tcp://127.0.0.1:{free_port()}"
+    daemon.config = daemon.config.model_copy(update={"publish": daemon.config.publish.model_copy(
+        update={"replay_endpoint": replay})})
+    from monitord.output.publish import Publisher
+
+    daemon.publisher = Publisher(daemon.config.publish)
+    run = Supervised(daemon)
+    try:
+        assert wait_until(daemon.healthy, 10)
+        monkeypatch.setattr(ReplayServer, "answer", explode)
+        req = zmq.Context.instance().socket(zmq.REQ)
+        req.setsockopt(zmq.LINGER, 0)
+        req.connect(replay)
+        req.send(b'{"since": 0}')
+        assert wait_until(lambda: not daemon.publisher.replay.alive, 5)
+        req.close()
+        health = daemon.health()
+        assert not health["replay"].ok and not daemon.healthy()
+    finally:
+        run.close()

@@ -87,6 +87,11 @@ class Broadcaster:
 
 
 class Dashboard:
+
+    @property
+    def alive(self) -> bool:
+        """Its thread runs (started and not dead): the supervisor's health reads it."""
+        return self._thread is not None and self._thread.is_alive()
     def __init__(self, daemon, bind: str, token: str | None, max_upload_mb: float = 20.0) -> None:
         self.daemon = daemon
         self.max_upload_mb = max_upload_mb

@@ -186,6 +186,11 @@ class MqttSink:
     name = "mqtt"
     wants_windows = True
 
+
+    @property
+    def alive(self) -> bool:
+        """Its thread runs (started and not dead): the supervisor's health reads it."""
+        return self._thread is not None and self._thread.is_alive()
     def __init__(self, config: MqttConfig, topics: Topics, event_log: EventLog | None, status: StatusCallback,
                  state_path: Path | None = None, client_factory: Callable[[], Any] | None = None):
         self.config = config

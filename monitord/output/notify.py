@@ -46,6 +46,11 @@ class Notifier:
 
     wants_windows = False
 
+
+    @property
+    def alive(self) -> bool:
+        """Its thread runs (started and not dead): the supervisor's health reads it."""
+        return self._thread is not None and self._thread.is_alive()
     def __init__(self, config: NotifyConfig, index: int, rules: Mapping[str, RuleConfig], host: str,
                  dashboard: str | None, status: Callable[..., None], apprise_factory: Callable[[str], Any] | None = None):
         self.config = config

@@ -151,6 +151,11 @@ class ReplayServer:
     events in between were rotated away); a malformed request gets ``{"error": ...}``.
     """
 
+
+    @property
+    def alive(self) -> bool:
+        """Its thread runs (started and not dead): the supervisor's health reads it."""
+        return self._thread is not None and self._thread.is_alive()
     def __init__(self, socket: zmq.Socket, event_log: EventLog):
         self.socket = socket
         self.event_log = event_log

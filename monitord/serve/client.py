@@ -41,6 +41,10 @@ from monitord.types import Scores, Window, frozen_mapping
 
 log = logging.getLogger(__name__)
 
+MAX_ANSWER_BYTES = 64 * 2**20
+"""An answer is scores and embeddings for one batch (a few KB to a few MB): a server sending more
+is refused rather than read into memory."""
+
 T = TypeVar("T")
 
 RETRIED_STATUSES = frozenset({429, 500, 502, 503, 504})
@@ -165,7 +169,14 @@ class HttpTransport:
             headers["Authorization"] = f"Bearer {self._token}"
         conn.request(method, self._prefix + path, body=body, headers=headers)
         response = conn.getresponse()
-        data = response.read()
+        declared = response.getheader("content-length")
+        if declared is not None and declared.isdigit() and int(declared) > MAX_ANSWER_BYTES:
+            self._drop_connection()
+            raise InferenceRefused(f"{self.url} answered with {int(declared)} bytes (at most {MAX_ANSWER_BYTES} expected)")
+        data = response.read(MAX_ANSWER_BYTES + 1)
+        if len(data) > MAX_ANSWER_BYTES:
+            self._drop_connection()
+            raise InferenceRefused(f"{self.url} answered with more than {MAX_ANSWER_BYTES} bytes")
         reply = HttpReply(response.status, {k.lower(): v for k, v in response.getheaders()}, data)
         if response.will_close:
             self._drop_connection()

@@ -326,9 +326,13 @@ def decode_response(body: bytes) -> ScoreResponse:
     if len(payload) != expected:
         raise WireError(f"payload holds {len(payload)} bytes; {n} windows x {len(labels)} labels and {dim}-d embeddings need {expected}")
     probabilities = np.frombuffer(payload, dtype="<f8", count=n * len(labels)).reshape(n, len(labels)).astype(np.float64)
+    if not np.isfinite(probabilities).all() or (probabilities < 0).any() or (probabilities > 1 + 1e-6).any():
+        raise WireError("payload: probabilities must be finite and within [0, 1]")
     embeddings = None
     if dim:
         embeddings = np.frombuffer(payload, dtype="<f4", offset=n * len(labels) * 8).reshape(n, dim).astype(np.float32)
+        if not np.isfinite(embeddings).all():
+            raise WireError("payload: embeddings must be finite")
     return ScoreResponse(
         request_id=_text(header, "request_id", "header", MAX_ID_CHARS), model=_text(header, "model", "header", 64),
         labels=tuple(labels), windows=tuple(ids), probabilities=probabilities, embeddings=embeddings,
