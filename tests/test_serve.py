@@ -88,33 +88,60 @@ models:
   mood: {{kind: emotion, model: {tiny_emotion}, dtype: float32, batch_max: 8, batch_wait_ms: 50}}
 serve: {{replicas: 2, canary_every_s: 3, health_check_period_s: 1, max_request_mb: 4}}
 """)
-    port = free_port()
     log = folder / "serve.log"
     began = time.monotonic()
-    with log.open("w") as err:
-        proc = subprocess.Popen([sys.executable, "-m", "monitord", "serve", "-c", str(config), "--port", str(port)],
-                                cwd=REPO, stdout=subprocess.PIPE, stderr=err, text=True, start_new_session=True)
-    try:
+    for attempt in range(3):
+        # Ray's own processes take ports from the ephemeral range (and workers 10002-19999): the HTTP
+        # port comes from between the two, and a bind lost to a race is tried again on another
+        port = quiet_port()
+        with log.open("w") as err:
+            proc = subprocess.Popen([sys.executable, "-m", "monitord", "serve", "-c", str(config), "--port", str(port)],
+                                    cwd=REPO, stdout=subprocess.PIPE, stderr=err, text=True, start_new_session=True)
         line = ""
         deadline = time.monotonic() + 240
         while not line and time.monotonic() < deadline and proc.poll() is None:
             if select.select([proc.stdout], [], [], 1.0)[0]:
                 line = proc.stdout.readline().strip()
+        if line or "Failed to bind" not in log.read_text() or attempt == 2:
+            break
+        stop_session(proc)
+    try:
         assert line == f"http://127.0.0.1:{port}/monitord", f"no URL line ({line!r}); log:\n{log.read_text()[-3000:]}"
         yield Cluster(line, proc, log, config, time.monotonic() - began)
     finally:
-        if proc.poll() is None:
-            proc.send_signal(signal.SIGTERM)
+        stop_session(proc)
+
+
+def stop_session(proc: subprocess.Popen) -> None:
+    """SIGTERM (`monitord serve` shuts the application and Ray down), then whatever Ray left of the session."""
+    if proc.poll() is None:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(60)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait(10)
+    for pid in session_processes(proc.pid):  # whatever Ray left of this session, by its id
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except OSError:
+            pass
+
+
+def quiet_port() -> int:
+    """A free loopback port between Ray's worker ports and the ephemeral range."""
+    import random
+    import socket
+
+    for _ in range(100):
+        port = random.randint(20000, 29999)
+        with socket.socket() as s:
             try:
-                proc.wait(60)
-            except subprocess.TimeoutExpired:
-                os.killpg(proc.pid, signal.SIGKILL)
-                proc.wait(10)
-        for pid in session_processes(proc.pid):  # whatever Ray left of this session, by its id
-            try:
-                os.kill(pid, signal.SIGKILL)
+                s.bind(("127.0.0.1", port))
             except OSError:
-                pass
+                continue
+            return port
+    return free_port()
 
 
 def _audio(tmp_path: Path, name: str, parts: list[np.ndarray]) -> str:
