@@ -374,6 +374,19 @@ def test_the_token_is_required_and_compared(tmp_path):
         assert info.value.status == 401
 
 
+def test_a_token_file_emptied_after_the_config_check_is_refused_where_it_is_read(tmp_path):
+    token_file = tmp_path / "t"
+    token_file.write_text(TOKEN + "\n")
+    assert wire.read_token(str(token_file)) == TOKEN
+    token_file.write_text("\n")  # emptied between `check-config` and a replica (or capture node) starting
+    with pytest.raises(wire.TokenFileError, match="holds 0 characters; a token needs at least 16"):
+        wire.read_token(str(token_file))
+    with pytest.raises(wire.TokenFileError, match="at least 16"):
+        service_for(StubModel(), CLAP_CONFIG, token="")  # an empty secret would match "Authorization: Bearer "
+    with pytest.raises(ModelUnavailable, match="inference.token_file.*holds 0 characters"):
+        RemoteModel("clap", CLAP_CONFIG, inference("http://127.0.0.1:9/m", token_file))
+
+
 def test_without_a_token_only_direct_loopback_clients_are_answered():
     service = service_for(StubModel(), CLAP_CONFIG)
     describe = lambda headers, client: asyncio.run(service.handle("GET", "/v1/models", headers, b"", client)).status  # noqa: E731

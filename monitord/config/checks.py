@@ -246,7 +246,6 @@ def _check_bind(bind: str, remote_ok: bool, remote_hint: str) -> str | None:
 # Inference on a Ray Serve application (monitord.serve): the capture node's section, and the
 # server's own reading of a config (only its models and serve section).
 
-MIN_TOKEN_CHARS = 16
 
 
 def _check_inference(config: Config) -> list[Problem]:
@@ -302,14 +301,12 @@ def check_serve(serve: ServeConfig) -> list[Problem]:
 def _check_token_file(key: str, path: str | None) -> list[Problem]:
     if path is None:
         return []
+    from monitord.serve.wire import TokenFileError, read_token
+
     try:
-        token = Path(path).read_text(encoding="utf-8").strip()
-    except FileNotFoundError:
-        return [Problem(key, f"file not found: {path}")]
-    except (OSError, UnicodeDecodeError) as exc:
-        return [Problem(key, f"cannot read {path}: {exc}")]
-    if len(token) < MIN_TOKEN_CHARS:
-        return [Problem(key, f"{path} holds {len(token)} characters; a token needs at least {MIN_TOKEN_CHARS}")]
+        read_token(path)
+    except TokenFileError as exc:
+        return [Problem(key, str(exc))]
     return []
 
 

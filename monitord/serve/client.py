@@ -239,7 +239,10 @@ class RemoteModel(ModelBase):
         self.sample_rate = wire.DEFAULT_SAMPLE_RATES[config.kind]
         self.url = inference.url.rstrip("/")
         self.pcm = inference.pcm
-        token = None if inference.token_file is None else wire.read_token(inference.token_file)
+        try:
+            token = None if inference.token_file is None else wire.read_token(inference.token_file)
+        except wire.TokenFileError as exc:
+            raise ModelUnavailable(f"inference.token_file: {exc}") from None
         self.transport = transport or HttpTransport(self.url, token, inference.timeout_s, inference.ca_file)
         self.node = (node or default_node_id())[:128]
         self.stats = RemoteStats()

@@ -116,6 +116,8 @@ class InferenceService:
         self.models = dict(models)
         self.definitions = {name: wire.definition(configs[name]) for name in self.models}
         self.fingerprints = {name: wire.fingerprint(configs[name]) for name in self.models}
+        if token is not None and len(token) < wire.MIN_TOKEN_CHARS:
+            raise wire.TokenFileError(f"a token of {len(token)} characters; it needs at least {wire.MIN_TOKEN_CHARS}")
         self._token = None if token is None else token.encode("utf-8")
         self.max_request_bytes = max_request_bytes
         self.canary_every_s = canary_every_s

@@ -393,8 +393,25 @@ def make_window(meta: WindowMeta, samples: np.ndarray, sample_rate: int):
     return Window(meta.source, start, sample_rate, samples, meta.valid, meta.wall_start, meta.ready_at, facts)
 
 
+MIN_TOKEN_CHARS = 16
+
+
+class TokenFileError(ValueError):
+    """A token file that cannot be read or holds too short a secret (the message names the file)."""
+
+
 def read_token(path: str) -> str:
-    """The shared secret in a token file (surrounding whitespace ignored)."""
+    """The shared secret in a token file (surrounding whitespace ignored). Read when a replica or a
+    capture node starts, not only when the config is checked: a file emptied in between must not
+    become an empty secret that every request matches."""
     from pathlib import Path
 
-    return Path(path).read_text(encoding="utf-8").strip()
+    try:
+        token = Path(path).read_text(encoding="utf-8").strip()
+    except FileNotFoundError:
+        raise TokenFileError(f"file not found: {path}") from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise TokenFileError(f"cannot read {path}: {exc}") from None
+    if len(token) < MIN_TOKEN_CHARS:
+        raise TokenFileError(f"{path} holds {len(token)} characters; a token needs at least {MIN_TOKEN_CHARS}")
+    return token
