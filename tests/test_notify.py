@@ -177,6 +177,29 @@ def test_messages_follow_the_rules_cooldown_and_only_the_listed_rules():
     assert title == "monitord: tone on a" and "2 more onset(s) of this rule here within its cooldown were not sent" in body
 
 
+def test_a_message_dropped_from_a_full_queue_starts_no_cooldown():
+    """With the sending thread stuck (queue full), a dropped onset must not silence the rule: the next
+    onset of the same source and rule, once there is room, is sent even within the cooldown."""
+    import monitord.output.notify as notify
+
+    rules = {"tone": RuleConfig(id="tone", model="m", label="tone", threshold=0.5, cooldown_s=60)}
+    notifier = Notifier(NotifyConfig(url="json://x"), 0, rules, "h", None, lambda *a, **k: None,
+                        apprise_factory=lambda url: (object(), "json://x"))
+
+    def onset(seq: int, source: str) -> Event:
+        return Event(kind="alert", source=source, time="2026-01-01T00:00:00.000Z", host="h", seq=seq, rule="tone",
+                     label="tone", phase="onset", score=0.9)
+
+    for i in range(notify.QUEUE_MAX):  # other sources fill the queue
+        notifier.deliver(onset(i, f"s{i}"))
+    notifier.deliver(onset(1000, "door"))
+    assert notifier.dropped == 1
+    notifier.queue.get_nowait()  # the sender takes one
+    notifier.deliver(onset(1001, "door"))
+    jobs = [notifier.queue.get_nowait() for _ in range(notifier.queue.qsize())]
+    assert jobs[-1].event.seq == 1001 and notifier.dropped == 1
+
+
 def test_a_daemon_run_sends_one_message_per_cooldown(tmp_path, receiver):
     # four onsets 11 s of stream apart (the engine's stream-time cooldown of 10 s lets each through),
     # read in a few wall-clock seconds: one message

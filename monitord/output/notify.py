@@ -118,13 +118,16 @@ class Notifier:
             self._suppressed[key] = self._suppressed.get(key, 0) + 1
             log.info("%s: %s on %s within the rule's cooldown (%g s): no message", self.name, event.rule, event.source, cooldown)
             return
-        self._last[key] = now
         try:
-            self.queue.put_nowait(Job(event, self._suppressed.pop(key, 0)))
+            self.queue.put_nowait(Job(event, self._suppressed.get(key, 0)))
         except queue.Full:
+            # no cooldown starts: the next onset of this rule here is sent once there is room
             self.dropped += 1
             log.warning("%s: %d messages waiting already; this one (%s on %s) is dropped", self.name, QUEUE_MAX,
                         event.rule, event.source)
+            return
+        self._last[key] = now
+        self._suppressed.pop(key, None)
 
     def stop(self, timeout: float) -> None:
         self._stop.set()
