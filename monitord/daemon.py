@@ -21,7 +21,7 @@ from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import TimeoutError as FutureTimeout
 
 from monitord.alerts.engine import AlertEngine
-from monitord.alerts.stage import AlertsStage, RulesChange
+from monitord.alerts.stage import AlertsStage
 from monitord.config import Config, inactive_without
 from monitord.inference.models import Model, ModelUnavailable, build_model
 from monitord.inference.queue import WindowQueue
@@ -33,7 +33,7 @@ from monitord.output.stage import OutputStage, Sink
 from monitord.sdnotify import Watchdog
 from monitord.sources import open_source
 from monitord.stage import Channel, Health, Stage
-from monitord.types import Event, Publication, StageState, Window, iso_utc
+from monitord.types import Event, Publication, RulesChange, StageState, Window, iso_utc
 from monitord.windowing.stage import WindowingStage
 from monitord.windowing.tiling import ModelInput, WindowCutter
 

@@ -220,6 +220,16 @@ class StreamEnd:
     """Seconds of stream covered by the source's windows."""
 
 
+@dataclass(frozen=True)
+class RulesChange:
+    """New rules from a reload, taking effect right after the windows scored with the old labels:
+    the inference stage puts it between two batches, the alerts stage applies it and hands it on
+    to the output stage, whose sinks follow (MQTT discovery, notification rules)."""
+
+    rules: tuple[Any, ...]
+    """The new ``RuleConfig``s."""
+
+
 @dataclass(frozen=True, eq=False)
 class Publication:
     """An event on its way to the output stage."""

@@ -39,7 +39,8 @@ class Running:
     supervised in a thread, with publish.mqtt pointing at the broker."""
 
     def __init__(self, tmp_path: Path, broker: Broker, audio: np.ndarray, password_file: Path | None = None,
-                 extra_mqtt: str = "", port: int | None = None):
+                 extra_mqtt: str = "", port: int | None = None,
+                 rules: str = "[{id: tone, model: clap, label: tone, threshold: 0.5}]"):
         from monitord.daemon import Daemon
 
         write_wav(tmp_path / "in.wav", audio, RATE)
@@ -49,7 +50,7 @@ class Running:
 sources: [{{id: rec, file: in.wav, realtime: true}}]
 gate: {{mode: energy, threshold_dbfs: -60}}
 models: {{clap: {{kind: clap, model: unused, labels: [tone, noise]}}}}
-rules: [{{id: tone, model: clap, label: tone, threshold: 0.5}}]
+rules: {rules}
 publish:
   endpoint: "tcp://127.0.0.1:{self.zmq_port}"
   event_log: events.jsonl
@@ -328,3 +329,57 @@ def test_an_unreachable_broker_at_start_is_retried_with_backoff(tmp_path, broker
         run.finish()
     assert len(got) >= 2
     assert up[0]["seq"] > down[0]["seq"]
+
+
+def retained(broker: Broker, until=lambda now: True, timeout: float = 20.0) -> dict[str, bytes]:
+    """What a client connecting now is handed (every retained message under our topics), asked again
+    until ``until(that)`` holds or ``timeout`` passes (publishing is asynchronous)."""
+    deadline = time.monotonic() + timeout
+    attempt = 0
+    while True:
+        attempt += 1
+        late = Subscriber(broker, [f"{PREFIX}/#", "homeassistant/#"], client_id=f"late-{time.monotonic_ns()}-{attempt}")
+        try:
+            late.wait_for(lambda m: False, 1.0)  # retained messages arrive right after subscribing
+            now = {m.topic: m.payload for m in late.matching(lambda m: m.retain)}
+        finally:
+            late.client.unsubscribe([f"{PREFIX}/#", "homeassistant/#"])
+            late.close()
+        if until(now) or time.monotonic() > deadline:
+            return now
+
+
+def test_a_reload_and_a_restart_keep_home_assistant_entities_in_step_with_the_rules(tmp_path, broker):
+    """A reload that adds a rule publishes its entity; one that removes a rule deletes its entity (empty
+    retained config) and its retained state; a restart with fewer rules deletes the stale ones too."""
+    config_topic = "homeassistant/binary_sensor/monitord_test-host/rec_{}/config"
+    state_topic = f"{PREFIX}/rec/{{}}/state"
+    two = ("[{id: tone, model: clap, label: tone, threshold: 0.5}, "
+           "{id: hum, model: clap, label: noise, threshold: 0.5}]")
+    run = Running(tmp_path, broker, bursts(6), rules=two)
+    try:
+        assert run.mqtt.connected.wait(20)
+        before = retained(broker, lambda now: state_topic.format("hum") in now)
+        assert before[config_topic.format("tone")] and before[config_topic.format("hum")]
+        assert before[state_topic.format("hum")] == b"OFF", sorted(before)
+        new = run.daemon.config.model_copy(update={"rules": (
+            run.daemon.config.rules[0], run.daemon.config.rules[0].model_copy(update={"id": "loud"}))})
+        assert run.daemon.apply_reload(new)
+        after = retained(broker, lambda now: state_topic.format("loud") in now and config_topic.format("hum") not in now)
+        assert config_topic.format("loud") in after and after[state_topic.format("loud")] in (b"OFF", b"ON")
+        assert config_topic.format("hum") not in after and state_topic.format("hum") not in after, sorted(after)
+        assert json.loads(after[config_topic.format("loud")])["stat_t"] == "~/state"
+        assert run.wait_log(lambda e: alert(e) and e["rule"] == "loud", 30)  # the new rule fires
+    finally:
+        run.finish()
+    assert retained(broker, lambda now: now.get(state_topic.format("loud")) == b"OFF")[state_topic.format("loud")] == b"OFF"
+    # a restart with one rule only: the entity of 'loud' goes (the broker keeps retained messages for ever)
+    (tmp_path / "events.jsonl").rename(tmp_path / "events-1.jsonl")  # the state file stays: it lists what is retained
+    again = Running(tmp_path, broker, bursts(1))
+    try:
+        assert again.mqtt.connected.wait(20)
+        now = retained(broker, lambda now: config_topic.format("loud") not in now)
+    finally:
+        again.finish()
+    assert config_topic.format("tone") in now and config_topic.format("loud") not in now, sorted(now)
+    assert state_topic.format("loud") not in now

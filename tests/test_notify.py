@@ -200,6 +200,25 @@ def test_a_message_dropped_from_a_full_queue_starts_no_cooldown():
     assert jobs[-1].event.seq == 1001 and notifier.dropped == 1
 
 
+def test_a_reload_brings_new_rules_and_their_cooldowns_to_the_notifier():
+    rules = {"tone": RuleConfig(id="tone", model="m", label="tone", threshold=0.5, cooldown_s=60)}
+    notifier = Notifier(NotifyConfig(url="json://x"), 0, rules, "h", None, lambda *a, **k: None,
+                        apprise_factory=lambda url: (object(), "json://x"))
+
+    def onset(seq: int, rule: str) -> Event:
+        return Event(kind="alert", source="a", time="2026-01-01T00:00:00.000Z", host="h", seq=seq, rule=rule,
+                     label="tone", phase="onset", score=0.9)
+
+    notifier.deliver(onset(1, "door"))  # not a rule yet
+    notifier.deliver(onset(2, "tone"))
+    notifier.on_rules((RuleConfig(id="tone", model="m", label="tone", threshold=0.5, cooldown_s=0),
+                       RuleConfig(id="door", model="m", label="door", threshold=0.5)))
+    notifier.deliver(onset(3, "door"))
+    notifier.deliver(onset(4, "tone"))  # the new cooldown (0 s) applies
+    jobs = [notifier.queue.get_nowait().event.seq for _ in range(notifier.queue.qsize())]
+    assert jobs == [2, 3, 4]
+
+
 def test_a_daemon_run_sends_one_message_per_cooldown(tmp_path, receiver):
     # four onsets 11 s of stream apart (the engine's stream-time cooldown of 10 s lets each through),
     # read in a few wall-clock seconds: one message

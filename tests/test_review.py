@@ -10,7 +10,8 @@ import numpy as np
 import pytest
 
 from monitord.alerts.engine import AlertEngine
-from monitord.alerts.stage import AlertsStage, RulesChange
+from monitord.alerts.stage import AlertsStage
+from monitord.types import RulesChange
 from monitord.config import RuleConfig
 from monitord.stage import Channel
 from monitord.types import Event, Outcome, Publication, Scores, ScoredWindow, StageState, Window, WindowFacts, Verdict

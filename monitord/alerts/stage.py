@@ -10,25 +10,16 @@ from __future__ import annotations
 import logging
 from collections import Counter
 from collections.abc import Mapping
-from dataclasses import dataclass
 
 from monitord.alerts.engine import AlertEngine, Transition
 from monitord.alerts.frames import Curve, FrameAlert, FrameTracker
 from monitord.config import RuleConfig
 from monitord.stage import Channel, Closed, Stage
-from monitord.types import Event, Publication, Scores, ScoredWindow, StreamEnd, Verdict, Window, iso_utc
+from monitord.types import Event, Publication, RulesChange, Scores, ScoredWindow, StreamEnd, Verdict, Window, iso_utc
 
 log = logging.getLogger(__name__)
 
 EVENT_TOP_LABELS = 10
-
-
-@dataclass(frozen=True)
-class RulesChange:
-    """New rules, taking effect right after the windows scored with the old labels (the
-    inference stage puts this into the alerts channel between two batches, after a label swap)."""
-
-    rules: tuple[RuleConfig, ...]
 
 
 def event_scores(probabilities: Mapping[str, float], label: str) -> dict[str, float]:
@@ -140,6 +131,7 @@ class AlertsStage(Stage):
             self.frames, frame_ended = self.frames.with_rules(item.rules)
             self._publish_frame_alerts(frame_ended, None)
             self._frame_models = self.frames.models | set(self._frame_publishers())
+            self._put(item)  # the sinks (MQTT discovery, notification rules) follow, after the offsets it caused
 
     def _on_window(self, scored: ScoredWindow) -> None:
         window = scored.window

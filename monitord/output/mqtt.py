@@ -32,12 +32,12 @@ import re
 import threading
 import time
 from collections import deque
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from monitord.config import Config, MqttConfig
+from monitord.config import Config, MqttConfig, RuleConfig
 from monitord.output.eventlog import EventLog
 from monitord.types import Event, ScoredWindow
 
@@ -141,35 +141,51 @@ class Topics:
 
 def source_rule_pairs(config: Config) -> list[tuple[str, str]]:
     """(source, rule) for every rule and every source it watches."""
-    sources = [s.id for s in config.sources]
-    return [(source, rule.id) for rule in config.rules for source in (rule.sources or sources)]
+    return pairs_for(config.rules, [s.id for s in config.sources])
+
+
+def pairs_for(rules: Iterable[RuleConfig], sources: Sequence[str]) -> list[tuple[str, str]]:
+    return [(source, rule.id) for rule in rules for source in (rule.sources or sources)]
 
 
 class AckState:
-    """The last acknowledged seq, in a small JSON file beside the event log (written atomically)."""
+    """The last acknowledged seq, and the retained topics this host has on the broker (discovery
+    configs, alert states) so that those of rules or sources that are gone can be removed, even
+    across restarts; in a small JSON file beside the event log (written atomically)."""
 
     def __init__(self, path: Path | None):
         self.path = path
+        self.seq = 0
+        self.retained: list[str] = []
 
     def load(self) -> int | None:
         if self.path is None:
             return None
         try:
-            return int(json.loads(self.path.read_text())["acked_seq"])
+            data = json.loads(self.path.read_text())
+            seq = int(data["acked_seq"])
+            retained = data.get("retained", [])
+            if not isinstance(retained, list) or not all(isinstance(t, str) for t in retained):
+                raise ValueError("'retained' is not a list of topics")
         except FileNotFoundError:
             return None
         except (OSError, ValueError, KeyError, TypeError) as exc:
             log.warning("mqtt: cannot read %s (%s); resuming from the end of the event log", self.path, exc)
             return None
+        self.seq, self.retained = seq, retained
+        return seq
 
-    def save(self, seq: int) -> None:
+    def save(self, seq: int, retained: Sequence[str] | None = None) -> None:
+        self.seq = seq
+        if retained is not None:
+            self.retained = list(retained)
         if self.path is None:
             return
         tmp = self.path.with_name(self.path.name + ".tmp")
         try:
             fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
             with os.fdopen(fd, "w") as f:
-                f.write(json.dumps({"acked_seq": seq}) + "\n")
+                f.write(json.dumps({"acked_seq": seq, "retained": self.retained}) + "\n")
             os.replace(tmp, self.path)
         except OSError as exc:
             log.warning("mqtt: cannot write %s: %s", self.path, exc)
@@ -186,11 +202,11 @@ class MqttSink:
     name = "mqtt"
     wants_windows = True
 
-
     @property
     def alive(self) -> bool:
         """Its thread runs (started and not dead): the supervisor's health reads it."""
         return self._thread is not None and self._thread.is_alive()
+
     def __init__(self, config: MqttConfig, topics: Topics, event_log: EventLog | None, status: StatusCallback,
                  state_path: Path | None = None, client_factory: Callable[[], Any] | None = None):
         self.config = config
@@ -230,6 +246,9 @@ class MqttSink:
         self._run_first_seq = 0
         """The last seq logged before this run: alerts up to it are an earlier run's."""
         self._gap_reported = 0
+        self._new_pairs: list[tuple[str, str]] | None = None
+        """Set by a reload (output thread), taken by the sink's thread."""
+        self._pairs_lock = threading.Lock()
 
     # the output stage's side (must not block)
 
@@ -256,6 +275,13 @@ class MqttSink:
     def on_window(self, scored: ScoredWindow) -> None:
         window = scored.window
         self.levels[window.source] = window.facts.rms_dbfs
+
+    def on_rules(self, rules: tuple[RuleConfig, ...]) -> None:
+        """A reload: the sink's thread publishes discovery for new rules and removes the entities of
+        rules that are gone (an empty retained config is Home Assistant's "delete")."""
+        with self._pairs_lock:
+            self._new_pairs = pairs_for(rules, self.topics.sources)
+        self._wake.set()
 
     def stop(self, timeout: float) -> None:
         """Send what is pending for at most ``timeout`` seconds, say offline, disconnect, save the state."""
@@ -298,6 +324,7 @@ class MqttSink:
             self._went_down(self._lost)
             return delay
         self._take_acks()
+        self._take_new_rules()
         self._pump()
         self._send_levels()
         self._save_state()
@@ -377,16 +404,37 @@ class MqttSink:
         self._acks.clear()
         self._backlog.clear()
         self._publish(self.topics.availability, "online", retain=True)
-        if self.config.discovery:
-            for message in self.topics.discovery():
-                self._publish(message.topic, message.payload, retain=True)
-        for (source, rule), value in self.states.items():
-            self._publish(self.topics.state(source, rule), value, retain=True)
+        self._publish_retained()
         self.connected.set()
         self._down_reported = ""
         log.info("mqtt: connected to %s; sending from seq %d", where, self.acked_seq + 1)
         self.status("daemon", "mqtt_up", f"connected to the MQTT broker {where}", sink="mqtt", broker=where)
         return True
+
+    def _take_new_rules(self) -> None:
+        """Apply a reload's (source, rule) pairs: new ones start OFF, gone ones are removed."""
+        with self._pairs_lock:
+            pairs, self._new_pairs = self._new_pairs, None
+        if pairs is None:
+            return
+        gone = set(self.topics.pairs) - set(pairs)
+        self.topics.pairs = pairs
+        self.states = {pair: self.states.get(pair, "OFF") for pair in pairs}
+        log.info("mqtt: rules reloaded: %d alert entities, %d removed", len(pairs), len(gone))
+        self._publish_retained()
+
+    def _publish_retained(self) -> None:
+        """Discovery configs and alert states, retained; every retained topic this host published
+        before and no longer has is emptied (an empty retained config is Home Assistant's "delete")."""
+        messages = self.topics.discovery() if self.config.discovery else []
+        messages += [Message(self.topics.state(source, rule), value, retain=True) for (source, rule), value in self.states.items()]
+        topics = [m.topic for m in messages]
+        for topic in set(self.ack_state.retained) - set(topics):
+            self._publish(topic, b"", retain=True, qos=1)
+        for message in messages:
+            self._publish(message.topic, message.payload, retain=True)
+        if topics != self.ack_state.retained:
+            self.ack_state.save(self.ack_state.seq, topics)
 
     def _went_down(self, reason: str, error: bool = False) -> None:
         """Drop the connection (if any) and say why, once per distinct reason."""

@@ -46,11 +46,11 @@ class Notifier:
 
     wants_windows = False
 
-
     @property
     def alive(self) -> bool:
         """Its thread runs (started and not dead): the supervisor's health reads it."""
         return self._thread is not None and self._thread.is_alive()
+
     def __init__(self, config: NotifyConfig, index: int, rules: Mapping[str, RuleConfig], host: str,
                  dashboard: str | None, status: Callable[..., None], apprise_factory: Callable[[str], Any] | None = None):
         self.config = config
@@ -128,6 +128,11 @@ class Notifier:
             return
         self._last[key] = now
         self._suppressed.pop(key, None)
+
+    def on_rules(self, rules: tuple[RuleConfig, ...]) -> None:
+        """A reload: new rules are notified (when this entry lists none, or lists them), with their
+        new cooldowns; a cooldown already running keeps its start."""
+        self.rules = {rule.id: rule for rule in rules}
 
     def stop(self, timeout: float) -> None:
         self._stop.set()

@@ -21,7 +21,8 @@ from monitord.output.clips import ClipWriter
 from monitord.output.publish import Publisher
 from monitord.sources.ring import RingBuffer
 from monitord.stage import Channel, Closed, Stage
-from monitord.types import Event, Publication, ScoredWindow, iso_utc
+from monitord.config import RuleConfig
+from monitord.types import Event, Publication, RulesChange, ScoredWindow, iso_utc
 
 log = logging.getLogger(__name__)
 
@@ -42,6 +43,9 @@ class Sink(Protocol):
     def deliver(self, event: Event) -> None: ...
 
     def stop(self, timeout: float) -> None: ...
+
+    def on_rules(self, rules: tuple[RuleConfig, ...]) -> None:
+        """A reload changed the rules (output thread; must not block)."""
 
 
 class Feed(Protocol):
@@ -101,6 +105,12 @@ class OutputStage(Stage):
                 self._in_hand = item
                 self._publish(item)
                 self._in_hand = None
+            elif isinstance(item, RulesChange):
+                for sink in self.sinks:
+                    try:
+                        sink.on_rules(item.rules)
+                    except Exception:  # a sink's failure is its own
+                        log.exception("sink %s failed to take the new rules", sink.name)
             elif isinstance(item, ScoredWindow):
                 if self.feed is not None:
                     self.feed.on_window(item)
