@@ -450,3 +450,59 @@ def test_a_replay_request_larger_than_any_real_one_is_cut_off(tmp_path):
         good.close()
     finally:
         p.close()
+
+
+class BrokenScores(dict):
+    """Probabilities whose lookup works (the engine steps on it) but which break when an event is
+    made of them: a bug in the middle of handling a window, after its onset was decided."""
+
+    def __iter__(self):
+        raise RuntimeError("broken score map")
+
+
+def test_an_alerts_stage_that_dies_mid_window_leaves_no_alert_on_that_nobody_saw_begin():
+    """Before: the engine had turned the rule on, the onset event was never made, the restarted stage
+    skipped the window and a later quiet window published an offset with no onset. Now the window is
+    skipped as a whole: the rule's state is as before it, and the next loud window is the onset."""
+    inbox, out = Channel(1000, "alerts"), Channel(1000, "output")
+    stage = AlertsStage(AlertEngine((rule(),)), inbox, out, "host", {"clap": "clap-id"})
+    w = window(1.0)
+    inbox.put(ScoredWindow(w, (Outcome("clap", Verdict.SCORED, Scores(w, "clap", "clap", BrokenScores(glass=0.9, other=0.1))),)))
+    stage.start()
+    assert stage.join(5) and stage.state is StageState.FAILED and "broken score map" in repr(stage.error)
+    assert out.drain() == []
+    for item in (scored(1.5, 0.1), scored(2.0, 0.9), scored(2.5, 0.1)):
+        inbox.put(item)
+    inbox.close()
+    stage.restart()
+    assert stage.join(5)
+    events = [p.event for p in out.drain() if isinstance(p, Publication)]
+    assert [(e.phase, e.stream_end) for e in events if e.kind == "alert"] == [("onset", 2.0 + 1.0), ("offset", 2.5 + 1.0)]
+
+
+def test_an_alerts_stage_that_dies_while_handing_on_hands_on_the_rest_once():
+    inbox, out = Channel(1000, "alerts"), Channel(1, "output")  # room for one: the stage waits, beating, for the second
+    stage = AlertsStage(AlertEngine((rule(), rule(id="r2", release=0.5))), inbox, out, "host", {"clap": "clap-id"})
+    inbox.put(scored(1.0, 0.9))  # two onsets from one window
+    stage.start()
+    assert wait_for(lambda: len(out) == 1, 5)
+    stage.inject_failure(RuntimeError("killed while waiting for room"))
+    assert stage.join(5) and stage.state is StageState.FAILED
+    first = out.drain()
+    inbox.close()
+    stage.restart()
+    rest = []
+    while not stage.join(0.05):
+        rest += out.drain()
+    rest += out.drain()
+    events = [p.event for p in [*first, *rest] if isinstance(p, Publication) and p.event.kind == "alert"]
+    assert sorted((e.rule, e.phase) for e in events) == [("r", "offset"), ("r", "onset"), ("r2", "offset"), ("r2", "onset")]
+
+
+def wait_for(predicate, timeout: float) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return True
+        time.sleep(0.01)
+    return False

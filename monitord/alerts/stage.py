@@ -8,8 +8,8 @@ scored window (the output stage feeds the dashboard's level meters and the metri
 from __future__ import annotations
 
 import logging
-from collections import Counter
-from collections.abc import Mapping
+from collections import Counter, deque
+from collections.abc import Callable, Mapping
 
 from monitord.alerts.engine import AlertEngine, Transition
 from monitord.alerts.frames import Curve, FrameAlert, FrameTracker
@@ -77,6 +77,11 @@ class AlertsStage(Stage):
 
     The engine (every rule's state) lives on the object: a restarted stage goes on with it.
     When its channel is closed and empty (the daemon stopping), every alert still on ends.
+
+    Each item is handled as a whole or not at all: what it makes is collected first and handed on
+    after. A stage that dies while handling an item is restarted with the rules' states as they were
+    before it and skips the item (likely the cause), so no event of it went out and no alert is left
+    on that nobody saw begin; one that dies while handing on goes on handing on the rest.
     """
 
     def __init__(self, engine: AlertEngine, inbox: Channel, out: Channel, host: str, model_ids: Mapping[str, str],
@@ -95,6 +100,11 @@ class AlertsStage(Stage):
         self.frames = FrameTracker(engine.rules)
         self._frame_models = self.frames.models | set(self._frame_publishers())
         self._in_hand: object | None = None
+        self._made: list[tuple[object, bool]] = []
+        """What handling the item in hand made so far: (item, may_drop)."""
+        self._handing_on: deque[tuple[object, bool]] | None = None
+        """What the item in hand made, being handed on (None while it is being handled)."""
+        self._before: tuple = self._checkpoint()
         self.outcomes: Counter[tuple[str, str, str]] = Counter()
         """(source, model, verdict) -> windows seen."""
 
@@ -103,22 +113,56 @@ class AlertsStage(Stage):
         return self._in_hand is None
 
     def run(self) -> None:
-        if self._in_hand is not None:  # what the dead thread was handling when it died: likely the cause
-            log.error("alerts: skipping %r, which the stage died on", self._in_hand)
-            self._in_hand = None
+        if self._in_hand is not None and self._handing_on is None:
+            # the dead thread was handling it (likely the cause): as if it had never come
+            log.error("alerts: skipping %r, which the stage died on; the rules' states are as before it", self._in_hand)
+            self._restore(self._before)
+            self._in_hand, self._made = None, []
         while not self.stopping.is_set():
             self.beat()
-            if self._in_hand is None:
-                try:
-                    self._in_hand = self.inbox.get(timeout=0.2)
-                except Closed:
-                    self._end_all("stopped")
-                    return
-            item = self._in_hand
-            if item is None:
+            if self._handing_on is not None:
+                self._hand_on()
                 continue
-            self._handle(item)
-            self._in_hand = None
+            try:
+                self._in_hand = self.inbox.get(timeout=0.2)
+            except Closed:
+                self._in_hand = "stopped"
+                self._transaction(lambda: self._end_all("stopped"))
+                self._hand_on()
+                return
+            if self._in_hand is None:
+                continue
+            item = self._in_hand
+            self._transaction(lambda: self._handle(item))
+
+    def _transaction(self, handle: Callable[[], None]) -> None:
+        self._before = self._checkpoint()
+        self._made = []
+        handle()
+        self._handing_on, self._made = deque(self._made), []
+
+    def _hand_on(self) -> None:
+        queue = self._handing_on
+        while queue:
+            item, may_drop = queue[0]
+            if may_drop:
+                self.out.put_nowait(item)
+            elif not self.out.put(item, self.stopping, self.beat):
+                return  # stopping: a restart (the daemon draining) hands on the rest
+            queue.popleft()
+        self._handing_on, self._in_hand = None, None
+
+    def _checkpoint(self) -> tuple:
+        """Everything handling an item changes (the states themselves are immutable values)."""
+        frames = self.frames
+        return (self.engine, dict(self.engine.states), frames, dict(frames._merge), dict(frames._states),
+                dict(frames._params), dict(frames._labels), self._frame_models, dict(self._last_window))
+
+    def _restore(self, checkpoint: tuple) -> None:
+        (self.engine, engine_states, self.frames, merge, frame_states, params, labels, self._frame_models,
+         self._last_window) = checkpoint
+        self.engine.states = engine_states
+        self.frames._merge, self.frames._states, self.frames._params, self.frames._labels = merge, frame_states, params, labels
 
     def _handle(self, item: object) -> None:
         if isinstance(item, ScoredWindow):
@@ -203,8 +247,6 @@ class AlertsStage(Stage):
             self.events += 1
 
     def _put(self, item: object, may_drop: bool = False) -> None:
-        """Events wait for room (nothing logged is lost); live score streams may be dropped."""
-        if may_drop:
-            self.out.put_nowait(item)
-        else:
-            self.out.put(item, self.stopping, self.beat)
+        """Collected, handed on once the item is handled: events wait for room (nothing logged is
+        lost); live score streams may be dropped."""
+        self._made.append((item, may_drop))
