@@ -148,7 +148,13 @@ class AlertsStage(Stage):
             if may_drop:
                 self.out.put_nowait(item)
             elif not self.out.put(item, self.stopping, self.beat):
-                return  # stopping: a restart (the daemon draining) hands on the rest
+                if not self.out.closed:
+                    return  # stopping: a restart (the daemon draining) hands on the rest
+                # closed (the daemon stopped waiting for this stage): nothing can take them, ever
+                lost = [i for i, drop in queue if not drop and isinstance(i, Publication)]
+                log.error("alerts: the output channel is closed; %d events not handed on: %s", len(lost),
+                          "; ".join(p.event.to_json() for p in lost))
+                break
             queue.popleft()
         self._handing_on, self._in_hand = None, None
 
