@@ -33,3 +33,47 @@ def test_an_alerts_stage_whose_output_channel_closed_does_not_spin_but_goes_on_t
         stage.stop()
         stage.join(2)
     assert stage.error is None
+
+
+# --- MQTT ---------------------------------------------------------------------------------------
+
+def new_rule_onset(seq: int) -> "Event":
+    from monitord.types import Event
+
+    return Event(kind="alert", source="rec", rule="loud", label="tone", phase="onset", score=0.9,
+                 time="2026-01-01T00:00:00.000Z", host="h", seq=seq, id=f"id{seq}")
+
+
+def test_an_onset_of_a_rule_added_by_a_reload_sets_its_state_on_even_when_it_is_sent_in_the_same_turn(tmp_path):
+    """The sink's thread took new rules at the top of its turn, then sent every queued event. A reload
+    (on_rules) and an onset of the new rule handed over after that, during the sending, were sent
+    first: the pair was not in ``states`` yet, so no ON; the next turn took the rules and published
+    the new entity's state OFF. Home Assistant showed the alert off while it was on."""
+    pytest = __import__("pytest")
+    pytest.importorskip("paho.mqtt.client")
+    from monitord.config import RuleConfig
+    from tests.test_review2 import FakeBroker, make_sink, wait_until
+
+    broker = FakeBroker()
+    broker.up = True
+    sink = make_sink(tmp_path, broker, None, [], discovery=True)
+    rules = (RuleConfig(id="tone", model="m", label="tone", threshold=0.5),
+             RuleConfig(id="loud", model="m", label="tone", threshold=0.5))
+    pump, reloaded = sink._pump, []
+
+    def pump_with_a_reload_meanwhile():  # the output thread, while the sink's thread is sending
+        if sink.connected.is_set() and not reloaded:
+            reloaded.append(True)
+            sink.on_rules(rules)
+            sink.deliver(new_rule_onset(1))
+        pump()
+
+    sink._pump = pump_with_a_reload_meanwhile
+    sink.start()
+    try:
+        assert wait_until(lambda: 1 in broker.event_seqs() and any(t.endswith("/rec_loud/config") for t, p, r in broker.published), 10)
+        time.sleep(0.5)  # a turn or two more
+    finally:
+        sink.stop(1.0)
+    states = [p for t, p, r in broker.published if t == "m/rec/loud/state"]
+    assert states and states[-1] == "ON", f"the new rule's retained state after its onset: {states}"

@@ -469,6 +469,9 @@ class MqttSink:
             seq, event = item
             if seq > self.sent_seq + 1:
                 self._gap(self.sent_seq + 1, seq - 1)
+            # a reload handed over while sending: its rules before this event, which may be of a new rule
+            # (on_rules comes before every event logged after the reload, on the output thread)
+            self._take_new_rules()
             mids = set()
             # an earlier run's alerts (replayed from the log) leave the state alone: this run's engine
             # starts with no open alert, so an onset whose offset a crash prevented must not stay ON
