@@ -77,3 +77,51 @@ def test_an_onset_of_a_rule_added_by_a_reload_sets_its_state_on_even_when_it_is_
         sink.stop(1.0)
     states = [p for t, p, r in broker.published if t == "m/rec/loud/state"]
     assert states and states[-1] == "ON", f"the new rule's retained state after its onset: {states}"
+
+
+def test_a_stale_retained_topic_whose_emptying_was_lost_with_the_connection_is_emptied_at_the_next_one(tmp_path):
+    """The sink published an empty retained message for each topic it no longer has, then saved the
+    list without them at once, before the broker acknowledged anything. A connection lost in between
+    (the empty message dies with the discarded client) left the topic on the broker for ever, and
+    nothing remembered it: Home Assistant kept the entity of a removed rule. A topic leaves the list
+    once its emptying is acknowledged."""
+    pytest = __import__("pytest")
+    pytest.importorskip("paho.mqtt.client")
+    import json
+
+    from tests.test_review2 import FakeBroker, _Info, make_sink, wait_until
+
+    stale = "m/rec/gone/state"
+    state_file = tmp_path / "events.jsonl.mqtt-state.json"
+    state_file.write_text(json.dumps({"acked_seq": 0, "retained": ["m/rec/tone/state", stale]}) + "\n")
+
+    class LossyBroker(FakeBroker):
+        lose_empties = True
+
+        def factory(self):
+            client = super().factory()
+            publish = client.publish
+
+            def lossy(topic, payload, qos=0, retain=False):
+                if self.lose_empties and payload in (b"", ""):
+                    self.mid += 1
+                    self.up = False  # the connection goes down before the broker has it
+                    return _Info(self.mid)
+                return publish(topic, payload, qos, retain)
+
+            client.publish = lossy
+            return client
+
+    broker = LossyBroker()
+    broker.up = True
+    sink = make_sink(tmp_path, broker, None, [])
+    sink.start()
+    try:
+        assert wait_until(lambda: not broker.up, 5)  # the first connection lost the emptying
+        assert wait_until(lambda: not sink.connected.is_set(), 5)
+        broker.lose_empties, broker.up = False, True
+        assert wait_until(lambda: (stale, "", True) in broker.published, 10), \
+            f"never emptied; the state file says {state_file.read_text()}"
+        assert wait_until(lambda: stale not in json.loads(state_file.read_text())["retained"], 5)
+    finally:
+        sink.stop(1.0)

@@ -249,6 +249,10 @@ class MqttSink:
         self._new_pairs: list[tuple[str, str]] | None = None
         """Set by a reload (output thread), taken by the sink's thread."""
         self._pairs_lock = threading.Lock()
+        self._retained: list[str] = []
+        """The retained topics this host has now (discovery configs, alert states)."""
+        self._clearing: dict[int, str] = {}
+        """mid -> a topic no longer ours being emptied: it stays in the state file until the broker has it."""
 
     # the output stage's side (must not block)
 
@@ -428,13 +432,20 @@ class MqttSink:
         before and no longer has is emptied (an empty retained config is Home Assistant's "delete")."""
         messages = self.topics.discovery() if self.config.discovery else []
         messages += [Message(self.topics.state(source, rule), value, retain=True) for (source, rule), value in self.states.items()]
-        topics = [m.topic for m in messages]
-        for topic in set(self.ack_state.retained) - set(topics):
-            self._publish(topic, b"", retain=True, qos=1)
+        self._retained = [m.topic for m in messages]
+        self._clearing = {}
+        for topic in sorted(set(self.ack_state.retained) - set(self._retained)):
+            self._clearing[self._publish(topic, b"", retain=True, qos=1)] = topic
         for message in messages:
             self._publish(message.topic, message.payload, retain=True)
-        if topics != self.ack_state.retained:
-            self.ack_state.save(self.ack_state.seq, topics)
+        self._save_retained()
+
+    def _save_retained(self) -> None:
+        """The retained topics in the state file: ours, and those being emptied until that is acknowledged
+        (an emptying lost with the connection is done again at the next one, also after a restart)."""
+        keep = self._retained + sorted(set(self._clearing.values()) - set(self._retained))
+        if keep != self.ack_state.retained:
+            self.ack_state.save(self.ack_state.seq, keep)
 
     def _went_down(self, reason: str, error: bool = False) -> None:
         """Drop the connection (if any) and say why, once per distinct reason."""
@@ -449,6 +460,7 @@ class MqttSink:
         self.sent_seq = self.acked_seq  # what was not acknowledged goes again, from the log
         self._pending.clear()
         self._mids.clear()
+        self._clearing.clear()  # the next client numbers its messages anew
         self._backlog.clear()
         if reason != self._down_reported:
             self._down_reported = reason
@@ -528,8 +540,12 @@ class MqttSink:
         self.status("daemon", "mqtt_gap", detail, sink="mqtt", first_seq=first, last_seq=last)
 
     def _take_acks(self) -> None:
+        cleared = False
         while self._acks:
             mid = self._acks.popleft()
+            if self._clearing.pop(mid, None) is not None:
+                cleared = True
+                continue
             seq = self._mids.pop(mid, None)
             if seq is None or seq not in self._pending:
                 continue
@@ -538,6 +554,8 @@ class MqttSink:
                 del self._pending[seq]
                 self.delivered += 1
         self.acked_seq = (min(self._pending) - 1) if self._pending else self.sent_seq
+        if cleared:
+            self._save_retained()
 
     def _acked(self, seq: int) -> None:
         self.delivered += 1
