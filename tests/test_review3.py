@@ -125,3 +125,42 @@ def test_a_stale_retained_topic_whose_emptying_was_lost_with_the_connection_is_e
         assert wait_until(lambda: stale not in json.loads(state_file.read_text())["retained"], 5)
     finally:
         sink.stop(1.0)
+
+
+# --- the output stage ---------------------------------------------------------------------------
+
+def test_a_reload_reaches_a_sink_without_on_rules_without_an_error(caplog):
+    """``on_rules`` came with this change; a sink written to the Protocol before it (the benchmark's
+    recorder, sinks that tests inject) has none: every reload logged an ERROR with a traceback
+    ("sink bench failed to take the new rules") for a sink that has nothing to do with rules."""
+    from monitord.config import RuleConfig
+    from monitord.output.stage import OutputStage
+    from monitord.types import RulesChange
+
+    class OldSink:
+        name = "old"
+
+        def start(self): pass
+
+        def deliver(self, event): pass
+
+        def stop(self, timeout): pass
+
+    class NewSink(OldSink):
+        name = "new"
+        rules = None
+
+        def on_rules(self, rules):
+            self.rules = rules
+
+    new = NewSink()
+    inbox = Channel(10, "output")
+    stage = OutputStage(inbox, None, "h", {}, sinks=[OldSink(), new])
+    rules = (RuleConfig(id="tone", model="m", label="tone", threshold=0.5),)
+    inbox.put(RulesChange(rules))
+    inbox.close()
+    with caplog.at_level(logging.WARNING):
+        stage.start()
+        assert stage.join(5) and stage.error is None
+    assert new.rules == rules
+    assert not [r for r in caplog.records if r.levelno >= logging.WARNING], caplog.text

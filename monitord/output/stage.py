@@ -45,7 +45,8 @@ class Sink(Protocol):
     def stop(self, timeout: float) -> None: ...
 
     def on_rules(self, rules: tuple[RuleConfig, ...]) -> None:
-        """A reload changed the rules (output thread; must not block)."""
+        """A reload changed the rules (output thread; must not block). Optional: a sink without it
+        is left out."""
 
 
 class Feed(Protocol):
@@ -107,8 +108,11 @@ class OutputStage(Stage):
                 self._in_hand = None
             elif isinstance(item, RulesChange):
                 for sink in self.sinks:
+                    on_rules = getattr(sink, "on_rules", None)  # optional: a sink may not care about rules
+                    if on_rules is None:
+                        continue
                     try:
-                        sink.on_rules(item.rules)
+                        on_rules(item.rules)
                     except Exception:  # a sink's failure is its own
                         log.exception("sink %s failed to take the new rules", sink.name)
             elif isinstance(item, ScoredWindow):
