@@ -164,3 +164,48 @@ def test_a_reload_reaches_a_sink_without_on_rules_without_an_error(caplog):
         assert stage.join(5) and stage.error is None
     assert new.rules == rules
     assert not [r for r in caplog.records if r.levelno >= logging.WARNING], caplog.text
+
+
+def test_a_state_file_whose_retained_list_is_bad_neither_stops_the_sink_nor_loses_events(tmp_path):
+    """The state file's ``retained`` list was trusted as any strings: a topic that cannot be published
+    (a wildcard, an empty name: a file edited by hand or damaged) made paho raise at every connection,
+    so the sink never came up and sent nothing. A list that is no list of topics made the whole file
+    refused: the acknowledged seq with it, so the events after it were never sent. A bad list is
+    now left out (said), the seq kept."""
+    pytest = __import__("pytest")
+    pytest.importorskip("paho.mqtt.client")
+    import json
+
+    from monitord.output.eventlog import EventLog
+    from tests.test_review2 import FakeBroker, make_sink, status_event, wait_until
+
+    class StrictBroker(FakeBroker):
+        def factory(self):
+            client = super().factory()
+            publish = client.publish
+
+            def strict(topic, payload, qos=0, retain=False):
+                if not topic or "#" in topic or "+" in topic:  # as paho does
+                    raise ValueError("Publish topic cannot contain wildcards.")
+                return publish(topic, payload, qos, retain)
+
+            client.publish = strict
+            return client
+
+    for retained in (["m/#"], [""], "m/rec/tone/state"):
+        d = tmp_path / str(len(list(tmp_path.iterdir())))
+        d.mkdir()
+        log = EventLog(d / "events.jsonl")
+        log.open()
+        for seq in (1, 2, 3):
+            log.append(status_event(seq).to_json().encode())
+        (d / "events.jsonl.mqtt-state.json").write_text(json.dumps({"acked_seq": 1, "retained": retained}) + "\n")
+        broker = StrictBroker()
+        broker.up = True
+        sink = make_sink(d, broker, log, [])
+        sink.start()
+        try:
+            assert wait_until(lambda: broker.event_seqs() == [2, 3], 5), (retained, broker.event_seqs())
+        finally:
+            sink.stop(1.0)
+            log.close()

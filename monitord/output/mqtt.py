@@ -165,13 +165,16 @@ class AckState:
             data = json.loads(self.path.read_text())
             seq = int(data["acked_seq"])
             retained = data.get("retained", [])
-            if not isinstance(retained, list) or not all(isinstance(t, str) for t in retained):
-                raise ValueError("'retained' is not a list of topics")
         except FileNotFoundError:
             return None
         except (OSError, ValueError, KeyError, TypeError) as exc:
             log.warning("mqtt: cannot read %s (%s); resuming from the end of the event log", self.path, exc)
             return None
+        if not isinstance(retained, list) or not all(isinstance(t, str) and t and not set(t) & set("+#\0")
+                                                     for t in retained):
+            # the seq still holds: only topics of removed rules may stay on the broker
+            log.warning("mqtt: %s: 'retained' is not a list of topics; ignored", self.path)
+            retained = []
         self.seq, self.retained = seq, retained
         return seq
 
