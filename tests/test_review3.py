@@ -209,3 +209,33 @@ def test_a_state_file_whose_retained_list_is_bad_neither_stops_the_sink_nor_lose
         finally:
             sink.stop(1.0)
             log.close()
+
+
+def test_a_reload_while_the_broker_is_away_brings_no_removed_entity_back_at_the_reconnect(tmp_path):
+    """A reload removing a rule while the broker is down is taken at the next connection before
+    anything retained goes out: the removed rule's discovery config is emptied, never published again."""
+    pytest = __import__("pytest")
+    pytest.importorskip("paho.mqtt.client")
+    from monitord.config import RuleConfig
+    from tests.test_review2 import FakeBroker, make_sink, wait_until
+
+    broker = FakeBroker()
+    broker.up = True
+    sink = make_sink(tmp_path, broker, None, [], discovery=True)
+    config = "homeassistant/binary_sensor/monitord_h/rec_tone/config"
+    sink.start()
+    try:
+        assert wait_until(lambda: any(t == config and p for t, p, r in broker.published), 10)
+        broker.up = False
+        assert wait_until(lambda: not sink.connected.is_set(), 10)
+        sink.on_rules((RuleConfig(id="loud", model="m", label="tone", threshold=0.5),))
+        time.sleep(0.3)
+        mark = len(broker.published)
+        broker.up = True
+        assert wait_until(lambda: sink.connected.is_set(), 10)
+        time.sleep(0.3)
+    finally:
+        sink.stop(1.0)
+    after = [(t, p) for t, p, r in broker.published[mark:] if t.startswith("homeassistant/")]
+    assert [p for t, p in after if t == config] == [""], after  # emptied, and not published first
+    assert any(t.endswith("/rec_loud/config") and p for t, p in after)

@@ -411,6 +411,7 @@ class MqttSink:
         self._acks.clear()
         self._backlog.clear()
         self._publish(self.topics.availability, "online", retain=True)
+        self._take_new_rules(publish=False)  # a reload while the broker was away: no old entity comes back
         self._publish_retained()
         self.connected.set()
         self._down_reported = ""
@@ -418,7 +419,7 @@ class MqttSink:
         self.status("daemon", "mqtt_up", f"connected to the MQTT broker {where}", sink="mqtt", broker=where)
         return True
 
-    def _take_new_rules(self) -> None:
+    def _take_new_rules(self, publish: bool = True) -> None:
         """Apply a reload's (source, rule) pairs: new ones start OFF, gone ones are removed."""
         with self._pairs_lock:
             pairs, self._new_pairs = self._new_pairs, None
@@ -428,7 +429,8 @@ class MqttSink:
         self.topics.pairs = pairs
         self.states = {pair: self.states.get(pair, "OFF") for pair in pairs}
         log.info("mqtt: rules reloaded: %d alert entities, %d removed", len(pairs), len(gone))
-        self._publish_retained()
+        if publish:
+            self._publish_retained()
 
     def _publish_retained(self) -> None:
         """Discovery configs and alert states, retained; every retained topic this host published
