@@ -2,9 +2,13 @@
 
 With ``--since N`` it first fetches the logged events after N from the replay socket, then
 follows the live stream with no gap and no duplicate: the subscription is opened first, a
-live event already fetched is skipped, and a gap in ``seq`` is filled from the replay socket.
-Without a replay socket a gap is reported on stderr, but only with no topic filter: ``seq``
-counts the events of every topic, so under a filter the missing numbers are other topics'.
+live event already fetched is skipped, and a gap in ``seq`` is filled from the replay socket
+(without one, it is reported on stderr).
+
+``seq`` counts every logged event (alerts and statuses), whatever its topic. So under a topic
+filter the subscription still takes every logged topic (``alert.`` and ``status.``, a few events
+a minute) and the filter is applied here: a gap in ``seq`` is then a real loss, and other
+topics' events cost neither a false warning nor a replay round trip.
 """
 
 from __future__ import annotations
@@ -75,6 +79,15 @@ def apply_client_curve(socket: zmq.Socket, curve: dict) -> None:
     socket.curve_serverkey = curve["server"]
 
 
+LOGGED_TOPICS = ("alert.", "status.")
+"""The topics of the events that get a ``seq`` (the logged ones); score streams have none."""
+
+
+def subscriptions(topic: str) -> list[str]:
+    """What to subscribe to for ``topic``: every logged topic besides it, so ``seq`` has no holes."""
+    return [""] if not topic else sorted({topic, *LOGGED_TOPICS})
+
+
 def tail(
     endpoint: str,
     topic: str,
@@ -91,7 +104,8 @@ def tail(
     socket.setsockopt(zmq.LINGER, 0)
     if curve:
         apply_client_curve(socket, curve)
-    socket.setsockopt_string(zmq.SUBSCRIBE, topic)
+    for prefix in subscriptions(topic):
+        socket.setsockopt_string(zmq.SUBSCRIBE, prefix)
     try:
         socket.connect(endpoint)
     except zmq.ZMQError as exc:
@@ -153,10 +167,11 @@ def tail(
                     if catch_up():  # a gap: fill it from the log (the fetch includes this event)
                         return 0
                     continue
-                if not topic:  # with a topic, the other topics' seqs are absent by design: no gap can be told
-                    print(f"monitord: events {last + 1}-{seq - 1} missed (--replay fetches them)", file=sys.stderr)
+                print(f"monitord: events {last + 1}-{seq - 1} missed (--replay fetches them)", file=sys.stderr)
             if seq:
                 last = seq
+            if not frames[0].decode("utf-8", "replace").startswith(topic):
+                continue  # another logged topic: taken only to see every seq
             if show(event):
                 break
     except ReplayError as exc:
