@@ -506,3 +506,31 @@ def wait_for(predicate, timeout: float) -> bool:
             return True
         time.sleep(0.01)
     return False
+
+
+def test_an_alerts_stage_that_dies_applying_new_rules_applies_them_after_its_restart(monkeypatch):
+    """The daemon records a reload as applied once the inference stage has swapped labels; skipping the
+    RulesChange the alerts stage died on would leave the alerts on the old rules for good."""
+    inbox, out = Channel(1000, "alerts"), Channel(1000, "output")
+    stage = AlertsStage(AlertEngine((rule(),)), inbox, out, "host", {"clap": "clap-id"})
+    real = AlertEngine.with_rules
+    calls = []
+
+    def with_rules_dying_once(self, rules):
+        calls.append(rules)
+        if len(calls) == 1:
+            raise RuntimeError("died applying the rules")
+        return real(self, rules)
+
+    monkeypatch.setattr(AlertEngine, "with_rules", with_rules_dying_once)
+    new = (rule(id="r2", threshold=0.8),)
+    inbox.put(RulesChange(new))
+    stage.start()
+    assert stage.join(5) and stage.state is StageState.FAILED
+    inbox.put(scored(1.0, 0.9))
+    inbox.close()
+    stage.restart()
+    assert stage.join(5) and stage.error is None
+    assert stage.engine.rules == new
+    events = [p.event for p in out.drain() if isinstance(p, Publication) and p.event.kind == "alert"]
+    assert [(e.rule, e.phase) for e in events] == [("r2", "onset"), ("r2", "offset")]

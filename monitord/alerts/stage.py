@@ -81,7 +81,8 @@ class AlertsStage(Stage):
     Each item is handled as a whole or not at all: what it makes is collected first and handed on
     after. A stage that dies while handling an item is restarted with the rules' states as they were
     before it and skips the item (likely the cause), so no event of it went out and no alert is left
-    on that nobody saw begin; one that dies while handing on goes on handing on the rest.
+    on that nobody saw begin; one that dies while handing on goes on handing on the rest. A rules
+    change is never skipped: it is applied again.
     """
 
     def __init__(self, engine: AlertEngine, inbox: Channel, out: Channel, host: str, model_ids: Mapping[str, str],
@@ -114,10 +115,17 @@ class AlertsStage(Stage):
 
     def run(self) -> None:
         if self._in_hand is not None and self._handing_on is None:
-            # the dead thread was handling it (likely the cause): as if it had never come
-            log.error("alerts: skipping %r, which the stage died on; the rules' states are as before it", self._in_hand)
             self._restore(self._before)
-            self._in_hand, self._made = None, []
+            self._made = []
+            item = self._in_hand
+            if isinstance(item, RulesChange):
+                # never skipped: the daemon has taken the new rules as applied. Dying on them again and
+                # again ends the process (the supervisor's bound), which then starts with them.
+                log.error("alerts: applying the new rules again; the stage died applying them")
+                self._transaction(lambda: self._handle(item))
+            else:  # the dead thread was handling it (likely the cause): as if it had never come
+                log.error("alerts: skipping %r, which the stage died on; the rules' states are as before it", item)
+                self._in_hand = None
         while not self.stopping.is_set():
             self.beat()
             if self._handing_on is not None:
