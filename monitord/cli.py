@@ -435,8 +435,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("tail", help="subscribe to a daemon and print its events")
     p.add_argument("--connect", help="endpoint (default: from -c CONFIG, else tcp://127.0.0.1:5556)")
     p.add_argument("-c", "--config")
-    p.add_argument("--topic", default="", help="topic prefix, e.g. alert.kitchen (every logged topic is still taken, "
-                   "to tell a lost event from another topic's; only the matching ones are printed)")
+    p.add_argument("--topic", default="", help="topic prefix, e.g. alert.kitchen (every event is still taken, to tell a "
+                   "lost event from another topic's; only the matching ones are printed)")
     p.add_argument("--json", action="store_true", help="print each event's JSON")
     p.add_argument("--count", type=int, help="exit after this many events")
     p.add_argument("--timeout", type=float, help="exit (status 1) after this many seconds without an event")

@@ -6,9 +6,10 @@ live event already fetched is skipped, and a gap in ``seq`` is filled from the r
 (without one, it is reported on stderr).
 
 ``seq`` counts every logged event (alerts and statuses), whatever its topic. So under a topic
-filter the subscription still takes every logged topic (``alert.`` and ``status.``, a few events
-a minute) and the filter is applied here: a gap in ``seq`` is then a real loss, and other
-topics' events cost neither a false warning nor a replay round trip.
+filter (other than a score stream's, which has no ``seq``) tail still subscribes to everything and
+filters here: a gap in ``seq`` is then a real loss, and other topics' events cost neither a false
+warning nor a replay round trip. (One subscription, not one per logged topic: ZeroMQ applies
+subscriptions one by one, and a moment with only some of them active would look like a gap.)
 """
 
 from __future__ import annotations
@@ -79,13 +80,10 @@ def apply_client_curve(socket: zmq.Socket, curve: dict) -> None:
     socket.curve_serverkey = curve["server"]
 
 
-LOGGED_TOPICS = ("alert.", "status.")
-"""The topics of the events that get a ``seq`` (the logged ones); score streams have none."""
-
-
-def subscriptions(topic: str) -> list[str]:
-    """What to subscribe to for ``topic``: every logged topic besides it, so ``seq`` has no holes."""
-    return [""] if not topic else sorted({topic, *LOGGED_TOPICS})
+def subscription(topic: str) -> str:
+    """What to subscribe to for ``topic``: everything, so ``seq`` has no holes, unless the topic is a
+    score stream's (no ``seq``; possibly many a second)."""
+    return topic if topic.startswith("scores.") else ""
 
 
 def tail(
@@ -104,8 +102,7 @@ def tail(
     socket.setsockopt(zmq.LINGER, 0)
     if curve:
         apply_client_curve(socket, curve)
-    for prefix in subscriptions(topic):
-        socket.setsockopt_string(zmq.SUBSCRIBE, prefix)
+    socket.setsockopt_string(zmq.SUBSCRIBE, subscription(topic))
     try:
         socket.connect(endpoint)
     except zmq.ZMQError as exc:
@@ -171,7 +168,7 @@ def tail(
             if seq:
                 last = seq
             if not frames[0].decode("utf-8", "replace").startswith(topic):
-                continue  # another logged topic: taken only to see every seq
+                continue  # another topic: taken only to see every seq
             if show(event):
                 break
     except ReplayError as exc:
