@@ -349,6 +349,14 @@ class FrameTracker:
     def active(self) -> list[tuple[str, str]]:
         return sorted(key for key, state in self._states.items() if state.active)
 
+    def snapshot(self) -> tuple:
+        """Everything ``observe`` and ``end`` change, for ``restore`` (the states are immutable values)."""
+        return dict(self._merge), dict(self._states), dict(self._params), dict(self._labels)
+
+    def restore(self, snapshot: tuple) -> None:
+        merge, states, params, labels = snapshot
+        self._merge, self._states, self._params, self._labels = dict(merge), dict(states), dict(params), dict(labels)
+
     def with_rules(self, rules: Sequence[object]) -> tuple["FrameTracker", list[FrameAlert]]:
         """A tracker for new rules keeping the merged frames and unchanged rules' states; changed or
         removed rules' alerts end here."""

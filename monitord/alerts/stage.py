@@ -167,16 +167,15 @@ class AlertsStage(Stage):
         self._handing_on, self._in_hand = None, None
 
     def _checkpoint(self) -> tuple:
-        """Everything handling an item changes (the states themselves are immutable values)."""
-        frames = self.frames
-        return (self.engine, dict(self.engine.states), frames, dict(frames._merge), dict(frames._states),
-                dict(frames._params), dict(frames._labels), self._frame_models, dict(self._last_window))
+        """Everything handling an item changes (the rules' states themselves are immutable values)."""
+        return (self.engine, dict(self.engine.states), self.frames, self.frames.snapshot(), self._frame_models,
+                dict(self._last_window))
 
     def _restore(self, checkpoint: tuple) -> None:
-        (self.engine, engine_states, self.frames, merge, frame_states, params, labels, self._frame_models,
-         self._last_window) = checkpoint
-        self.engine.states = engine_states
-        self.frames._merge, self.frames._states, self.frames._params, self.frames._labels = merge, frame_states, params, labels
+        self.engine, engine_states, self.frames, frames, self._frame_models, last_window = checkpoint
+        self.engine.states = dict(engine_states)
+        self.frames.restore(frames)
+        self._last_window = dict(last_window)
 
     def _handle(self, item: object) -> None:
         if isinstance(item, ScoredWindow):
