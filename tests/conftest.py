@@ -36,6 +36,16 @@ def need(condition: bool, reason: str) -> None:
         pytest.skip(reason)
 
 
+def require(module: str, install: str):
+    """``module``, imported; where it is not installed, a skip saying how to install it (in CI, a failure)."""
+    import importlib
+
+    try:
+        return importlib.import_module(module)
+    except ImportError as exc:
+        need(False, f"{module} is not installed ({install}): {exc}")
+
+
 def tone(freq: float, seconds: float, rate: int, dbfs: float = -12.0) -> np.ndarray:
     """A sine whose RMS is ``dbfs``."""
     t = np.arange(int(round(seconds * rate))) / rate

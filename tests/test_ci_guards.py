@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from tests.conftest import need, shared_path
+from tests.conftest import need, require, shared_path
 
 
 def outcome(call) -> type[BaseException]:
@@ -13,10 +13,11 @@ def outcome(call) -> type[BaseException]:
     return info.type
 
 
-@pytest.mark.parametrize("guard", ["shared_path", "need"])
+@pytest.mark.parametrize("guard", ["shared_path", "need", "require"])
 def test_missing_material_fails_under_ci_and_skips_elsewhere(tmp_path, monkeypatch, guard):
     absent = tmp_path / "absent.wav"
-    call = (lambda: shared_path(absent)) if guard == "shared_path" else (lambda: need(absent.exists(), "absent"))
+    call = {"shared_path": lambda: shared_path(absent), "need": lambda: need(absent.exists(), "absent"),
+            "require": lambda: require("monitord_no_such_module", "pip install it")}[guard]
     monkeypatch.setenv("CI", "true")
     assert outcome(call) is pytest.fail.Exception
     monkeypatch.delenv("CI")

@@ -32,12 +32,23 @@ def default_config(tmp_path: Path) -> tuple[Path, int]:
     return tmp_path / "monitord.yaml", http_port
 
 
+NO_ALSA_DEVICES = """\
+# ALSA knows only the PCMs its configuration defines: this one defines a default on a card that does
+# not exist and nothing else (no hw:N, no plugins), so PortAudio finds no device, hardware included.
+pcm.!default { type hw card 999 }
+ctl.!default { type hw card 999 }
+"""
+
+
 def no_sound_env(tmp_path: Path) -> dict[str, str]:
-    """No sound server reachable (a fresh, empty runtime dir), no hub, an empty model cache."""
+    """No capture device (no sound server reachable, an ALSA configuration with no device), no hub,
+    an empty model cache."""
     runtime = tmp_path / "xdg"
     runtime.mkdir(mode=0o700)
-    return {"XDG_RUNTIME_DIR": str(runtime), "PULSE_SERVER": f"unix:{runtime}/no-server", "HF_HUB_OFFLINE": "1",
-            "HF_HOME": str(tmp_path / "hf-home")}
+    alsa = tmp_path / "no-devices.asoundrc"
+    alsa.write_text(NO_ALSA_DEVICES)
+    return {"XDG_RUNTIME_DIR": str(runtime), "PULSE_SERVER": f"unix:{runtime}/no-server", "ALSA_CONFIG_PATH": str(alsa),
+            "HF_HUB_OFFLINE": "1", "HF_HOME": str(tmp_path / "hf-home")}
 
 
 class Lines:
@@ -71,13 +82,25 @@ def post_file(url: str, path: Path, labels: str = "") -> dict:
     return json.loads(urllib.request.urlopen(request, timeout=120).read())
 
 
+@pytest.mark.sound
+def test_the_no_device_environment_hides_a_device_that_is_there(tmp_path, sound_server):
+    """What makes the first-start test's "no microphone" true on any machine: with a capture device
+    present (the sound server's), the ALSA configuration of no_sound_env alone leaves PortAudio none."""
+    def devices(extra: dict[str, str]) -> str:
+        out = subprocess.run(monitord_cmd("devices"), cwd=REPO, env={**os.environ, **sound_server, **extra},
+                             capture_output=True, text=True, timeout=60)
+        assert out.returncode == 0, out.stderr
+        return out.stdout
+
+    assert "no input devices" not in devices({})
+    assert "no input devices" in devices({"ALSA_CONFIG_PATH": no_sound_env(tmp_path)["ALSA_CONFIG_PATH"]})
+
+
 def test_first_start_with_no_hub_and_no_microphone(tmp_path):
     env = no_sound_env(tmp_path)
     devices = subprocess.run(monitord_cmd("devices"), cwd=REPO, env={**os.environ, **env}, capture_output=True, text=True, timeout=60)
     assert devices.returncode == 0, devices.stderr
-    if "no input devices" not in devices.stdout:
-        pytest.skip(f"this machine has capture hardware no environment can hide:\n{devices.stdout}")
-    assert "waits for one" in devices.stdout
+    assert "no input devices" in devices.stdout and "waits for one" in devices.stdout, devices.stdout
     config, http_port = default_config(tmp_path)
     began = time.monotonic()
     proc = start_daemon(config, env)

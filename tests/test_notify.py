@@ -15,12 +15,11 @@ import pytest
 from monitord.config import NotifyConfig, RuleConfig, load_config
 from monitord.output.notify import Notifier
 from monitord.types import Event
-from tests.conftest import in_ci, free_port, silence, tone, write_wav
+from tests.conftest import free_port, require, silence, tone, write_wav
 from tests.test_e2e import read_log
 from tests.test_faults import ScriptedModel
 
-if not in_ci():
-    pytest.importorskip("apprise")
+require("apprise", "pip install 'monitord[notify]'")
 
 RATE = 16000
 

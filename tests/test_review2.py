@@ -14,8 +14,9 @@ from monitord.config import MqttConfig
 from monitord.output.eventlog import EventLog
 from monitord.output.mqtt import MqttSink, Topics
 from monitord.types import Event
+from tests.conftest import require
 
-pytest.importorskip("paho.mqtt.client")
+require("paho.mqtt.client", "pip install 'monitord[mqtt]'")
 
 
 class _Reason:
@@ -278,7 +279,7 @@ def test_a_service_that_refuses_attachments_never_gets_the_alert(tmp_path):
     attachment cache answers 400, ntfy.sh 413 past its size limit, Pushover above 5 MB): every
     retry sends the same message with the same clip, all are refused, and the alarm is never
     delivered, not even as text."""
-    pytest.importorskip("apprise")
+    require("apprise", "pip install 'monitord[notify]'")
     from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
     from monitord.config import NotifyConfig, RuleConfig
@@ -386,7 +387,7 @@ def test_a_download_that_breaks_off_is_not_model_unavailable_so_an_optional_mode
     httpx.RemoteProtocolError out of load_pretrained (seen for real against a socket that accepts and
     closes, after ~30 s of huggingface_hub's retries). load_models only leaves out an optional model on
     ModelUnavailable, so the daemon does not start at all."""
-    httpx = pytest.importorskip("httpx")
+    httpx = require("httpx", "a dependency of huggingface_hub")
     import monitord.inference.models.loading as loading
     from monitord.inference.models.base import ModelUnavailable
 

@@ -10,6 +10,7 @@ from monitord.alerts.engine import AlertEngine
 from monitord.alerts.stage import AlertsStage
 from monitord.stage import Channel
 from monitord.types import Publication
+from tests.conftest import require
 from tests.test_review import rule, scored, wait_for
 
 
@@ -49,8 +50,7 @@ def test_an_onset_of_a_rule_added_by_a_reload_sets_its_state_on_even_when_it_is_
     (on_rules) and an onset of the new rule handed over after that, during the sending, were sent
     first: the pair was not in ``states`` yet, so no ON; the next turn took the rules and published
     the new entity's state OFF. Home Assistant showed the alert off while it was on."""
-    pytest = __import__("pytest")
-    pytest.importorskip("paho.mqtt.client")
+    require("paho.mqtt.client", "pip install 'monitord[mqtt]'")
     from monitord.config import RuleConfig
     from tests.test_review2 import FakeBroker, make_sink, wait_until
 
@@ -85,8 +85,7 @@ def test_a_stale_retained_topic_whose_emptying_was_lost_with_the_connection_is_e
     (the empty message dies with the discarded client) left the topic on the broker for ever, and
     nothing remembered it: Home Assistant kept the entity of a removed rule. A topic leaves the list
     once its emptying is acknowledged."""
-    pytest = __import__("pytest")
-    pytest.importorskip("paho.mqtt.client")
+    require("paho.mqtt.client", "pip install 'monitord[mqtt]'")
     import json
 
     from tests.test_review2 import FakeBroker, _Info, make_sink, wait_until
@@ -172,8 +171,7 @@ def test_a_state_file_whose_retained_list_is_bad_neither_stops_the_sink_nor_lose
     so the sink never came up and sent nothing. A list that is no list of topics made the whole file
     refused: the acknowledged seq with it, so the events after it were never sent. A bad list is
     now left out (said), the seq kept."""
-    pytest = __import__("pytest")
-    pytest.importorskip("paho.mqtt.client")
+    require("paho.mqtt.client", "pip install 'monitord[mqtt]'")
     import json
 
     from monitord.output.eventlog import EventLog
@@ -214,8 +212,7 @@ def test_a_state_file_whose_retained_list_is_bad_neither_stops_the_sink_nor_lose
 def test_a_reload_while_the_broker_is_away_brings_no_removed_entity_back_at_the_reconnect(tmp_path):
     """A reload removing a rule while the broker is down is taken at the next connection before
     anything retained goes out: the removed rule's discovery config is emptied, never published again."""
-    pytest = __import__("pytest")
-    pytest.importorskip("paho.mqtt.client")
+    require("paho.mqtt.client", "pip install 'monitord[mqtt]'")
     from monitord.config import RuleConfig
     from tests.test_review2 import FakeBroker, make_sink, wait_until
 
