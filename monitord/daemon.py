@@ -409,14 +409,20 @@ class Daemon:
         return Event(kind="status", source=source, time=iso_utc(time.time()), host=self.host, status=status,
                      detail=detail, extra=dict(extra))
 
+    def _status_due(self, last_said: dict[str, float], source: str) -> bool:
+        """At most one overload status per ``overload_status_interval_s`` per source (and kind)."""
+        now = time.monotonic()
+        last = last_said.get(source)
+        if last is not None and now - last < self.config.pipeline.overload_status_interval_s:
+            return False
+        last_said[source] = now
+        return True
+
     def _on_drop(self, dropped: Window) -> None:
         """A live source dropped a window (inference behind): a status, at most one per interval per source."""
         source = dropped.source
-        now = time.monotonic()
-        last = self._last_overload.get(source)
-        if last is not None and now - last < self.config.pipeline.overload_status_interval_s:
+        if not self._status_due(self._last_overload, source):
             return
-        self._last_overload[source] = now
         count = self.queue.dropped[source]
         log.warning("source %s: inference behind, %d windows dropped so far", source, count)
         # on the windowing thread of a live source, which must not wait: an overload status is a
@@ -427,11 +433,8 @@ class Daemon:
         """A live source's window was taken off remote scoring (too many waiting for the cluster): a
         status, at most one per interval per source."""
         source = dropped.source
-        now = time.monotonic()
-        last = self._last_remote_overload.get(source)
-        if last is not None and now - last < self.config.pipeline.overload_status_interval_s:
+        if not self._status_due(self._last_remote_overload, source):
             return
-        self._last_remote_overload[source] = now
         count = self.inference.stats.remote_dropped[source]
         models = ", ".join(m.name for m in self.inference.remote_models)
         log.warning("source %s: remote inference behind, %d windows not scored remotely so far", source, count)

@@ -8,6 +8,7 @@ import socket
 import subprocess
 import sys
 import tempfile
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -44,6 +45,16 @@ def require(module: str, install: str):
         return importlib.import_module(module)
     except ImportError as exc:
         need(False, f"{module} is not installed ({install}): {exc}")
+
+
+def wait_until(predicate, timeout: float) -> bool:
+    """Poll ``predicate`` until it holds (True) or ``timeout`` seconds pass (its last answer)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return True
+        time.sleep(0.02)
+    return bool(predicate())
 
 
 def tone(freq: float, seconds: float, rate: int, dbfs: float = -12.0) -> np.ndarray:

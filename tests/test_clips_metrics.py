@@ -16,7 +16,8 @@ from tests.test_e2e import read_log
 RATE = 48000
 
 
-def run(tmp_path, tiny_clap, audio, extra: str, scrape: str | None = None):
+def noise_config(tmp_path, tiny_clap, audio, extra: str):
+    """A file source of ``audio``, the tiny CLAP and a 'noise' rule, plus ``extra`` YAML; the loaded config."""
     write_wav(tmp_path / "in.wav", audio, RATE)
     (tmp_path / "c.yaml").write_text(f"""
 sources: [{{id: rec, file: in.wav}}]
@@ -26,7 +27,11 @@ rules:
   - {{id: noise, model: clap, label: noise, threshold: 0.6, release: 0.4}}
 publish: {{endpoint: "tcp://127.0.0.1:{free_port()}", event_log: events.jsonl}}
 {extra}""")
-    config = load_config(tmp_path / "c.yaml")
+    return load_config(tmp_path / "c.yaml")
+
+
+def run(tmp_path, tiny_clap, audio, extra: str, scrape: str | None = None):
+    config = noise_config(tmp_path, tiny_clap, audio, extra)
     daemon = Daemon(config, load_models(config))
     daemon.start()
     daemon.wait(threading.Event(), until_done=True)
@@ -104,17 +109,7 @@ def test_a_clip_that_cannot_be_written_is_a_status_and_the_output_stage_lives_on
     from monitord.types import StageState
 
     audio = np.concatenate([silence(1.0, RATE), noise(2.0, RATE, -20), silence(3.0, RATE), noise(2.0, RATE, -20), silence(3.0, RATE)])
-    write_wav(tmp_path / "in.wav", audio, RATE)
-    (tmp_path / "c.yaml").write_text(f"""
-sources: [{{id: rec, file: in.wav}}]
-gate: {{mode: energy, threshold_dbfs: -45}}
-models: {{clap: {{kind: clap, model: {tiny_clap}, labels: [tone, noise, speech, music], dtype: float32}}}}
-rules:
-  - {{id: noise, model: clap, label: noise, threshold: 0.6, release: 0.4}}
-publish: {{endpoint: "tcp://127.0.0.1:{free_port()}", event_log: events.jsonl}}
-clips: {{enabled: true, dir: clips, pre_s: 0.5, post_s: 0.5}}
-""")
-    config = load_config(tmp_path / "c.yaml")
+    config = noise_config(tmp_path, tiny_clap, audio, "clips: {enabled: true, dir: clips, pre_s: 0.5, post_s: 0.5}\n")
     daemon = Daemon(config, load_models(config))
     daemon.start()
     shutil.rmtree(tmp_path / "clips")

@@ -24,11 +24,11 @@ from monitord.inference.models import ModelBase
 from monitord.serve.client import RemoteModel
 from monitord.serve.service import InferenceService
 from monitord.types import Scores, StageState
-from tests.conftest import free_port, silence, tone, write_wav
+from tests.conftest import free_port, silence, tone, wait_until, write_wav
 from tests.serve_helpers import Recorder
 from tests.test_e2e import read_log
 from tests.test_serve_wire import serving
-from tests.test_supervisor import Supervised, wait_until
+from tests.test_supervisor import Supervised
 
 RATE = 48000
 REMOTE = ("clap", "wide")

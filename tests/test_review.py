@@ -11,10 +11,11 @@ import pytest
 
 from monitord.alerts.engine import AlertEngine
 from monitord.alerts.stage import AlertsStage
-from monitord.types import RulesChange
 from monitord.config import RuleConfig
 from monitord.stage import Channel
-from monitord.types import Event, Outcome, Publication, Scores, ScoredWindow, StageState, Window, WindowFacts, Verdict
+from monitord.types import (Event, Outcome, Publication, RulesChange, Scores, ScoredWindow, StageState, Verdict, Window,
+                            WindowFacts)
+from tests.conftest import wait_until
 
 RATE = 16000
 
@@ -230,7 +231,6 @@ def test_a_stop_while_a_stage_waits_for_its_restart_still_ends_alerts_and_writes
     from tests.conftest import free_port, silence, tone, write_wav
     from tests.test_e2e import read_log
     from tests.test_faults import ScriptedModel
-    from tests.test_supervisor import wait_until
 
     write_wav(tmp_path / "in.wav", np.concatenate([silence(1.0, RATE), tone(500, 30.0, RATE, -12)]), RATE)
     (tmp_path / "c.yaml").write_text(f"""
@@ -356,7 +356,7 @@ def test_a_reload_refused_for_timing_out_is_not_applied_later_behind_the_operato
     and its status events say the old ones are running."""
     from monitord.config import load_config
     from tests.test_faults import ScriptedModel
-    from tests.test_supervisor import make_daemon, wait_until
+    from tests.test_supervisor import make_daemon
 
     class Relabelled(ScriptedModel):
         def prepare_labels(self, labels, prompt):
@@ -485,7 +485,7 @@ def test_an_alerts_stage_that_dies_while_handing_on_hands_on_the_rest_once():
     stage = AlertsStage(AlertEngine((rule(), rule(id="r2", release=0.5))), inbox, out, "host", {"clap": "clap-id"})
     inbox.put(scored(1.0, 0.9))  # two onsets from one window
     stage.start()
-    assert wait_for(lambda: len(out) == 1, 5)
+    assert wait_until(lambda: len(out) == 1, 5)
     stage.inject_failure(RuntimeError("killed while waiting for room"))
     assert stage.join(5) and stage.state is StageState.FAILED
     first = out.drain()
@@ -499,13 +499,6 @@ def test_an_alerts_stage_that_dies_while_handing_on_hands_on_the_rest_once():
     assert sorted((e.rule, e.phase) for e in events) == [("r", "offset"), ("r", "onset"), ("r2", "offset"), ("r2", "onset")]
 
 
-def wait_for(predicate, timeout: float) -> bool:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if predicate():
-            return True
-        time.sleep(0.01)
-    return False
 
 
 def test_an_alerts_stage_that_dies_applying_new_rules_applies_them_after_its_restart(monkeypatch):

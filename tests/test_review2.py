@@ -14,7 +14,7 @@ from monitord.config import MqttConfig
 from monitord.output.eventlog import EventLog
 from monitord.output.mqtt import MqttSink, Topics
 from monitord.types import Event
-from tests.conftest import require
+from tests.conftest import require, wait_until
 
 require("paho.mqtt.client", "pip install 'monitord[mqtt]'")
 
@@ -100,13 +100,6 @@ def make_sink(tmp_path: Path, broker: FakeBroker, log: EventLog | None, statuses
                     state_path=tmp_path / "events.jsonl.mqtt-state.json", client_factory=broker.factory)
 
 
-def wait_until(predicate, timeout: float) -> bool:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if predicate():
-            return True
-        time.sleep(0.05)
-    return predicate()
 
 
 # --- MQTT -------------------------------------------------------------------------------------

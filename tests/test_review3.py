@@ -9,9 +9,9 @@ import time
 from monitord.alerts.engine import AlertEngine
 from monitord.alerts.stage import AlertsStage
 from monitord.stage import Channel
-from monitord.types import Publication
-from tests.conftest import require
-from tests.test_review import rule, scored, wait_for
+from monitord.types import Event
+from tests.conftest import require, wait_until
+from tests.test_review import rule, scored
 
 
 def test_an_alerts_stage_whose_output_channel_closed_does_not_spin_but_goes_on_to_its_end():
@@ -25,7 +25,7 @@ def test_an_alerts_stage_whose_output_channel_closed_does_not_spin_but_goes_on_t
     inbox.put(scored(1.0, 0.9))  # two onsets: room for one
     stage.start()
     try:
-        assert wait_for(lambda: len(out) == 1, 5)
+        assert wait_until(lambda: len(out) == 1, 5)
         inbox.put(scored(1.5, 0.9))
         inbox.close()
         out.close()
@@ -38,9 +38,7 @@ def test_an_alerts_stage_whose_output_channel_closed_does_not_spin_but_goes_on_t
 
 # --- MQTT ---------------------------------------------------------------------------------------
 
-def new_rule_onset(seq: int) -> "Event":
-    from monitord.types import Event
-
+def new_rule_onset(seq: int) -> Event:
     return Event(kind="alert", source="rec", rule="loud", label="tone", phase="onset", score=0.9,
                  time="2026-01-01T00:00:00.000Z", host="h", seq=seq, id=f"id{seq}")
 
@@ -52,7 +50,7 @@ def test_an_onset_of_a_rule_added_by_a_reload_sets_its_state_on_even_when_it_is_
     the new entity's state OFF. Home Assistant showed the alert off while it was on."""
     require("paho.mqtt.client", "pip install 'monitord[mqtt]'")
     from monitord.config import RuleConfig
-    from tests.test_review2 import FakeBroker, make_sink, wait_until
+    from tests.test_review2 import FakeBroker, make_sink
 
     broker = FakeBroker()
     broker.up = True
@@ -88,7 +86,7 @@ def test_a_stale_retained_topic_whose_emptying_was_lost_with_the_connection_is_e
     require("paho.mqtt.client", "pip install 'monitord[mqtt]'")
     import json
 
-    from tests.test_review2 import FakeBroker, _Info, make_sink, wait_until
+    from tests.test_review2 import FakeBroker, _Info, make_sink
 
     stale = "m/rec/gone/state"
     state_file = tmp_path / "events.jsonl.mqtt-state.json"
@@ -175,7 +173,7 @@ def test_a_state_file_whose_retained_list_is_bad_neither_stops_the_sink_nor_lose
     import json
 
     from monitord.output.eventlog import EventLog
-    from tests.test_review2 import FakeBroker, make_sink, status_event, wait_until
+    from tests.test_review2 import FakeBroker, make_sink, status_event
 
     class StrictBroker(FakeBroker):
         def factory(self):
@@ -214,7 +212,7 @@ def test_a_reload_while_the_broker_is_away_brings_no_removed_entity_back_at_the_
     anything retained goes out: the removed rule's discovery config is emptied, never published again."""
     require("paho.mqtt.client", "pip install 'monitord[mqtt]'")
     from monitord.config import RuleConfig
-    from tests.test_review2 import FakeBroker, make_sink, wait_until
+    from tests.test_review2 import FakeBroker, make_sink
 
     broker = FakeBroker()
     broker.up = True

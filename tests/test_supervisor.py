@@ -16,7 +16,7 @@ from monitord.config import load_config
 from monitord.daemon import Daemon
 from monitord.sdnotify import Watchdog
 from monitord.types import StageState
-from tests.conftest import free_port, silence, tone, write_wav
+from tests.conftest import free_port, silence, tone, wait_until, write_wav
 from tests.test_e2e import read_log
 from tests.test_faults import ScriptedModel
 
@@ -61,13 +61,6 @@ def events(tmp_path) -> list[dict]:
     return read_log(path) if path.exists() else []
 
 
-def wait_until(predicate, timeout: float) -> bool:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if predicate():
-            return True
-        time.sleep(0.05)
-    return False
 
 
 STAGES = ["output", "alerts", "inference", "windowing-rec", "file-rec"]

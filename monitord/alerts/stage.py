@@ -13,7 +13,6 @@ from collections.abc import Callable, Mapping
 
 from monitord.alerts.engine import AlertEngine, Transition
 from monitord.alerts.frames import Curve, FrameAlert, FrameTracker
-from monitord.config import RuleConfig
 from monitord.stage import Channel, Closed, Stage
 from monitord.types import Event, Publication, RulesChange, Scores, ScoredWindow, StreamEnd, Verdict, Window, iso_utc
 
