@@ -10,8 +10,23 @@ import numpy as np
 import soxr
 
 
+MIN_SAMPLE_RATE = 8_000
+MAX_SAMPLE_RATE = 384_000
+"""The sample rates monitord takes from any source (a device, a file, an upload): a header that
+claims more would size rings and windows by its claim."""
+MAX_CHANNELS = 256
+
+
 class AudioFileError(Exception):
     """The file cannot be decoded as audio."""
+
+
+def check_format(rate: int, channels: int, name: str) -> None:
+    """AudioFileError naming ``name`` where a file's rate or channel count is outside what monitord takes."""
+    if not MIN_SAMPLE_RATE <= rate <= MAX_SAMPLE_RATE:
+        raise AudioFileError(f"{name}: sample rate {rate} Hz is outside {MIN_SAMPLE_RATE}-{MAX_SAMPLE_RATE} Hz")
+    if not 1 <= channels <= MAX_CHANNELS:
+        raise AudioFileError(f"{name}: {channels} channels (at most {MAX_CHANNELS})")
 
 
 def to_mono(frames: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
@@ -51,6 +66,7 @@ def read_mono(source: Path | bytes, max_seconds: float | None = None) -> tuple[n
     name = "the upload" if isinstance(source, bytes) else str(source)
     try:
         with sf.SoundFile(io.BytesIO(source) if isinstance(source, bytes) else str(source)) as f:
+            check_format(int(f.samplerate), int(f.channels), name)
             frames = -1 if max_seconds is None else min(f.frames, math.ceil(max_seconds * f.samplerate))
             data, rate = f.read(frames, dtype="float32", always_2d=True), f.samplerate
     except (RuntimeError, sf.LibsndfileError, TypeError) as exc:

@@ -23,6 +23,7 @@ from concurrent.futures import TimeoutError as FutureTimeout
 from monitord.alerts.engine import AlertEngine
 from monitord.alerts.stage import AlertsStage
 from monitord.config import Config, inactive_without
+from monitord.config.memory import ring_seconds  # in config: check-config counts the rings against the memory budget
 from monitord.inference.models import Model, ModelUnavailable, build_model
 from monitord.inference.queue import WindowQueue
 from monitord.inference.worker import LOW, InferenceStage, Scorer
@@ -83,14 +84,15 @@ def load_models(config: Config, only: set[str] | None = None) -> LoadedModels:
         except ModelUnavailable as exc:
             if not config.models[name].optional:
                 raise
-            log.info("optional model %s not loaded: %s", name, exc)
+            log.debug("optional model %s not loaded: %s", name, exc)  # said once, by whoever reports it (daemon: a warning with the fix)
             models.unavailable[name] = exc
 
+    on_embeddings = ("anomaly", "examples")
     for name, m in wanted.items():
-        if m.kind != "anomaly":
+        if m.kind not in on_embeddings:
             build(name)
     for name, m in wanted.items():
-        if m.kind != "anomaly":
+        if m.kind not in on_embeddings:
             continue
         if m.embedding_model not in models and m.embedding_model not in models.unavailable:
             build(m.embedding_model)
@@ -102,11 +104,16 @@ def load_models(config: Config, only: set[str] | None = None) -> LoadedModels:
                 missing=f"its embedding model {m.embedding_model}", fix=models.unavailable[m.embedding_model].fix)
             continue
         try:
-            models[name] = AnomalyDetector(name, m, models[m.embedding_model], config.window.seconds, config.window.hop_s)
+            if m.kind == "examples":
+                from monitord.inference.models.examples import ExamplesModel
+
+                models[name] = ExamplesModel(name, m, models[m.embedding_model], config.window.seconds)
+            else:
+                models[name] = AnomalyDetector(name, m, models[m.embedding_model], config.window.seconds, config.window.hop_s)
         except ModelUnavailable as exc:
             if not m.optional:
                 raise
-            log.info("optional model %s not loaded: %s", name, exc)
+            log.debug("optional model %s not loaded: %s", name, exc)  # said once, by whoever reports it (daemon: a warning with the fix)
             models.unavailable[name] = exc
     return models
 
@@ -115,18 +122,6 @@ def model_inputs(config: Config, models: Mapping[str, Model]) -> dict[str, Model
     """What the windowing stage needs of each model: its rate and its own gate."""
     return {name: ModelInput(model.sample_rate, config.models[name].gate if name in config.models else None)
             for name, model in models.items()}
-
-
-def ring_seconds(config: Config) -> float:
-    """The ring buffer each source gets: the configured length, or more when clips need their
-    pre-roll to survive the worst lag before an alert (a full window queue of one source's windows,
-    and with remote inference as many again waiting for the cluster)."""
-    seconds = config.pipeline.ring_seconds
-    if config.clips.enabled:
-        waiting = config.pipeline.queue_max_windows + (config.inference.max_waiting_windows if config.inference else 0)
-        lag = waiting * config.window.hop_s
-        seconds = max(seconds, config.window.seconds + lag + config.clips.pre_s + config.clips.post_s + 2.0)
-    return seconds
 
 
 class Daemon:
@@ -187,7 +182,7 @@ class Daemon:
                 raise PublishError("publish.mqtt: needs paho-mqtt, which is not installed: pip install 'monitord[mqtt]'")
             from monitord.output.mqtt import build_mqtt_sink
 
-            sinks.append(build_mqtt_sink(self.config, self.host, self.publisher.event_log, self.status))
+            sinks.append(build_mqtt_sink(self.config, self.host, self.publisher.event_log, self.status, feedback=self.feedback))
         if self.config.notify:
             if extra_missing("apprise"):
                 raise PublishError("notify: needs apprise, which is not installed: pip install 'monitord[notify]'")
@@ -262,7 +257,8 @@ class Daemon:
         if self.config.http.bind:
             from monitord.output.dashboard import Dashboard
 
-            dashboard = Dashboard(self, self.config.http.bind, self.config.http.token, self.config.http.max_upload_mb)
+            dashboard = Dashboard(self, self.config.http.bind, self.config.http.token, self.config.http.max_upload_mb,
+                                  self.config.http.allowed_hosts)
             try:
                 dashboard.start()
             except OSError as exc:
@@ -448,17 +444,19 @@ class Daemon:
         """Apply new rules, thresholds, labels and prompts without stopping capture, or refuse the
         whole change with a ``reload_failed`` status saying why; the running config then stays."""
         try:
-            self.reload(new)
+            weights = self.reload(new)
         except ReloadError as exc:
             log.error("reload refused: %s; the running configuration stays", exc)
             self._status_nowait(DAEMON, "reload_failed", str(exc))
             return False
-        log.info("reloaded: %d rules, labels %s", len(new.rules), {n: len(m.labels) for n, m in new.models.items()
-                                                                    if hasattr(m, "labels")})
-        self._status_nowait(DAEMON, "reloaded", f"{len(new.rules)} rules; labels and prompts applied")
+        log.info("reloaded: %d rules, labels %s, new weights %s", len(new.rules), {n: len(m.labels) for n, m in new.models.items()
+                                                                                   if hasattr(m, "labels")}, weights or "none")
+        self._status_nowait(DAEMON, "reloaded", f"{len(new.rules)} rules; labels and prompts applied"
+                            + (f"; new weights for {', '.join(weights)}" if weights else ""))
         return True
 
-    def reload(self, new: Config) -> None:
+    def reload(self, new: Config) -> list[str]:
+        """Apply ``new`` (see apply_reload); the names of the models whose weights were loaded again."""
         restart_only = [k for k in RESTART_ONLY if getattr(new, k) != getattr(self.config, k)]
         swappable = {"labels", "prompt"}
         old_models = {n: m.model_dump(exclude=swappable) for n, m in self.config.models.items()}
@@ -467,19 +465,22 @@ class Daemon:
             restart_only.append("models (other than labels and prompt)")
         if restart_only:
             raise ReloadError(f"{', '.join(restart_only)} changed: restart monitord to apply them")
+        reloaded = self._load_changed_weights(new)
         prepared = {}
         for name, model_config in new.models.items():
-            if name not in self.models:  # an optional model that is not loaded: nothing to swap
+            if name not in self.models or name in reloaded:  # not loaded: nothing to swap; reloaded: has the new labels
                 continue
             old = self.config.models[name]
             if getattr(model_config, "labels", None) != getattr(old, "labels", None) or \
                     getattr(model_config, "prompt", None) != getattr(old, "prompt", None):
                 try:
-                    prepared[name] = self.models[name].prepare_labels(model_config.labels, model_config.prompt)
+                    prepared[name] = self.models[name].prepare_labels(model_config.labels, getattr(model_config, "prompt", ""))
                 except Exception as exc:  # the old labels keep scoring
                     raise ReloadError(f"models.{name}: new labels could not be prepared: {exc}") from None
 
         def swap() -> None:  # on the inference thread, between two batches
+            for name, loaded in reloaded.items():
+                self.models[name].use_weights(loaded)
             for name, labels in prepared.items():
                 self.models[name].use_labels(labels)
             self.inference.emit(RulesChange(new.rules))
@@ -500,6 +501,33 @@ class Daemon:
         except Exception as exc:
             raise ReloadError(f"the new labels could not be swapped in: {exc!r}") from None
         self.config = self.config.model_copy(update={"rules": new.rules, "models": new.models})
+        return sorted(reloaded)
+
+    def _load_changed_weights(self, new: Config) -> dict[str, Model]:
+        """The local models whose files were replaced since they were loaded (an administrator
+        copied new weights over the folder), loaded again from them, off the inference thread. One
+        that cannot be loaded refuses the reload: the old weights, in memory, keep scoring."""
+        loaded: dict[str, Model] = {}
+        for name, model in self.models.items():
+            changed = getattr(model, "weights_changed", None)
+            if name not in new.models or changed is None or not changed():
+                continue
+            log.info("model %s: the files in %s changed since they were loaded; loading them", name, model.weights_path)
+            try:
+                loaded[name] = build_model(name, new.models[name])
+            except Exception as exc:  # noqa: BLE001 - whatever a half-copied folder raises
+                raise ReloadError(f"models.{name}: the weights in {model.weights_path} could not be loaded ({exc}); "
+                                  f"the old ones keep scoring") from None
+        return loaded
+
+    # feedback on an alert (the dashboard, MQTT): "not this" / "yes, this"
+
+    def feedback(self, seq: int, verdict: str, via: str = "api", expect: tuple[str, str] | None = None) -> dict:
+        """Teach the alerting window of event SEQ to its rule's not_like bank (blocks: call it off
+        an event loop); FeedbackError says why not."""
+        from monitord.examples.feedback import give
+
+        return give(self, seq, verdict, via, expect)
 
     # the dashboard's try-it panel
 

@@ -264,6 +264,11 @@ class Event:
     """An alert transition (kind "alert"), a status change (kind "status"), or one window's scores
     (kind "scores": published only with ``publish.scores``, never logged, no seq).
 
+    A frame-level model's frames ride in ``extra["frames"]`` (``hop_s``, ``labels``, ``times``,
+    ``values``), each frame in exactly one event: the score event of the window that made it final,
+    or, where that window was not scored or the stream ended, a kind "frames" event (no alert, no
+    scores; stream_start/stream_end its first and last frame) on the same ``scores.`` topic.
+
     ``seq`` and ``id`` are assigned by the output stage, so they are 0/"" until published.
     ``time`` is the wall-clock time of the window's first sample for alerts, and the time of
     the change for status events. ``latency_ms`` runs from the window's last sample to publishing.
@@ -300,7 +305,7 @@ class Event:
     def topic(self) -> str:
         if self.kind == "alert":
             return f"alert.{self.source}.{self.rule}"
-        if self.kind == "scores":
+        if self.kind in ("scores", "frames"):  # a model's frames are one stream, whichever event carries them
             return f"scores.{self.source}.{self.model_name}"
         return f"{self.kind}.{self.source}"
 

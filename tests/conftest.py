@@ -22,6 +22,8 @@ SHARED = REPO.parent / "shared"
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+# a config that leaves its event log out writes it to the state directory: the tests' own, not the home's
+os.environ.setdefault("XDG_STATE_HOME", tempfile.mkdtemp(prefix="monitord-test-state-"))
 
 
 def in_ci() -> bool:

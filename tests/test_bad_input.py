@@ -146,3 +146,39 @@ def test_mutated_configs_are_valid_or_named_problems_never_a_crash(tmp_path, mut
         assert exc.problems
         for problem in exc.problems:
             assert ": " in str(problem) and str(problem).split(":")[0].strip()
+
+
+def lying_wav(path, rate: int = 100_000_000, channels: int = 1) -> None:
+    """A real 16 kHz WAV whose header then claims ``rate`` Hz and ``channels`` channels (a 2 KB file)."""
+    sf.write(path, tone(440, 0.05, 16000, -12), 16000, subtype="PCM_16")
+    data = bytearray(path.read_bytes())
+    data[22:24] = channels.to_bytes(2, "little")
+    data[24:28] = rate.to_bytes(4, "little")
+    data[28:32] = (rate * 2 * channels).to_bytes(4, "little")
+    data[32:34] = (2 * channels).to_bytes(2, "little")
+    path.write_bytes(bytes(data))
+
+
+@pytest.mark.parametrize("rate, channels, said", [(100_000_000, 1, "100000000 Hz"), (4000, 1, "4000 Hz"),
+                                                  (16000, 1000, "1000 channels")])
+def test_a_file_whose_header_claims_a_rate_or_channels_out_of_range_is_refused_before_anything_is_sized(tmp_path, rate, channels, said):
+    from monitord.audio import AudioFileError, read_mono
+    from monitord.config import SourceConfig
+    from monitord.sources import SourceError
+    from monitord.sources.file import FileSource
+
+    path = tmp_path / "lie.wav"
+    lying_wav(path, rate, channels)
+    assert sf.info(str(path)).samplerate == rate and sf.info(str(path)).channels == channels  # libsndfile believes it
+    with pytest.raises(SourceError, match=said):
+        FileSource(SourceConfig(id="f", file=str(path)), ring_seconds=60.0, on_status=lambda *a: None)
+    with pytest.raises(AudioFileError, match=said):
+        read_mono(path)
+
+
+def test_classify_refuses_a_file_claiming_100_mhz_with_exit_2(tmp_path, config):
+    path = tmp_path / "lie.wav"
+    lying_wav(path)
+    result = classify(path, config)
+    assert result.returncode == 2, result.stderr
+    assert "100000000 Hz is outside 8000-384000 Hz" in result.stderr and "Traceback" not in result.stderr

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import shutil
 import time
 import urllib.request
@@ -120,10 +121,17 @@ def test_a_non_loopback_dashboard_needs_a_token_and_checks_it(tiny_clap, tmp_pat
         config = parse_config(base, tmp_path)
         models, clips = {}, None
 
-    client = TestClient(Dashboard(FakeDaemon(), "127.0.0.1:1", "a-long-enough-secret").app())
+    client = TestClient(Dashboard(FakeDaemon(), "127.0.0.1:1", "a-long-enough-secret").app(), base_url="http://127.0.0.1:8080")
     assert client.get("/api/state").status_code == 401
     assert client.get("/api/state?token=wrong-wrong-wrong-wrong").status_code == 401
     assert client.get("/api/state", headers={"Authorization": "Bearer a-long-enough-secret"}).status_code == 200
+    # the page (fetched with ?token=) loads its script and stylesheet as a browser does: without the token
+    page = client.get("/?token=a-long-enough-secret")
+    assert page.status_code == 200 and client.get("/").status_code == 401
+    assets = re.findall(r'(?:src|href)="(static/[^"]+)"', page.text)
+    assert sorted(assets) == ["static/app.css", "static/app.js"]
+    assert all(client.get("/" + asset).status_code == 200 for asset in assets)
+    assert client.post("/static/app.js").status_code == 401  # only reading the shipped files is open
 
 
 def test_busy_dashboard_or_metrics_ports_are_clear_errors(tiny_clap, tmp_path):

@@ -23,7 +23,8 @@ ALARM = AUDIO / "alarm_clock" / "esc50_alarm_clock_3-120526-B-37.wav"
 
 
 def default_config(tmp_path: Path) -> tuple[Path, int]:
-    """config/monitord.yaml as shipped, moved to free ports (its relative event log lands in tmp_path)."""
+    """config/monitord.yaml as shipped, moved to free ports (its event log lands in the state
+    directory: tmp_path, with the environment of ``no_sound_env`` or ``STATE_DIRECTORY`` set so)."""
     http_port = free_port()
     text = (REPO / "config" / "monitord.yaml").read_text()
     assert "bind: 127.0.0.1:8080" in text and "tcp://127.0.0.1:5556" in text
@@ -48,7 +49,7 @@ def no_sound_env(tmp_path: Path) -> dict[str, str]:
     alsa = tmp_path / "no-devices.asoundrc"
     alsa.write_text(NO_ALSA_DEVICES)
     return {"XDG_RUNTIME_DIR": str(runtime), "PULSE_SERVER": f"unix:{runtime}/no-server", "ALSA_CONFIG_PATH": str(alsa),
-            "HF_HUB_OFFLINE": "1", "HF_HOME": str(tmp_path / "hf-home")}
+            "HF_HUB_OFFLINE": "1", "HF_HOME": str(tmp_path / "hf-home"), "STATE_DIRECTORY": str(tmp_path)}
 
 
 class Lines:
@@ -171,7 +172,7 @@ def test_capture_starts_when_a_microphone_appears_and_yamnet_alerts(tmp_path, so
     """The default config, started while the sound server is down: it waits, picks the device up when
     the server comes back, and a real alarm-clock recording played into it raises the alarm rule."""
     script = ["bash", str(REPO / "tests" / "sound-server.sh")]
-    env = {**sound_server, "HF_HUB_OFFLINE": "1", "HF_HOME": str(tmp_path / "hf-home")}
+    env = {**sound_server, "HF_HUB_OFFLINE": "1", "HF_HOME": str(tmp_path / "hf-home"), "STATE_DIRECTORY": str(tmp_path)}
     subprocess.run([*script, "stop"], env={**os.environ, **env}, check=True, timeout=30)
     config, _ = default_config(tmp_path)
     log = tmp_path / "events.jsonl"

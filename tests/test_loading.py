@@ -211,3 +211,33 @@ def test_a_first_download_logs_progress_lines_and_the_model_loads(tiny_clap, tmp
         assert hub.requests == [] and not [r for r in caplog.records if "downloading" in r.getMessage()]
     finally:
         hub.close()
+
+
+def test_timing_bfloat16_leaves_no_rounding_in_weights_that_stay_float32():
+    """dtype auto on the CPU times bfloat16 by converting the model; where float32 wins, the weights
+    must be the float32 ones loaded, not their bfloat16 rounding converted back."""
+    import torch
+
+    from monitord.inference.models.loading import TorchPlacement
+
+    class Placed(TorchPlacement):
+        def __init__(self):
+            self.device = "cpu"
+            self.layer = torch.nn.Linear(64, 64)
+            torch.nn.init.normal_(self.layer.weight)
+
+        def torch_modules(self):
+            return [self.layer]
+
+    placed = Placed()
+    loaded = placed.layer.weight.detach().clone()
+    assert not torch.equal(loaded.to(torch.bfloat16).float(), loaded)  # bfloat16 would round these
+
+    def forward():  # bfloat16 made to lose the timing: float32 is chosen
+        if placed.layer.weight.dtype == torch.bfloat16:
+            time.sleep(0.02)
+        placed.layer(torch.zeros(1, 64, dtype=placed.layer.weight.dtype))
+
+    placed.place("auto", forward)
+    assert placed.dtype == torch.float32 and placed.layer.weight.dtype == torch.float32
+    assert torch.equal(placed.layer.weight, loaded)

@@ -118,6 +118,6 @@ def test_remote_models_show_as_remote_and_are_not_offered_to_try_it(tmp_path):
     assert dashboard.try_models() == {"yam": "yamnet"}
     from starlette.testclient import TestClient
 
-    state = TestClient(dashboard.app()).get("/api/state").json()
+    state = TestClient(dashboard.app(), base_url="http://127.0.0.1:8080").get("/api/state").json()
     assert state["models"]["clap"]["state"] == "remote" and state["try_it"] == {"yam": "yamnet"}
     assert state["source_states"] == {"porch": {"state": "starting", "detail": ""}}

@@ -16,7 +16,9 @@ Streaming, per source and frame-level model: keep a ``MergeState``; for each win
 ``Curve`` holds the frames now final (they trail the newest window by about 1.25 s with 2 s
 windows every 0.5 s). Feed each rule's label column (``Scores.probabilities`` order) to
 ``rule_step``; when ``merge_skip`` or ``merge_end`` released a stretch's last frames, call
-``rule_close`` so an alert ends where the frames end rather than at the next stretch.
+``rule_close`` so an alert ends where the frames end rather than at the next stretch. Every curve
+the three return is frames no other call returns: handing each one on once hands on every frame
+once (``FrameTracker`` returns all of them, ``end`` included).
 """
 
 from __future__ import annotations
@@ -307,10 +309,23 @@ class FrameAlert:
     """Set where the alert ended with no window at hand (a rule changed by a reload)."""
 
 
+@dataclass(frozen=True, eq=False)
+class Released:
+    """Frames of one source and model that became final with no window of theirs at hand (the
+    end of a stream, or the daemon stopping)."""
+
+    source: str
+    model: str
+    labels: tuple[str, ...]
+    """The model's labels, in the order of ``curve.values``' columns."""
+    curve: Curve
+
+
 class FrameTracker:
     """Per source and frame-level model, the windows' frames merged into one curve as they come,
     and the frame rules stepped on the frames that became final. No threads, no I/O: the alerts
-    stage feeds it each model's outcome for each window, in order."""
+    stage feeds it each model's outcome for each window, in order, and hands on every curve it
+    returns (each frame is in exactly one of them)."""
 
     def __init__(self, rules: Sequence[object]):
         self.rules = [r for r in rules if getattr(r, "is_frame_rule", False)]
@@ -337,14 +352,25 @@ class FrameTracker:
         self._merge[key] = state
         return curve, self._step(source, model, curve, closed)
 
-    def end(self, source: str | None) -> list[FrameAlert]:
-        """The end of ``source``'s stream (every source's when None): the last frames, then every rule closed."""
-        out = []
+    def end(self, source: str | None) -> tuple[list[Released], list[FrameAlert]]:
+        """The end of ``source``'s stream (every source's when None): the last frames (one entry
+        per model that had some pending), and what the rules made of them, every rule closed."""
+        released, out = [], []
         for (src, model), state in list(self._merge.items()):
             if source is None or src == source:
                 self._merge[(src, model)], curve = merge_end(state)
+                if len(curve):
+                    released.append(Released(src, model, self._labels.get(model, ()), curve))
                 out += self._step(src, model, curve, closed=True)
-        return out
+        return released, out
+
+    def labels(self, model: str) -> tuple[str, ...]:
+        """The labels of the model's latest frames (the columns of its curves)."""
+        return self._labels.get(model, ())
+
+    def pending(self) -> list[str]:
+        """Sources with frames not yet final (waiting for a later window or the stream's end)."""
+        return sorted({src for (src, _), state in self._merge.items() if state.pending is not None})
 
     def active(self) -> list[tuple[str, str]]:
         return sorted(key for key, state in self._states.items() if state.active)

@@ -3,16 +3,21 @@
 It steps the pure engine on each model's outcome, in queue order, and hands on alert events,
 the live score events (when someone wants them: ``publish.scores`` or the dashboard) and every
 scored window (the output stage feeds the dashboard's level meters and the metrics from them).
+With ``publish.scores``, every frame of a frame-level model goes out once: in the score event of
+the window that made it final, else (an unscored window, a stream's end) in a ``frames`` event.
 """
 
 from __future__ import annotations
 
 import logging
 from collections import Counter, deque
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import replace
+from typing import Any
 
 from monitord.alerts.engine import AlertEngine, Transition
-from monitord.alerts.frames import Curve, FrameAlert, FrameTracker
+from monitord.alerts.frames import Curve, FrameAlert, FrameTracker, Released
+from monitord.examples.suppress import Match, NotLike, suppressed_event
 from monitord.stage import Channel, Closed, Stage
 from monitord.types import Event, Publication, RulesChange, Scores, ScoredWindow, StreamEnd, Verdict, Window, iso_utc
 
@@ -41,6 +46,12 @@ def alert_event(window: Window, transition: Transition, model_id: str, host: str
     )
 
 
+def frames_payload(frames: Curve, labels: Sequence[str]) -> dict[str, Any]:
+    """Frames as events carry them: one row of probabilities (in ``labels`` order) per frame."""
+    return {"hop_s": round(frames.hop_s, 6), "labels": list(labels), "times": [round(t, 4) for t in frames.times.tolist()],
+            "values": [[round(v, 5) for v in row] for row in frames.values.tolist()]}
+
+
 def scores_event(scores: Scores, host: str, frames: Curve | None = None) -> Event:
     """A scored window's scores; for a frame-level model also the frames that became final with it
     (the merged curve trails the newest window by about 1.25 s with 2 s windows every 0.5 s)."""
@@ -48,14 +59,23 @@ def scores_event(scores: Scores, host: str, frames: Curve | None = None) -> Even
     (label, score), = scores.top(1)
     extra = {}
     if frames is not None and len(frames):
-        extra["frames"] = {"hop_s": round(frames.hop_s, 6), "labels": list(scores.probabilities),
-                           "times": [round(t, 4) for t in frames.times.tolist()],
-                           "values": [[round(v, 5) for v in row] for row in frames.values.tolist()]}
+        extra["frames"] = frames_payload(frames, list(scores.probabilities))
     return Event(
         kind="scores", source=window.source, time=iso_utc(window.wall_start), host=host, label=label,
         score=round(score, 6), scores=event_scores(scores.probabilities, label), model=scores.model_id,
         model_name=scores.model, stream_start=round(window.stream_start, 6), stream_end=round(window.stream_end, 6),
         facts=window.facts.to_dict(), extra=extra,
+    )
+
+
+def frames_event(window: Window, model: str, model_id: str, labels: Sequence[str], frames: Curve, host: str) -> Event:
+    """Frames that became final with no score event to carry them: ``window`` (the source's window
+    at hand) was not scored, or the stream ended. stream_start/stream_end: the first and last frame."""
+    first, last = float(frames.times[0]), float(frames.times[-1])
+    return Event(
+        kind="frames", source=window.source, time=iso_utc(window.wall_start + (first - window.stream_start)), host=host,
+        model=model_id, model_name=model, stream_start=round(first, 4), stream_end=round(last, 4),
+        extra={"frames": frames_payload(frames, labels)},
     )
 
 
@@ -107,6 +127,9 @@ class AlertsStage(Stage):
         self._before: tuple = self._checkpoint()
         self.outcomes: Counter[tuple[str, str, str]] = Counter()
         """(source, model, verdict) -> windows seen."""
+        self.not_like = NotLike()
+        self._suppressing: set[tuple[str, str]] = set()
+        """(rule, source) whose last window was a suppressed would-be onset (one status event per run)."""
 
     @property
     def idle(self) -> bool:
@@ -199,7 +222,8 @@ class AlertsStage(Stage):
             self._last_window[window.source] = window
         for outcome in scored.outcomes:
             self.outcomes[(window.source, outcome.model, outcome.verdict.value)] += 1
-            transitions = self.engine.observe(window.source, outcome, window.stream_end)
+            suppressed = self._suppressed(window, outcome)
+            transitions = self.engine.observe(window.source, outcome, window.stream_end, suppressed)
             self._publish_transitions(transitions, window, outcome.scores)
             curve = None
             if outcome.model in self._frame_models:
@@ -211,10 +235,40 @@ class AlertsStage(Stage):
             if outcome.verdict is Verdict.SCORED:
                 published = self._publishes_scores(outcome.model, window.source)
                 if published or self.feed_windows:
-                    self._put(Publication(scores_event(outcome.scores, self.host, curve), window.ready_at, logged=False,
-                                          broadcast=published), may_drop=True)
+                    event = scores_event(outcome.scores, self.host, curve)
+                    if suppressed:
+                        event = replace(event, extra={**event.extra,
+                                                      "suppressed_by": {r: m.to_dict() for r, m in suppressed.items()}})
+                    # a published frame is never dropped (it waits for room, as alerts do): each frame in one event
+                    self._put(Publication(event, window.ready_at, logged=False, broadcast=published),
+                              may_drop=not (published and curve is not None and len(curve)))
+            elif curve is not None and len(curve) and self._publishes_scores(outcome.model, window.source):
+                # released by a window the model did not score: no score event to carry them
+                self._put(Publication(frames_event(window, outcome.model, self.model_ids.get(outcome.model, outcome.model),
+                                                   self.frames.labels(outcome.model), curve, self.host),
+                                      window.ready_at, logged=False))
         if self.feed_windows and fresh:
             self._put(scored, may_drop=True)
+
+    def _suppressed(self, window: Window, outcome) -> dict[str, Match]:
+        """The rules whose taught false alarms (``not_like``) this window is like; a would-be onset
+        among them is published as a ``suppressed`` status event (once per run of such windows)."""
+        matches = self.not_like.matches(self.engine.rules, outcome.scores) if outcome.verdict is Verdict.SCORED else {}
+        for rule in self.engine.rules:
+            key = (rule.id, window.source)
+            if rule.model != outcome.model:
+                continue
+            match = matches.get(rule.id)
+            score = outcome.scores.probabilities.get(rule.label) if match is not None else None
+            if score is None or not self.engine.would_start(rule.id, window.source, score, window.stream_end):
+                self._suppressing.discard(key)
+            elif key not in self._suppressing:
+                self._suppressing.add(key)
+                log.info("rule %s on %s: not raised, like taught false alarm %d", rule.id, window.source, match.id)
+                self._put(Publication(suppressed_event(window, rule, score, match, self.model_ids.get(rule.model, rule.model),
+                                                       self.host), window.ready_at))
+                self.events += 1
+        return matches
 
     def _publishes_scores(self, model: str, source: str) -> bool:
         wanted = self.scores_wanted
@@ -228,11 +282,22 @@ class AlertsStage(Stage):
     def _end(self, source: str, reason: str) -> None:
         window = self._last_window.get(source)
         self._publish_transitions(self.engine.end(source, reason), window)
-        self._publish_frame_alerts(self.frames.end(source), window)
+        released, alerts = self.frames.end(source)
+        self._publish_frame_alerts(alerts, window)
+        self._publish_released(released, window)
 
     def _end_all(self, reason: str) -> None:
-        for source in sorted({source for _, source in self.engine.active()} | {s for _, s in self.frames.active()}):
+        for source in sorted({source for _, source in self.engine.active()} | {s for _, s in self.frames.active()}
+                             | set(self.frames.pending())):
             self._end(source, reason)
+
+    def _publish_released(self, released: list[Released], window: Window | None) -> None:
+        """A stream's last frames (every stream's, the daemon stopping), in ``frames`` events."""
+        for r in released:
+            if window is None or not self._publishes_scores(r.model, r.source):
+                continue  # no window of the source seen: it had no frames either
+            event = frames_event(window, r.model, self.model_ids.get(r.model, r.model), r.labels, r.curve, self.host)
+            self._put(Publication(event, None, logged=False))
 
     def _publish_frame_alerts(self, alerts: list[FrameAlert], window: Window | None) -> None:
         given = window

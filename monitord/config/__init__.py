@@ -10,6 +10,7 @@ Every problem is reported as ``path.to.key: what is wrong (line N)``; the daemon
 
 from __future__ import annotations
 
+import logging
 import os
 import re
 from pathlib import Path
@@ -18,21 +19,35 @@ from typing import Any
 import yaml
 from pydantic import ConfigDict, Field, ValidationError
 
-from monitord.config.checks import check_serve, cross_check, inactive_without, model_vocabulary, yamnet_class_names  # noqa: F401 (re-exported)
+from monitord.config.checks import check_serve, config_warnings, cross_check, inactive_without, model_vocabulary, yamnet_class_names  # noqa: F401 (re-exported)
 from monitord.config.errors import ConfigError, Problem, error_path, line_of, merge, problem_from_pydantic
 from monitord.config.schema import *  # noqa: F401,F403  (the public names of every section)
 from monitord.config.schema import BUILTIN, ID_PATTERN, Config, ModelConfig, ServeConfig, _Strict
+from monitord.secrets import too_open
+
+log = logging.getLogger(__name__)
 
 
 def load_config(path: str | os.PathLike[str]) -> Config:
     """Read, validate and resolve a YAML config file; raises ConfigError."""
     path = Path(path)
-    return parse_config(_read(path), base_dir=path.resolve().parent)
+    config = parse_config(_read(path), base_dir=path.resolve().parent)
+    if config.http.token is not None and (reason := too_open(path)):  # the config file itself holds a secret
+        log.warning("%s", Problem("http.token", f"the token is written in the config, and {reason}"))
+    return config
+
+
+MAX_CONFIG_BYTES = 8 * 2**20
+"""A config file past this is refused, not read (/dev/zero, a log given by mistake): a real one is KBs."""
 
 
 def _read(path: Path) -> str:
     try:
-        return path.read_text(encoding="utf-8")
+        with open(path, "rb") as f:
+            data = f.read(MAX_CONFIG_BYTES + 1)
+        if len(data) > MAX_CONFIG_BYTES:
+            raise ConfigError([Problem("config", f"{path} is larger than {MAX_CONFIG_BYTES // 2**20} MiB: not a config file")])
+        return data.decode("utf-8")
     except FileNotFoundError:
         raise ConfigError([Problem("config", f"file not found: {path}")]) from None
     except (OSError, UnicodeDecodeError) as exc:
@@ -40,14 +55,55 @@ def _read(path: Path) -> str:
 
 
 def _compose(text: str) -> tuple[yaml.Node | None, Any]:
-    """The YAML's node tree (for line numbers) and its data; ConfigError for invalid YAML."""
+    """The YAML's node tree (for line numbers) and its data; ConfigError for invalid YAML or a
+    key given twice in one mapping (YAML would keep the last silently)."""
     try:
-        return yaml.compose(text, Loader=yaml.SafeLoader), yaml.safe_load(text)
+        loader = yaml.SafeLoader(text)
+        try:
+            root = loader.get_single_node()
+            duplicates = duplicate_keys(root)
+            if duplicates:
+                raise ConfigError(duplicates)
+            return root, None if root is None else loader.construct_document(root)
+        finally:
+            loader.dispose()
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         line = mark.line + 1 if mark is not None else None
         problem = getattr(exc, "problem", None) or str(exc)
         raise ConfigError([Problem("config", f"invalid YAML: {problem}", line)]) from None
+    except RecursionError:  # PyYAML composes nested collections recursively
+        raise ConfigError([Problem("config", "invalid YAML: collections nested too deeply")]) from None
+
+
+MERGE_TAG = "tag:yaml.org,2002:merge"
+
+
+def duplicate_keys(node: yaml.Node | None, path: str = "", seen: set[int] | None = None) -> list[Problem]:
+    """``path.key: duplicate key 'key' (line N; first at line M)`` for every key that a mapping
+    holds twice, at any depth. Merge keys (``<<``) are not duplicates: a key written beside one
+    overrides the merged value, as YAML intends."""
+    seen = set() if seen is None else seen
+    if node is None or id(node) in seen:  # an alias is checked once, where its anchor is
+        return []
+    seen.add(id(node))
+    problems: list[Problem] = []
+    if isinstance(node, yaml.MappingNode):
+        first: dict[str, int] = {}
+        for key, value in node.value:
+            if key.tag == MERGE_TAG or not isinstance(key, yaml.ScalarNode):
+                continue
+            where = f"{path}.{key.value}" if path else str(key.value)
+            line = key.start_mark.line + 1
+            if key.value in first:
+                problems.append(Problem(where, f"duplicate key {key.value!r} (line {line}; first at line {first[key.value]})"))
+            else:
+                first[key.value] = line
+            problems.extend(duplicate_keys(value, where, seen))
+    elif isinstance(node, yaml.SequenceNode):
+        for i, item in enumerate(node.value):
+            problems.extend(duplicate_keys(item, f"{path}.{i}" if path else str(i), seen))
+    return problems
 
 
 def parse_config(text: str, base_dir: Path) -> Config:
@@ -56,6 +112,9 @@ def parse_config(text: str, base_dir: Path) -> Config:
         data = {}
     if not isinstance(data, dict):
         raise ConfigError([Problem("config", f"top level must be a mapping of sections, not {type(data).__name__}")])
+    nul = _with_nul(data)
+    if nul:  # no path, name or URL holds one: the OS refuses it wherever it comes to be used (ValueError)
+        raise ConfigError([Problem(where, "a NUL character (\\0) in a value", line_of(root_node, where)) for where in nul])
 
     try:
         config = Config.model_validate(data)
@@ -70,6 +129,8 @@ def parse_config(text: str, base_dir: Path) -> Config:
     problems = cross_check(config)
     if problems:
         raise ConfigError([Problem(p.path, p.message, line_of(root_node, p.path)) for p in problems])
+    for warning in config_warnings(config):
+        log.warning("%s", Problem(warning.path, warning.message, line_of(root_node, warning.path)))
     return config
 
 
@@ -78,15 +139,65 @@ def _resolve(base_dir: Path, value: str) -> str:
     return str(path if path.is_absolute() else (base_dir / path).resolve())
 
 
+def state_dir() -> Path:
+    """Where monitord keeps what it writes (event log, clips, MQTT state) when the config does not
+    say: systemd's ``$STATE_DIRECTORY`` (``StateDirectory=monitord``), else the XDG state
+    directory, ``$XDG_STATE_HOME/monitord`` (``~/.local/state/monitord`` by default)."""
+    systemd = os.environ.get("STATE_DIRECTORY", "").split(":")[0]
+    if systemd and Path(systemd).is_absolute():  # systemd's always is; a relative one would follow the working directory
+        return Path(systemd)
+    xdg = os.environ.get("XDG_STATE_HOME", "")
+    base = Path(xdg) if xdg and Path(xdg).is_absolute() else Path.home() / ".local" / "state"  # the spec ignores a relative one
+    return base / "monitord"
+
+
+def _with_nul(data: Any, path: str = "", seen: set[int] | None = None) -> list[str]:
+    """The dotted paths of the strings (values or keys) in ``data`` holding a NUL character."""
+    seen = set() if seen is None else seen
+    if id(data) in seen:  # an alias: checked where its anchor is
+        return []
+    seen.add(id(data))
+    found: list[str] = []
+    if isinstance(data, dict):
+        for key, value in data.items():
+            where = f"{path}.{key}" if path else str(key)
+            if isinstance(key, str) and "\0" in key:
+                found.append(where)
+            found += _with_nul(value, where, seen)
+    elif isinstance(data, list):
+        for i, item in enumerate(data):
+            found += _with_nul(item, f"{path}.{i}" if path else str(i), seen)
+    elif isinstance(data, str) and "\0" in data:
+        found.append(path)
+    return found
+
+
+def _exists(path: Path) -> bool:
+    try:
+        return path.exists()
+    except (OSError, ValueError):  # a name too long to look up, a NUL byte: no local folder
+        return False
+
+
+def _state_path(section: _Strict, key: str, base_dir: Path) -> str | None:
+    """A path monitord writes: as the config gives it (relative: to the config's folder), or, when
+    the config leaves the key out, its default name in the state directory (never the config's
+    folder, which may be a checkout or /etc)."""
+    value = getattr(section, key)
+    if key not in section.model_fields_set and value is not None:
+        return str(state_dir() / value)
+    return None if value is None else _resolve(base_dir, value)
+
+
 def _resolve_paths(config: Config, base_dir: Path) -> Config:
     sources = tuple(
         s.model_copy(update={"file": _resolve(base_dir, s.file)}) if s.file is not None else s for s in config.sources
     )
     models = {name: _resolve_model(model, base_dir) for name, model in config.models.items()}
-    clips = config.clips.model_copy(update={"dir": _resolve(base_dir, config.clips.dir)})
-    publish = config.publish
-    if publish.event_log is not None:
-        publish = publish.model_copy(update={"event_log": _resolve(base_dir, publish.event_log)})
+    rules = tuple(r.model_copy(update={"not_like": r.not_like.model_copy(update={"bank": _resolve(base_dir, r.not_like.bank)})})
+                  if r.not_like is not None else r for r in config.rules)
+    clips = config.clips.model_copy(update={"dir": _state_path(config.clips, "dir", base_dir)})
+    publish = config.publish.model_copy(update={"event_log": _state_path(config.publish, "event_log", base_dir)})
     if publish.curve is not None:
         curve = publish.curve.model_copy(update={
             "server_secret_key": _resolve(base_dir, publish.curve.server_secret_key),
@@ -111,11 +222,13 @@ def _resolve_paths(config: Config, base_dir: Path) -> Config:
                                                  if getattr(inference, k) is not None})
     notify = tuple(n.model_copy(update={"url_file": _resolve(base_dir, n.url_file)}) if n.url_file is not None else n
                    for n in config.notify)
-    return config.model_copy(update={"sources": sources, "models": models, "publish": publish, "clips": clips,
+    return config.model_copy(update={"sources": sources, "models": models, "rules": rules, "publish": publish, "clips": clips,
                                      "inference": inference, "serve": _resolve_serve(config.serve, base_dir), "notify": notify})
 
 
 def _resolve_model(model: Any, base_dir: Path) -> Any:
+    if model.kind == "examples":
+        return model.model_copy(update={"bank": _resolve(base_dir, model.bank)})
     if model.kind == "anomaly":
         return model.model_copy(update={
             "bank": None if model.bank is None else _resolve(base_dir, model.bank),
@@ -125,7 +238,7 @@ def _resolve_model(model: Any, base_dir: Path) -> Any:
         local, looks_like_path = None, False
     else:
         local = Path(_resolve(base_dir, model.model))
-        looks_like_path = model.kind == "yamnet" or model.model.startswith((".", "/", "~")) or local.exists()
+        looks_like_path = model.kind == "yamnet" or model.model.startswith((".", "/", "~")) or _exists(local)
     update: dict[str, Any] = {"model": str(local)} if looks_like_path else {}
     if getattr(model, "class_map", None) is not None:
         update["class_map"] = _resolve(base_dir, model.class_map)
@@ -171,4 +284,8 @@ def load_serve_config(path: str | os.PathLike[str]) -> ServeFile:
     problems.extend(check_serve(served.serve))
     if problems:
         raise ConfigError([Problem(p.path, p.message, line_of(root_node, p.path)) for p in problems])
+    for key in ("token_file", "ssl_keyfile"):
+        path = getattr(served.serve, key)
+        if path is not None and (reason := too_open(path)):
+            log.warning("%s", Problem(f"serve.{key}", reason, line_of(root_node, f"serve.{key}")))
     return served

@@ -2,14 +2,34 @@
 
 from __future__ import annotations
 
+import collections
 import difflib
 import re
 from pathlib import Path
 from typing import Any
 
 from monitord.config.errors import Problem
+from monitord.config.memory import check_memory
 from monitord.config.schema import EMOTIONS, HA_BINARY_SENSOR_CLASSES, ID_PATTERN, Config, PublishConfig, RuleConfig, ServeConfig
+from monitord.classmap import yamnet_class_names
 from monitord.net import is_loopback, split_host_port
+from monitord.secrets import TokenFileError, read_token, too_open
+
+
+def _is_file(path: str) -> bool:
+    """Path.is_file, False also where the path cannot even be looked at (a name too long for the
+    file system raises there): the key is then reported as a missing file, not a traceback."""
+    try:
+        return Path(path).is_file()
+    except (OSError, ValueError):  # ValueError: a NUL byte in the path
+        return False
+
+
+def _is_dir(path: str) -> bool:
+    try:
+        return Path(path).is_dir()
+    except (OSError, ValueError):
+        return False
 
 
 def cross_check(config: Config) -> list[Problem]:
@@ -25,7 +45,7 @@ def cross_check(config: Config) -> list[Problem]:
         if sum(x is not None for x in (source.device, source.file, source.url)) != 1:
             add(where, "give exactly one of 'device', 'file' or 'url'")
         if source.file is not None:
-            if not Path(source.file).is_file():
+            if not _is_file(source.file):
                 add(f"{where}.file", f"file not found: {source.file}")
         if source.device is not None and source.realtime:
             add(f"{where}.realtime", "only file and url sources take 'realtime' (devices are always real time)")
@@ -34,7 +54,8 @@ def cross_check(config: Config) -> list[Problem]:
 
     window = config.window
     if window.hop_s > window.seconds:
-        add("window.hop_s", f"hop ({window.hop_s} s) is longer than the window ({window.seconds} s): audio would be skipped")
+        add("window.hop_s", f"hop ({window.hop_s} s) is longer than the window ({window.seconds} s): audio would be skipped; "
+                            "shorten it or lengthen window.seconds")
     needed = window.seconds + window.hop_s
     if config.pipeline.ring_seconds < needed:
         add("pipeline.ring_seconds", f"must be at least {needed:g} s (window.seconds + window.hop_s)")
@@ -52,6 +73,10 @@ def cross_check(config: Config) -> list[Problem]:
             vocabularies[name] = labels
     problems.extend(_check_cascades(config, vocabularies))
     for name, model in config.models.items():
+        if model.kind == "examples":
+            target = config.models.get(model.embedding_model)
+            if target is None or target.kind not in ("yamnet", "clap"):
+                add(f"models.{name}.embedding_model", f"{model.embedding_model!r} is not a yamnet or clap model of this config")
         if model.kind != "anomaly":
             continue
         where = f"models.{name}"
@@ -77,11 +102,17 @@ def cross_check(config: Config) -> list[Problem]:
             if problem:
                 add(f"{where}.label", problem)
         if rule.release is not None and rule.release > rule.threshold:
-            add(f"{where}.release", f"release ({rule.release}) must not exceed threshold ({rule.threshold})")
+            add(f"{where}.release", f"release ({rule.release}) must not exceed threshold ({rule.threshold}): lower it or "
+                                    f"raise {where}.threshold")
         if rule.min_windows > rule.of_windows:
-            add(f"{where}.min_windows", f"min_windows ({rule.min_windows}) exceeds of_windows ({rule.of_windows})")
+            add(f"{where}.min_windows", f"min_windows ({rule.min_windows}) exceeds of_windows ({rule.of_windows}): lower it "
+                                        f"or raise {where}.of_windows")
         if rule.is_frame_rule:
             problems.extend(_check_frame_rule(where, rule, config.models.get(rule.model)))
+        rule_model = config.models.get(rule.model)
+        if rule.not_like is not None and (rule.is_frame_rule or (rule_model is not None and rule_model.kind not in
+                                                                 ("yamnet", "clap", "examples"))):
+            add(f"{where}.not_like", "needs a window rule on a yamnet, clap or examples model (the window's embedding)")
         for j, source_id in enumerate(rule.sources or ()):
             if source_id not in seen_ids and source_id not in {s.id for s in config.sources}:
                 add(f"{where}.sources.{j}", f"no source named {source_id!r}")
@@ -105,11 +136,12 @@ def cross_check(config: Config) -> list[Problem]:
                 add(f"publish.scores.{j}", f"{name!r} is neither a model nor a source")
     problems.extend(_check_mqtt(config))
     problems.extend(_check_notify(config))
+    problems.extend(check_memory(config))
     curve = config.publish.curve
     if curve is not None:
-        if not Path(curve.server_secret_key).is_file():
+        if not _is_file(curve.server_secret_key):
             add("publish.curve.server_secret_key", f"file not found: {curve.server_secret_key} (monitord keys DIR --name server)")
-        if not Path(curve.authorized_clients).is_dir():
+        if not _is_dir(curve.authorized_clients):
             add("publish.curve.authorized_clients", f"not a folder: {curve.authorized_clients}")
     return problems
 
@@ -124,9 +156,8 @@ def _check_frame_rule(where: str, rule: RuleConfig, model: Any) -> list[Problem]
         else:
             why = f"model {rule.model!r} is a {model.kind} model, which scores whole windows only"
         return [Problem(key, f"needs a frame-level model: {why}")]
-    if rule.min_windows != 1 or rule.of_windows != 1:
-        return [Problem(f"{where}.min_windows", "a frame rule holds with hold_s, not min_windows/of_windows: drop them")]
-    return []
+    return [Problem(f"{where}.{key}", "a frame rule holds with hold_s, not min_windows/of_windows: drop them")
+            for key in ("min_windows", "of_windows") if getattr(rule, key) != 1]
 
 
 def _unknown_label(label: str, vocabulary: tuple[str, ...], model: str) -> str | None:
@@ -137,21 +168,18 @@ def _unknown_label(label: str, vocabulary: tuple[str, ...], model: str) -> str |
     return f"{label!r} is not a label of model {model!r}{hint}"
 
 
-def yamnet_class_names(class_map: str | None) -> tuple[str, ...]:
-    """Display names in output order, from YAMNet's class map CSV (index, mid, display_name)."""
-    import csv
-
-    path = Path(class_map) if class_map else Path(__file__).parents[1] / "inference" / "models" / "yamnet_class_map.csv"
-    with path.open(newline="", encoding="utf-8") as f:
-        return tuple(row["display_name"] for row in csv.DictReader(f))
-
-
 def model_vocabulary(name: str, model: Any) -> tuple[tuple[str, ...] | None, list[Problem]]:
     """Every label a rule may name on this model, and any problems with the model's own names."""
     if model.kind == "clap":
         return model.labels, []
     if model.kind == "anomaly":
         return ("anomaly",), []
+    if model.kind == "examples":
+        duplicates = sorted(label for label, n in collections.Counter(model.labels).items() if n > 1)
+        bad = [label for label in model.labels if not label.strip() or label.startswith("not:")]
+        return model.labels, ([Problem(f"models.{name}.labels", f"duplicate labels: {', '.join(duplicates)}")] if duplicates else []) + \
+            [Problem(f"models.{name}.labels", f"{label!r} is not a label to teach (empty, or not:..., which names a rule's false alarms)")
+             for label in bad]
     if model.kind == "emotion":
         problems = [
             Problem(f"models.{name}.label_map.{label}", f"{target!r} is not one of the emotions ({', '.join(EMOTIONS)})")
@@ -274,14 +302,14 @@ def _check_inference(config: Config) -> list[Problem]:
             close = difflib.get_close_matches(name, list(config.models), n=1)
             hint = f"; did you mean {close[0]!r}?" if close else f" (models: {', '.join(config.models)})"
             problems.append(Problem(f"inference.models.{j}", f"no model named {name!r}{hint}"))
-        elif model.kind == "anomaly":
-            problems.append(Problem(f"inference.models.{j}", f"{name!r} is an anomaly model: it runs on the capture node "
+        elif model.kind in ("anomaly", "examples"):
+            problems.append(Problem(f"inference.models.{j}", f"{name!r} is an {model.kind} model: it runs on the capture node "
                                                              f"(its banks are local); list its embedding_model instead"))
         elif name in seen:
             problems.append(Problem(f"inference.models.{j}", f"{name!r} is listed twice"))
         seen.add(name)
     problems.extend(_check_token_file("inference.token_file", inference.token_file))
-    if inference.ca_file is not None and not Path(inference.ca_file).is_file():
+    if inference.ca_file is not None and not _is_file(inference.ca_file):
         problems.append(Problem("inference.ca_file", f"file not found: {inference.ca_file}"))
     return problems
 
@@ -293,7 +321,7 @@ def check_serve(serve: ServeConfig) -> list[Problem]:
                                 "give both ssl_certfile and ssl_keyfile, or neither"))
     for key in ("ssl_certfile", "ssl_keyfile"):
         path = getattr(serve, key)
-        if path is not None and not Path(path).is_file():
+        if path is not None and not _is_file(path):
             problems.append(Problem(f"serve.{key}", f"file not found: {path}"))
     return problems
 
@@ -301,13 +329,40 @@ def check_serve(serve: ServeConfig) -> list[Problem]:
 def _check_token_file(key: str, path: str | None) -> list[Problem]:
     if path is None:
         return []
-    from monitord.serve.wire import TokenFileError, read_token
-
     try:
         read_token(path)
     except TokenFileError as exc:
         return [Problem(key, str(exc))]
     return []
+
+
+def config_warnings(config: Config) -> list[Problem]:
+    """What is allowed but unwise: an MQTT broker reached in clear text, secrets others can read."""
+    warnings: list[Problem] = []
+    mqtt = config.publish.mqtt
+    if mqtt is not None and mqtt.allow_insecure and mqtt.tls is None and not is_loopback(mqtt.host):
+        warnings.append(Problem("publish.mqtt.allow_insecure", f"events{' and the password' if mqtt.username else ''} "
+                                f"go to {mqtt.host} in clear text: anyone on the network can read them"))
+    for key, path in _secret_files(config):
+        reason = too_open(path)
+        if reason:
+            warnings.append(Problem(key, reason))
+    return warnings
+
+
+def _secret_files(config: Config) -> list[tuple[str, str]]:
+    """(key, path) of every configured file that holds a secret."""
+    mqtt, curve, inference, serve = config.publish.mqtt, config.publish.curve, config.inference, config.serve
+    files = [
+        ("publish.mqtt.password_file", mqtt and mqtt.password_file),
+        ("publish.mqtt.tls.key", mqtt and mqtt.tls and mqtt.tls.key),
+        ("publish.curve.server_secret_key", curve and curve.server_secret_key),
+        ("inference.token_file", inference and inference.token_file),
+        ("serve.token_file", serve.token_file),
+        ("serve.ssl_keyfile", serve.ssl_keyfile),
+        *((f"notify.{i}.url_file", n.url_file) for i, n in enumerate(config.notify)),
+    ]
+    return [(key, path) for key, path in files if path]
 
 
 def inactive_without(config: Config, absent: set[str]) -> tuple[dict[str, str], dict[str, str]]:
@@ -328,7 +383,7 @@ def inactive_without(config: Config, absent: set[str]) -> tuple[dict[str, str], 
             gate = model.gated_by.model if model.gated_by is not None else None
             if gate in models:
                 models[name] = f"gated by {gate}, which is {state(gate)}"
-            elif model.kind == "anomaly" and model.embedding_model in models:
+            elif model.kind in ("anomaly", "examples") and model.embedding_model in models:
                 models[name] = f"scores the embeddings of {model.embedding_model}, which is {state(model.embedding_model)}"
             else:
                 continue
@@ -362,12 +417,16 @@ def _check_mqtt(config: Config) -> list[Problem]:
     if mqtt.password_file is not None:
         if mqtt.username is None:
             problems.append(Problem(f"{where}.password_file", "give username too"))
-        if not Path(mqtt.password_file).is_file():
+        if not _is_file(mqtt.password_file):
             problems.append(Problem(f"{where}.password_file", f"file not found: {mqtt.password_file}"))
+    if mqtt.tls is None and not mqtt.allow_insecure and not is_loopback(mqtt.host):
+        problems.append(Problem(f"{where}.host", f"{mqtt.host} is not a loopback address and the connection has no TLS: "
+                                "events (and the password) would cross the network in clear text; configure "
+                                f"{where}.tls, or set {where}.allow_insecure: true if you mean it"))
     if mqtt.tls is not None:
         for key in ("ca", "cert", "key"):
             path = getattr(mqtt.tls, key)
-            if path is not None and not Path(path).is_file():
+            if path is not None and not _is_file(path):
                 problems.append(Problem(f"{where}.tls.{key}", f"file not found: {path}"))
         if (mqtt.tls.cert is None) != (mqtt.tls.key is None):
             problems.append(Problem(f"{where}.tls", "give cert and key together"))
@@ -407,7 +466,7 @@ def _check_notify(config: Config) -> list[Problem]:
         where = f"notify.{i}"
         if (target.url is None) == (target.url_file is None):
             problems.append(Problem(where, "give exactly one of 'url' or 'url_file'"))
-        if target.url_file is not None and not Path(target.url_file).is_file():
+        if target.url_file is not None and not _is_file(target.url_file):
             problems.append(Problem(f"{where}.url_file", f"file not found: {target.url_file}"))
         if target.url is not None and not extra_missing("apprise"):
             if not _apprise_accepts(target.url):

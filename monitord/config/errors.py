@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import difflib
+import reprlib
 from dataclasses import dataclass
 from typing import Any
 
@@ -10,7 +11,7 @@ import yaml
 from pydantic import BaseModel
 
 from monitord.config.schema import (
-    MODEL_KINDS, AnomalyModelConfig, CascadeConfig, ClapModelConfig, ClipsConfig, Config, CurveConfig, EmotionModelConfig,
+    MODEL_KINDS, AnomalyModelConfig, CascadeConfig, ExamplesModelConfig, ClapModelConfig, ClipsConfig, Config, CurveConfig, EmotionModelConfig,
     GateConfig, HttpConfig, InferenceConfig, MetricsConfig, PipelineConfig, PublishConfig, RuleConfig, ServeConfig, SourceConfig, WindowConfig,
     YamnetModelConfig,
 )
@@ -78,8 +79,13 @@ def problem_from_pydantic(err: dict[str, Any], root_node: yaml.Node | None) -> P
     return Problem(path, message, line_of(root_node, path))
 
 
+_REPR = reprlib.Repr()
+_REPR.maxlevel, _REPR.maxstring, _REPR.maxother = 3, 60, 60
+"""Bounded: a YAML alias bomb is a small text whose data, written out whole, would not fit in memory."""
+
+
 def _short(value: Any) -> str:
-    text = repr(value)
+    text = _REPR.repr(value)
     return text if len(text) <= 60 else text[:57] + "..."
 
 
@@ -92,6 +98,7 @@ _ALLOWED_KEYS: dict[str, type[BaseModel]] = {
     "yamnet": YamnetModelConfig,
     "emotion": EmotionModelConfig,
     "anomaly": AnomalyModelConfig,
+    "examples": ExamplesModelConfig,
     "gated_by": CascadeConfig,
     "curve": CurveConfig,
     "rules": RuleConfig,
@@ -111,7 +118,7 @@ def _suggestion(loc: list[Any], raw_loc: tuple[Any, ...]) -> str:
     parents = [str(p) for p in loc[:-1] if not isinstance(p, int)]
     section = parents[-1] if parents else ""
     if len(parents) == 2 and parents[0] == "models":
-        section = next((k for k in ("yamnet", "emotion", "anomaly") if k in raw_loc), "models")
+        section = next((k for k in ("yamnet", "emotion", "anomaly", "examples") if k in raw_loc), "models")
     elif len(parents) == 3 and parents[0] == "models":
         section = parents[2]
     model = _ALLOWED_KEYS.get(section)

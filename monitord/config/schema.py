@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+import string
+from collections import Counter
 from typing import Annotated, Any, Literal, Union
 
 from pydantic import BaseModel, ConfigDict, Discriminator, Field, Tag, field_validator
+
+from monitord.audio import MAX_SAMPLE_RATE, MIN_SAMPLE_RATE
 
 ID_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_\-]*$"
 DEFAULT_CLAP_MODEL = "laion/clap-htsat-unfused"
@@ -13,7 +17,9 @@ BUILTIN = "builtin"
 
 
 class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True, strict=False)
+    # no key means infinity or NaN (null says "never" where a key allows it), and every number has
+    # an upper bound: beyond it a value cannot be slept on, allocated or handed to a C int
+    model_config = ConfigDict(extra="forbid", frozen=True, strict=False, allow_inf_nan=False)
 
 
 class GateConfig(_Strict):
@@ -45,7 +51,7 @@ class SourceConfig(_Strict):
     file: str | None = None
     url: str | None = None
     """Any ffmpeg input: rtmp://, rtsp://, https://...m3u8, http://...; decoded by an ffmpeg subprocess."""
-    sample_rate: int | None = Field(None, ge=8000, le=384000)
+    sample_rate: int | None = Field(None, ge=MIN_SAMPLE_RATE, le=MAX_SAMPLE_RATE)
     """Capture/decode rate for devices and urls (default 48000); files play at their own rate."""
     channels: int = Field(1, ge=1, le=64)
     """Channels opened on a device; mixed down to mono."""
@@ -106,6 +112,8 @@ class ClapModelConfig(_ModelSettings):
     """Hugging Face model id or local directory."""
     device: str = Field("auto", pattern=r"^(auto|cpu|cuda|cuda:\d+)$")
     dtype: Literal["auto", "float32", "float16", "bfloat16"] = "auto"
+    engine: Literal["auto", "torch", "openvino", "onnxruntime"] = "auto"
+    """What runs the audio tower: auto = torch on CUDA, OpenVINO on CPU where installed, else torch."""
     labels: tuple[str, ...] = Field(min_length=2)
     prompt: str = "This is a sound of {label}."
 
@@ -115,7 +123,7 @@ class ClapModelConfig(_ModelSettings):
         cleaned = tuple(label.strip() for label in labels)
         if any(not label for label in cleaned):
             raise ValueError("labels must not be empty strings")
-        duplicates = sorted({label for label in cleaned if cleaned.count(label) > 1})
+        duplicates = sorted(label for label, n in Counter(cleaned).items() if n > 1)  # not .count(): 30000 labels took 40 s
         if duplicates:
             raise ValueError(f"duplicate labels: {', '.join(duplicates)}")
         return cleaned
@@ -125,6 +133,14 @@ class ClapModelConfig(_ModelSettings):
     def _prompt_has_label(cls, prompt: str) -> str:
         if "{label}" not in prompt:
             raise ValueError('prompt must contain "{label}"')
+        try:  # only {label} itself: "{label:>999999999}" is a gigabyte per label, "{label.__class__}" no label
+            fields = [(name, spec, conversion) for _, name, spec, conversion in string.Formatter().parse(prompt)
+                      if name is not None]
+        except ValueError as exc:
+            raise ValueError(f"prompt is not a valid template ({exc}); only {{label}} may be used") from None
+        if any(field != ("label", "", None) for field in fields):
+            raise ValueError("prompt may use only {label} itself (no other field, format spec or conversion; "
+                             "write {{ and }} for braces)")
         try:
             prompt.format(label="x")
         except (KeyError, IndexError, ValueError) as exc:
@@ -156,6 +172,8 @@ class EmotionModelConfig(_ModelSettings):
     """Hugging Face model id or local directory."""
     device: str = Field("auto", pattern=r"^(auto|cpu|cuda|cuda:\d+)$")
     dtype: Literal["auto", "float32", "float16", "bfloat16"] = "auto"
+    engine: Literal["auto", "torch", "openvino", "onnxruntime"] = "auto"
+    """What runs the classifier: auto = torch on CUDA, OpenVINO on CPU where installed, else torch."""
     label_map: dict[str, str] = {}
     """Checkpoint label -> emotion (angry, disgusted, fearful, happy, neutral, other, sad, surprised,
     unknown), on top of the built-in aliases (ang, hap, neu, calm, ...); unmapped labels go to other."""
@@ -178,7 +196,23 @@ class AnomalyModelConfig(_ModelSettings):
     batch_wait_ms: float = Field(0.0, ge=0.0, le=5000.0)
 
 
-MODEL_KINDS = ("clap", "yamnet", "emotion", "anomaly")
+class ExamplesModelConfig(_ModelSettings):
+    """Labels taught by example (``monitord teach``): kNN cosine scores against a bank of embeddings."""
+
+    kind: Literal["examples"]
+    bank: str
+    """The bank ``monitord teach --bank`` writes; read again whenever it changes (no restart)."""
+    labels: tuple[str, ...] = Field(min_length=1)
+    """The taught labels rules may name; a label with no examples yet scores 0."""
+    embedding_model: str
+    """The model (kind yamnet or clap) whose window embeddings are compared."""
+    k: int = Field(5, ge=1, le=100)
+    """Nearest examples averaged per label."""
+    batch_max: int = Field(64, ge=1, le=4096)
+    batch_wait_ms: float = Field(0.0, ge=0.0, le=5000.0)
+
+
+MODEL_KINDS = ("clap", "yamnet", "emotion", "anomaly", "examples")
 
 
 def _model_kind(value: Any) -> str:
@@ -192,9 +226,21 @@ ModelConfig = Annotated[
         Annotated[YamnetModelConfig, Tag("yamnet")],
         Annotated[EmotionModelConfig, Tag("emotion")],
         Annotated[AnomalyModelConfig, Tag("anomaly")],
+        Annotated[ExamplesModelConfig, Tag("examples")],
     ],
     Discriminator(_model_kind),
 ]
+
+
+class NotLikeConfig(_Strict):
+    """A rule's taught false alarms: a window like one of them does not count toward the rule."""
+
+    bank: str
+    """A bank holding examples taught with ``monitord teach --not RULE``; read again when it changes."""
+    margin: float = Field(0.25, gt=0.0, le=2.0)
+    """Cosine distance within which a taught false alarm suppresses a window (and it must be nearer
+    than any example of the rule's own label in the bank). 0.25: the best trade measured by
+    ``bench/teach.py`` on YAMNet embeddings (0.35 began to cost recall)."""
 
 
 class RuleConfig(_Strict):
@@ -208,12 +254,14 @@ class RuleConfig(_Strict):
     """Score below which an active alert ends; defaults to the threshold."""
     min_windows: int = Field(1, ge=1, le=1000)
     of_windows: int = Field(1, ge=1, le=1000)
-    cooldown_s: float = Field(0.0, ge=0.0)
+    cooldown_s: float = Field(0.0, ge=0.0, le=31_536_000.0)
     smooth_s: float | None = Field(None, ge=0.0, le=600.0)
     """Frame rules: moving average of the frame scores over this many seconds."""
     hold_s: float | None = Field(None, ge=0.0, le=3600.0)
     """Frame rules: the (smoothed) frame score must stay at or above the threshold this long.
     Either key makes the rule a frame rule, which needs a model with ``granularity: frame``."""
+    not_like: NotLikeConfig | None = None
+    """Taught false alarms (``monitord teach --not RULE``) that do not count toward this rule."""
 
     @property
     def is_frame_rule(self) -> bool:
@@ -263,6 +311,8 @@ class MqttConfig(_Strict):
     password_file: str | None = None
     """A file holding the password (its first line), owner-only; never the password itself in the config."""
     tls: MqttTlsConfig | None = None
+    allow_insecure: bool = False
+    """Allow a non-loopback broker without TLS (events, and the password, readable on the network)."""
     topic_prefix: str = Field("monitord", min_length=1)
     """Events on <prefix>/<source>/<rule>; alert state on .../<rule>/state; availability on <prefix>/availability.
     Give each monitord host on one broker its own prefix."""
@@ -315,7 +365,7 @@ class NotifyConfig(_Strict):
 class PublishConfig(_Strict):
     endpoint: str = "tcp://127.0.0.1:5556"
     event_log: str | None = "events.jsonl"
-    event_log_max_mb: float | None = Field(64.0, gt=0.0)
+    event_log_max_mb: float | None = Field(64.0, gt=0.0, le=1_048_576.0)
     """Rotate the log at this size (events.jsonl -> events.jsonl.1 ...); null: never."""
     event_log_keep: int = Field(5, ge=1, le=1000)
     """Rotated files kept."""
@@ -323,7 +373,7 @@ class PublishConfig(_Strict):
     """fsync the event log after every event (durable across power loss; slower)."""
     replay_endpoint: str | None = None
     """ROUTER socket answering {"since": N} from the log, so subscribers can fill gaps (tcp://127.0.0.1:5557)."""
-    send_hwm: int = Field(10000, ge=1)
+    send_hwm: int = Field(10000, ge=1, le=2**31 - 1)
     """ZeroMQ send high-water mark per subscriber: bounds memory held for slow subscribers."""
     scores: bool | tuple[str, ...] = False
     """Also publish every scored window's scores on ``scores.<source>.<model>`` (not logged): a live
@@ -341,12 +391,15 @@ class PipelineConfig(_Strict):
     queue_max_windows: int = Field(64, ge=1, le=100000)
     """Bounded window queue; live sources drop the oldest window when it is full."""
     shutdown_timeout_s: float = Field(5.0, ge=0.0, le=600.0)
-    overload_status_interval_s: float = Field(10.0, ge=0.0)
+    overload_status_interval_s: float = Field(10.0, ge=0.0, le=86400.0)
     ring_seconds: float = Field(10.0, ge=1.0, le=3600.0)
     """Ring buffer length per source (at least window + hop; with clips on, monitord makes it long
     enough for the pre-roll to survive the window queue's worst lag)."""
     inference_stall_s: float = Field(60.0, gt=0.0, le=3600.0)
     """The inference stage is unhealthy (no watchdog ping) when one batch takes longer than this."""
+    memory_budget_mb: float = Field(512.0, gt=0.0, le=16_777_216.0)
+    """The most the config's own buffers may take (ring buffers, the window queue, windows waiting
+    for remote inference, events held for slow subscribers); a config needing more is refused."""
 
 
 class ClipsConfig(_Strict):
@@ -359,8 +412,8 @@ class ClipsConfig(_Strict):
     post_s: float = Field(2.0, ge=0.0, le=600.0)
     """Seconds after the alerting window's end."""
     format: Literal["flac", "wav"] = "flac"
-    max_age_days: float | None = Field(30.0, gt=0.0)
-    max_total_mb: float | None = Field(1024.0, gt=0.0)
+    max_age_days: float | None = Field(30.0, gt=0.0, le=36500.0)
+    max_total_mb: float | None = Field(1024.0, gt=0.0, le=1_073_741_824.0)
 
 
 class MetricsConfig(_Strict):
@@ -380,6 +433,29 @@ class HttpConfig(_Strict):
     """Required on every request when set; a non-loopback bind needs one."""
     max_upload_mb: float = Field(20.0, gt=0.0, le=1024.0)
     """The try-it panel refuses larger uploads (413) without reading them whole."""
+    allowed_hosts: tuple[str, ...] = ()
+    """Host names (or addresses) the dashboard answers to besides loopback ones: any other ``Host``
+    header gets 421, so a DNS-rebinding page cannot reach a loopback dashboard."""
+
+    @field_validator("allowed_hosts")
+    @classmethod
+    def _host_names(cls, hosts: tuple[str, ...]) -> tuple[str, ...]:
+        import ipaddress
+        import re
+
+        label = re.compile(r"^(?!-)[a-z0-9-]{1,63}(?<!-)$")
+        cleaned = []
+        for host in hosts:
+            name = host.strip().lower().removesuffix(".")
+            try:
+                cleaned.append(str(ipaddress.ip_address(name.removeprefix("[").removesuffix("]"))))
+                continue
+            except ValueError:
+                pass
+            if not name or len(name) > 253 or not all(label.match(part) for part in name.split(".")):
+                raise ValueError(f"{host!r} is not a host name or address (no port, no wildcard)")
+            cleaned.append(name)
+        return tuple(cleaned)
 
 
 class InferenceConfig(_Strict):

@@ -5,6 +5,12 @@ level and gate verdict, each scored window's label scores, and every published e
 draws level meters, probability bars, a timeline per model and the event list from it; no
 widget polls. A try-it panel scores an uploaded file with whatever is loaded, off the live path:
 YAMNet's top classes and groups, and CLAP's zero-shot probabilities for typed labels. Loopback only unless a token is set; static files ship in the package.
+
+Each alert onset in the event list has "not this" / "yes, this" buttons (``POST /api/feedback``,
+``monitord.examples.feedback``): the window is taught to the rule's ``not_like`` bank at once.
+
+A loopback dashboard answers only requests whose ``Host`` is a loopback name or one of
+``http.allowed_hosts`` (a DNS-rebinding page cannot read it), and ``/healthz`` answers probes.
 """
 
 from __future__ import annotations
@@ -12,14 +18,21 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import math
+import re
 import secrets
+import tempfile
 import threading
 from collections import deque
+from collections.abc import Iterable
+from concurrent.futures import ThreadPoolExecutor
+from functools import partial
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
+import numpy as np
 
-from monitord.net import split_host_port, url_for_bind
+from monitord.net import host_allowed, host_name, is_loopback, split_host_port, url_for_bind
 
 log = logging.getLogger(__name__)
 
@@ -29,9 +42,72 @@ RECENT_EVENTS = 200
 TRY_MAX_WINDOWS = 30
 TRY_MAX_LABELS = 32
 TRY_TOP_CLASSES = 10
-"""YAMNet classes the try-it panel lists (by their best window)."""
+"""YAMNet classes the try-it panel lists (from the window heard)."""
+TRY_MAX_IN_FLIGHT = 2
+"""Try-it requests at once (the page sends one at a time); more are answered 429 before their body
+is read: a client holding many open would hold their spooled bodies, memory and disk, together."""
+TRY_BODY_TIMEOUT_S = 120.0
+"""A try-it upload's whole body must come within this (20 MB at 170 KB/s): one trickled slowly
+would hold one of the TRY_MAX_IN_FLIGHT places for as long as its client liked."""
+FEEDBACK_BODY_TIMEOUT_S = 10.0
+"""A feedback request (under 1 KB) must arrive within this."""
 TEXT_CACHE = 8
 """Label sets whose embeddings the try-it panel keeps (a few KB each)."""
+TRY_MAX_SAMPLES = TRY_MAX_WINDOWS * 2 * 48000
+"""Samples (at the models' highest rate) all try-it windows may hold together: 30 default windows,
+fewer where window.seconds is longer (11 MB of float32)."""
+DECODE_BLOCK_SAMPLES = 1 << 18
+"""Samples (all channels together) decoded per read: 1 MiB of float32, whatever the channel count."""
+SPOOL_IN_MEMORY = 1 << 20
+"""An upload body beyond this goes to a temporary file while it is read."""
+
+
+def source_rate_bounds() -> tuple[int, int]:
+    """The sample rates ``sources.sample_rate`` accepts (the try-it panel accepts the same)."""
+    from monitord.config.schema import SourceConfig
+
+    metadata = SourceConfig.model_fields["sample_rate"].metadata
+    return (next(int(m.ge) for m in metadata if getattr(m, "ge", None) is not None),
+            next(int(m.le) for m in metadata if getattr(m, "le", None) is not None))
+
+
+def decode_upload(file: IO[bytes], max_seconds: float, max_rate: int) -> tuple[np.ndarray, int]:
+    """The first ``max_seconds`` of an uploaded file as mono float32 at ``min(its rate, max_rate)``.
+
+    Read a block at a time, mixed down and resampled as it comes, so what it costs depends on
+    ``max_seconds`` and ``max_rate``, not on what the header claims (rate, channels, length).
+    ValueError (a message for the user) where it cannot be read or its rate is out of range."""
+    import soundfile as sf
+    import soxr
+
+    from monitord.audio import to_mono
+
+    low, high = source_rate_bounds()
+    parts: list[np.ndarray] = []
+    try:
+        with sf.SoundFile(file) as f:
+            rate, channels = int(f.samplerate), int(f.channels)
+            if not low <= rate <= high:
+                raise ValueError(f"the upload's sample rate, {rate} Hz, is outside {low}-{high} Hz")
+            out_rate = min(rate, max_rate)
+            stream = soxr.ResampleStream(rate, out_rate, 1, dtype="float32", quality="HQ") if out_rate != rate else None
+            block, left = max(1, DECODE_BLOCK_SAMPLES // channels), math.ceil(max_seconds * rate)
+            while left > 0:
+                frames = f.read(min(block, left), dtype="float32", always_2d=True)
+                if not len(frames):
+                    break
+                left -= len(frames)
+                mono = np.array(to_mono(frames), dtype=np.float32)  # its own copy: the block goes
+                parts.append(stream.resample_chunk(mono) if stream is not None else mono)
+            if stream is not None and parts:
+                parts.append(stream.resample_chunk(np.zeros(0, dtype=np.float32), last=True))
+    except (RuntimeError, sf.LibsndfileError, TypeError) as exc:
+        reason = re.sub(r"^Error opening <[^>]*>: ", "", str(exc))  # not the temporary file's repr
+        raise ValueError(f"cannot read the upload as audio: {reason}") from None
+    samples = np.concatenate(parts) if parts else np.zeros(0, dtype=np.float32)
+    if not len(samples):
+        raise ValueError("the upload holds no samples")
+    return samples, out_rate
 
 
 def same_origin(request) -> bool:
@@ -46,17 +122,50 @@ def same_origin(request) -> bool:
     return origin == f"{request.url.scheme}://{request.headers.get('host', '')}"
 
 
-async def read_capped(request, limit: int) -> bytes | None:
-    """The request body, or None as soon as it exceeds ``limit`` bytes (never read whole first)."""
+async def read_capped(request, limit: int, timeout_s: float | None = None) -> IO[bytes] | None:
+    """The request body in a temporary file (memory up to SPOOL_IN_MEMORY), or None as soon as it
+    exceeds ``limit`` bytes (never read whole first). asyncio.TimeoutError where ``timeout_s`` is
+    given and the whole body has not come by then (a client trickling it holds its place)."""
     declared = request.headers.get("content-length")
-    if declared is not None and declared.isdigit() and int(declared) > limit:
+    if declared is not None and declared.isascii() and declared.isdigit() and (len(declared.lstrip("0")) > 18 or int(declared) > limit):
         return None
-    body = bytearray()
-    async for chunk in request.stream():
-        body += chunk
-        if len(body) > limit:
-            return None
-    return bytes(body)
+    spool = tempfile.SpooledTemporaryFile(max_size=SPOOL_IN_MEMORY)
+
+    async def fill() -> bool:
+        size = 0
+        async for chunk in request.stream():
+            size += len(chunk)
+            if size > limit:
+                return False
+            spool.write(chunk)
+        return True
+
+    try:
+        complete = await asyncio.wait_for(fill(), timeout_s)
+    except BaseException:
+        spool.close()
+        raise
+    if not complete:
+        spool.close()
+        return None
+    spool.seek(0)
+    return spool
+
+
+def parse_form(scope, body: IO[bytes]):
+    """The multipart form in ``body``, parsed as if it came from the client (files spooled to disk).
+    Called in a worker thread (an event loop of its own): parsing 20 MB takes the dashboard's loop
+    long enough to delay every other request."""
+    from starlette.requests import Request
+
+    async def replay():
+        chunk = body.read(1 << 16)
+        return {"type": "http.request", "body": chunk, "more_body": bool(chunk)}
+
+    async def parse():
+        return await Request(scope, replay).form(max_files=1, max_fields=4)
+
+    return asyncio.run(parse())
 
 
 class Broadcaster:
@@ -92,13 +201,28 @@ class Dashboard:
     def alive(self) -> bool:
         """Its thread runs (started and not dead): the supervisor's health reads it."""
         return self._thread is not None and self._thread.is_alive()
-    def __init__(self, daemon, bind: str, token: str | None, max_upload_mb: float = 20.0) -> None:
+    def __init__(self, daemon, bind: str, token: str | None, max_upload_mb: float = 20.0,
+                 allowed_hosts: Iterable[str] = ()) -> None:
         self.daemon = daemon
         self.max_upload_mb = max_upload_mb
+        self._feedback_lock = asyncio.Lock()
+        self._uploads = 0
+        """Try-it requests being read, parsed or scored (on the event loop's thread only)."""
+        self._try_lock = asyncio.Lock()  # one upload decoded and scored at a time: one request's memory bound holds
+        self._upload_thread = ThreadPoolExecutor(1, thread_name_prefix="try-it")
+        """Parses and decodes uploads: always the same thread, so the memory one upload freed (its
+        allocator arena) is what the next one reuses, instead of a new arena per pool thread."""
         self._text_cache: dict[tuple[str, tuple[str, ...]], Any] = {}
         self._text_lock = threading.Lock()
         self.host, self.port = split_host_port(bind)
         self.token = token
+        allowed_hosts = tuple(allowed_hosts)
+        names = {host_name(h) for h in allowed_hosts}
+        if self.host not in ("0.0.0.0", "::", ""):
+            names.add(host_name(f"[{self.host}]" if ":" in self.host else self.host))
+        self.allowed_hosts = frozenset(n for n in names if n is not None)
+        self.check_host = is_loopback(self.host) or bool(allowed_hosts)
+        """A loopback dashboard always checks Host; another one where allowed_hosts is set (its token guards it)."""
         self.broadcaster = Broadcaster()
         self._server = None
         self._thread: threading.Thread | None = None
@@ -157,20 +281,40 @@ class Dashboard:
 
             return StreamingResponse(stream(), media_type="text/event-stream", headers={"Cache-Control": "no-store"})
 
+        async def healthz(request):
+            report = self.health_report()
+            return JSONResponse(report, status_code=200 if report["healthy"] else 503, headers={"Cache-Control": "no-store"})
+
         async def try_it(request):
             if not same_origin(request):
                 return JSONResponse({"error": "cross-site request refused"}, status_code=403)
+            if not request.headers.get("content-type", "").startswith("multipart/form-data"):
+                return JSONResponse({"error": "send the file as multipart/form-data"}, status_code=415)
+            if self._uploads >= TRY_MAX_IN_FLIGHT:  # each holds memory and a temporary file while it waits its turn
+                return JSONResponse({"error": "other uploads are being scored: try again in a moment"}, status_code=429,
+                                    headers={"Retry-After": "5"})
+            self._uploads += 1
+            try:
+                return await spool_and_answer(request)
+            finally:
+                self._uploads -= 1
+
+        async def spool_and_answer(request):
             limit = int(self.max_upload_mb * 2**20)
-            body = await read_capped(request, limit)
+            try:
+                body = await read_capped(request, limit, TRY_BODY_TIMEOUT_S)
+            except asyncio.TimeoutError:
+                return JSONResponse({"error": f"the upload did not arrive within {TRY_BODY_TIMEOUT_S:g} s"}, status_code=408)
             if body is None:
                 return JSONResponse({"error": f"upload larger than http.max_upload_mb ({self.max_upload_mb:g} MB)"}, status_code=413)
+            with body:
+                form = await asyncio.get_running_loop().run_in_executor(self._upload_thread, parse_form, request.scope, body)
+            try:
+                return await answer_upload(form)
+            finally:
+                await form.close()
 
-            async def replay():
-                return {"type": "http.request", "body": body, "more_body": False}
-
-            from starlette.requests import Request
-
-            form = await Request(request.scope, replay).form()
+        async def answer_upload(form):
             upload, labels_text = form.get("file"), str(form.get("labels") or "")
             labels = [x.strip() for x in labels_text.split(",") if x.strip()]
             if upload is None or not hasattr(upload, "read"):
@@ -185,11 +329,32 @@ class Dashboard:
                 return JSONResponse({"error": "type at least two different labels, comma-separated"}, status_code=400)
             if len(labels) > TRY_MAX_LABELS:
                 return JSONResponse({"error": f"at most {TRY_MAX_LABELS} labels"}, status_code=400)
-            data = await upload.read()
             try:
-                result = await self.classify_upload(data, labels)
+                async with self._try_lock:
+                    result = await self.classify_upload(upload.file, labels)
             except ValueError as exc:
                 return JSONResponse({"error": str(exc)}, status_code=400)
+            return JSONResponse(result)
+
+        async def feedback(request):
+            from monitord.examples.feedback import MAX_REQUEST_BYTES, FeedbackError, give, parse_request
+
+            if not same_origin(request):
+                return JSONResponse({"error": "cross-site request refused"}, status_code=403)
+            try:
+                body = await read_capped(request, MAX_REQUEST_BYTES, FEEDBACK_BODY_TIMEOUT_S)
+            except asyncio.TimeoutError:
+                return JSONResponse({"error": f"the request did not arrive within {FEEDBACK_BODY_TIMEOUT_S:g} s"}, status_code=408)
+            if body is None:
+                return JSONResponse({"error": f"a feedback request is at most {MAX_REQUEST_BYTES} bytes"}, status_code=413)
+            with body:
+                data = body.read()
+            try:
+                seq, verdict = parse_request(data)
+                async with self._feedback_lock:  # one at a time: each waits for the inference thread once
+                    result = await asyncio.get_running_loop().run_in_executor(None, give, self.daemon, seq, verdict, "dashboard")
+            except FeedbackError as exc:
+                return JSONResponse({"error": str(exc)}, status_code=exc.status)
             return JSONResponse(result)
 
         async def clip(request):
@@ -207,11 +372,27 @@ class Dashboard:
             Route("/api/state", state),
             Route("/api/events", events),
             Route("/api/try", try_it, methods=["POST"]),
+            Route("/api/feedback", feedback, methods=["POST"]),
             Route("/clips/{name}", clip),
+            Route("/healthz", healthz),
             Mount("/static", StaticFiles(directory=str(STATIC)), name="static"),
         ]
         middleware = [Middleware(TokenGate, token=self.token)] if self.token else []
+        if self.check_host:
+            middleware.append(Middleware(HostGate, allowed=self.allowed_hosts))
         return Starlette(routes=routes, middleware=middleware)
+
+    def health_report(self) -> dict[str, Any]:
+        """The daemon's own health, per stage (and the threads the output stage relies on):
+        ``healthy`` only while every one is, ``unhealthy`` naming those that are not."""
+        daemon = self.daemon
+        health = daemon.health()
+        states = {stage.name: stage.state.value for stage in getattr(daemon, "stages", [])}
+        stages = {name: {"ok": h.ok, "state": states.get(name, "running" if h.ok else "not running"), "detail": h.reason}
+                  for name, h in health.items()}
+        unhealthy = sorted(name for name, h in health.items() if not h.ok)
+        fatal = getattr(daemon, "fatal", None)
+        return {"healthy": not unhealthy and fatal is None, "unhealthy": unhealthy, "fatal": fatal, "stages": stages}
 
     # what the page shows besides the stream: which models and rules work, and each source's state
 
@@ -263,72 +444,64 @@ class Dashboard:
                 if m.kind in ("clap", "yamnet") and name in self.daemon.models
                 and getattr(self.daemon.models[name], "device", "cpu") != "remote"}
 
-    async def classify_upload(self, data: bytes, labels: list[str]) -> dict[str, Any]:
-        """What the loaded models make of an uploaded file: YAMNet's top classes and groups (the best
-        window's score for each), and CLAP's zero-shot probabilities for typed labels (mean over the
-        windows) where a CLAP model is loaded and labels were typed.
+    async def classify_upload(self, data: bytes | IO[bytes], labels: list[str]) -> dict[str, Any]:
+        """What the loaded models make of an uploaded file: YAMNet's top classes and groups and,
+        where a CLAP model is loaded and labels were typed, CLAP's zero-shot probabilities, all from
+        the window the recording is heard in (the loudest; see ``heard_window``), with every
+        window's own figures beside them.
 
-        CLAP's label prompts are embedded off the inference thread (the text tower is loaded for it
-        and dropped again: only the audio tower stays resident); the audio is scored on the inference
-        thread at low priority, when no window is waiting. The live labels are untouched."""
-        from monitord.audio import AudioFileError, read_mono
-        from monitord.config import GateConfig
-        from monitord.windowing.tiling import ModelInput, WindowCutter, window_starts
+        Decoding and cutting run off the event loop, and cost what TRY_MAX_SAMPLES allows whatever
+        the file's header claims. CLAP's label prompts are embedded off the inference thread (the
+        text tower is loaded for it and dropped again: only the audio tower stays resident); the
+        audio is scored on the inference thread at low priority, when no window is waiting. The
+        live labels are untouched."""
+        import io
 
         usable = self.try_models()
         names = [n for n, kind in usable.items() if kind == "yamnet" or (kind == "clap" and labels)]
         if not names:
             raise ValueError("no loaded model can score this upload (CLAP needs labels)")
         models = {name: self.daemon.models[name] for name in names}
-        window = self.daemon.config.window  # only what the first TRY_MAX_WINDOWS windows need (a second to spare)
-        seconds = window.seconds + window.hop_s * (TRY_MAX_WINDOWS - 1) + 1.0
-        try:
-            mono, rate = read_mono(data, max_seconds=seconds)
-        except AudioFileError as exc:
-            raise ValueError(str(exc).replace("the upload", "upload")) from None
+        file = io.BytesIO(data) if isinstance(data, (bytes, bytearray)) else data
         loop = asyncio.get_running_loop()
+        windows = await loop.run_in_executor(self._upload_thread, self._cut_upload, file, models)
         texts = {name: await loop.run_in_executor(None, self._label_embeddings, model, tuple(labels))
                  for name, model in models.items() if usable[name] == "clap"}
-        cutter = WindowCutter("try-it", rate, self.daemon.config.window, GateConfig(mode="always"),
-                              {name: ModelInput(model.sample_rate) for name, model in models.items()})
-        starts = window_starts(len(mono), cutter.length, cutter.hop)[:TRY_MAX_WINDOWS]
-        windows = [cutter.cut(mono[s : s + cutter.length], s, 0.0, 0.0) for s in starts]
 
-        def score() -> dict[str, Any]:  # on the inference thread
-            return {name: (model.probabilities_with(windows, texts[name]) if name in texts else model.score(windows))
+        def score() -> dict[str, Any]:  # on the inference thread, in the live path's batch sizes (and memory)
+            return {name: in_batches(partial(clap_probabilities, model, texts[name]) if name in texts else model.score,
+                                     windows, self._batch_max(name))
                     for name, model in models.items()}
 
         scored = await asyncio.wrap_future(self.daemon.score_upload(score))
+        heard = heard_window(windows)
         spans = [{"stream_start": round(w.stream_start, 3), "stream_end": round(w.stream_end, 3)} for w in windows]
-        out: dict[str, Any] = {}
-        for name, result in scored.items():
-            if name in texts:
-                mean = result.mean(axis=0)
-                out[name] = {
-                    "kind": "clap", "labels": labels,
-                    "probabilities": {label: round(float(p), 6) for label, p in zip(labels, mean)},
-                    "windows": [{**span, "probabilities": {label: round(float(p), 6) for label, p in zip(labels, row)}}
-                                for span, row in zip(spans, result)],
-                }
-            else:
-                model = models[name]
-                groups = set(getattr(model, "groups", {}))
-                best: dict[str, float] = {}
-                for scores in result:
-                    for label, p in scores.probabilities.items():
-                        best[label] = max(best.get(label, 0.0), float(p))
-                classes = sorted((c for c in best if c not in groups), key=best.get, reverse=True)[:TRY_TOP_CLASSES]
-                out[name] = {
-                    "kind": "yamnet",
-                    "top": {c: round(best[c], 6) for c in classes},
-                    "groups": {g: round(best[g], 6) for g in sorted(groups, key=best.get, reverse=True)},
-                    "windows": [{**span, "top": [label for label, _ in scores.top(3) if label not in groups]}
-                                for span, scores in zip(spans, result)],
-                }
+        out = {name: (clap_result(labels, result, spans, heard) if name in texts
+                      else yamnet_result(models[name], result, spans, heard)) for name, result in scored.items()}
         note = "" if labels or "clap" not in usable.values() else "type labels to see CLAP's zero-shot probabilities too"
         if labels and "clap" not in usable.values():
             note = "no CLAP model is loaded: the labels were not used"
-        return {"models": out, "windows": len(windows), "note": note}
+        return {"models": out, "windows": len(windows), "heard": heard, "note": note}
+
+    def _batch_max(self, name: str) -> int:
+        config = getattr(self.daemon.config, "models", {}).get(name)
+        return max(1, int(getattr(config, "batch_max", TRY_MAX_WINDOWS)))
+
+    def _cut_upload(self, file: IO[bytes], models: dict[str, Any]) -> list:
+        """The upload's first windows (at most TRY_MAX_WINDOWS, and TRY_MAX_SAMPLES together), cut
+        as the live path cuts them; in a worker thread."""
+        from monitord.config import GateConfig
+        from monitord.windowing.tiling import ModelInput, WindowCutter, window_starts
+
+        window = self.daemon.config.window
+        max_rate = max(int(model.sample_rate) for model in models.values())
+        count = max(1, min(TRY_MAX_WINDOWS, TRY_MAX_SAMPLES // max(1, round(window.seconds * max_rate))))
+        seconds = window.seconds + window.hop_s * (count - 1) + 1.0  # a second to spare
+        mono, rate = decode_upload(file, seconds, max_rate)
+        cutter = WindowCutter("try-it", rate, window, GateConfig(mode="always"),
+                              {name: ModelInput(model.sample_rate) for name, model in models.items()})
+        starts = window_starts(len(mono), cutter.length, cutter.hop)[:count]
+        return [cutter.cut(mono[s : s + cutter.length], s, 0.0, 0.0) for s in starts]
 
     def _label_embeddings(self, model, labels: tuple[str, ...]):
         key = (model.name, labels)
@@ -384,16 +557,80 @@ class Dashboard:
             self._thread.join(5)
             self._server = None
             self._socket.close()
+        self._upload_thread.shutdown(wait=False)
+
+
+def clap_probabilities(model, text_embeddings, windows: list):
+    return model.probabilities_with(windows, text_embeddings)
+
+
+def in_batches(score, windows: list, size: int):
+    """``score(windows)`` a batch of at most ``size`` at a time (the sizes, and so the memory, the live
+    path uses), joined: one array (CLAP's probabilities) or one list (Scores)."""
+    parts = [score(windows[i : i + size]) for i in range(0, len(windows), size)]
+    return np.concatenate(parts) if isinstance(parts[0], np.ndarray) else [x for part in parts for x in part]
+
+
+def heard_window(windows: list) -> dict[str, Any]:
+    """The window the panel ranks classes by: the loudest (highest RMS). A class's best score over
+    all windows would rank "Silence" first for speech with pauses around it; the loudest window
+    is the one a listener would say the recording is about."""
+    index = max(range(len(windows)), key=lambda i: windows[i].facts.rms_dbfs)
+    w = windows[index]
+    return {"index": index, "stream_start": round(w.stream_start, 3), "stream_end": round(w.stream_end, 3),
+            "rms_dbfs": round(max(w.facts.rms_dbfs, -120.0), 1), "why": "loudest"}
+
+
+def clap_result(labels: list[str], result, spans: list[dict], heard: dict[str, Any]) -> dict[str, Any]:
+    def probabilities(row) -> dict[str, float]:
+        return {label: round(float(p), 6) for label, p in zip(labels, row)}
+
+    return {"kind": "clap", "labels": labels, "heard": heard, "probabilities": probabilities(result[heard["index"]]),
+            "windows": [{**span, "probabilities": probabilities(row)} for span, row in zip(spans, result)]}
+
+
+def yamnet_result(model, result, spans: list[dict], heard: dict[str, Any]) -> dict[str, Any]:
+    groups = set(getattr(model, "groups", {}))
+    scores = {label: float(p) for label, p in result[heard["index"]].probabilities.items()}
+    classes = sorted((c for c in scores if c not in groups), key=scores.get, reverse=True)[:TRY_TOP_CLASSES]
+    return {"kind": "yamnet", "heard": heard,
+            "top": {c: round(scores[c], 6) for c in classes},
+            "groups": {g: round(scores.get(g, 0.0), 6) for g in sorted(groups, key=lambda g: scores.get(g, 0.0), reverse=True)},
+            "windows": [{**span, "top": [label for label, _ in window.top(3) if label not in groups]}
+                        for span, window in zip(spans, result)]}
+
+
+class HostGate:
+    """Only requests whose ``Host`` names this machine's loopback interface, or a name in
+    http.allowed_hosts, get through: a page whose own name an attacker re-points at 127.0.0.1 (DNS
+    rebinding) sends its own name as Host, and gets 421 on every route."""
+
+    def __init__(self, app, allowed: frozenset[str]) -> None:
+        self.app, self.allowed = app, allowed
+
+    async def __call__(self, scope, receive, send) -> None:
+        if scope["type"] == "http":
+            hosts = [value for key, value in scope["headers"] if key == b"host"]
+            if len(hosts) != 1 or not host_allowed(hosts[0].decode("latin-1"), self.allowed):
+                from starlette.responses import PlainTextResponse
+
+                log.debug("refused Host %r on %s", hosts, scope.get("path"))
+                await PlainTextResponse("this dashboard answers only to loopback host names and http.allowed_hosts",
+                                        status_code=421)(scope, receive, send)
+                return
+        await self.app(scope, receive, send)
 
 
 class TokenGate:
-    """Every request needs the token: ``?token=...`` or ``Authorization: Bearer ...``."""
+    """Every request needs the token: ``?token=...`` or ``Authorization: Bearer ...``; except the
+    page's own script and stylesheet, which the browser fetches without it and which hold nothing
+    but what ships in the package."""
 
     def __init__(self, app, token: str) -> None:
         self.app, self.token = app, token
 
     async def __call__(self, scope, receive, send) -> None:
-        if scope["type"] == "http":
+        if scope["type"] == "http" and not (scope["method"] in ("GET", "HEAD") and scope["path"].startswith("/static/")):
             from starlette.requests import Request
             from starlette.responses import PlainTextResponse
 

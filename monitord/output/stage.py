@@ -151,7 +151,7 @@ class OutputStage(Stage):
                     sink.deliver(published)
                 except Exception:  # a sink's failure is its own; the log already has the event
                     log.exception("sink %s failed on event %d", sink.name, published.seq)
-        if self.feed is not None:
+        if self.feed is not None and published.kind != "frames":  # the dashboard lists events and draws no frames
             self.feed.on_event(published)
         if publication.logged:
             self.on_published(published)

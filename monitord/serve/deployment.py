@@ -25,7 +25,7 @@ from starlette.responses import Response
 from monitord.config import ServeFile, load_serve_config
 from monitord.inference.models.base import Model
 from monitord.serve import wire
-from monitord.serve.service import InferenceService, Scored, error_reply, is_loopback
+from monitord.serve.service import InferenceService, Scored, is_loopback
 from monitord.types import Window
 
 log = logging.getLogger(__name__)
@@ -83,30 +83,8 @@ class MonitordInference:
         return list(await asyncio.gather(*(self._batchers[name](w) for w in windows)))
 
     async def __call__(self, request: Request) -> Response:
-        root = request.scope.get("root_path", "")
-        path = request.url.path[len(root):] if request.url.path.startswith(root) else request.url.path
-        body = b""
-        if request.method == "POST":
-            body, refusal = await self._read_body(request)
-            if refusal is not None:
-                return _response(refusal)
-        reply = await self.service.handle(request.method, path, {k.lower(): v for k, v in request.headers.items()}, body,
-                                          request.client.host if request.client else None)
-        return _response(reply)
-
-    async def _read_body(self, request: Request):
-        length = request.headers.get("content-length")
-        if length is None or not length.isdigit():
-            return b"", error_reply(411, "a Content-Length is required")
-        if int(length) > self.max_request_bytes:
-            return b"", error_reply(413, f"body of {length} bytes exceeds serve.max_request_mb ({self.settings.max_request_mb:g} MiB)")
-        chunks, size = [], 0
-        async for chunk in request.stream():
-            size += len(chunk)
-            if size > self.max_request_bytes:
-                return b"", error_reply(413, "body exceeds serve.max_request_mb")
-            chunks.append(chunk)
-        return b"".join(chunks), None
+        # refused on the headers (token, declared size) before any of the body is read; see handle_asgi
+        return _response(await self.service.handle_asgi(request.scope, request.receive))
 
     async def check_health(self) -> None:
         await self.service.check_health()

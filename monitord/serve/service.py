@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import hashlib
 import hmac
 import json
 import logging
@@ -55,6 +56,9 @@ class Scored:
 
 ScoreHook = Callable[[str, list[Window]], Awaitable[list[Scored]]]
 """(model, windows) -> each window's Scored, in order."""
+
+Receive = Callable[[], Awaitable[Mapping[str, Any]]]
+"""An ASGI ``receive``: the request body arrives as ``http.request`` messages."""
 
 
 @dataclass(frozen=True)
@@ -118,7 +122,7 @@ class InferenceService:
         self.fingerprints = {name: wire.fingerprint(configs[name]) for name in self.models}
         if token is not None and len(token) < wire.MIN_TOKEN_CHARS:
             raise wire.TokenFileError(f"a token of {len(token)} characters; it needs at least {wire.MIN_TOKEN_CHARS}")
-        self._token = None if token is None else token.encode("utf-8")
+        self._token = None if token is None else _digest(token.encode("utf-8"))
         self.max_request_bytes = max_request_bytes
         self.canary_every_s = canary_every_s
         self.replica = replica
@@ -175,25 +179,62 @@ class InferenceService:
 
     async def handle(self, method: str, path: str, headers: Mapping[str, str], body: bytes, client: str | None) -> Reply:
         """``headers`` with lower-case names; ``path`` below the application's route."""
-        reply = self._refuse(headers, client)
-        if reply is None:
-            try:
-                reply = await self._route(method, path.rstrip("/") or "/", body)
-            except Exception:  # never a crash for one request
-                log.exception("request %s %s failed", method, path)
-                reply = error_reply(500, "internal error (see the replica's log)")
+        reply = self._refuse(headers, client) or await self._answer(method, path, body)
         self.stats.requests[reply.status] += 1
         return reply
+
+    async def handle_asgi(self, scope: Mapping[str, Any], receive: Receive) -> Reply:
+        """An ASGI HTTP request (``scope["path"]`` under ``scope["root_path"]``, the application's
+        route), refused on its headers before any of its body is read: token, then declared size.
+        A body without a Content-Length (chunked) is read up to ``max_request_bytes``, never past it."""
+        headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope.get("headers", ())}
+        method, path = scope.get("method", "GET"), _route_path(scope)
+        client = (scope.get("client") or (None,))[0]
+        reply = self._refuse(headers, client) or self._refuse_length(method, headers)
+        if reply is None:
+            body = b""
+            if method == "POST":
+                body, reply = await read_body(receive, self.max_request_bytes)
+            reply = reply or await self._answer(method, path, body)
+        self.stats.requests[reply.status] += 1
+        return reply
+
+    async def _answer(self, method: str, path: str, body: bytes) -> Reply:
+        try:
+            return await self._route(method, path.rstrip("/") or "/", body)
+        except Exception:  # never a crash for one request
+            log.exception("request %s %s failed", method, path)
+            return error_reply(500, "internal error (see the replica's log)")
+
+    def _refuse_length(self, method: str, headers: Mapping[str, str]) -> Reply | None:
+        """413 for a declared body over the limit, before any of it is read."""
+        length = headers.get("content-length")
+        if method != "POST" or length is None:
+            return None
+        digits = length.strip()
+        if not (digits.isascii() and digits.isdigit()):  # str.isdigit alone takes '²', which int() does not
+            return error_reply(400, f"Content-Length {length[:40]!r} is not a number")
+        if len(digits.lstrip("0")) > 18 or int(digits) > self.max_request_bytes:  # int() refuses 4300+ digits
+            return error_reply(413, f"body of {digits[:40]} bytes exceeds serve.max_request_mb "
+                                    f"({self.max_request_bytes / (1024 * 1024):g} MiB)")
+        return None
 
     def _refuse(self, headers: Mapping[str, str], client: str | None) -> Reply | None:
         if self._token is None:
             proxied = "x-forwarded-for" in headers or "forwarded" in headers
-            if is_loopback(client) and not proxied:
+            # a loopback Host too: a page whose own name an attacker re-points at 127.0.0.1 (DNS
+            # rebinding) reaches a loopback server from the browser's loopback address, with its own name
+            host = headers.get("host")
+            if is_loopback(client) and not proxied and (host is None or net.host_allowed(host, frozenset())):
                 return None
+            if is_loopback(client) and not proxied:
+                return error_reply(421, f"this server has no token (serve.token_file): it answers only to loopback "
+                                        f"host names, not {host[:80]!r} (use 127.0.0.1, or set a token)")
             return error_reply(401, "this server has no token (serve.token_file): it answers loopback clients only",
                                **{"WWW-Authenticate": "Bearer"})
         scheme, _, given = headers.get("authorization", "").partition(" ")
-        if scheme.lower() == "bearer" and hmac.compare_digest(given.strip().encode("utf-8"), self._token):
+        # digests of equal length: the comparison's time says nothing of the token, its length included
+        if hmac.compare_digest(_digest(given.strip().encode("utf-8", "replace")), self._token) and scheme.lower() == "bearer":
             return None
         return error_reply(401, "missing or wrong token: send Authorization: Bearer <the contents of inference.token_file>",
                            **{"WWW-Authenticate": "Bearer"})
@@ -277,6 +318,32 @@ class InferenceService:
                                   stacked, tuple(r.batch_size for r in results), self.replica,
                                   server_ms=(time.perf_counter() - began) * 1000,
                                   forward_ms=max(r.forward_s for r in results) * 1000)
+
+
+async def read_body(receive: Receive, limit: int) -> tuple[bytes, Reply | None]:
+    """The request body from ASGI ``receive``, or a refusal as soon as more than ``limit`` bytes came
+    (413, the rest never read) or the client went away."""
+    body = bytearray()
+    while True:
+        message = await receive()
+        if message.get("type") == "http.disconnect":
+            return b"", error_reply(400, "the client went away before the whole body arrived")
+        body += message.get("body", b"")
+        if len(body) > limit:
+            return b"", error_reply(413, f"body exceeds serve.max_request_mb ({limit / (1024 * 1024):g} MiB)")
+        if not message.get("more_body", False):
+            return bytes(body), None
+
+
+def _route_path(scope: Mapping[str, Any]) -> str:
+    """The path below the application's route (Serve and uvicorn put the route in ``root_path``)."""
+    path, root = scope.get("path", "/"), scope.get("root_path", "")
+    return path[len(root):] if root and path.startswith(root) else path
+
+
+def _digest(token: bytes) -> bytes:
+    return hashlib.sha256(token).digest()
+
 
 def _content_crc(request: wire.ScoreRequest) -> int:
     """A digest of what a request asks to score, the same for every attempt of it."""

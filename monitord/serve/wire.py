@@ -36,7 +36,7 @@ Response, 200::
 
 Probabilities travel as float64, so a remote score is bit-for-bit the Python float the model
 returned. Errors are a JSON object ``{"error": "..."}``: 400 malformed (wrong version, truncated,
-bad sample rate...), 401 token, 404 model not served here, 409 fingerprint mismatch, 411/413
+bad sample rate...), 401 token, 404 model not served here, 409 fingerprint mismatch, 413
 length, and 500 with the header ``X-Monitord-Error: model`` when the model failed on the batch.
 Any other 5xx, or a dropped connection, is the cluster's (a replica died, the proxy is
 restarting) and is retried by the capture node with the same request id.
@@ -59,6 +59,9 @@ from pathlib import PurePath
 from typing import Any
 
 import numpy as np
+
+from monitord.classmap import yamnet_class_names
+from monitord.secrets import MIN_TOKEN_CHARS, TokenFileError, read_token  # noqa: F401 (re-exported: wire.read_token)
 
 MAGIC = b"MNTD"
 VERSION = 1
@@ -83,7 +86,7 @@ INT16_SCALE = 32767.0
 DEFAULT_SAMPLE_RATES = {"clap": 48000, "emotion": 16000, "yamnet": 16000}
 """The rate of each kind's usual checkpoints: used by a capture node that cannot ask the server at start."""
 
-NOT_SCORE_AFFECTING = frozenset({"batch_max", "batch_wait_ms", "gated_by", "gate", "device", "dtype", "threads"})
+NOT_SCORE_AFFECTING = frozenset({"batch_max", "batch_wait_ms", "gated_by", "gate", "device", "dtype", "engine", "threads"})
 
 
 class WireError(ValueError):
@@ -356,8 +359,6 @@ def definition(config: Any) -> dict[str, Any]:
     if "model" in data:
         data["model"] = model_name(data["model"])
     if data.get("kind") == "yamnet":
-        from monitord.config import yamnet_class_names
-
         data.pop("class_map", None)
         data["classes"] = hashlib.sha256("\n".join(yamnet_class_names(config.class_map)).encode()).hexdigest()[:16]
     return data
@@ -391,27 +392,3 @@ def make_window(meta: WindowMeta, samples: np.ndarray, sample_rate: int):
     start = round(meta.start_index * sample_rate / meta.source_rate)
     facts = WindowFacts(rms_dbfs=0.0, peak_frame_dbfs=0.0, median_frame_dbfs=0.0, clipped_ratio=0.0, non_finite=0, dc_offset=0.0)
     return Window(meta.source, start, sample_rate, samples, meta.valid, meta.wall_start, meta.ready_at, facts)
-
-
-MIN_TOKEN_CHARS = 16
-
-
-class TokenFileError(ValueError):
-    """A token file that cannot be read or holds too short a secret (the message names the file)."""
-
-
-def read_token(path: str) -> str:
-    """The shared secret in a token file (surrounding whitespace ignored). Read when a replica or a
-    capture node starts, not only when the config is checked: a file emptied in between must not
-    become an empty secret that every request matches."""
-    from pathlib import Path
-
-    try:
-        token = Path(path).read_text(encoding="utf-8").strip()
-    except FileNotFoundError:
-        raise TokenFileError(f"file not found: {path}") from None
-    except (OSError, UnicodeDecodeError) as exc:
-        raise TokenFileError(f"cannot read {path}: {exc}") from None
-    if len(token) < MIN_TOKEN_CHARS:
-        raise TokenFileError(f"{path} holds {len(token)} characters; a token needs at least {MIN_TOKEN_CHARS}")
-    return token

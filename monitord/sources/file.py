@@ -5,7 +5,7 @@ from __future__ import annotations
 import logging
 import time
 
-from monitord.audio import to_mono
+from monitord.audio import AudioFileError, check_format, to_mono
 from monitord.config import SourceConfig
 from monitord.sources import CaptureStats, SourceError, StatusCallback
 from monitord.sources.ring import RingBuffer
@@ -37,6 +37,10 @@ class FileSource(Stage):
             info = sf.info(self.path)
         except (RuntimeError, sf.LibsndfileError) as exc:
             raise SourceError(f"cannot read audio file {self.path}: {exc}") from None
+        try:
+            check_format(int(info.samplerate), int(info.channels), f"audio file {self.path}")
+        except AudioFileError as exc:
+            raise SourceError(str(exc)) from None
         if info.frames == 0:
             raise SourceError(f"audio file {self.path} holds no samples")
         self.sample_rate = int(info.samplerate)

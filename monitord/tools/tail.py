@@ -37,6 +37,10 @@ def format_event(event: dict) -> str:
         )
     if event.get("kind") == "scores":
         return f"{head} {event.get('model_name')} {event.get('label')!r} {event.get('score'):.3f}"
+    if event.get("kind") == "frames":
+        times = (event.get("frames") or {}).get("times") or []
+        return (f"{head} {event.get('model_name')} {len(times)} frames "
+                f"stream={event.get('stream_start'):.2f}-{event.get('stream_end'):.2f}s")
     return f"{head} {event.get('status')}: {event.get('detail')}"
 
 

@@ -79,12 +79,37 @@ class ModelBase:
 
     depends_on: str | None = None
     device: str = "cpu"
+    weights_path: str | None = None
+    """The directory or file the weights were loaded from; None: not from local files (a hub id, remote)."""
+    weights_fingerprint: str | None = None
+    """How those files looked just before they were read (``loading.folder_fingerprint``)."""
 
     def __init__(self, name: str, config: Any):
         self.name = name
         self.batch_max: int = config.batch_max
         self.batch_wait_ms: float = config.batch_wait_ms
         self.gated_by = config.gated_by
+
+    def note_weights(self, path: str) -> None:
+        """Remember how the files at ``path`` look before they are read (see ``weights_changed``)."""
+        from monitord.inference.models.loading import folder_fingerprint
+
+        self.weights_fingerprint = folder_fingerprint(path)
+        self.weights_path = path if self.weights_fingerprint is not None else None
+
+    def weights_changed(self) -> bool:
+        """Whether the files the weights came from were replaced or changed since (a SIGHUP reloads them)."""
+        from monitord.inference.models.loading import folder_fingerprint
+
+        return self.weights_path is not None and folder_fingerprint(self.weights_path) != self.weights_fingerprint
+
+    def use_weights(self, loaded: ModelBase) -> None:
+        """Take over ``loaded``'s state (the same kind, built from the files as they are now): this
+        object, which the pipeline's stages and cascades hold, scores with the new weights from then
+        on. Cheap: done by the inference thread between two batches."""
+        if type(loaded) is not type(self) or loaded.name != self.name:
+            raise TypeError(f"model {self.name}: cannot take the weights of {type(loaded).__name__} {loaded.name}")
+        self.__dict__.update(vars(loaded))
 
     def accepts(self, window: Window) -> bool:
         return True

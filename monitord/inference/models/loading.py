@@ -9,6 +9,7 @@ progress written as log lines (a journal gets lines, not progress bars).
 
 from __future__ import annotations
 
+import bisect
 import logging
 import os
 import socket
@@ -91,12 +92,12 @@ def load_pretrained(loader: Any, ref: str, what: str, **kwargs: Any) -> Any:
     hf_logging.disable_progress_bar()
     if is_local(ref):
         try:
-            return loader.from_pretrained(ref, **kwargs)
+            return in_memory(loader.from_pretrained(ref, **kwargs))
         except (OSError, ValueError) as exc:
             raise ModelUnavailable(_explain(ref, what, exc), missing=f"a complete checkpoint in {ref}",
                                    fix=f"{fetch_command('<model id>')} --local-dir {ref}") from None
     try:
-        return loader.from_pretrained(ref, local_files_only=True, **kwargs)
+        return in_memory(loader.from_pretrained(ref, local_files_only=True, **kwargs))
     except (OSError, ValueError) as exc:
         cache_error = exc
     if hub_offline():
@@ -104,7 +105,7 @@ def load_pretrained(loader: Any, ref: str, what: str, **kwargs: Any) -> Any:
                                "and HF_HUB_OFFLINE is set", fix=_fix(ref)) from None
     unreachable = probe_hub()
     if unreachable is not None:
-        log.warning("%s: %s is not in the Hugging Face cache and the hub cannot be reached (%s)", what, ref, unreachable)
+        log.debug("%s: %s is not in the Hugging Face cache and the hub cannot be reached (%s)", what, ref, unreachable)
         raise ModelUnavailable(
             f"{what}: cannot load {ref!r}: it is not in the Hugging Face cache and the hub ({hub_endpoint()}) "
             f"cannot be reached ({unreachable}). {_fix(ref)}",
@@ -116,10 +117,91 @@ def load_pretrained(loader: Any, ref: str, what: str, **kwargs: Any) -> Any:
         raise ModelUnavailable(_explain(ref, what, exc), missing=f"{ref} could not be downloaded ({_first_line(exc)})",
                                fix=_fix(ref)) from None
     try:
-        return loader.from_pretrained(folder, **kwargs)
+        return in_memory(loader.from_pretrained(folder, **kwargs))
     except (OSError, ValueError) as exc:
         raise ModelUnavailable(_explain(ref, what, exc), missing=f"{ref} could not be downloaded ({_first_line(exc)})",
                                fix=_fix(ref)) from None
+
+
+def in_memory(loaded: Any) -> Any:
+    """``loaded`` (what from_pretrained returned), its weights copied out of the files they were
+    read from. transformers maps ``model.safetensors`` into memory and its tensors point into that
+    mapping: a file truncated or rewritten under a running process (an administrator copying new
+    weights over the folder) would change the weights or kill the process with SIGBUS."""
+    if hasattr(loaded, "named_parameters") and hasattr(loaded, "modules"):
+        copied = own_memory(loaded)
+        log.debug("%s: %d tensors copied out of their weights file", type(loaded).__name__, copied)
+    return loaded
+
+
+def own_memory(module: Any) -> int:
+    """Give every CPU tensor of a torch module that points into a file mapping memory of its own
+    (where /proc/self/maps cannot be read: every CPU tensor). Tied weights stay tied: a parameter
+    is one object wherever it is used, and its data is replaced in place. Returns how many were copied."""
+    import torch
+
+    in_file = _file_mapped()
+    copied = 0
+    with torch.no_grad():
+        for param in module.parameters():
+            if in_file(param.data):
+                param.data = param.data.clone()
+                copied += 1
+        clones: dict[int, Any] = {}
+        for owner in module.modules():
+            for name, buffer in list(owner._buffers.items()):
+                if buffer is not None and in_file(buffer):
+                    if id(buffer) not in clones:
+                        clones[id(buffer)] = buffer.clone()
+                        copied += 1
+                    owner._buffers[name] = clones[id(buffer)]
+    return copied
+
+
+def _file_mapped() -> Callable[[Any], bool]:
+    """A test: does this tensor's memory lie in a mapping of a file (this process's, as it is now)?"""
+    try:
+        lines = Path("/proc/self/maps").read_text().splitlines()
+    except OSError:
+        return lambda tensor: tensor.device.type == "cpu"
+    ranges = []
+    for line in lines:
+        fields = line.split(maxsplit=5)  # address perms offset dev inode path
+        if len(fields) == 6 and fields[4] != "0" and fields[5].startswith("/"):
+            low, high = fields[0].split("-")
+            ranges.append((int(low, 16), int(high, 16)))
+    ranges.sort()
+    starts = [low for low, _ in ranges]
+
+    def test(tensor: Any) -> bool:
+        if tensor.device.type != "cpu" or tensor.untyped_storage().nbytes() == 0:
+            return False
+        address = tensor.untyped_storage().data_ptr()
+        i = bisect.bisect_right(starts, address) - 1
+        return i >= 0 and address < ranges[i][1]
+
+    return test
+
+
+def folder_fingerprint(ref: str) -> str | None:
+    """What a model's files look like on disk (name, size, inode, change times of each file of a
+    directory, or of one model file), to tell on SIGHUP whether they were replaced; None for a hub
+    id (the cache's files are never rewritten in place) or a path that is not there."""
+    path = Path(ref)
+    if path.is_file():
+        files = [path]
+    elif path.is_dir():
+        files = sorted(p for p in path.iterdir() if not p.name.startswith(".") and p.is_file())
+    else:
+        return None
+    parts = []
+    for file in files:
+        try:
+            st = file.stat()
+        except OSError:
+            continue
+        parts.append(f"{file.name}:{st.st_size}:{st.st_ino}:{st.st_mtime_ns}:{st.st_ctime_ns}")
+    return "|".join(parts)
 
 
 def download(ref: str, what: str) -> str:
@@ -275,7 +357,15 @@ class TorchPlacement:
         """Tensors that are not in ``torch_modules`` (cached embeddings, index tensors) follow here."""
 
     def place(self, spec: str, forward: Callable[[], None]) -> None:
+        import torch
+
+        timed = spec == "auto" and not self.device.startswith("cuda")
+        # timing bfloat16 rounds the weights: keep the float32 ones to put back if float32 wins
+        originals = [{k: v.detach().clone() for k, v in m.state_dict().items()} for m in self.torch_modules()] if timed else []
         self.dtype, self.dtype_reason = choose_dtype(spec, self.device, self._use_dtype, forward)
+        if self.dtype == torch.float32:
+            for module, state in zip(self.torch_modules(), originals):
+                module.load_state_dict(state)
 
     def _use_dtype(self, dtype: Any) -> None:
         self.dtype = dtype

@@ -4,7 +4,7 @@ const token = new URLSearchParams(location.search).get("token");
 const withToken = (url) => token ? `${url}${url.includes("?") ? "&" : "?"}token=${encodeURIComponent(token)}` : url;
 const TIMELINE_S = 300, MAX_BARS = 8, LINES = 6;
 const COLORS = ["#4fb3ff", "#3fb950", "#d29922", "#f85149", "#bc8cff", "#39c5cf", "#ff9bce", "#e3b341"];
-const state = { models: {}, rules: [], history: {}, canvases: {} };
+const state = { models: {}, rules: [], history: {}, canvases: {}, sources: {} };
 
 function el(tag, attrs = {}, ...children) {
   const node = document.createElement(tag);
@@ -19,16 +19,29 @@ function sourceCard(source) {
   let card = document.querySelector(`.source[data-source="${CSS.escape(source)}"]`);
   if (card) return card;
   card = el("div", { class: "source", "data-source": source },
-    el("h3", {}, el("span", { text: source }), el("span", { class: "badge quiet gate", text: "quiet" })),
+    el("h3", {}, el("span", { text: source }), el("span", { class: "badge gate starting", "data-state": "starting", text: "starting" })),
     el("div", { class: "source-state", "data-state": "starting", text: "starting" }),
     el("div", { class: "level", text: "level: -- dBFS" }),
     el("div", { class: "meter" }, el("div")),
     el("ul", { class: "model-states" }),
     el("ul", { class: "rule-states" }),
-    el("div", { class: "models" }));
+    el("div", { class: "models" }, el("p", { class: "empty", text: "no scores yet: no window of this source has been scored" })));
   document.getElementById("sources").append(card);
+  state.sources[source] ||= { state: "starting", passed: null };
   renderModelStates(card);
   return card;
+}
+
+// The badge says what the source is doing: its state while it is not up (a source that is down
+// writes silence, so its gate would only ever say "quiet"), the gate's verdict once it is.
+function renderBadge(source) {
+  const s = state.sources[source];
+  const badge = sourceCard(source).querySelector(".gate");
+  const value = s.state !== "up" ? s.state : s.passed === null ? "up" : s.passed ? "sound" : "quiet";
+  badge.textContent = value;
+  badge.dataset.state = value;
+  badge.className = `badge gate ${value}`;
+  badge.title = s.state === "up" ? "the gate's verdict on the last window" : (s.detail || s.state);
 }
 
 // which models are active (scoring here), remote (scoring on a remote backend) or inactive, and the rules on them
@@ -51,6 +64,8 @@ function setSourceState(source, value, detail) {
   line.dataset.state = value;
   line.className = `source-state ${value}`;
   line.textContent = detail ? `${value}: ${detail}` : value;
+  Object.assign(state.sources[source], { state: value, detail });
+  renderBadge(source);
 }
 
 function renderBars(container, scores, max = MAX_BARS) {
@@ -67,9 +82,15 @@ function onWindow(w) {
   const card = sourceCard(w.source);
   card.querySelector(".level").textContent = `level: ${w.rms_dbfs.toFixed(1)} dBFS (peak frame ${w.peak_dbfs.toFixed(1)})`;
   card.querySelector(".meter > div").style.width = `${Math.max(0, Math.min(100, (w.rms_dbfs + 90) / 90 * 100))}%`;
-  const gate = card.querySelector(".gate");
-  gate.textContent = w.passed ? "sound" : "quiet";
-  gate.className = `badge gate ${w.passed ? "sound" : "quiet"}`;
+  const s = state.sources[w.source];
+  s.passed = w.passed;
+  if (s.state === "starting") setSourceState(w.source, "up", "");  // audio arrives: it is up
+  else renderBadge(w.source);
+  if (!Object.keys(state.canvases).length) {
+    document.getElementById("timelines-empty").textContent = w.passed
+      ? "no windows scored yet: the first scored window starts the timeline"
+      : "no windows scored yet: every window so far was quiet (below the gate), so no model scored one";
+  }
 }
 
 function onScores(s) {
@@ -77,6 +98,7 @@ function onScores(s) {
   let box = card.querySelector(`.model[data-model="${CSS.escape(s.model_name)}"]`);
   if (!box) {
     box = el("div", { class: "model", "data-model": s.model_name }, el("h4", { text: s.model_name }), el("div", { class: "bars" }));
+    card.querySelector(".models .empty")?.remove();
     card.querySelector(".models").append(box);
   }
   box.querySelector("h4").textContent = `${s.model_name} @ ${s.stream_start.toFixed(1)}-${s.stream_end.toFixed(1)} s`;
@@ -97,6 +119,7 @@ function drawTimeline(key) {
                                   "data-x-label": "stream time (s)", "data-y-label": "score" });
     const legend = el("div", { class: "legend" });
     document.getElementById("timelines").append(el("h4", { text: key }), canvas, legend);
+    document.getElementById("timelines-empty").hidden = true;
     entry = state.canvases[key] = { canvas, legend };
   }
   const history = state.history[key];
@@ -165,18 +188,51 @@ function onEvent(e) {
       el("strong", { text: `${e.phase.toUpperCase()} ${e.rule}` }),
       ` ${e.source}: "${e.label}" ${e.score.toFixed(3)} at ${e.stream_start.toFixed(1)}-${e.stream_end.toFixed(1)} s`,
       el("br"), el("small", { text: `#${e.seq} ${e.time} latency ${e.latency_ms ?? "-"} ms` }));
+    if (e.phase === "onset") item.append(feedbackButtons(e));
   } else {
     item = el("li", { class: "status", "data-status": e.status, "data-source": e.source },
       `#${e.seq} ${e.source}: ${e.status}: ${e.detail ?? ""}`);
     if (["up", "down", "eof"].includes(e.status) && document.querySelector(`.source[data-source="${CSS.escape(e.source)}"]`))
       setSourceState(e.source, e.status === "eof" ? "ended" : e.status, e.status === "up" ? "" : e.detail);
+    if (e.status === "suppressed" && e.rule) item.append(feedbackButtons(e));  // "yes, this" undoes a wrong suppression
     if (e.status === "clip" && e.clip) {
       const name = e.clip.split("/").pop();
       item.append(el("audio", { controls: "", preload: "none", src: withToken(`clips/${encodeURIComponent(name)}`) }));
     }
   }
   list.prepend(item);
+  document.getElementById("events-empty").hidden = true;
   while (list.children.length > 200) list.lastChild.remove();
+}
+
+// "not this" / "yes, this" on an alert: the window is taught to the rule's not_like bank at once
+function feedbackButtons(e) {
+  const result = el("span", { class: "feedback-result", role: "status" });
+  const send = async (verdict, button) => {
+    box.querySelectorAll("button").forEach((b) => { b.disabled = true; });
+    result.textContent = "teaching...";
+    try {
+      const response = await fetch(withToken("api/feedback"), {
+        method: "POST", headers: { "Content-Type": "application/json" },
+        body: JSON.stringify({ seq: e.seq, verdict }) });
+      const answer = await response.json().catch(() => ({ error: `HTTP ${response.status}` }));
+      result.className = `feedback-result ${response.ok ? "ok" : "error"}`;
+      result.textContent = response.ok
+        ? `taught: ${verdict === "not_this" ? "not " : ""}${answer.rule} (example #${answer.example}, from the ${answer.from})`
+        : answer.error;
+    } catch (err) {
+      result.className = "feedback-result error";
+      result.textContent = `not sent: ${err}`;
+    }
+    box.querySelectorAll("button").forEach((b) => { b.disabled = false; });
+  };
+  const button = (text, verdict) => {
+    const b = el("button", { type: "button", class: `feedback ${verdict}`, "data-verdict": verdict, text });
+    b.addEventListener("click", () => send(verdict, b));
+    return b;
+  };
+  const box = el("div", { class: "feedback-box" }, button("not this", "not_this"), " ", button("yes, this", "yes_this"), " ", result);
+  return box;
 }
 
 async function start() {
@@ -207,6 +263,13 @@ function setUpTryIt(models) {
   document.getElementById("try-models").textContent = `scored by ${names}`;
   if (!kinds.includes("clap")) {
     labels.closest("label").hidden = true;
+    const note = document.getElementById("try-labels-note");
+    const clap = Object.entries(state.models).filter(([, m]) => m.kind === "clap");
+    note.textContent = clap.length
+      ? "No labels box: zero-shot labels need CLAP, and " + clap.map(([n, m]) => `${n} is ${m.state}` +
+          (m.state === "inactive" ? ` (${m.detail})` : "")).join("; ")
+      : "No labels box: zero-shot labels need a CLAP model, and none is configured.";
+    note.hidden = false;
   } else if (kinds.includes("yamnet")) {
     labels.placeholder = "optional for CLAP: glass breaking, dog barking, speech, silence";
   }
@@ -216,11 +279,14 @@ function renderTryResult(result) {
   const box = document.getElementById("try-result");
   box.replaceChildren(...Object.entries(result.models).map(([name, r]) => {
     const section = el("div", { class: "try-model", "data-model": name, "data-kind": r.kind });
+    const heard = `the loudest window, ${r.heard.stream_start.toFixed(1)}-${r.heard.stream_end.toFixed(1)} s ` +
+      `(${r.heard.rms_dbfs.toFixed(1)} dBFS), of ${r.windows.length}`;
+    section.dataset.heard = `${r.heard.stream_start}-${r.heard.stream_end}`;
     if (r.kind === "clap") {
-      section.append(el("h4", { text: `${name}: zero-shot, mean over ${r.windows.length} windows` }), el("div", { class: "bars" }));
+      section.append(el("h4", { text: `${name}: zero-shot, ${heard}` }), el("div", { class: "bars" }));
       renderBars(section.querySelector(".bars"), r.probabilities, Infinity);
     } else {
-      section.append(el("h4", { text: `${name}: top classes (best window)` }), el("div", { class: "bars classes" }));
+      section.append(el("h4", { text: `${name}: top classes, ${heard}` }), el("div", { class: "bars classes" }));
       renderBars(section.querySelector(".classes"), r.top, Infinity);
       if (Object.keys(r.groups).length) {
         section.append(el("h4", { text: `${name}: groups` }), el("div", { class: "bars groups" }));
