@@ -43,7 +43,7 @@ def test_wavlm_checkpoints_load_too(tmp_path):
 
     folder = build_emotion(tmp_path / "wavlm", kind="wavlm")
     model = EmotionClassifier("emo", EmotionModelConfig(kind="emotion", model=str(folder)))
-    assert type(model.model).__name__ == "WavLMForSequenceClassification"
+    assert model.architecture == "WavLMForSequenceClassification"  # model.model is None where another engine runs it
 
 
 def test_label_map_targets_and_rule_labels_are_validated(tmp_path):

@@ -6,7 +6,12 @@ On the same 2 s windows, same model, same machine, like against like:
   2. the bare batched audio-encoder forward on precomputed features (the limit);
   3. monitord's own path, window queue -> inference -> alerts -> output (log, loopback PUB), in the
      same precision as the pipeline it is compared with; each pair timed the same way, in
-     interleaved rounds, medians.
+     interleaved rounds, medians;
+  for torch in float32 and its default precision, then for every other engine installed (OpenVINO,
+  ONNX Runtime: the audio tower converted once, cached), each against the pipeline in the precision
+  that engine runs in. The fastest path ("best") is the one run live, with a slow log, and measured
+  for memory; its figures make the last line (``engine=``, ``vs_torch_encoder=``: against torch's
+  fastest bare batched encoder).
 Then: the largest probability difference to the pipeline, relative to how much the probabilities
 move between windows (so it can fail on a model whose outputs move); how many live streams at 1 s
 hop it really keeps up with (run, not derived: no window dropped, p99 window end -> event below
@@ -263,21 +268,36 @@ def realtime_streams(path: WorkerPath, windows: list[Window], estimate: int, sec
     return max((k for k, ok in results.items() if ok), default=0), trials
 
 
+class EngineNotLoaded(RuntimeError):
+    pass
+
+
+def build_clap(model, processor, precision: str, engine: str, batch: int, device: str, engine_cache: Path | None):
+    """monitord's CLAP on the shared model (float32 again first: an earlier variant may have moved it),
+    and the seconds its construction took (a conversion, where one was not cached)."""
+    from monitord.inference.models.clap import ClapZeroShot
+
+    model.float()
+    began = time.perf_counter()
+    clap = ClapZeroShot("clap", ClapModelConfig(labels=LABELS, dtype=precision, batch_max=batch, device=device, engine=engine),
+                        model=model, processor=processor, engine_cache=engine_cache)
+    return clap, time.perf_counter() - began
+
+
 def measure_pair(model, processor, precision: str, windows: list[Window], n_pipe: int, n_ours: int, rounds: int,
-                 batch: int, device: str, workdir: Path):
-    """Pipeline and monitord in one precision, interleaved rounds, medians."""
+                 batch: int, device: str, workdir: Path, engine: str = "torch", engine_cache: Path | None = None):
+    """Pipeline and monitord in one precision (the one monitord's engine runs in), interleaved rounds, medians."""
     import torch
     from transformers import pipeline
 
-    from monitord.inference.models.clap import ClapZeroShot
-
-    clap = ClapZeroShot("clap", ClapModelConfig(labels=LABELS, dtype=precision, batch_max=batch, device=device),
-                        model=model, processor=processor)
+    clap, load_s = build_clap(model, processor, precision, engine, batch, device, engine_cache)
+    if clap.engine != engine:
+        raise EngineNotLoaded(f"{engine}: did not load (the WARNING above says why); left out")
     if clap.dtype != torch.float32:
         model.to(clap.dtype)  # the pipeline runs the whole model, text tower too, in the same precision
     pipe = pipeline("zero-shot-audio-classification", model=model, feature_extractor=processor.feature_extractor,
                     tokenizer=processor.tokenizer, device=device)
-    path = WorkerPath(clap, workdir / precision)
+    path = WorkerPath(clap, workdir / f"{engine}-{precision}")
     pipeline_rate(pipe, windows[:1])
     path.throughput(windows[: 2 * batch])  # warm-ups
     pipes, ours, enc = [], [], []
@@ -289,98 +309,144 @@ def measure_pair(model, processor, precision: str, windows: list[Window], n_pipe
     mine = [path.probabilities[w.start_index] for w in windows[:n_pipe]]
     diff, spread, relative = relative_difference(mine, pipe_probs)
     result = dict(dtype=str(clap.dtype).removeprefix("torch."), reason=clap.dtype_reason, pipe_wps=float(np.median(pipes)),
-                  ours_wps=float(np.median(ours)), enc_wps=float(np.median(enc)), diff=diff, spread=spread, relative=relative)
+                  ours_wps=float(np.median(ours)), enc_wps=float(np.median(enc)), diff=diff, spread=spread, relative=relative,
+                  engine=engine, precision=precision, load_s=load_s,
+                  converted=bool(getattr(clap.encoder, "converted", False)))
     return clap, path, result
+
+
+def installed_engines(requested: str | None) -> list[str]:
+    """The engines to compare with torch: those asked for, or every one installed here."""
+    from monitord.inference.engines import ENGINES, PACKAGE, _importable
+
+    names = [e.strip() for e in requested.split(",")] if requested else [e for e in ENGINES if e != "torch"]
+    unknown = [e for e in names if e not in ENGINES]
+    if unknown:
+        raise SystemExit(f"bench: unknown engine(s) {', '.join(unknown)}; choose from {', '.join(ENGINES)}")
+    chosen = []
+    for engine in names:
+        if engine == "torch":
+            continue
+        if _importable(PACKAGE[engine]) is not None:
+            print(f"bench: {engine} is not installed (pip install 'monitord[{engine}]'): left out")
+            continue
+        chosen.append(engine)
+    return chosen
 
 
 def main(args: argparse.Namespace) -> int:
     import torch
 
+    from monitord.config import state_dir
+    from monitord.inference.engine_cache import cache_root
+
     logging.getLogger("monitord").setLevel(logging.WARNING)
+    logging.getLogger("monitord.inference.engine_cache").setLevel(logging.INFO)  # a first conversion takes minutes
     device = "cuda" if args.device == "auto" and torch.cuda.is_available() else ("cpu" if args.device == "auto" else args.device)
     n_pipe = args.pipeline_windows or (4 if args.quick else 16)
     n_ours = args.windows or (32 if args.quick else 96)
-    rounds = 2 if args.quick else 3
-    live_s = 6.0 if args.quick else 30.0
+    rounds = args.rounds or (2 if args.quick else 3)
+    live_s = args.live_seconds or (6.0 if args.quick else 30.0)
+    engines = installed_engines(args.engines) if device == "cpu" else []
     windows = make_windows(max(n_pipe, n_ours))
     began = time.perf_counter()
     rss_start = rss_mb()
     model, processor = build_model(args.model, device)
     rss_full = rss_mb()
+    # a checkpoint's conversions are cached where the daemon caches them; the random model's in the state directory
+    engine_cache = cache_root(args.model) if args.model else state_dir() / "engine-cache" / "bench-clap-htsat-unfused-random"
     rows: list[tuple[str, Any]] = []
-    pairs: dict[str, dict[str, Any]] = {}
+    variants: list[dict[str, Any]] = []
     with tempfile.TemporaryDirectory() as scratch:
         workdir = Path(scratch)
         precisions = ["float32", args.dtype] if args.dtype != "float32" else ["float32"]
-        for precision in precisions:
-            clap, path, result = measure_pair(model, processor, precision, windows, n_pipe, n_ours, rounds, args.batch,
-                                              device, workdir)
-            pairs[precision] = result
-            if precision != precisions[-1]:
-                path.close()
-                del clap, path
-                gc.collect()
+        plan = [("torch", p) for p in precisions] + [(engine, args.dtype) for engine in engines]
+        left_out: list[str] = []
+        for engine, precision in plan:
+            try:
+                clap, path, result = measure_pair(model, processor, precision, windows, n_pipe, n_ours, rounds, args.batch,
+                                                  device, workdir, engine=engine, engine_cache=engine_cache)
+            except EngineNotLoaded as exc:  # reported, not fatal: the other engines still compare
+                left_out.append(str(exc))
                 continue
-            # the default precision: live streams, a slow log, memory
-            estimate = int(result["ours_wps"])
-            streams, trials = realtime_streams(path, windows, estimate, live_s)
-            result.update(streams=streams, trials=trials)
+            variants.append(result)
             path.close()
-            # a rule per label at its median: thresholds the windows keep crossing, so events every few windows
-            medians = {label: float(np.median([path.probabilities[w.start_index][label] for w in windows[:n_ours]]))
-                       for label in LABELS}
-            fast = WorkerPath(clap, workdir / "fast-log", thresholds=medians, fsync=True)
-            slow = WorkerPath(clap, workdir / "slow-log", thresholds=medians, fsync=True)
-            SlowLog(slow, 0.05)
-            fast_wps, slow_wps = [], []
-            for _ in range(rounds):
-                fast_wps.append(fast.throughput(windows[:n_ours]))
-                slow_wps.append(slow.throughput(windows[:n_ours]))
-            logged_slow = slow.logged()
-            fast.close()
-            slow.close()
-            result.update(fast_log=float(np.median(fast_wps)), slow_log=float(np.median(slow_wps)), logged_slow=logged_slow)
-            del model
+            del clap, path
             gc.collect()
-            result["rss_audio_only"] = rss_mb()
-            del clap, path, fast, slow
-            gc.collect()
+        torch_default = [v for v in variants if v["engine"] == "torch"][-1]
+        best = max(variants[len(precisions) - 1:], key=lambda v: v["ours_wps"])  # torch in its default precision, or an engine
+        # the best path again (cached, so no conversion): live streams, a slow log, memory
+        clap, _ = build_clap(model, processor, best["precision"], best["engine"], args.batch, device, engine_cache)
+        path = WorkerPath(clap, workdir / "best")
+        path.throughput(windows[: 2 * args.batch])
+        estimate = int(best["ours_wps"])
+        streams, trials = realtime_streams(path, windows, estimate, live_s)
+        probabilities = path.probabilities
+        path.close()
+        # a rule per label at its median: thresholds the windows keep crossing, so events every few windows
+        medians = {label: float(np.median([probabilities[w.start_index][label] for w in windows[: 2 * args.batch]]))
+                   for label in LABELS}
+        fast = WorkerPath(clap, workdir / "fast-log", thresholds=medians, fsync=True)
+        slow = WorkerPath(clap, workdir / "slow-log", thresholds=medians, fsync=True)
+        SlowLog(slow, 0.05)
+        fast_wps, slow_wps = [], []
+        for _ in range(rounds):
+            fast_wps.append(fast.throughput(windows[:n_ours]))
+            slow_wps.append(slow.throughput(windows[:n_ours]))
+        logged_slow = slow.logged()
+        fast.close()
+        slow.close()
+        del model
+        gc.collect()
+        rss_best = rss_mb()
+        del clap, path, fast, slow
+        gc.collect()
     capture_us, overflows = capture_cost(blocks=5000 if args.quick else 20000)
     peak_rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
-    fp32, default = pairs["float32"], pairs[precisions[-1]]
-    headline = default["ours_wps"] / fp32["pipe_wps"]
-    same = default["ours_wps"] / default["pipe_wps"]
+    fp32 = variants[0]
+    headline = best["ours_wps"] / fp32["pipe_wps"]
+    same = best["ours_wps"] / best["pipe_wps"]
+    torch_encoder = max(v["enc_wps"] for v in variants if v["engine"] == "torch")
+    float32_diff = max(v["relative"] for v in variants if v["dtype"] == "float32")
     rows.append(("device", f"{device} ({torch.get_num_threads()} torch threads)"))
     rows.append(("model", args.model or "clap-htsat-unfused architecture, random weights"))
     rows.append(("windows", f"{n_pipe} through the pipeline, {n_ours} through monitord, 2 s at 48 kHz, {len(LABELS)} labels; "
                             f"{rounds} interleaved rounds, medians"))
-    for precision, r in pairs.items():
-        rows.append((f"-- {precision} -> {r['dtype']}", r["reason"]))
-        rows.append(("1 pipeline, one window per call", f"{r['pipe_wps']:8.2f} windows/s"))
+    rows.append(("engines", ", ".join(["torch", *engines]) + ("" if device == "cpu" else " (other engines run on the CPU only)")))
+    for reason in left_out:
+        rows.append(("   left out", reason))
+    for r in variants:
+        rows.append((f"-- {r['engine']} {r['precision']} -> {r['dtype']}", r["reason"]))
+        if r["engine"] != "torch":
+            rows.append(("   load", f"{r['load_s']:.1f} s ({'converted, now cached' if r['converted'] else 'from the cache'})"))
+        rows.append((f"1 pipeline ({r['dtype']}), one window per call", f"{r['pipe_wps']:8.2f} windows/s"))
         rows.append((f"2 bare audio encoder, batch {args.batch}", f"{r['enc_wps']:8.2f} windows/s"))
         rows.append(("3 monitord window -> event", f"{r['ours_wps']:8.2f} windows/s"))
         rows.append(("   3/1 same precision", f"{r['ours_wps'] / r['pipe_wps']:8.2f} x"))
         rows.append(("   3/2 efficiency vs encoder", f"{r['ours_wps'] / r['enc_wps']:8.2f}"))
+        rows.append(("   3 vs torch's best bare encoder", f"{r['ours_wps'] / torch_encoder:8.2f}"))
         rows.append(("   max |p(3) - p(1)| / spread across windows", f"{r['diff']:.2e} / {r['spread']:.2e} = {r['relative']:.2e}"))
-    rows.append((f"monitord {default['dtype']} vs pipeline float32 (the headline)", f"{headline:8.2f} x"))
-    if default is not fp32:
-        rows.append((f"   {default['dtype']}: its difference is rounding against how little a random model's outputs move",
-                     "(relative error is meaningful in float32, where both compute the same thing)"))
-    rows.append((f"live streams at hop 1 s, run {live_s:g} s each", "; ".join(default["trials"])))
+    rows.append(("best path (live runs, logs, memory below)", f"{best['engine']} {best['dtype']}"))
+    rows.append((f"monitord {best['engine']} {best['dtype']} vs pipeline float32 (the headline)", f"{headline:8.2f} x"))
+    rows.append((f"monitord {best['engine']} vs torch {torch_default['dtype']} window -> event",
+                 f"{best['ours_wps'] / torch_default['ours_wps']:8.2f} x"))
+    rows.append(("   below float32, a difference is rounding against how little a random model's outputs move",
+                 "(relative error is meaningful in float32, where both compute the same thing)"))
+    rows.append((f"live streams at hop 1 s, run {live_s:g} s each", "; ".join(trials)))
     rows.append(("inference with an fsynced log on a 50 ms disk / a fast one",
-                 f"{default['slow_log']:.2f} / {default['fast_log']:.2f} windows/s = {default['slow_log'] / default['fast_log']:.2f} "
-                 f"({default['logged_slow']} events went through the slow log)"))
-    rows.append(("RSS: imports / full model loaded / audio tower only",
-                 f"{rss_start:.0f} / {rss_full:.0f} / {default['rss_audio_only']:.0f} MB (peak {peak_rss:.0f} MB)"))
+                 f"{float(np.median(slow_wps)):.2f} / {float(np.median(fast_wps)):.2f} windows/s = "
+                 f"{float(np.median(slow_wps)) / float(np.median(fast_wps)):.2f} ({logged_slow} events went through the slow log)"))
+    rows.append(("RSS: imports / full model loaded / best path only",
+                 f"{rss_start:.0f} / {rss_full:.0f} / {rss_best:.0f} MB (peak {peak_rss:.0f} MB)"))
     rows.append(("capture callback, 480-frame stereo block", f"{capture_us:.1f} us per block, {overflows} overflows"))
     rows.append(("bench wall time", f"{time.perf_counter() - began:.1f} s"))
     width = max(len(k) for k, _ in rows)
     for key, value in rows:
         print(f"{key:<{width}}  {value}")
-    print(f"speedup_vs_pipeline={headline:.2f} speedup_same_precision={same:.2f} "
-          f"efficiency_vs_encoder={default['ours_wps'] / default['enc_wps']:.2f} max_prob_diff={fp32['relative']:.2e} "
-          f"realtime_streams_hop1={default['streams']}")
+    print(f"engine={best['engine']} speedup_vs_pipeline={headline:.2f} speedup_same_precision={same:.2f} "
+          f"efficiency_vs_encoder={best['ours_wps'] / best['enc_wps']:.2f} vs_torch_encoder={best['ours_wps'] / torch_encoder:.2f} "
+          f"max_prob_diff={float32_diff:.2e} realtime_streams_hop1={streams}")
     return 0
 
 
@@ -392,4 +458,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--batch", type=int, default=8, help="batch_max of monitord's worker")
     parser.add_argument("--windows", type=int, help="windows through monitord's path")
     parser.add_argument("--pipeline-windows", type=int, help="windows through the pipeline")
+    parser.add_argument("--engines", help="comma-separated engines to compare with torch (default: every one installed)")
+    parser.add_argument("--rounds", type=int, help="interleaved rounds (default 3, 2 with --quick)")
+    parser.add_argument("--live-seconds", type=float, help="seconds each live-streams trial runs (default 30, 6 with --quick)")
 

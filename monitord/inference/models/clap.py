@@ -18,27 +18,35 @@ import numpy as np
 from monitord.config import ClapModelConfig
 from monitord.inference.models.base import ModelBase
 from monitord.inference.models.clap_features import ClapFeatures
-from monitord.inference.models.loading import TorchPlacement, load_pretrained, pick_device
+from monitord.inference.engines import encoder_for, engine_device
+from monitord.inference.models.encoders import clap_audio_spec
+from monitord.inference.models.loading import TorchPlacement, load_pretrained
 from monitord.types import Scores, Window, frozen_mapping
 
 log = logging.getLogger(__name__)
+
+LABELS_PER_PASS = 256
+"""Label prompts embedded by one pass of the text tower (its activations grow with them: 100000
+labels at once would take gigabytes)."""
 
 
 class ClapZeroShot(TorchPlacement, ModelBase):
     """``score(windows)`` -> label probabilities per window, batched."""
 
-    def __init__(self, name: str, config: ClapModelConfig, model=None, processor=None):
+    def __init__(self, name: str, config: ClapModelConfig, model=None, processor=None, engine_cache=None):
         """Loads ``config.model`` unless a loaded ClapModel and ClapProcessor are given
-        (the benchmark shares one full-size random model with the pipeline)."""
+        (the benchmark shares one full-size random model with the pipeline). ``engine_cache``: where
+        an engine's converted model is kept, instead of beside the model (the benchmark's random one)."""
         import torch
         from transformers import ClapModel, ClapProcessor
 
         self._torch = torch
         super().__init__(name, config)
         self.model_id = config.model
+        self.note_weights(config.model)  # before reading them: a change while they are read shows on SIGHUP
         self.labels = config.labels
         self.prompt = config.prompt
-        self.device = pick_device(config.device)
+        self.device = engine_device(config)
 
         self.processor = processor or load_pretrained(ClapProcessor, config.model, "CLAP processor")
         model = (model or load_pretrained(ClapModel, config.model, "CLAP model")).to(self.device).eval()
@@ -47,16 +55,26 @@ class ClapZeroShot(TorchPlacement, ModelBase):
         self.torch_features = ClapFeatures(self.feature_extractor, self.device)
         self.logit_scale = float(model.logit_scale_a.detach().exp())
         self.text_embeddings = self._embed_labels(self.labels, model)
-        # Once the prompts are embedded only the audio side is needed (a third of the weights).
-        self.audio_model = model.audio_model
-        self.audio_projection = model.audio_projection
+        # The audio tower on another engine (torch where none): converted once, then cached.
+        self.encoder = encoder_for(name, config, self.device, lambda: clap_audio_spec(
+            model.audio_model, model.audio_projection, model.config, config.model, self.torch_features.frames,
+            int(self.feature_extractor.feature_size)), engine_cache)
+        self.engine = "torch" if self.encoder is None else self.encoder.engine
+        # Once the prompts are embedded only the audio side is needed (a third of the weights); with
+        # another engine, not even that.
+        self.audio_model = model.audio_model if self.encoder is None else None
+        self.audio_projection = model.audio_projection if self.encoder is None else None
         del model
-        features, is_longer = self.torch_features(np.zeros((2, self.sample_rate * 2), dtype=np.float32))
-        self.place(config.dtype, lambda: self._encode(features, is_longer))
-        log.info("model %s: CLAP %s on %s, %s (%s), %d labels", name, self.model_id, self.device, self.dtype, self.dtype_reason, len(self.labels))
+        if self.encoder is None:
+            features, is_longer = self.torch_features(np.zeros((2, self.sample_rate * 2), dtype=np.float32))
+            self.place(config.dtype, lambda: self._encode(features, is_longer))
+        else:
+            self.dtype, self.dtype_reason = getattr(torch, self.encoder.precision), f"{self.engine}: {self.encoder.reason}"
+        log.info("model %s: CLAP %s on %s, %s, %s (%s), %d labels", name, self.model_id, self.device, self.engine, self.dtype,
+                 self.dtype_reason, len(self.labels))
 
     def torch_modules(self) -> list:
-        return [self.audio_model, self.audio_projection]
+        return [m for m in (self.audio_model, self.audio_projection) if m is not None]
 
     def _moved_to_cpu(self) -> None:
         self.text_embeddings = self.text_embeddings.to("cpu")
@@ -89,10 +107,15 @@ class ClapZeroShot(TorchPlacement, ModelBase):
         """L2-normalised text embeddings of the label prompts (float32, on the model's device)."""
         torch = self._torch
         prompts = [(prompt or self.prompt).format(label=label) for label in labels]
-        tokens = self.processor.tokenizer(prompts, padding=True, return_tensors="pt").to(self.device)
-        with torch.inference_mode():
-            out = model.get_text_features(**tokens)
-        return out.pooler_output.float()
+        # truncated to what the text tower has positions for: a longer label (a config's, or one typed
+        # into the try-it panel) would otherwise index past them and fail the load, a reload or the request
+        parts = []
+        for i in range(0, len(prompts), LABELS_PER_PASS):  # the text tower's memory grows with the labels at once
+            tokens = self.processor.tokenizer(prompts[i : i + LABELS_PER_PASS], padding=True, truncation=True,
+                                              return_tensors="pt").to(self.device)
+            with torch.inference_mode():
+                parts.append(model.get_text_features(**tokens).pooler_output.float())
+        return parts[0] if len(parts) == 1 else torch.cat(parts)
 
     def features(self, windows: Sequence[Window]):
         """(input_features, is_longer) for a batch of windows, each independent of its batch-mates.
@@ -115,6 +138,8 @@ class ClapZeroShot(TorchPlacement, ModelBase):
     def _encode(self, input_features, is_longer):
         """Normalised audio embeddings (float32) from features: ``get_audio_features`` without the text tower."""
         torch = self._torch
+        if self.encoder is not None:
+            return torch.from_numpy(self.encoder(input_features.float().cpu().numpy())[0])
         with torch.inference_mode():
             out = self.audio_model(input_features=input_features.to(self.device, self.dtype), is_longer=is_longer.to(self.device))
             embeddings = self.audio_projection(out.pooler_output)

@@ -19,7 +19,9 @@ import numpy as np
 
 from monitord.config import EMOTIONS, EmotionModelConfig
 from monitord.inference.models.base import ModelBase
-from monitord.inference.models.loading import TorchPlacement, load_pretrained, pick_device
+from monitord.inference.engines import encoder_for, engine_device
+from monitord.inference.models.encoders import emotion_spec
+from monitord.inference.models.loading import TorchPlacement, load_pretrained
 from monitord.types import FrameScores, Scores, Window, frozen_mapping
 
 log = logging.getLogger(__name__)
@@ -51,17 +53,19 @@ def map_label(label: str, label_map: dict[str, str]) -> str:
 class EmotionClassifier(TorchPlacement, ModelBase):
     labels = EMOTIONS
 
-    def __init__(self, name: str, config: EmotionModelConfig, model=None, extractor=None):
+    def __init__(self, name: str, config: EmotionModelConfig, model=None, extractor=None, engine_cache=None):
         import torch
         from transformers import AutoFeatureExtractor, AutoModelForAudioClassification
 
         self._torch = torch
         super().__init__(name, config)
         self.model_id = config.model
-        self.device = pick_device(config.device)
+        self.note_weights(config.model)  # before reading them: a change while they are read shows on SIGHUP
+        self.device = engine_device(config)
         self.extractor = extractor or load_pretrained(AutoFeatureExtractor, config.model, "emotion feature extractor")
         self.model = (model or load_pretrained(AutoModelForAudioClassification, config.model, "emotion model")).to(self.device).eval()
         self.sample_rate = int(self.extractor.sampling_rate)
+        self.architecture = type(self.model).__name__
         id2label = self.model.config.id2label
         self.checkpoint_labels = [id2label[i] for i in range(len(id2label))]
         mapped = [map_label(label, config.label_map) for label in self.checkpoint_labels]
@@ -74,13 +78,24 @@ class EmotionClassifier(TorchPlacement, ModelBase):
             from monitord.inference.models.frame_head import attach
 
             self._tap, self.frame_geometry = attach(self.model, name, self.sample_rate)
-        silent = np.zeros((2, self.sample_rate * 2), dtype=np.float32)
-        self.place(config.dtype, lambda: self._forward(silent))
-        log.info("model %s: emotion %s on %s, %s (%s); labels %s", name, self.model_id, self.device, self.dtype,
-                 self.dtype_reason, self.mapping)
+        self.encoder = encoder_for(name, config, self.device, self._engine_spec, engine_cache)
+        self.engine = "torch" if self.encoder is None else self.encoder.engine
+        if self.encoder is None:
+            silent = np.zeros((2, self.sample_rate * 2), dtype=np.float32)
+            self.place(config.dtype, lambda: self._forward(silent))
+        else:
+            self.model = None  # the engine holds its own copy of the weights
+            self.dtype, self.dtype_reason = getattr(torch, self.encoder.precision), f"{self.engine}: {self.encoder.reason}"
+        log.info("model %s: emotion %s on %s, %s, %s (%s); labels %s", name, self.model_id, self.device, self.engine,
+                 self.dtype, self.dtype_reason, self.mapping)
+
+    def _engine_spec(self):
+        if self._tap is not None:
+            raise ValueError("frame scores (granularity: frame) are read inside the torch pass: torch only")
+        return emotion_spec(self.model, self.model_id, self.sample_rate)
 
     def torch_modules(self) -> list:
-        return [self.model]
+        return [self.model] if self.model is not None else []
 
     def _moved_to_cpu(self) -> None:
         self._index = self._index.to("cpu")
@@ -90,6 +105,9 @@ class EmotionClassifier(TorchPlacement, ModelBase):
         probabilities or None), float32."""
         torch = self._torch
         inputs = self.extractor(list(audio), sampling_rate=self.sample_rate, return_tensors="pt", return_attention_mask=False)
+        if self.encoder is not None:
+            logits, pooled = self.encoder(inputs["input_values"].numpy())
+            return torch.from_numpy(logits).softmax(dim=-1), torch.from_numpy(pooled), None
         with torch.inference_mode():
             out = self.model(inputs["input_values"].to(self.device, self.dtype), output_hidden_states=True)
             frames = self._tap.logits().softmax(dim=-1) if self._tap is not None else None
