@@ -263,6 +263,35 @@ def load_client_curve(server_public_file: str, client_secret_file: str) -> dict:
     return {"server": server_public, "public": public, "secret": secret}
 
 
+def cmd_teach(args: argparse.Namespace) -> int:
+    config = _load(args.config)
+    if config is None:
+        return EXIT_USAGE
+    from monitord.examples.bank import BankError, load
+    from monitord.inference.models import ModelUnavailable
+    from monitord.tools.classify import AudioFileError
+    from monitord.tools.teach import TeachError, forget, listing, teach
+
+    try:
+        if args.list:
+            print(listing(load(args.bank)))
+            return EXIT_OK
+        if args.forget:
+            bank = forget(Path(args.bank), args.forget)
+            print(json.dumps({"bank": args.bank, "forgotten": args.forget, "examples": len(bank)}))
+            return EXIT_OK
+        if (args.label is None) == (args.not_rule is None):
+            return _fail("give --label NAME (your own sound) or --not RULE (a false alarm), or --list / --forget ID")
+        if sum(x is not None and x != [] for x in (args.files, args.from_clip, args.from_event)) != 1:
+            return _fail("give one of --files FILE..., --from-clip PATH, --from-event SEQ")
+        if args.label is not None and not args.files:
+            return _fail("--label takes --files")
+        print(json.dumps(teach(config, args)))
+    except (BankError, TeachError, ModelUnavailable, AudioFileError, ValueError) as exc:
+        return _fail(str(exc))
+    return EXIT_OK
+
+
 def cmd_enroll(args: argparse.Namespace) -> int:
     config = _load(args.config)
     if config is None:
@@ -454,6 +483,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--k", type=int, default=5, help="nearest neighbours")
     p.add_argument("--out", required=True, help="the bank to write (.npz)")
     p.set_defaults(func=cmd_enroll)
+
+    p = sub.add_parser("teach", help="teach by example: your own sounds (--label) or a rule's false alarms (--not)")
+    p.add_argument("-c", "--config", required=True)
+    p.add_argument("--bank", required=True, help="the bank (.npz) to add to, list or forget from")
+    what = p.add_mutually_exclusive_group()
+    what.add_argument("--label", help="teach these files as the label NAME")
+    what.add_argument("--not", dest="not_rule", metavar="RULE", help="teach a false alarm of RULE")
+    what.add_argument("--list", action="store_true", help="list the bank's examples")
+    what.add_argument("--forget", nargs="+", type=int, metavar="ID", help="remove examples by id")
+    p.add_argument("--files", nargs="+", metavar="FILE", help="recordings (or folders): every window passing the gate")
+    p.add_argument("--from-clip", metavar="PATH", help="an alert clip: its alerting window (clips.pre_s into it)")
+    p.add_argument("--from-event", type=int, metavar="SEQ", help="a logged alert event: the alerting window of its clip")
+    p.add_argument("--model", help="the model whose embeddings are taught (default: the bank's or the rule's)")
+    p.set_defaults(func=cmd_teach)
 
     p = sub.add_parser("eval", help="precision/recall/F1, confusion, latency, false alarms, AUC/pAUC on labelled audio")
     p.add_argument("data", help="a folder with one subfolder per label, or a CSV file,label[,onset]")

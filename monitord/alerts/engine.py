@@ -17,7 +17,7 @@ or clocks involved, so every behaviour is testable on hand-made sequences:
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterable
+from collections.abc import Collection, Iterable
 from dataclasses import dataclass, field
 from typing import Literal
 
@@ -101,8 +101,10 @@ class AlertEngine:
         self._params = {rule.id: RuleParams.from_config(rule) for rule in self.rules}
         self._missing_warned: set[tuple[str, str]] = set()
 
-    def observe(self, source: str, outcome: Outcome, t: float) -> list[Transition]:
-        """One model's outcome for one window of ``source`` ending at stream time ``t``."""
+    def observe(self, source: str, outcome: Outcome, t: float, suppressed: Collection[str] = ()) -> list[Transition]:
+        """One model's outcome for one window of ``source`` ending at stream time ``t``; rules in
+        ``suppressed`` (the window is like one of their taught false alarms) take it as a window
+        below both levels: it can end their alert, never start one."""
         if outcome.verdict is Verdict.SCORED:
             probabilities = outcome.scores.probabilities if outcome.scores is not None else {}
         elif not outcome.verdict.ends_alerts:
@@ -119,6 +121,8 @@ class AlertEngine:
                 if score is None:  # labels changed under the rule: no evidence, rather than a crash
                     self._warn_missing(rule, outcome.model)
                     continue
+            if rule.id in suppressed:
+                score = None
             key = (rule.id, source)
             state, phase = step(self.states.get(key, RuleState()), self._params[rule.id], score, t)
             self.states[key] = state
@@ -137,6 +141,11 @@ class AlertEngine:
                 rule = next(r for r in self.rules if r.id == rule_id)
                 fired.append(Transition(rule, "offset", 0.0, reason, rule_source))
         return fired
+
+    def would_start(self, rule_id: str, source: str, score: float, t: float) -> bool:
+        """Whether this score, at ``t``, would raise the rule's onset now (read only: nothing is stepped)."""
+        _, phase = step(self.states.get((rule_id, source), RuleState()), self._params[rule_id], score, t)
+        return phase == "onset"
 
     def active(self) -> list[tuple[str, str]]:
         """(rule, source) pairs with an alert on."""

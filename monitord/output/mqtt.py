@@ -96,6 +96,19 @@ class Topics:
     def level(self, source: str) -> str:
         return f"{self.prefix}/{source}/level"
 
+    @property
+    def feedback(self) -> str:
+        """The command topics feedback arrives on (``<prefix>/<source>/<rule>/feedback``), as a subscription."""
+        return f"{self.prefix}/+/+/feedback"
+
+    def feedback_pair(self, topic: str) -> tuple[str, str] | None:
+        """(source, rule) of a feedback command topic of ours; None for any other topic."""
+        head = f"{self.prefix}/"
+        if not topic.startswith(head) or not topic.endswith("/feedback"):
+            return None
+        parts = topic[len(head):-len("/feedback")].split("/")
+        return (parts[0], parts[1]) if len(parts) == 2 and (parts[0], parts[1]) in self.pairs else None
+
     def device(self) -> dict[str, Any]:
         return {"ids": [self.node], "name": f"monitord {self.host}", "mf": "monitord", "mdl": "audio monitor",
                 "sw": self.version}
@@ -211,8 +224,12 @@ class MqttSink:
         return self._thread is not None and self._thread.is_alive()
 
     def __init__(self, config: MqttConfig, topics: Topics, event_log: EventLog | None, status: StatusCallback,
-                 state_path: Path | None = None, client_factory: Callable[[], Any] | None = None):
+                 state_path: Path | None = None, client_factory: Callable[[], Any] | None = None,
+                 feedback: Callable[..., dict] | None = None):
         self.config = config
+        self.feedback = feedback
+        """``feedback(seq, verdict, via, expect=(source, rule))`` (the daemon's): commands on the feedback topics."""
+        self._feedback_pool: Any = None
         self.topics = topics
         self.event_log = event_log
         self.status = status
@@ -385,6 +402,8 @@ class MqttSink:
             self._went_down(f"cannot set up the MQTT client for {where}: {exc}")
             return False
         client.on_connect, client.on_disconnect, client.on_publish = on_connect, on_disconnect, on_publish
+        if self.feedback is not None:
+            client.on_message = self._on_message
         try:
             client.connect(self.config.host, self.config.port, keepalive=self.config.keepalive_s)
         except (OSError, ValueError) as exc:
@@ -411,6 +430,8 @@ class MqttSink:
         self._acks.clear()
         self._backlog.clear()
         self._publish(self.topics.availability, "online", retain=True)
+        if self.feedback is not None:
+            client.subscribe(self.topics.feedback, qos=1)
         self._take_new_rules(publish=False)  # a reload while the broker was away: no old entity comes back
         self._publish_retained()
         self.connected.set()
@@ -544,6 +565,49 @@ class MqttSink:
         log.error("mqtt: %s", detail)
         self.status("daemon", "mqtt_gap", detail, sink="mqtt", first_seq=first, last_seq=last)
 
+    def _on_message(self, client, userdata, message) -> None:
+        """A feedback command (paho's network thread): checked here, applied on a thread of its own
+        (embedding waits for the inference thread); the answer goes to ``<topic>/result``."""
+        from monitord.examples.feedback import MAX_REQUEST_BYTES, FeedbackError, parse_request
+
+        pair = self.topics.feedback_pair(message.topic)
+        if pair is None:
+            log.warning("mqtt: ignored a message on %r: not the feedback topic of a source and rule of this host", message.topic)
+            return
+        if message.retain:
+            log.warning("mqtt: ignored a retained feedback message on %s (feedback is a command: send it unretained)", message.topic)
+            return
+        try:
+            seq, verdict = parse_request(bytes(message.payload[: MAX_REQUEST_BYTES + 1]))
+        except FeedbackError as exc:
+            log.warning("mqtt: ignored feedback on %s: %s", message.topic, exc)
+            self._answer(client, message.topic, {"error": str(exc)})
+            return
+        if self._feedback_pool is None:
+            from concurrent.futures import ThreadPoolExecutor
+
+            self._feedback_pool = ThreadPoolExecutor(1, thread_name_prefix="mqtt-feedback")
+        self._feedback_pool.submit(self._apply_feedback, client, message.topic, seq, verdict, pair)
+
+    def _apply_feedback(self, client, topic: str, seq: int, verdict: str, pair: tuple[str, str]) -> None:
+        from monitord.examples.feedback import FeedbackError
+
+        try:
+            answer = self.feedback(seq, verdict, "mqtt", expect=pair)
+        except FeedbackError as exc:
+            log.warning("mqtt: feedback on %s (seq %d) not applied: %s", topic, seq, exc)
+            answer = {"seq": seq, "verdict": verdict, "error": str(exc)}
+        except Exception as exc:  # noqa: BLE001 - the pool's thread must live on
+            log.exception("mqtt: feedback on %s (seq %d) failed", topic, seq)
+            answer = {"seq": seq, "verdict": verdict, "error": f"failed: {exc!r}"}
+        self._answer(client, topic, answer)
+
+    def _answer(self, client, topic: str, answer: dict) -> None:
+        try:
+            client.publish(f"{topic}/result", json.dumps(answer, separators=(",", ":")), qos=0)
+        except (RuntimeError, ValueError, OSError) as exc:
+            log.warning("mqtt: feedback answer on %s/result not sent: %s", topic, exc)
+
     def _take_acks(self) -> None:
         cleared = False
         while self._acks:
@@ -600,13 +664,16 @@ class MqttSink:
             client.disconnect()
             client.loop_stop()
         self.connected.clear()
+        if self._feedback_pool is not None:
+            self._feedback_pool.shutdown(wait=False, cancel_futures=True)
         self._save_state(force=True)
         if self.acked_seq < self.latest_seq:
             log.info("mqtt: stopping with events %d-%d not yet acknowledged; they are sent at the next start",
                      self.acked_seq + 1, self.latest_seq)
 
 
-def build_mqtt_sink(config: Config, host: str, event_log: EventLog | None, status: StatusCallback) -> MqttSink:
+def build_mqtt_sink(config: Config, host: str, event_log: EventLog | None, status: StatusCallback,
+                    feedback: Callable[..., dict] | None = None) -> MqttSink:
     from importlib.metadata import PackageNotFoundError, version
 
     try:
@@ -616,4 +683,4 @@ def build_mqtt_sink(config: Config, host: str, event_log: EventLog | None, statu
     mqtt = config.publish.mqtt
     assert mqtt is not None
     topics = Topics(mqtt, host, source_rule_pairs(config), [s.id for s in config.sources], monitord_version)
-    return MqttSink(mqtt, topics, event_log, status, state_path_for(config.publish.event_log))
+    return MqttSink(mqtt, topics, event_log, status, state_path_for(config.publish.event_log), feedback=feedback)

@@ -145,18 +145,48 @@ def _classifier_report(config: Config, model_name: str, model, per_file) -> dict
         "unscored_files": [str(e.path) for e in unscored],
         "false_alarms_per_hour": (false_alarms / (background_seconds / 3600.0)) if background_seconds else None,
         "background_seconds": background_seconds,
+        "rules": _rules_report(rules, model_name, per_file),
     }
 
 
-def _onsets(rules, model_name: str, rows) -> list[tuple[Any, float]]:
-    """(rule, stream time) of each onset the alert engine raises over one file's windows."""
+def _rules_report(rules, model_name: str, per_file) -> dict[str, Any]:
+    """Per rule: the files of its label on which it raised an onset, and its false alarms per hour on
+    background files; for a rule with ``not_like``, also both without its bank (taught false alarms)."""
+    from monitord.examples.suppress import NotLike
+
+    report: dict[str, Any] = {}
+    for rule in rules:
+        variants = {"with_bank": NotLike(), "without_bank": None} if rule.not_like is not None else {"as_is": None}
+        entry: dict[str, Any] = {"label": rule.label}
+        for name, not_like in variants.items():
+            detected = files = false_alarms = 0
+            seconds = 0.0
+            for example, rows in per_file:
+                onsets = _onsets((rule,), model_name, rows, not_like)
+                if example.label == BACKGROUND:
+                    seconds += rows[-1].window.stream_end if rows else 0.0
+                    false_alarms += len(onsets)
+                elif example.label == rule.label:
+                    files += 1
+                    detected += bool(onsets)
+            figures = {"events_detected": detected, "event_files": files,
+                       "false_alarms_per_hour": false_alarms / (seconds / 3600.0) if seconds else None}
+            entry.update(figures if name == "as_is" else {name: figures})
+        report[rule.id] = entry
+    return report
+
+
+def _onsets(rules, model_name: str, rows, not_like=None) -> list[tuple[Any, float]]:
+    """(rule, stream time) of each onset the alert engine raises over one file's windows; with
+    ``not_like`` (a NotLike), windows like a rule's taught false alarms do not count for it."""
     engine = AlertEngine(rules)
     out = []
     for r in rows:
         t = r.window.stream_end
         for outcome in r.scored.outcomes:
             if outcome.model == model_name:
-                out += [(f.rule, t) for f in engine.observe(r.window.source, outcome, t) if f.phase == "onset"]
+                suppressed = not_like.matches(rules, outcome.scores) if not_like is not None else ()
+                out += [(f.rule, t) for f in engine.observe(r.window.source, outcome, t, suppressed) if f.phase == "onset"]
     return out
 
 

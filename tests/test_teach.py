@@ -1,0 +1,521 @@
+"""Teaching by example (issue #19): banks, the examples model, rules' taught false alarms, ``monitord teach``.
+
+Real recordings from ../shared/audio and the YAMNet shipped with monitord; tests that need the
+recordings skip (CI: fail) where ../shared is absent."""
+
+from __future__ import annotations
+
+import json
+import os
+import stat
+import subprocess
+import sys
+import time
+import zipfile
+from pathlib import Path
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from monitord.cli import main
+from monitord.config import load_config
+from monitord.examples.bank import Bank, BankError, BankFile, Embedder, load, negative, save
+from monitord.examples.knn import calibrate
+from monitord.examples.suppress import NotLike, nearest_negative
+from monitord.inference.models.yamnet import BUILTIN_FILE, EMBEDDING_TENSOR, frame_levels, mean_embedding
+from tests.conftest import AUDIO, REPO, free_port, shared_path
+
+YAM = Embedder("yamnet:builtin", 1024, 16000, 2.0)
+THUNDER = AUDIO / "thunder" / "thunder.wav"
+THUNDER_OTHER = AUDIO / "thunder" / "esc50_thunder_3-144891-B-19.wav"
+APPLAUSE = AUDIO / "applause" / "applause.wav"
+NON_SPEECH = ["alarm_clock", "applause", "birds", "car_horn", "cat", "cheering", "coughing", "engine",
+              "keyboard_typing", "rain", "snoring", "thunder", "train"]
+
+
+def unit(rows: np.ndarray) -> np.ndarray:
+    return (rows / np.linalg.norm(rows, axis=-1, keepdims=True)).astype(np.float32)
+
+
+def a_bank(n: int = 6, seed: int = 0) -> Bank:
+    rng = np.random.default_rng(seed)
+    bank = Bank.empty(YAM).add(rng.random((n, 1024)), "glass", [f"file:/a.wav@{i * 0.5}" for i in range(n)])
+    return bank.add(rng.random((2, 1024)), negative("glass-break"), ["clip:/c.flac@2.000", "event:7:clip:/d.flac@2.000"])
+
+
+CONFIG = """
+sources:
+  - id: thunder
+    file: {thunder}
+  - id: applause
+    file: {applause}
+window: {{seconds: {seconds}}}
+models:
+  yam:
+    kind: yamnet
+    groups: {{loud: [Explosion, Fireworks, Applause]}}
+  taught:
+    kind: examples
+    bank: taught.npz
+    labels: [thunder, applause]
+    embedding_model: yam
+rules:
+  - id: loud
+    model: yam
+    label: loud
+    threshold: 0.5
+    not_like: {{bank: loud-not.npz, margin: 0.35}}
+publish: {{endpoint: "tcp://127.0.0.1:{port}", event_log: events.jsonl}}
+"""
+
+
+def write_config(folder: Path, seconds: float = 2.0) -> Path:
+    path = folder / "monitord.yaml"
+    path.write_text(CONFIG.format(thunder=THUNDER, applause=APPLAUSE, seconds=seconds, port=free_port()))
+    return path
+
+
+# --- the YAMNet embedding ------------------------------------------------------------------------------------------
+
+def test_yamnet_embedding_is_the_pooling_tensor_read_in_the_same_pass():
+    from ai_edge_litert.interpreter import Interpreter
+
+    from monitord.config import YamnetModelConfig
+    from monitord.inference.models.yamnet import YamnetClassifier
+
+    names = [t["name"].split(";")[0] for t in Interpreter(model_path=str(BUILTIN_FILE)).get_tensor_details()]
+    assert EMBEDDING_TENSOR in names
+    model = YamnetClassifier("yam", YamnetModelConfig(kind="yamnet"))
+    from monitord.audio import read_mono
+    from monitord.config import GateConfig, WindowConfig
+    from monitord.windowing.tiling import ModelInput, WindowCutter
+
+    samples, rate = read_mono(shared_path(APPLAUSE))
+    cutter = WindowCutter("a", rate, WindowConfig(), GateConfig(mode="always"), {"yam": ModelInput(16000)})  # as the daemon cuts
+    windows = [cutter.cut(samples[s : s + cutter.length], s, 0.0, 0.0) for s in (0, rate * 3)]
+    scores = model.score(windows)
+    frames, embeddings = model.frames(windows[0].at_rate(16000))
+    assert embeddings.shape == (len(frames), 1024) and np.all(embeddings >= 0) and embeddings.std() > 0
+    e = scores[0].embedding
+    assert e.shape == (1024,) and e.dtype == np.float32 and abs(np.linalg.norm(e) - 1) < 1e-5
+    np.testing.assert_allclose(e, mean_embedding(embeddings, frame_levels(windows[0].at_rate(16000))), atol=1e-6)
+    # the scores are those of the plain export (preserving tensors changes nothing)
+    plain = Interpreter(model_path=str(BUILTIN_FILE))
+    plain.allocate_tensors()
+    plain.set_tensor(plain.get_input_details()[0]["index"], windows[0].at_rate(16000)[:15600].astype(np.float32))
+    plain.invoke()
+    np.testing.assert_allclose(frames[0], plain.get_tensor(plain.get_output_details()[0]["index"])[0], atol=1e-6)
+    assert 1 - float(scores[0].embedding @ scores[1].embedding) < 0.3  # two windows of one applause
+
+
+def test_silent_frames_are_left_out_of_a_windows_embedding():
+    frames = np.array([[1.0, 0.0], [0.0, 1.0], [0.0, 3.0]])
+    np.testing.assert_allclose(mean_embedding(frames), unit(np.array([1.0, 4.0])))
+    np.testing.assert_allclose(mean_embedding(frames, np.array([-90.0, -20.0, -45.0])), [0.0, 1.0])  # 30 dB rule
+    np.testing.assert_allclose(mean_embedding(frames, np.array([-200.0, -200.0, -200.0])), unit(np.array([1.0, 4.0])))
+    levels = frame_levels(np.concatenate([np.zeros(16000), 0.1 * np.ones(16000)]).astype(np.float32))
+    assert len(levels) == 4 and levels[0] < -150 and levels[-1] > -21
+
+
+# --- banks ---------------------------------------------------------------------------------------------------------
+
+def test_bank_round_trip_versions_and_owner_only(tmp_path):
+    path = tmp_path / "banks" / "b.npz"
+    bank = a_bank()
+    save(bank, path)
+    back = load(path)
+    assert back.embedder == YAM and len(back) == 8 and back.next_id == 9
+    np.testing.assert_allclose(back.embeddings, bank.embeddings, atol=1e-6)
+    assert back.labels.tolist() == bank.labels.tolist() and back.sources.tolist() == bank.sources.tolist()
+    assert stat.S_IMODE(os.stat(path).st_mode) == 0o600
+    for i in range(7):
+        back = back.add(np.ones((1, 1024)), "glass", [f"file:/x.wav@{i}"])
+        save(back, path)
+    names = sorted(p.name for p in path.parent.iterdir())
+    assert names == ["b.npz", "b.npz.1", "b.npz.2", "b.npz.3", "b.npz.4", "b.npz.5"]  # nothing temporary left
+    assert len(load(path.parent / "b.npz.1")) == len(load(path)) - 1
+    assert all(stat.S_IMODE(os.stat(p).st_mode) == 0o600 for p in path.parent.iterdir())
+    forgotten = load(path).forget([1, 2])
+    assert 1 not in forgotten.ids and forgotten.add(np.ones((1, 1024)), "glass", ["x@0"]).ids[-1] == 16  # ids never reused
+    with pytest.raises(KeyError, match="no example with id 999"):
+        forgotten.forget([999])
+
+
+def test_a_bank_of_another_model_or_window_is_refused_with_a_message():
+    bank = a_bank()
+    bank.check(YAM, "here")
+    with pytest.raises(BankError, match=r"embeddings of yamnet:builtin \(1024-d\), not laion/clap"):
+        bank.check(Embedder("laion/clap-htsat-unfused", 512, 48000, 2.0), "models.x.bank")
+    with pytest.raises(BankError, match=r"2 s windows at 16000 Hz, not 1 s at 16000 Hz"):
+        bank.check(Embedder("yamnet:builtin", 1024, 16000, 1.0), "models.x.bank")
+
+
+def test_hostile_bank_files_are_clear_errors(tmp_path):
+    good = tmp_path / "good.npz"
+    save(a_bank(), good)
+    data = good.read_bytes()
+    cases = {"truncated": data[: len(data) // 2], "garbage": os.urandom(5000), "empty": b""}
+    for name, content in cases.items():
+        (tmp_path / f"{name}.npz").write_bytes(content)
+    # a valid zip whose embeddings claim a huge shape (10^9 x 1024 float32), and one with an object array
+    with zipfile.ZipFile(good) as src, zipfile.ZipFile(tmp_path / "huge.npz", "w") as dst, \
+            zipfile.ZipFile(tmp_path / "object.npz", "w") as obj:
+        for item in src.infolist():
+            content = src.read(item)
+            if item.filename == "embeddings.npy":
+                header = {"descr": "<f4", "fortran_order": False, "shape": (10**9, 1024)}
+                import io
+                buf = io.BytesIO()
+                np.lib.format.write_array_header_1_0(buf, header)
+                dst.writestr(item.filename, buf.getvalue() + b"\0" * 64)
+                buf = io.BytesIO()
+                np.lib.format.write_array_header_1_0(buf, {"descr": "|O", "fortran_order": False, "shape": (2,)})
+                obj.writestr(item.filename, buf.getvalue() + b"\0" * 64)
+            else:
+                dst.writestr(item.filename, content)
+                obj.writestr(item.filename, content)
+    for name in [*cases, "huge", "object", "missing"]:
+        with pytest.raises(BankError, match="bank .* (is not a|does not exist)"):
+            load(tmp_path / f"{name}.npz")
+
+
+def test_a_bank_file_is_read_again_when_it_changes_and_a_bad_write_keeps_the_last_good(tmp_path):
+    path = tmp_path / "b.npz"
+    watched = BankFile(path)
+    assert watched.get() is None
+    save(a_bank(), path)
+    first = watched.get()
+    assert len(first) == 8 and watched.get() is first  # not read again while unchanged
+    save(first.forget([1]), path)
+    assert len(watched.get()) == 7
+    path.write_bytes(b"not a bank")
+    assert len(watched.get()) == 7
+
+
+# --- suppression (pure) --------------------------------------------------------------------------------------------
+
+vectors = st.lists(st.floats(0.0, 1.0, allow_nan=False), min_size=8, max_size=8).filter(lambda v: sum(v) > 0.1)
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.lists(vectors, min_size=1, max_size=6), st.lists(vectors, max_size=6), vectors, st.floats(0.01, 1.0))
+def test_nearest_negative_suppresses_only_close_to_a_negative_and_closer_than_any_positive(negs, poss, x, margin):
+    emb = Embedder("m", 8, 16000, 2.0)
+    bank = Bank.empty(emb).add(np.array(negs), negative("r"), [f"n@{i}" for i in range(len(negs))])
+    if poss:
+        bank = bank.add(np.array(poss), "glass", [f"p@{i}" for i in range(len(poss))])
+    bank = bank.add(np.array([x]), negative("other-rule"), ["o@0"])  # another rule's negatives never count
+    x = np.array(x, dtype=np.float32)
+    d = 1 - bank.embeddings @ (x / np.linalg.norm(x))
+    d_neg = float(d[bank.labels == negative("r")].min())
+    d_pos = float(d[bank.labels == "glass"].min()) if poss else np.inf
+    match = nearest_negative(x, bank, "r", "glass", margin)
+    if min(abs(d_neg - margin), abs(d_neg - d_pos)) < 1e-5:
+        return  # a tie within float32 rounding: either answer is right
+    assert (match is not None) == bool(d_neg <= margin and d_neg < d_pos)
+    if match is not None:
+        assert bank.labels[bank.ids == match.id][0] == negative("r") and abs(match.distance - d_neg) < 1e-5
+    assert nearest_negative(x, bank, "no-such-rule", "glass", margin) is None
+
+
+def test_a_window_like_a_taught_false_alarm_is_suppressed_at_once_and_a_taught_true_one_wins(tmp_path):
+    rule = SimpleNamespace(id="glass-break", model="yam", label="glass", not_like=SimpleNamespace(bank=str(tmp_path / "b.npz"), margin=0.2))
+    rng = np.random.default_rng(1)
+    alarm, glass = unit(rng.random(1024)), unit(rng.random(1024))
+    scores = SimpleNamespace(model="yam", model_id="yamnet:builtin", embedding=alarm)
+    not_like = NotLike()
+    assert not_like.matches([rule], scores) == {}  # no bank yet
+    save(Bank.empty(YAM).add(alarm[None], negative("glass-break"), ["clip:/c.flac@2.000"]), tmp_path / "b.npz")
+    match = not_like.matches([rule], scores)["glass-break"]  # the same object, no reload
+    assert match.id == 1 and match.distance < 1e-5 and match.source == "clip:/c.flac@2.000"
+    assert not_like.matches([rule], SimpleNamespace(model="yam", model_id="yamnet:builtin", embedding=glass)) == {}
+    save(load(tmp_path / "b.npz").add(alarm[None], "glass", ["file:/mine.wav@0"]), tmp_path / "b.npz")
+    assert not_like.matches([rule], scores) == {}  # as close to a taught true alarm: it counts
+    other = SimpleNamespace(model="yam", model_id="laion/clap", embedding=alarm)
+    assert not_like.matches([rule], other) == {}  # embeddings of another model: never compared
+
+
+# --- the examples model on real recordings ---------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def real_windows():
+    """Every window (2 s every 0.5 s, gate passed) of the non-speech recordings, YAMNet-embedded."""
+    from monitord.daemon import load_models
+    from monitord.tools.teach import cut_file, embed
+
+    shared_path(AUDIO)
+    config = load_config(write_config(Path(__import__("tempfile").mkdtemp())))
+    yam = load_models(config, only={"yam"})["yam"]
+    rows = []
+    for label in NON_SPEECH:
+        for path in sorted((AUDIO / label).glob("*.wav")):
+            cuts = cut_file(config, path, yam)
+            for cut, e in zip(cuts, embed(yam, cuts)):
+                rows.append((label, str(path), cut.window.start_index / cut.window.sample_rate, e))
+    return rows
+
+
+def k_shot_accuracy(rows, k: int, seed: int) -> float:
+    """Each test window classified by a bank of k windows per class that share no audio with it
+    (other recordings of its class where there are, else windows of its recording at least a window away)."""
+    rng = np.random.default_rng(seed)
+    right = total = 0
+    for label, path, start, e in rows:
+        bank = Bank.empty(YAM)
+        pools = {other: [r for r in rows if r[0] == other and (r[1] != path or abs(r[2] - start) >= 2.0)]
+                 for other in NON_SPEECH}
+        if any(r[1] != path for r in pools[label]):
+            pools[label] = [r for r in pools[label] if r[1] != path]
+        if not pools[label]:
+            continue  # a window in the middle of a short recording: nothing of its class shares no audio with it
+        for other, pool in pools.items():
+            if not pool:
+                continue
+            pick = rng.choice(len(pool), size=min(k, len(pool)), replace=False)
+            bank = bank.add(np.stack([pool[j][3] for j in pick]), other, [f"file:{pool[j][1]}@{pool[j][2]}" for j in pick])
+        scores = calibrate(bank, NON_SPEECH, k=min(k, 3)).score(e[None])
+        right += max(scores, key=lambda name: scores[name][0]) == label
+        total += 1
+    return right / total
+
+
+def test_examples_k_shot_on_real_recordings_is_far_above_chance(real_windows):
+    chance = 1 / len(NON_SPEECH)
+    one, five = k_shot_accuracy(real_windows, 1, 0), k_shot_accuracy(real_windows, 5, 0)
+    print(f"[teach] k-shot accuracy, {len(NON_SPEECH)} non-speech classes, {len(real_windows)} windows: "
+          f"k=1 {one:.2f}, k=5 {five:.2f} (chance {chance:.2f})")
+    assert one >= 0.5 and five >= 0.6
+
+
+def test_calibration_gives_its_own_examples_about_the_same_score_for_every_label(real_windows):
+    by_label = {}
+    for label, path, start, e in real_windows:
+        by_label.setdefault(label, []).append((path, start, e))
+    bank = Bank.empty(YAM)
+    for label, items in by_label.items():
+        train = [it for it in items if it[1] <= 1.0]
+        bank = bank.add(np.stack([it[2] for it in train]), label, [f"file:{it[0]}@{it[1]}" for it in train])
+    model = calibrate(bank, NON_SPEECH, k=3)
+    held_out = {label: [it for it in items if it[1] >= 3.0] for label, items in by_label.items()}
+    medians = {label: float(np.median(model.score(np.stack([it[2] for it in items]))[label]))
+               for label, items in held_out.items() if items}
+    print("[teach] held-out median score of the true label:", {k: round(v, 2) for k, v in medians.items()})
+    assert np.median(list(medians.values())) > 0.5  # held-out windows of a label mostly score above 0.5
+
+
+# --- monitord teach, and the daemon -----------------------------------------------------------------------------------
+
+def teach_cli(config: Path, bank: str, *args: str) -> tuple[int, str]:
+    import contextlib
+    import io
+
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out):
+        code = main(["teach", "-c", str(config), "--bank", str(config.parent / bank), *args])
+    return code, out.getvalue()
+
+
+def test_teach_cli_end_to_end_on_real_recordings(tmp_path, capsys):
+    shared_path(AUDIO)
+    config = write_config(tmp_path)
+    code, out = teach_cli(config, "taught.npz", "--label", "thunder", "--files", str(THUNDER_OTHER))
+    assert code == 0, capsys.readouterr().err
+    summary = json.loads(out)
+    assert summary["label"] == "thunder" and summary["added"] >= 5 and summary["model"] == "yamnet:builtin"
+    assert teach_cli(config, "taught.npz", "--label", "applause", "--files", str(AUDIO / "applause"))[0] == 0
+    code, listing = teach_cli(config, "taught.npz", "--list")
+    assert code == 0 and "applause" in listing and f"file:{THUNDER_OTHER}@0.000" in listing
+    bank = load(tmp_path / "taught.npz")
+    assert set(bank.labels.tolist()) == {"thunder", "applause"} and stat.S_IMODE(os.stat(tmp_path / "taught.npz").st_mode) == 0o600
+    # the examples model of this config scores a new thunder recording as thunder
+    from monitord.daemon import load_models
+    from monitord.tools.teach import cut_file
+
+    models = load_models(load_config(config))
+    cuts = cut_file(load_config(config), THUNDER, models["yam"])[:2]  # the thunderclap at its start
+    upstream = models["yam"].score([c.window for c in cuts])
+    scored = models["taught"].score([c.window for c in cuts], upstream)
+    assert all(s.probabilities["thunder"] > 0.5 > s.probabilities["applause"] for s in scored)
+    # forget, refuse, fail clearly
+    assert teach_cli(config, "taught.npz", "--forget", "1", "2")[0] == 0
+    assert len(load(tmp_path / "taught.npz")) == len(bank) - 2
+    assert teach_cli(config, "taught.npz", "--forget", "1")[0] == 2
+    assert "no example with id 1" in capsys.readouterr().err
+    assert teach_cli(config, "x.npz", "--not", "no-such-rule", "--files", str(THUNDER))[0] == 2
+    assert "no rule 'no-such-rule'" in capsys.readouterr().err
+    other = write_config(tmp_path / "other", seconds=1.0) if (tmp_path / "other").mkdir() is None else None
+    (tmp_path / "other" / "taught.npz").write_bytes((tmp_path / "taught.npz").read_bytes())
+    assert teach_cli(other, "taught.npz", "--label", "thunder", "--files", str(THUNDER))[0] == 2
+    assert "2 s windows at 16000 Hz, not 1 s" in capsys.readouterr().err
+    (tmp_path / "garbage.npz").write_bytes(b"garbage")
+    assert teach_cli(config, "garbage.npz", "--list")[0] == 2
+    assert "is not a monitord bank" in capsys.readouterr().err
+
+
+def test_a_running_daemon_stops_raising_a_taught_false_alarm_at_once_while_the_target_still_does(tmp_path):
+    """One live (paced) stream: thunder, thunder again, applause. The rule fires on thunder (a false
+    alarm here) and on applause (its target). While the daemon runs, the first alert is taught as
+    not:loud from a *different* thunder recording; the second thunder no longer raises the rule (a
+    suppressed status event names the example), the applause still does. No restart, no reload."""
+    from monitord.audio import read_mono
+    from tests.conftest import wait_until, write_wav
+
+    shared_path(AUDIO)
+    parts = [read_mono(path) for path in (THUNDER, THUNDER, APPLAUSE)]
+    rate = parts[0][1]
+    assert all(r == rate for _, r in parts)
+    gap = np.zeros(2 * rate, np.float32)
+    stream = np.concatenate([np.concatenate([x, gap]) for x, _ in parts])
+    write_wav(tmp_path / "stream.wav", stream.astype(np.float32), rate)
+    config = write_config(tmp_path)
+    text = config.read_text().replace("  - id: applause\n    file: " + str(APPLAUSE) + "\n", "")
+    config.write_text(text.replace("file: " + str(THUNDER), f"file: {tmp_path / 'stream.wav'}\n    realtime: true"))
+    log = tmp_path / "events.jsonl"
+    events = lambda: [json.loads(line) for line in log.read_text().splitlines()] if log.exists() else []  # noqa: E731
+    onsets = lambda: [e for e in events() if e["kind"] == "alert" and e["phase"] == "onset"]  # noqa: E731
+    daemon = subprocess.Popen([sys.executable, "-m", "monitord", "run", "-c", str(config), "--until-done"], cwd=REPO,
+                              stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    try:
+        assert wait_until(lambda: onsets(), 60), "the rule never fired on the first thunder"
+        first = onsets()[0]
+        assert first["stream_end"] < 8.0  # the first thunder (0-6 s), not a later one
+        code, _ = teach_cli(config, "loud-not.npz", "--not", "loud", "--files", str(THUNDER_OTHER))
+        assert code == 0
+        from datetime import datetime
+
+        started = datetime.fromisoformat(first["time"].replace("Z", "+00:00")).timestamp() - first["stream_start"]
+        taught_at = time.time() - started  # stream time now: the source is paced in real time
+        assert taught_at < 8.0, f"teaching took too long: the stream was at {taught_at:.1f} s, in the second thunder"
+        _, err = daemon.communicate(timeout=120)
+        assert daemon.returncode == 0, err[-2000:]
+    finally:
+        if daemon.poll() is None:
+            daemon.kill()
+    # windows overlapping the second thunder (8-14 s) start in (6, 14); the applause's (16-22 s) in (14, 22)
+    later = [e["stream_start"] for e in onsets() if e["stream_start"] > 6.0]
+    assert len(later) == 1 and later[0] >= 14.0, later  # only the applause
+    suppressed = [e for e in events() if e.get("status") == "suppressed"]
+    assert suppressed and all(e["rule"] == "loud" and 6.0 < e["stream_start"] < 14.0 for e in suppressed)
+    assert suppressed[0]["suppressed_by"]["source"].startswith(f"file:{THUNDER_OTHER}@")
+    assert suppressed[0]["suppressed_by"]["distance"] <= 0.35
+
+
+def test_eval_reports_a_rules_events_and_false_alarms_with_and_without_its_bank(tmp_path):
+    """Applause is the rule's target, thunder a false alarm taught from another thunder recording."""
+    shared_path(AUDIO)
+    config = write_config(tmp_path)
+    for label, path in (("loud", APPLAUSE), ("background", THUNDER), ("background", AUDIO / "rain" / "rain.wav")):
+        (tmp_path / "data" / label).mkdir(parents=True, exist_ok=True)
+        (tmp_path / "data" / label / path.name).symlink_to(path)
+    assert teach_cli(config, "loud-not.npz", "--not", "loud", "--files", str(THUNDER_OTHER))[0] == 0
+    assert main(["eval", str(tmp_path / "data"), "-c", str(config), "--model", "yam", "--out", str(tmp_path / "ev")]) == 0
+    rule = json.loads((tmp_path / "ev" / "eval.json").read_text())["rules"]["loud"]
+    assert rule["without_bank"]["events_detected"] == rule["with_bank"]["events_detected"] == 1
+    assert rule["without_bank"]["false_alarms_per_hour"] > 0 == rule["with_bank"]["false_alarms_per_hour"]
+
+
+def test_config_checks_for_taught_models_and_not_like(tmp_path):
+    from tests.conftest import config_problems
+
+    base = """
+sources: [{id: a, device: default}]
+models:
+  yam: {kind: yamnet}
+  emo: {kind: emotion, model: x}
+  taught: {kind: examples, bank: b.npz, labels: [kettle, "not:kettle"], embedding_model: %s}
+rules:
+  - {id: r, model: emo, label: angry, threshold: 0.5, not_like: {bank: n.npz}}
+  - {id: k, model: taught, label: kettel, threshold: 0.5}
+"""
+    problems = "\n".join(config_problems(base % "emo", tmp_path))
+    assert "models.taught.embedding_model: 'emo' is not a yamnet or clap model" in problems
+    assert "'not:kettle' is not a label to teach" in problems
+    assert "rules.0.not_like: needs a window rule on a yamnet, clap or examples model" in problems
+    assert "rules.1.label" in problems and "kettle" in problems  # a typo names the nearest taught label
+    ok = base.replace(', "not:kettle"', "").replace("kettel", "kettle").replace("model: emo, label: angry", "model: yam, label: Glass") % "yam"
+    from monitord.config import parse_config
+
+    config = parse_config(ok, tmp_path)
+    assert config.rules[0].not_like.bank == str(tmp_path / "n.npz") and config.rules[0].not_like.margin == 0.25
+    assert config.models["taught"].bank == str(tmp_path / "b.npz")
+
+
+def test_examples_on_clap_embeddings_and_a_yamnet_bank_refused(tmp_path, random_clap):
+    """`embedding_model: clap` uses CLAP's audio embedding; a bank of YAMNet embeddings is refused,
+    saying why (a tiny CLAP with random weights: only the mechanism is tested)."""
+    from monitord.daemon import load_models
+    from monitord.inference.models import ModelUnavailable
+    from tests.conftest import noise, tone, write_wav
+
+    for name, audio in (("tone", tone(440, 4.0, 48000)), ("noise", noise(4.0, 48000, -20.0))):
+        write_wav(tmp_path / f"{name}.wav", audio, 48000)
+    config = tmp_path / "clap.yaml"
+    config.write_text(f"""
+sources: [{{id: a, device: default}}]
+models:
+  clap: {{model: {random_clap}, labels: [tone, noise], device: cpu, dtype: float32}}
+  taught: {{kind: examples, bank: taught.npz, labels: [beep, hiss], embedding_model: clap}}
+""")
+    assert teach_cli(config, "taught.npz", "--label", "beep", "--files", str(tmp_path / "tone.wav"))[0] == 0
+    assert teach_cli(config, "taught.npz", "--label", "hiss", "--files", str(tmp_path / "noise.wav"))[0] == 0
+    bank = load(tmp_path / "taught.npz")
+    assert bank.embedder.model_id == str(random_clap) and bank.embedder.sample_rate == 48000 and bank.embedder.dim == 16
+    models = load_models(load_config(config))
+    from monitord.tools.teach import cut_file
+
+    cuts = cut_file(load_config(config), tmp_path / "tone.wav", models["clap"])[:1]
+    scored = models["taught"].score([c.window for c in cuts], models["clap"].score([c.window for c in cuts]))
+    assert scored[0].probabilities["beep"] > scored[0].probabilities["hiss"]
+    save(a_bank(), tmp_path / "taught.npz")  # YAMNet embeddings where CLAP's are expected
+    with pytest.raises(ModelUnavailable, match=r"holds embeddings of yamnet:builtin \(1024-d\), not .*clap"):
+        load_models(load_config(config))
+
+
+def test_teach_from_a_logged_event_takes_the_alerting_window_of_its_clip(tmp_path, capsys):
+    from monitord.audio import read_mono
+    from monitord.types import Event
+    from tests.conftest import write_wav
+
+    shared_path(AUDIO)
+    config = write_config(tmp_path)
+    samples, rate = read_mono(THUNDER_OTHER)
+    clip = write_wav(tmp_path / "clip.wav", samples, rate)  # a clip as the daemon writes them: pre_s (2 s) before the window
+    event = Event(kind="alert", source="thunder", time="2026-12-03T00:00:00.000Z", host="h", rule="loud", label="loud",
+                  phase="onset", clip=str(clip))
+    no_clip = Event(kind="alert", source="thunder", time="2026-12-03T00:00:01.000Z", host="h", rule="loud", label="loud",
+                    phase="offset")
+    (tmp_path / "events.jsonl").write_text(event.with_sequence(5, "a", None).to_json() + "\n"
+                                           + no_clip.with_sequence(6, "b", None).to_json() + "\n")
+    code, out = teach_cli(config, "loud-not.npz", "--not", "loud", "--from-event", "5")
+    assert code == 0, capsys.readouterr().err
+    bank = load(tmp_path / "loud-not.npz")
+    assert json.loads(out)["added"] == 1 and bank.labels.tolist() == ["not:loud"]
+    assert bank.sources.tolist() == [f"event:5:clip:{clip}@2.000"]
+    code, _ = teach_cli(config, "loud-not.npz", "--not", "loud", "--from-clip", str(clip))
+    assert code == 0 and load(tmp_path / "loud-not.npz").sources.tolist()[-1] == f"clip:{clip}@2.000"
+    np.testing.assert_allclose(*load(tmp_path / "loud-not.npz").embeddings, atol=1e-6)  # the same window, both ways
+    assert teach_cli(config, "loud-not.npz", "--not", "loud", "--from-event", "6")[0] == 2
+    assert "event 6 has no clip" in capsys.readouterr().err
+    assert teach_cli(config, "loud-not.npz", "--not", "loud", "--from-event", "99")[0] == 2
+    assert "no event 99" in capsys.readouterr().err
+
+
+def test_an_examples_models_labels_change_with_a_reload(tmp_path):
+    from monitord.config import ExamplesModelConfig
+
+    from monitord.inference.models.examples import ExamplesModel
+
+    save(a_bank(), tmp_path / "b.npz")
+    embedder = SimpleNamespace(sample_rate=16000, model_id="yamnet:builtin")
+    model = ExamplesModel("taught", ExamplesModelConfig(kind="examples", bank=str(tmp_path / "b.npz"), labels=["kettle"],
+                                                        embedding_model="yam"), embedder, 2.0)
+    window = SimpleNamespace()
+    up = [SimpleNamespace(embedding=a_bank().embeddings[0])]
+    assert set(model.score([window], up)[0].probabilities) == {"kettle"}
+    assert model.score([window], up)[0].probabilities["kettle"] == 0.0  # not taught yet
+    model.use_labels(model.prepare_labels(["kettle", "glass"], ""))
+    probabilities = model.score([window], up)[0].probabilities
+    assert probabilities["kettle"] == 0.0 and probabilities["glass"] > 0.5  # one of glass's own examples
