@@ -227,3 +227,90 @@ def test_the_benchmark_puts_the_engines_side_by_side(tiny_clap):
     # in float32 every engine computes what the pipeline computes: the trained model's outputs move a lot
     assert float(match["diff"]) <= 1e-2
     assert all(float(match[k]) > 0 for k in ("speedup", "same", "eff", "vs"))
+
+
+# the conversion cache under hostile conditions (review of #20): no engine needed, a fake conversion
+
+
+def _fake_convert(folder: Path) -> None:
+    (folder / "model.onnx").write_bytes(b"converted")
+
+
+@pytest.mark.parametrize("damage", ["files-not-a-dict-of-dicts", "manifest-a-list", "size-missing", "a-file", "a-symlink"])
+def test_a_damaged_cache_entry_is_converted_again_never_torch_for_good(tmp_path, damage):
+    """A manifest that is valid JSON of the wrong shape raised TypeError/AttributeError/KeyError out of
+    the check (load_encoder turned it into EngineError: torch, at every start, the cache never rebuilt);
+    a file or a symlink where the folder goes could not be removed (rmtree refuses both, errors ignored),
+    so the rename failed the same way. Each is now a refused entry, converted again."""
+    from monitord.inference.engine_cache import FORMAT, MANIFEST, load_or_convert
+
+    root, fp = tmp_path / "cache", "f" * 64
+    root.mkdir()
+    folder = root / f"onnxruntime-{fp[:20]}"
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    (elsewhere / "keep.txt").write_text("not the cache's")
+    if damage == "a-file":
+        folder.write_text("junk")
+    elif damage == "a-symlink":
+        folder.symlink_to(elsewhere, target_is_directory=True)
+    else:
+        folder.mkdir()
+        (folder / "model.onnx").write_bytes(b"converted")
+        manifest = {"files-not-a-dict-of-dicts": {"format": FORMAT, "fingerprint": fp, "files": {"model.onnx": 9}},
+                    "manifest-a-list": [1, 2],
+                    "size-missing": {"format": FORMAT, "fingerprint": fp, "files": {"model.onnx": {"sha256": "x"}}}}[damage]
+        (folder / MANIFEST).write_text(json.dumps(manifest))
+    cached = load_or_convert(root, "onnxruntime", fp, _fake_convert, "model t", {})
+    assert cached.converted and cached.folder == folder
+    assert folder.is_dir() and not folder.is_symlink() and (folder / "model.onnx").read_bytes() == b"converted"
+    assert (elsewhere / "keep.txt").read_text() == "not the cache's"  # a symlink's target is not emptied
+    assert not load_or_convert(root, "onnxruntime", fp, _fake_convert, "model t", {}).converted
+
+
+def _convert_at_once(root: str, fp: str, barrier, out) -> None:
+    from monitord.inference.engine_cache import load_or_convert
+
+    def convert(folder: Path) -> None:
+        barrier.wait(30)  # both are converting now
+        (folder / "model.onnx").write_bytes(b"converted")
+
+    cached = load_or_convert(Path(root), "onnxruntime", fp, convert, "model t", {})
+    out.put((str(cached.folder), cached.converted))
+
+
+def test_two_processes_converting_the_same_model_at_once_both_get_the_one_cache(tmp_path):
+    """The daemon and `monitord teach` (or two replicas) starting together: both convert, one
+    rename wins, the other uses the winner's folder; nothing temporary is left."""
+    import multiprocessing
+
+    ctx = multiprocessing.get_context("fork")
+    barrier, out = ctx.Barrier(2), ctx.Queue()
+    root, fp = tmp_path / "cache", "a" * 64
+    root.mkdir()
+    procs = [ctx.Process(target=_convert_at_once, args=(str(root), fp, barrier, out)) for _ in range(2)]
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join(60)
+        assert p.exitcode == 0
+    results = [out.get(timeout=5) for _ in procs]
+    assert {folder for folder, _ in results} == {str(root / f"onnxruntime-{fp[:20]}")}
+    assert sorted(p.name for p in root.iterdir()) == [f"onnxruntime-{fp[:20]}"]
+
+
+def test_a_cache_folder_another_user_made_sends_the_cache_to_the_state_directory(tmp_path, monkeypatch):
+    """The model folder is writable but its .monitord-engine was made by another user (a `sudo
+    monitord teach`): cache_root returned it, the conversion's temporary folder could not be made
+    there, and the model ran on torch at every start instead of caching under the state directory."""
+    from monitord.inference import engine_cache
+
+    model = tmp_path / "model"
+    (model / engine_cache.FOLDER).mkdir(parents=True)
+    monkeypatch.delenv("STATE_DIRECTORY", raising=False)
+    monkeypatch.setenv("XDG_STATE_HOME", str(tmp_path / "state"))
+    real_access = engine_cache.os.access
+    monkeypatch.setattr(engine_cache.os, "access",
+                        lambda path, mode: Path(path).name != engine_cache.FOLDER and real_access(path, mode))
+    root = engine_cache.cache_root(str(model))
+    assert root.is_relative_to(tmp_path / "state" / "monitord" / "engine-cache")

@@ -203,10 +203,8 @@ def test_feedback_from_a_clip_teaches_the_alerting_window_and_refuses_what_it_sh
     assert answer.status_code == 200, answer.text
     taught = answer.json()
     assert taught["label"] == "not:loud" and taught["from"] == "clip" and taught["example"] == 1
-    yes = feedback(client, verdict="yes_this")
-    assert yes.status_code == 200 and yes.json()["label"] == "loud" and yes.json()["example"] == 2
     bank = load(tmp_path / "loud-not.npz")
-    assert bank.labels.tolist() == ["not:loud", "loud"]
+    assert bank.labels.tolist() == ["not:loud"]
     clip = tmp_path / "clips" / "a.wav"
     assert bank.sources.tolist()[0] == f"event:5:clip:{clip}@2.000"
     # the window taught is the alerting one: 2 s (clips.pre_s) into the clip, i.e. the thunder's start
@@ -235,7 +233,15 @@ def test_feedback_from_a_clip_teaches_the_alerting_window_and_refuses_what_it_sh
     guarded = client_for(TOKEN)
     assert feedback(guarded).status_code == 401
     assert feedback(guarded, authorization=f"Bearer {TOKEN}").status_code == 200
-    assert len(load(tmp_path / "loud-not.npz")) == 4  # the four accepted; nothing refused was taught
+    # the same verdict on one event, said again (three more accepted clicks): taught once; nothing refused was taught
+    assert load(tmp_path / "loud-not.npz").labels.tolist() == ["not:loud"]
+    # a changed mind replaces the event's example instead of keeping both verdicts
+    yes = feedback(client, verdict="yes_this")
+    assert yes.status_code == 200 and yes.json()["label"] == "loud" and yes.json()["example"] == 2
+    assert feedback(client, verdict="yes_this").json()["example"] == 2
+    bank = load(tmp_path / "loud-not.npz")
+    assert bank.labels.tolist() == ["loud"] and bank.ids.tolist() == [2]
+    np.testing.assert_allclose(bank.embeddings[0], expected.embedding, atol=1e-4)
 
 
 def test_feedback_on_a_window_the_ring_no_longer_holds_and_without_a_clip_says_so(dashboard, tmp_path):
@@ -369,3 +375,76 @@ def test_teach_from_event_on_a_live_daemons_alert_applies_at_once(tmp_path):
             daemon.kill()
     assert load(tmp_path / "loud-not.npz").sources.tolist() == [f"event:{first['seq']}:clip:{first['clip']}@0.000"]
     assert_second_thunder_suppressed_applause_not(tmp_path, first)
+
+
+# hostile feedback requests (review of #19)
+
+
+class _FakeClient:
+    def __init__(self):
+        self.published: list[tuple[str, dict]] = []
+
+    def publish(self, topic, payload, qos=0):
+        self.published.append((topic, json.loads(payload)))
+
+
+def _feedback_sink(feedback_fn):
+    from monitord.config import MqttConfig
+    from monitord.output.mqtt import MqttSink, Topics
+
+    config = MqttConfig(host="127.0.0.1", port=1, topic_prefix="m")
+    return MqttSink(config, Topics(config, "h", [("home", "loud")], ["home"]), None, lambda *a, **k: None,
+                    feedback=feedback_fn)
+
+
+class _Msg:
+    def __init__(self, payload: bytes, topic: str = "m/home/loud/feedback", retain: bool = False):
+        self.payload, self.topic, self.retain = payload, topic, retain
+
+
+def test_a_deeply_nested_feedback_request_is_a_clear_400_and_never_kills_the_mqtt_thread():
+    """A kilobyte of '[' is under the size cap but deeper than Python's recursion limit: json.loads
+    raised RecursionError, which the dashboard answered with a 500 and which, raised in paho's
+    on_message (suppress_exceptions is off), ended the MQTT network thread: no more events published."""
+    from monitord.examples.feedback import FeedbackError, parse_request
+
+    for body in (b"[" * 1000, b"[" * 1020, b'{"seq":' * 140):
+        with pytest.raises(FeedbackError) as caught:
+            parse_request(body)
+        assert caught.value.status == 400
+    calls = []
+    sink = _feedback_sink(lambda *a, **k: calls.append(a) or {})
+    client = _FakeClient()
+    sink._on_message(client, None, _Msg(b"[" * 1000))  # raised RecursionError
+    assert calls == [] and client.published and "error" in client.published[0][1]
+
+
+def test_a_flood_of_mqtt_feedback_commands_keeps_the_work_queue_bounded():
+    """Each feedback command waits for the inference thread (up to a minute): a flood of valid
+    commands queued without bound on the one feedback thread (memory, and every one of them taught
+    later). Past a few waiting, a command is answered busy at once."""
+    import threading
+
+    from monitord.output.mqtt import FEEDBACK_PENDING_MAX
+
+    release, calls = threading.Event(), []
+
+    def slow(seq, verdict, via, expect=None):
+        calls.append(seq)
+        release.wait(10)
+        return {"seq": seq}
+
+    sink = _feedback_sink(slow)
+    client = _FakeClient()
+    try:
+        for seq in range(1, 501):
+            sink._on_message(client, None, _Msg(json.dumps({"seq": seq, "verdict": "not_this"}).encode()))
+        busy = [a for _, a in client.published if "busy" in a.get("error", "")]
+        assert sink._feedback_pool._work_queue.qsize() <= FEEDBACK_PENDING_MAX
+        assert len(busy) >= 500 - FEEDBACK_PENDING_MAX - 1
+    finally:
+        release.set()
+        if sink._feedback_pool is not None:
+            sink._feedback_pool.shutdown(wait=True)
+    assert len(calls) <= FEEDBACK_PENDING_MAX
+    assert sink._feedback_pending == 0

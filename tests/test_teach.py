@@ -182,6 +182,115 @@ def test_hostile_bank_files_are_clear_errors(tmp_path):
             load(tmp_path / f"{name}.npz")
 
 
+def test_a_zip_bomb_bank_is_refused_before_anything_is_decompressed(tmp_path, monkeypatch):
+    """An npz is a zip: a member may be deflated, so a file of kilobytes can hold gigabytes that pass
+    every per-member check (200000 labels of U4096 are 3.3 GB; embeddings of (1, 10^9) are 4 GB and
+    their dimension was checked only after the read). save() stores members uncompressed, so a
+    compressed member, or one claiming more than it stores, is refused before it is read."""
+    n = 3000
+    rng = np.random.default_rng(0)
+    path = tmp_path / "bomb.npz"
+    arrays = dict(format=np.str_("monitord.examples/1"), model_id=np.str_("yamnet:builtin"), dim=np.int64(4),
+                  sample_rate=np.int64(16000), window_s=np.float64(2.0), next_id=np.int64(n + 1),
+                  embeddings=rng.random((n, 4)).astype(np.float32), ids=np.arange(1, n + 1, dtype=np.int64),
+                  labels=np.full(n, "x" * 4096), sources=np.full(n, "s@0"), added=np.full(n, "t"))
+    np.savez_compressed(path, **arrays)
+    assert path.stat().st_size < 2_000_000  # 49 MB of labels in a small file
+    read = []
+    real_read = np.lib.format.read_array
+    monkeypatch.setattr(np.lib.format, "read_array", lambda f, **k: read.append(1) or real_read(f, **k))
+    with pytest.raises(BankError, match="compressed"):
+        load(path)
+    wide = tmp_path / "wide.npz"
+    np.savez(wide, **{**arrays, "embeddings": np.zeros((1, MAX_DIM_PLUS), np.float32), "dim": np.int64(MAX_DIM_PLUS)})
+    read.clear()
+    with pytest.raises(BankError, match="embeddings"):
+        load(wide)
+    assert len(read) == 6  # the six scalars before them: the wide embeddings were refused on their header, never read
+
+
+MAX_DIM_PLUS = 4097
+
+
+def _add_many(path: str, label: str, count: int) -> None:
+    from monitord.tools.teach import add
+
+    for i in range(count):
+        add(Path(path), YAM, np.random.default_rng(i).random((1, 1024)), label, [f"file:/{label}.wav@{i}"])
+
+
+def test_a_bank_with_a_nan_window_length_is_refused_not_comparable_with_every_window(tmp_path):
+    """Embedder.mismatch compares window lengths with abs(a - b) > 1e-9, which is False for NaN: a
+    bank whose window_s is NaN passed check() against every window length."""
+    path = tmp_path / "nan.npz"
+    bank = a_bank()
+    save(bank, path)
+    with np.load(path) as f:
+        arrays = {k: f[k] for k in f.files}
+    for field, value in (("window_s", np.float64("nan")), ("window_s", np.float64(-2.0)), ("sample_rate", np.int64(0))):
+        np.savez(path, **{**arrays, field: value})
+        with pytest.raises(BankError, match="not a sound monitord bank"):
+            load(path)
+
+
+def test_a_bank_with_text_that_is_not_unicode_is_a_clear_error(tmp_path):
+    """npy text is UCS-4: a label of code point 0x110000 loaded, then raised SystemError (no
+    BankError) wherever it became a str: `monitord teach --list` crashed with a traceback, and the
+    daemon's calibration and not_like match (str(bank.sources[i])) raised it on every window."""
+    path = tmp_path / "b.npz"
+    save(Bank.empty(Embedder("yamnet:builtin", 4, 16000, 2.0)).add(np.ones((2, 4)), "a", ["s@0", "s@1"]), path)
+    with np.load(path) as f:
+        arrays = {k: f[k] for k in f.files}
+    for bad in ([0x110000, 0, 0x41, 0x42], [0xD800, 0x41, 0, 0]):  # past U+10FFFF; a lone surrogate
+        text = np.frombuffer(np.array(bad, dtype="<u4").tobytes(), dtype="<U2")
+        for field in ("labels", "sources"):
+            np.savez(path, **{**arrays, field: text})
+            with pytest.raises(BankError, match="not Unicode"):
+                load(path)
+    # a recording whose file name is not UTF-8 (os gives it as lone surrogates) is taught, and readable
+    name = os.fsdecode(b"/rec/caf\xe9.wav")
+    save(Bank.empty(Embedder("yamnet:builtin", 4, 16000, 2.0)).add(np.ones((1, 4)), "a", [f"file:{name}@0"]), path)
+    assert load(path).sources.tolist() == ["file:/rec/caf\ufffd.wav@0"]
+
+
+def test_a_bank_is_never_written_larger_than_load_accepts(tmp_path, monkeypatch):
+    """save() wrote any size and load() refuses more than MAX_EXAMPLES: the next teach, feedback or
+    daemon start found the whole bank unreadable. add() refuses instead, with what to do."""
+    from monitord.examples import bank as bank_module
+    from monitord.tools.teach import TeachError, add
+
+    monkeypatch.setattr(bank_module, "MAX_EXAMPLES", 5)
+    path = tmp_path / "b.npz"
+    add(path, YAM, np.random.default_rng(0).random((4, 1024)), "glass", [f"file:/a.wav@{i}" for i in range(4)])
+    with pytest.raises(TeachError, match="at most 5 examples"):
+        add(path, YAM, np.random.default_rng(1).random((2, 1024)), "glass", ["file:/b.wav@0", "file:/b.wav@1"])
+    assert len(load(path)) == 4
+
+
+def test_a_symlinked_bank_stays_a_symlink_and_writers_through_either_name_lose_nothing(tmp_path):
+    """save() renamed its new file over the symlink (the link became a private copy, the file it
+    pointed to never changed again), and locked() took the lock beside the link: a writer through
+    the link and one through the real path held different locks and lost each other's examples."""
+    import multiprocessing
+
+    real = tmp_path / "shared" / "b.npz"
+    real.parent.mkdir()
+    link = tmp_path / "b.npz"
+    link.symlink_to(real)
+    save(a_bank(), link)
+    assert link.is_symlink() and len(load(real)) == 8
+    ctx = multiprocessing.get_context("fork")
+    writers = [ctx.Process(target=_add_many, args=(str(p), label, 6)) for p, label in ((link, "one"), (real, "two"))]
+    for w in writers:
+        w.start()
+    for w in writers:
+        w.join(60)
+        assert w.exitcode == 0
+    bank = load(link)
+    assert link.is_symlink() and len(bank) == 8 + 12, len(bank)
+    assert len(set(bank.ids.tolist())) == 20
+
+
 def test_a_bank_file_is_read_again_when_it_changes_and_a_bad_write_keeps_the_last_good(tmp_path):
     path = tmp_path / "b.npz"
     watched = BankFile(path)
@@ -236,6 +345,70 @@ def test_a_window_like_a_taught_false_alarm_is_suppressed_at_once_and_a_taught_t
     assert not_like.matches([rule], scores) == {}  # as close to a taught true alarm: it counts
     other = SimpleNamespace(model="yam", model_id="laion/clap", embedding=alarm)
     assert not_like.matches([rule], other) == {}  # embeddings of another model: never compared
+
+
+def test_a_not_like_bank_of_another_window_length_suppresses_nothing(tmp_path, caplog):
+    """The bank records the window length its embeddings were cut at and the module says a bank of
+    another one is refused, but NotLike compared only the model and the dimension: after
+    ``window.seconds`` changed, the old bank's 2 s examples went on suppressing 1 s windows."""
+    import logging
+
+    rule = SimpleNamespace(id="glass-break", model="yam", label="glass", not_like=SimpleNamespace(bank=str(tmp_path / "b.npz"), margin=0.2))
+    alarm = unit(np.random.default_rng(1).random(1024))
+    save(Bank.empty(YAM).add(alarm[None], negative("glass-break"), ["clip:/c.flac@2.000"]), tmp_path / "b.npz")
+
+    def scores(seconds: float):
+        window = SimpleNamespace(samples=np.zeros(int(seconds * 48000), np.float32), sample_rate=48000)
+        return SimpleNamespace(model="yam", model_id="yamnet:builtin", embedding=alarm, window=window)
+
+    not_like = NotLike()
+    assert "glass-break" in not_like.matches([rule], scores(2.0))  # the bank's own window length
+    caplog.set_level(logging.WARNING, logger="monitord")
+    assert not_like.matches([rule], scores(1.0)) == {}
+    assert not_like.matches([rule], scores(1.0)) == {}
+    assert len([r for r in caplog.records if "1 s" in r.getMessage()]) == 1  # said once
+
+
+def test_a_window_with_no_embedding_to_speak_of_scores_zero_not_the_decision_boundary():
+    """An all-zero (or non-finite) window embedding has cosine 0 to everything: s_pos == s_neg, so
+    every label scored exactly sigmoid(0) = 0.5, which a threshold of 0.5 (the README's "more like L
+    than like anything else") takes as reached: silence alerted on every taught label. No evidence is 0."""
+    rng = np.random.default_rng(3)
+    bank = Bank.empty(YAM).add(rng.random((4, 1024)), "dog", [f"file:/d{i}.wav@0" for i in range(4)])
+    bank = bank.add(rng.random((4, 1024)), "cat", [f"file:/c{i}.wav@0" for i in range(4)])
+    calibrated = calibrate(bank, ["dog", "cat"], k=3)
+    x = np.stack([np.zeros(1024, np.float32), np.full(1024, np.nan, np.float32), unit(rng.random(1024))])
+    scores = calibrated.score(x)
+    for label in ("dog", "cat"):
+        assert scores[label][0] == 0.0 and scores[label][1] == 0.0, scores[label]
+        assert 0.0 < scores[label][2] < 1.0
+
+
+def test_calibrating_a_label_taught_from_hours_of_sound_stays_small():
+    """calibrate() built a P x P similarity matrix (and P x O against the rest): a label taught from
+    a 3 h recording (21600 windows at a 0.5 s hop) took 1.9 GB and ~20 s of the inference thread,
+    at every change of the bank; MAX_EXAMPLES (200000) would take 160 GB. It is a sample now, a few
+    rows at a time; small labels are calibrated exactly as before."""
+    import tracemalloc
+
+    rng = np.random.default_rng(5)
+    dim = 16
+    embedder = Embedder("yamnet:builtin", dim, 16000, 2.0)
+    small = Bank.empty(embedder).add(rng.random((40, dim)), "a", [f"file:/r{i % 5}.wav@{i}" for i in range(40)])
+    small = small.add(rng.random((30, dim)), "b", [f"file:/s{i % 3}.wav@{i}" for i in range(30)])
+    exact = calibrate(small, ["a", "b"], 3)
+    assert all(exact.labels[label].temperature > 0 for label in ("a", "b"))
+    p = 6000
+    big = Bank.empty(embedder).add(rng.random((p, dim)), "a", [f"file:/r{i % 7}.wav@{i}" for i in range(p)])
+    big = big.add(rng.random((p, dim)), "b", [f"file:/s{i % 7}.wav@{i}" for i in range(p)])
+    tracemalloc.start()
+    try:
+        calibrated = calibrate(big, ["a", "b"], 5)
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert peak < 40 * 2**20, f"{peak / 2**20:.0f} MB"  # a 6000 x 6000 float32 matrix alone is 137 MB
+    assert 0 < calibrated.labels["a"].temperature < 1
 
 
 # --- the examples model on real recordings ---------------------------------------------------------------------------
@@ -501,6 +674,27 @@ def test_teach_from_a_logged_event_takes_the_alerting_window_of_its_clip(tmp_pat
     assert "event 6 has no clip" in capsys.readouterr().err
     assert teach_cli(config, "loud-not.npz", "--not", "loud", "--from-event", "99")[0] == 2
     assert "no event 99" in capsys.readouterr().err
+
+
+def test_teach_from_event_refuses_an_event_of_another_rule_or_no_onset(tmp_path, capsys):
+    """`--not loud --from-event SEQ` took any logged event with a clip: an alert of another rule
+    (a true alarm of it, say) went into loud's bank as loud's false alarm. The dashboard's and
+    MQTT's feedback refuse that; so does the CLI now, before loading any model."""
+    from monitord.types import Event
+    from tests.conftest import noise, write_wav
+
+    shared_path(AUDIO)
+    config = write_config(tmp_path)
+    clip = write_wav(tmp_path / "clip.wav", noise(6.0, 16000, dbfs=-12, seed=1), 16000)
+    base = dict(kind="alert", source="thunder", time="2026-12-03T00:00:00.000Z", host="h", label="loud", clip=str(clip))
+    lines = [Event(rule="smoke", phase="onset", **base).with_sequence(5, "a", None),
+             Event(rule="loud", phase="offset", **base).with_sequence(6, "b", None)]
+    (tmp_path / "events.jsonl").write_text("".join(e.to_json() + "\n" for e in lines))
+    assert teach_cli(config, "loud-not.npz", "--not", "loud", "--from-event", "5")[0] == 2
+    assert "no alert onset of rule loud" in capsys.readouterr().err
+    assert teach_cli(config, "loud-not.npz", "--not", "loud", "--from-event", "6")[0] == 2
+    assert "no alert onset of rule loud" in capsys.readouterr().err
+    assert not (tmp_path / "loud-not.npz").exists()
 
 
 def test_an_examples_models_labels_change_with_a_reload(tmp_path):

@@ -6,7 +6,9 @@ refused with a message (the hop does not matter: each window is embedded on its 
 
 The file is a plain ``.npz`` (no pickles), written atomically (a temporary file in the same folder,
 fsync, rename), owner-only (0600); the version it replaces is kept as ``BANK.npz.1`` (older ones
-move to ``.2`` ... ``.KEEP``). Reading checks every member's header before allocating anything, so
+move to ``.2`` ... ``.KEEP``); a symlinked bank path writes (and locks) the file it points to. Members
+are stored uncompressed, and a deflated one (a zip bomb) is refused unread. Reading checks every
+member's header before allocating anything, so
 a truncated, garbage or hostile file (a huge claimed shape, an object array) is a clear
 ``BankError``, never a crash or a giant allocation.
 """
@@ -90,10 +92,16 @@ class Bank:
             raise ValueError(f"{len(embeddings)} embeddings but {len(sources)} sources")
         if not label or len(label) > 200 or label.strip() != label:
             raise ValueError(f"bad label {label!r}")
+        if len(self) + len(embeddings) > MAX_EXAMPLES:  # load() refuses more: the bank would be lost
+            raise ValueError(f"a bank holds at most {MAX_EXAMPLES} examples ({len(self)} now, {len(embeddings)} more): "
+                             f"forget some (monitord teach --forget) or start another bank")
         norms = np.linalg.norm(embeddings, axis=1, keepdims=True)
         if not np.all(np.isfinite(embeddings)) or np.any(norms == 0):
             raise ValueError("an embedding is zero or not finite")
         n = len(embeddings)
+        # a file name that is not UTF-8 comes as lone surrogates (surrogateescape): as the replacement
+        # character, since load() refuses text that is not Unicode
+        sources = [str(s).encode("utf-8", "surrogateescape").decode("utf-8", "replace")[:MAX_TEXT] for s in sources]
         now = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
         return replace(self, embeddings=np.concatenate([self.embeddings, embeddings / norms]).astype(np.float32),
                        ids=np.concatenate([self.ids, np.arange(self.next_id, self.next_id + n, dtype=np.int64)]),
@@ -143,7 +151,7 @@ def negative(rule_id: str) -> str:
 
 def save(bank: Bank, path: str | Path, keep: int = KEEP) -> None:
     """Write atomically, owner-only, keeping the replaced version as PATH.1 (older: .2 ... .keep)."""
-    path = Path(path)
+    path = Path(path).resolve()  # a symlink stays one: the file it points to is replaced
     folder = path.parent
     folder.mkdir(parents=True, exist_ok=True)
     tmp = folder / f".{path.name}.{os.getpid()}.tmp"
@@ -180,8 +188,9 @@ def save(bank: Bank, path: str | Path, keep: int = KEEP) -> None:
 
 @contextlib.contextmanager
 def locked(path: str | Path) -> Iterator[None]:
-    """Hold the bank's lock (a ``.lock`` file beside it) for a read-modify-write."""
-    path = Path(path)
+    """Hold the bank's lock (a ``.lock`` file beside it) for a read-modify-write (beside the file a
+    symlinked path points to: every name of one bank takes the same lock)."""
+    path = Path(path).resolve()
     path.parent.mkdir(parents=True, exist_ok=True)
     fd = os.open(path.parent / f".{path.name}.lock", os.O_RDWR | os.O_CREAT, 0o600)
     try:
@@ -205,11 +214,20 @@ def load(path: str | Path) -> Bank:
         raise BankError(f"bank {path} does not exist: teach it with `monitord teach`") from None
     except (OSError, zipfile.BadZipFile, EOFError, ValueError, KeyError) as exc:
         raise BankError(f"bank {path} is not a monitord bank ({exc})") from None
+    for name, array in arrays.items():  # text the file holds is UCS-4: a code point past U+10FFFF (or a lone
+        if array.dtype.kind == "U":      # surrogate) loads, and raises SystemError wherever it is made a str
+            try:
+                for text in np.atleast_1d(array).tolist():
+                    text.encode("utf-8")
+            except (SystemError, UnicodeError, ValueError):
+                raise BankError(f"bank {path} is not a monitord bank ({name}: text that is not Unicode)") from None
     if str(arrays["format"]) != FORMAT:
         raise BankError(f"bank {path} is not a monitord examples bank (format {str(arrays['format'])[:80]!r})")
     try:
         embedder = Embedder(str(arrays["model_id"]), int(arrays["dim"]), int(arrays["sample_rate"]),
                             float(arrays["window_s"]))
+        if not (0 < embedder.window_s < 1e6 and 0 < embedder.sample_rate < 10**7):  # NaN: never a mismatch
+            raise ValueError(f"window {embedder.window_s} s at {embedder.sample_rate} Hz")
         e = arrays["embeddings"]
         n = len(arrays["ids"])
         if e.dtype != np.float32 or e.shape != (n, embedder.dim) or not 0 < embedder.dim <= MAX_DIM:
@@ -233,6 +251,9 @@ def load(path: str | Path) -> Bank:
 def _member(archive: zipfile.ZipFile, name: str, rank: int) -> np.ndarray:
     """One array, its header checked (rank, dtype, a size that fits the member) before it is read."""
     info = archive.getinfo(f"{name}.npy")
+    if info.compress_type != zipfile.ZIP_STORED or info.compress_size != info.file_size:
+        # save() stores members as they are: a deflated one is not ours, and may be a zip bomb
+        raise ValueError(f"{name}: a compressed member (a monitord bank stores its arrays uncompressed)")
     with archive.open(info) as f:
         version = np.lib.format.read_magic(f)
         if version == (1, 0):
@@ -245,6 +266,7 @@ def _member(archive: zipfile.ZipFile, name: str, rank: int) -> np.ndarray:
             raise ValueError(f"{name}: unexpected array {dtype} {shape}")
         count = int(np.prod(shape, dtype=np.int64)) if shape else 1
         if count * dtype.itemsize > info.file_size or (rank and shape[0] > MAX_EXAMPLES) or \
+                (rank == 2 and shape[1] > MAX_DIM) or \
                 (dtype.kind == "U" and dtype.itemsize // 4 > MAX_TEXT):
             raise ValueError(f"{name}: claims {shape} of {dtype}, more than the file holds or a bank may have")
     with archive.open(info) as f:

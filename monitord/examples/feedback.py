@@ -53,7 +53,7 @@ def parse_request(body: bytes) -> tuple[int, str]:
         raise FeedbackError(f"a feedback request is at most {MAX_REQUEST_BYTES} bytes", 413)
     try:
         data = json.loads(body)
-    except (ValueError, UnicodeDecodeError):
+    except (ValueError, UnicodeDecodeError, RecursionError):  # RecursionError: a kilobyte of '[' (deep nesting)
         raise FeedbackError('send JSON: {"seq": N, "verdict": "not_this" or "yes_this"}', 400) from None
     if not isinstance(data, dict) or set(data) != {"seq", "verdict"}:
         raise FeedbackError('send exactly {"seq": N, "verdict": "not_this" or "yes_this"}', 400)
@@ -165,7 +165,8 @@ def give(daemon, seq: int, verdict: str, via: str = "api", expect: tuple[str, st
     label = negative(rule.id) if verdict == "not_this" else rule.label
     fingerprint = Embedder(model.model_id, embeddings.shape[1], model.sample_rate, config.window.seconds)
     try:
-        bank, ids = add(bank_path, fingerprint, embeddings, label, [audio.origin])
+        # one event, one verdict: a second click (or an MQTT redelivery) adds nothing; the other verdict replaces it
+        bank, ids = add(bank_path, fingerprint, embeddings, label, [audio.origin], replacing=f"event:{seq}:")
     except TeachError as exc:
         raise FeedbackError(str(exc), 409) from None
     log.info("feedback (%s) on event %d: %s taught to %s as example #%d", via, seq, label, bank_path, ids[0])

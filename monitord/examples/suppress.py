@@ -88,6 +88,14 @@ class NotLike:
                                     f"{'none' if embedding is None else embedder_id(outcome_scores.model_id)}: "
                                     f"nothing is suppressed")
                 continue
+            window = getattr(outcome_scores, "window", None)
+            if window is not None and abs(len(window.samples) / window.sample_rate - bank.embedder.window_s) > \
+                    1.5 / window.sample_rate:
+                self._warn(rule.id, f"rule {rule.id}: not_like bank {not_like.bank} holds embeddings of "
+                                    f"{bank.embedder.window_s:g} s windows, these are "
+                                    f"{len(window.samples) / window.sample_rate:g} s: nothing is suppressed "
+                                    f"(teach it again with this config)")
+                continue
             match = nearest_negative(embedding, bank, rule.id, rule.label, not_like.margin)
             if match is not None:
                 found[rule.id] = match

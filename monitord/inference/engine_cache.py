@@ -50,7 +50,9 @@ def cache_root(model_ref: str, override: Path | None = None) -> Path:
         try:
             root = local / FOLDER
             root.mkdir(exist_ok=True)
-            return root
+            if os.access(root, os.W_OK):  # made by another user (sudo monitord teach): not ours to write
+                return root
+            log.info("engine cache: cannot write in %s: using the state directory", root)
         except OSError as exc:
             log.info("engine cache: cannot write in %s (%s): using the state directory", local, exc)
     from monitord.config import state_dir
@@ -94,15 +96,27 @@ def _problem(folder: Path, fp: str) -> str | None:
         manifest = json.loads((folder / MANIFEST).read_text())
     except (OSError, ValueError) as exc:
         return f"no readable manifest ({exc})"
-    if manifest.get("format") != FORMAT or manifest.get("fingerprint") != fp:
+    if not isinstance(manifest, dict) or manifest.get("format") != FORMAT or manifest.get("fingerprint") != fp:
         return "its manifest is for another model or format"
-    for name, meta in manifest.get("files", {}).items():
-        path = folder / name
-        if not path.is_file() or path.stat().st_size != meta["size"]:
-            return f"{name} is missing or has the wrong size"
-        if _file_digest(path) != meta["sha256"]:
-            return f"{name} does not match its digest"
+    try:
+        for name, meta in manifest.get("files", {}).items():
+            path = folder / name
+            if not path.is_file() or path.stat().st_size != meta["size"]:
+                return f"{name} is missing or has the wrong size"
+            if _file_digest(path) != meta["sha256"]:
+                return f"{name} does not match its digest"
+    except (AttributeError, KeyError, TypeError, OSError) as exc:  # valid JSON of the wrong shape: damaged
+        return f"a damaged manifest ({type(exc).__name__}: {exc})"
     return None
+
+
+def _remove(path: Path) -> None:
+    """Remove a cache entry: a folder with what is in it, or a file or symlink put in its place
+    (only the link: never what a symlink points to)."""
+    if path.is_symlink() or not path.is_dir():
+        path.unlink(missing_ok=True)
+    else:
+        shutil.rmtree(path, ignore_errors=True)
 
 
 @contextmanager
@@ -128,13 +142,13 @@ def load_or_convert(root: Path, engine: str, fp: str, convert: Callable[[Path], 
     """The cached conversion for ``fp`` in ``root``, or a fresh one: ``convert(folder)`` writes the
     engine's files into an empty folder, which is then sealed with a manifest and renamed into place."""
     folder = root / f"{engine}-{fp[:20]}"
-    if folder.exists():
-        problem = _problem(folder, fp)
+    if folder.exists() or folder.is_symlink():
+        problem = "not a folder (a file or a symlink)" if folder.is_symlink() or not folder.is_dir() else _problem(folder, fp)
         if problem is None:
             log.info("%s: %s model from the cache %s", what, engine, folder)
             return CachedModel(folder, json.loads((folder / MANIFEST).read_text()), converted=False)
         log.warning("%s: refusing the cached %s model in %s: %s; converting again", what, engine, folder, problem)
-        shutil.rmtree(folder, ignore_errors=True)
+        _remove(folder)
     stale = [p for p in root.glob(f"{engine}-*") if p.is_dir() and p != folder]
     if stale:
         log.info("%s: the cached %s model is stale (weights, config or a version changed): converting again", what, engine)
@@ -159,5 +173,5 @@ def load_or_convert(root: Path, engine: str, fp: str, convert: Callable[[Path], 
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     for old in stale:
-        shutil.rmtree(old, ignore_errors=True)
+        _remove(old)
     return CachedModel(folder, manifest, converted=True)

@@ -55,6 +55,8 @@ CONNECT_TIMEOUT_S = 10.0
 STATE_SAVE_EVERY_S = 0.5
 DEFAULT_DEVICE_CLASS = "sound"
 SOURCE_TOPICS = ("level", "status")
+FEEDBACK_PENDING_MAX = 8
+"""Feedback commands waiting for the one feedback thread (each may wait for the inference thread): more are refused."""
 """Topics of a source that are not rules (rule ids may not take these names)."""
 
 
@@ -230,6 +232,9 @@ class MqttSink:
         self.feedback = feedback
         """``feedback(seq, verdict, via, expect=(source, rule))`` (the daemon's): commands on the feedback topics."""
         self._feedback_pool: Any = None
+        self._feedback_pending = 0
+        """Feedback requests submitted and not yet answered (at most FEEDBACK_PENDING_MAX: a flood is refused)."""
+        self._feedback_lock = threading.Lock()
         self.topics = topics
         self.event_log = event_log
         self.status = status
@@ -567,7 +572,14 @@ class MqttSink:
 
     def _on_message(self, client, userdata, message) -> None:
         """A feedback command (paho's network thread): checked here, applied on a thread of its own
-        (embedding waits for the inference thread); the answer goes to ``<topic>/result``."""
+        (embedding waits for the inference thread); the answer goes to ``<topic>/result``. Nothing
+        raised here may leave: paho (suppress_exceptions off) would end its network thread with it."""
+        try:
+            self._on_feedback_message(client, message)
+        except Exception:  # noqa: BLE001 - see above
+            log.exception("mqtt: a feedback message could not be handled")
+
+    def _on_feedback_message(self, client, message) -> None:
         from monitord.examples.feedback import MAX_REQUEST_BYTES, FeedbackError, parse_request
 
         pair = self.topics.feedback_pair(message.topic)
@@ -583,13 +595,32 @@ class MqttSink:
             log.warning("mqtt: ignored feedback on %s: %s", message.topic, exc)
             self._answer(client, message.topic, {"error": str(exc)})
             return
+        if self._feedback_pending >= FEEDBACK_PENDING_MAX:  # a flood: the queue stays bounded
+            log.warning("mqtt: ignored feedback on %s (seq %d): %d requests already waiting", message.topic, seq,
+                        self._feedback_pending)
+            self._answer(client, message.topic, {"seq": seq, "verdict": verdict,
+                                                 "error": f"busy: {self._feedback_pending} feedback requests waiting; try again"})
+            return
         if self._feedback_pool is None:
             from concurrent.futures import ThreadPoolExecutor
 
             self._feedback_pool = ThreadPoolExecutor(1, thread_name_prefix="mqtt-feedback")
-        self._feedback_pool.submit(self._apply_feedback, client, message.topic, seq, verdict, pair)
+        with self._feedback_lock:
+            self._feedback_pending += 1
+        try:
+            self._feedback_pool.submit(self._apply_feedback, client, message.topic, seq, verdict, pair)
+        except RuntimeError:  # the sink is stopping: its pool is shut down
+            with self._feedback_lock:
+                self._feedback_pending -= 1
 
     def _apply_feedback(self, client, topic: str, seq: int, verdict: str, pair: tuple[str, str]) -> None:
+        try:
+            self._apply_feedback_now(client, topic, seq, verdict, pair)
+        finally:
+            with self._feedback_lock:
+                self._feedback_pending -= 1
+
+    def _apply_feedback_now(self, client, topic: str, seq: int, verdict: str, pair: tuple[str, str]) -> None:
         from monitord.examples.feedback import FeedbackError
 
         try:

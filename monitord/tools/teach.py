@@ -115,8 +115,13 @@ def embed(embedder, cuts: list[Cut]) -> np.ndarray:
     return np.stack(rows).astype(np.float32)
 
 
-def add(bank_path: Path, embedder: Embedder, embeddings: np.ndarray, label: str, sources: list[str]) -> tuple[Bank, list[int]]:
-    """Add examples under the bank's lock (written atomically, the previous version kept)."""
+def add(bank_path: Path, embedder: Embedder, embeddings: np.ndarray, label: str, sources: list[str],
+        replacing: str | None = None) -> tuple[Bank, list[int]]:
+    """Add examples under the bank's lock (written atomically, the previous version kept).
+
+    ``replacing``: a source prefix (one event's feedback) said once: where the bank holds examples
+    from it under ``label`` already, nothing is added and their ids are returned; under another
+    label (a changed mind), those are replaced."""
     with locked(bank_path):
         try:
             bank = load(bank_path)
@@ -125,8 +130,17 @@ def add(bank_path: Path, embedder: Embedder, embeddings: np.ndarray, label: str,
             if bank_path.exists():
                 raise TeachError(str(exc)) from None
             bank = Bank.empty(embedder)
+        if replacing is not None:
+            earlier = np.char.startswith(bank.sources.astype(str), replacing)
+            if earlier.any() and np.all(bank.labels[earlier].astype(str) == label):
+                return bank, bank.ids[earlier].tolist()
+            if earlier.any():
+                bank = bank.forget(bank.ids[earlier].tolist())
         first = bank.next_id
-        bank = bank.add(embeddings, label, sources)
+        try:
+            bank = bank.add(embeddings, label, sources)
+        except ValueError as exc:
+            raise TeachError(str(exc)) from None
         save(bank, bank_path)
     return bank, list(range(first, bank.next_id))
 
@@ -161,13 +175,21 @@ def teach(config: Config, args) -> dict[str, Any]:
     if args.label is not None and args.label.startswith("not:"):
         raise TeachError("teach a false alarm with --not RULE, not --label not:...")
     name = embedding_model_for(config, bank_path, args.not_rule, args.model)
+    logged = clip_of_event(config, args.from_event) if args.from_event is not None else None
+    if logged is not None:  # checked before any model is loaded, as the dashboard's feedback checks it
+        kind_ok = (logged[1].get("kind") == "alert" and logged[1].get("phase") == "onset") or \
+            logged[1].get("status") == "suppressed"
+        if not kind_ok or logged[1].get("rule") != args.not_rule:
+            raise TeachError(f"event {args.from_event} is no alert onset of rule {args.not_rule} (it is "
+                             f"{logged[1].get('kind')} {logged[1].get('phase') or logged[1].get('status') or ''} of rule "
+                             f"{logged[1].get('rule')}): teaching it as {args.not_rule}'s false alarm would teach another rule's window")
     loaded = load_models(config, only={name})
     if name not in loaded:
         raise loaded.unavailable[name]
     embedder = loaded[name]
     pre_s = config.clips.pre_s
-    if args.from_event is not None:
-        clip, event = clip_of_event(config, args.from_event)
+    if logged is not None:
+        clip, event = logged
         # the clip starts pre_s before the window, or at the stream's start for an alert within pre_s of it
         at_s = min(pre_s, float(event.get("stream_start") if event.get("stream_start") is not None else pre_s))
         cuts = cut_file(config, clip, embedder, prefix=f"event:{args.from_event}:clip", at_s=at_s)
