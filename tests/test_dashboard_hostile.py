@@ -17,6 +17,7 @@ import time
 from pathlib import Path
 from types import SimpleNamespace
 
+import hypothesis
 import numpy as np
 import pytest
 import soundfile as sf
@@ -379,7 +380,6 @@ def test_only_loopback_and_configured_host_names_are_answered_on_every_route(tin
 
 def test_host_names_are_checked_as_names_not_as_text():
     """Fuzzed Host values: whatever is let in is a loopback name or address, or a configured one."""
-    hypothesis = pytest.importorskip("hypothesis")
     from hypothesis import strategies as st
 
     from monitord.net import is_loopback
