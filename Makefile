@@ -17,8 +17,12 @@ SYSTEM_PACKAGES := libportaudio2 libasound2-plugins libsndfile1 ffmpeg pulseaudi
 run: setup
 	$(VENV)/bin/monitord run -c $(CONFIG)
 
+# Four workers even on two cores: most tests wait on real time (audio played in real time, daemons,
+# brokers), not on the CPU. A file's tests stay in one worker (tests/conftest.py).
+TEST_WORKERS ?= 4
+
 test: setup ha-env
-	$(PY) -m pytest
+	$(PY) -m pytest -n $(TEST_WORKERS) --dist loadgroup
 
 # May fail (no PyPI, another Python) without touching .venv: the discovery test then skips, citing
 # the failure recorded in $(HA_VENV)/.failed (and fails where no install was even tried, under CI).

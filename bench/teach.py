@@ -21,18 +21,17 @@ from __future__ import annotations
 
 import argparse
 import time
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
 from monitord.alerts.engine import RuleParams, run
-from monitord.audio import read_mono, resample
 from monitord.config import YamnetModelConfig
 from monitord.examples.bank import Bank, Embedder, negative
 from monitord.examples.knn import calibrate
 from monitord.examples.suppress import nearest_negative
 from monitord.inference.models.yamnet import FRAME, YamnetClassifier, frame_levels, mean_embedding
+from monitord.tools.mixing import load_recordings, mix
 from monitord.windowing.tiling import window_starts
 
 RATE = 16000
@@ -55,11 +54,7 @@ MARGINS = (0.15, 0.25, 0.35)
 
 
 def load(folder: Path) -> dict[str, list[np.ndarray]]:
-    out: dict[str, list[np.ndarray]] = {}
-    for path in sorted(folder.glob("*/*.wav")):
-        samples, rate = read_mono(path)
-        out.setdefault(path.parent.name, []).append(resample(samples, rate, RATE).astype(np.float32))
-    return out
+    return load_recordings(folder, RATE)
 
 
 def halves(recordings: list[np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
@@ -68,49 +63,6 @@ def halves(recordings: list[np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
         return recordings[0], recordings[1]
     x = recordings[0]
     return x[: len(x) // 2], x[len(x) // 2 :]
-
-
-def reverb(x: np.ndarray, rt60: float, rng: np.random.Generator) -> np.ndarray:
-    if rt60 <= 0:
-        return x
-    n = int(rt60 * RATE)
-    ir = rng.standard_normal(n) * np.exp(-6.9 * np.arange(n) / n)  # -60 dB at rt60
-    ir[0] = 1.0
-    ir /= np.sqrt(np.sum(ir**2))
-    size = len(x) + n - 1
-    y = np.fft.irfft(np.fft.rfft(x, size) * np.fft.rfft(ir, size), size)[: len(x)]
-    return y.astype(np.float32)
-
-
-def placed(x: np.ndarray, rng: np.random.Generator) -> np.ndarray:
-    """At a random peak level (-24 to -6 dBFS), dry or reverberant."""
-    y = reverb(x, float(rng.choice([0.0, 0.3, 0.6])), rng)
-    peak = max(float(np.abs(y).max()), 1e-6)
-    return (y / peak * 10 ** (rng.uniform(-24, -6) / 20)).astype(np.float32)
-
-
-@dataclass
-class Mix:
-    audio: np.ndarray
-    events: list[tuple[int, int]]
-    """Sample spans of the inserted sounds."""
-
-
-def mix(pieces: list[np.ndarray], beds: list[np.ndarray], minutes: float, rng: np.random.Generator,
-        gap_s: tuple[float, float] = (1.0, 4.0)) -> Mix:
-    total = int(minutes * 60 * RATE)
-    audio = np.zeros(total, np.float32)
-    bed = np.concatenate([beds[int(rng.integers(len(beds)))] for _ in range(total // min(len(b) for b in beds) + 2)])[:total]
-    audio += bed / max(float(np.sqrt(np.mean(bed**2))), 1e-9) * 10 ** (-40 / 20)
-    events, at = [], int(rng.uniform(1, 3) * RATE)
-    while True:
-        piece = placed(pieces[int(rng.integers(len(pieces)))], rng)
-        if at + len(piece) >= total:
-            break
-        audio[at : at + len(piece)] += piece
-        events.append((at, at + len(piece)))
-        at += len(piece) + int(rng.uniform(*gap_s) * RATE)
-    return Mix(audio, events)
 
 
 def windows_of(model: YamnetClassifier, audio: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -223,9 +175,9 @@ def false_alarms(model: YamnetClassifier, clips: dict[str, list[np.ndarray]], mi
     beds_teach = [halves(clips[c])[0] for c in BEDS]
     beds_test = [halves(clips[c])[1] for c in BEDS]
     t0 = time.perf_counter()
-    teach_mix = mix(teach_side, beds_teach, minutes, rng)
-    test_mix = mix(test_side, beds_test, minutes, rng)
-    target_mix = mix([clips["alarm_clock"][0]], beds_test, minutes / 2, rng, gap_s=(4.0, 8.0))
+    teach_mix = mix(teach_side, beds_teach, minutes, rng, RATE)
+    test_mix = mix(test_side, beds_test, minutes, rng, RATE)
+    target_mix = mix([clips["alarm_clock"][0]], beds_test, minutes / 2, rng, RATE, gap_s=(4.0, 8.0))
     (_, teach_scores, teach_e), (_, test_scores, test_e), (t_starts, target_scores, target_e) = (
         windows_of(model, m.audio) for m in (teach_mix, test_mix, target_mix))
     print(f"mixes: {minutes:g} min background to teach from, {minutes:g} min to test on, {minutes / 2:g} min with "

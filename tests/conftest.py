@@ -206,3 +206,16 @@ def tiny_emotion(tmp_path_factory) -> Path:
     from tests.tiny_models import build_emotion
 
     return build_emotion(tmp_path_factory.mktemp("models") / "emotion")
+
+
+RAY_FILES = {"test_serve.py", "test_serve_hostile.py"}
+"""Files whose tests start a local Ray cluster with Serve."""
+
+
+def pytest_collection_modifyitems(config, items):
+    """Under pytest-xdist (`make test`: ``-n 4 --dist loadgroup``) a file's tests share one worker, so
+    a module's fixtures (a Ray cluster, a trained model) are built once; the files that start Ray
+    share one, so two clusters never run at once."""
+    for item in items:
+        if not any(m.name == "xdist_group" for m in item.iter_markers()):
+            item.add_marker(pytest.mark.xdist_group("ray" if item.path.name in RAY_FILES else item.path.name))

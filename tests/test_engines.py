@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import json
 import logging
-import re
 import shutil
 import subprocess
 import sys
@@ -18,6 +17,7 @@ import pytest
 
 from monitord.config import ClapModelConfig, EmotionModelConfig
 from tests.conftest import REPO, monitord_cmd, need, noise, require, tone
+from tests.test_bench import LAST_LINE
 from tests.tiny_models import TRAIN_LABELS, build_clap, build_emotion, train_emotion
 
 ENGINES = ("openvino", "onnxruntime")
@@ -202,13 +202,6 @@ def test_the_engine_setting_travels_to_the_serve_tier(tiny_clap):
     assert build_model("clap", served).engine == "onnxruntime"
     deployment = (REPO / "monitord" / "serve" / "deployment.py").read_text()
     assert "build_model(name, m)" in deployment
-
-
-LAST_LINE = re.compile(
-    r"^engine=(?P<engine>torch|openvino|onnxruntime) speedup_vs_pipeline=(?P<speedup>[\d.]+) "
-    r"speedup_same_precision=(?P<same>[\d.]+) efficiency_vs_encoder=(?P<eff>[\d.]+) vs_torch_encoder=(?P<vs>[\d.]+) "
-    r"max_prob_diff=(?P<diff>[\d.e+-]+|inf) realtime_streams_hop1=(?P<streams>\d+)$"
-)
 
 
 def test_the_benchmark_puts_the_engines_side_by_side(tiny_clap):

@@ -1,0 +1,242 @@
+"""The live cascade in ``monitord bench``: N streams of a real-audio mix through YAMNet, which gates
+CLAP, at a 1 s hop.
+
+The mix: every recording of the audio folder (``../shared/audio``: crowds, animals, engines,
+weather, alarms, emotional speech), each at a random level, dry or reverberant, 1-4 s apart, over a
+quiet bed (rain, engine or train at -40 dBFS), at 48 kHz like a microphone. Stream k plays it from
+its own offset. Each window is cut, gated (energy gate, -50 dBFS) and resampled by the daemon's own
+windowing code (``WindowCutter``) at the moment its last sample is due, then queued like a live
+source's; YAMNet scores every window that passed the gate; CLAP scores the windows where YAMNet's
+``event`` group (sound events the mix holds: alarms, animals, crowds, horns, thunder) reaches a
+threshold, calibrated on the mix so that a stated share of windows reach CLAP; alert rules run on
+both; every window's scores are published. Latency: the window's last sample due -> its scores
+published.
+"""
+
+from __future__ import annotations
+
+import itertools
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from monitord.config import (CascadeConfig, Config, GateConfig, PipelineConfig, PublishConfig, RuleConfig, SourceConfig,
+                             WindowConfig, YamnetModelConfig)
+from monitord.tools.mixing import Mix, load_recordings, mix
+from monitord.tools.streams import Trial, measured, paced
+from monitord.types import Event
+from monitord.windowing.tiling import ModelInput, WindowCutter
+
+RATE = 48000
+WINDOW_S = 2.0
+HOP_S = 1.0
+MIX_MINUTES = 5.0
+BEDS = ("rain", "engine", "train")
+EVENT_CLASSES = ("Alarm clock", "Alarm", "Beep, bleep", "Siren", "Vehicle horn, car horn, honking", "Cat", "Meow",
+                 "Dog", "Bark", "Applause", "Cheering", "Crowd", "Thunder", "Thunderstorm", "Glass", "Shatter",
+                 "Smash, crash", "Screaming", "Baby cry, infant cry", "Snoring", "Cough")
+"""What sends a window on to CLAP: the best of these YAMNet classes (the ``event`` group)."""
+GATE = GateConfig(mode="energy", threshold_dbfs=-50.0)
+
+
+def build_mix(folder: Path, minutes: float = MIX_MINUTES, seed: int = 0) -> Mix:
+    recordings = load_recordings(folder, RATE)
+    if not recordings:
+        raise FileNotFoundError(f"no <kind>/*.wav recordings under {folder}")
+    pieces = [x for kind in sorted(recordings) for x in recordings[kind]]
+    beds = [x for kind in BEDS for x in recordings.get(kind, [])] or pieces
+    return mix(pieces, beds, minutes, np.random.default_rng(seed), RATE)
+
+
+def yamnet_model():
+    from monitord.inference.models.yamnet import YamnetClassifier
+
+    return YamnetClassifier("yam", YamnetModelConfig(kind="yamnet", groups={"event": EVENT_CLASSES}))
+
+
+def cutter(source: str, models: Mapping[str, object]) -> WindowCutter:
+    inputs = {name: ModelInput(m.sample_rate) for name, m in models.items()}
+    return WindowCutter(source, RATE, WindowConfig(seconds=WINDOW_S, hop_s=HOP_S), GATE, inputs)
+
+
+def calibrate(yam, audio: np.ndarray, share: float) -> tuple[float, float]:
+    """(threshold on the ``event`` group that sends ``share`` of the mix's gated windows to CLAP,
+    share of windows the energy gate passed)."""
+    from monitord.types import Verdict
+
+    cut = cutter("calibration", {"yam": yam})
+    length, hop = round(WINDOW_S * RATE), round(HOP_S * RATE)
+    windows = [cut.cut(audio[s : s + length], s, 0.0, 0.0) for s in range(0, len(audio) - length + 1, hop)]
+    passed = [w for w in windows if w.gates["yam"] is Verdict.PASSED]
+    scores = [s.probabilities["event"] for s in yam.score(passed)]
+    return float(np.quantile(scores, 1.0 - share)), len(passed) / max(1, len(windows))
+
+
+def stream_offsets(samples: int, streams: int, seconds: float) -> list[int]:
+    """Where in the mix each stream starts: 17 s apart, wrapping so that ``seconds`` of windows fit."""
+    span = samples - round((WINDOW_S + HOP_S * (int(seconds / HOP_S) + 1)) * RATE)
+    return [(k * 17 * RATE) % max(1, span) for k in range(streams)]
+
+
+@dataclass
+class CascadeOutcome:
+    streams: int
+    trials: list[Trial]
+    threshold: float
+    target_share: float
+    gate_share: float
+    """Windows of the mix the energy gate passed (YAMNet scores these)."""
+    clap_share: float
+    """Windows that reached CLAP in the live trials, of those YAMNet scored."""
+    estimate: int
+    mix_seconds: float
+    pieces: int
+
+
+class _Recorder:
+    name = "cascade"
+
+    def __init__(self) -> None:
+        self.latency_ms: dict[tuple[str, float], float] = {}
+        """(source, window start) -> window end to its last scores event."""
+        self.reached_yamnet: set[tuple[str, float]] = set()
+        self.reached_clap: set[tuple[str, float]] = set()
+
+    def start(self) -> None:
+        pass
+
+    def deliver(self, event: Event) -> None:
+        if event.kind == "scores":
+            key = (event.source, event.stream_start)
+            self.latency_ms[key] = max(self.latency_ms.get(key, 0.0), event.latency_ms)
+            if event.model_name == "clap":
+                self.reached_clap.add(key)
+            elif event.model_name == "yam":
+                self.reached_yamnet.add(key)
+
+    def stop(self, timeout: float) -> None:
+        pass
+
+
+class CascadePath:
+    """The daemon with YAMNet gating CLAP (both already loaded) and live sources fed from the mix."""
+
+    def __init__(self, yam, clap, clap_config, threshold: float, workdir: Path, streams: int):
+        from monitord.daemon import Daemon
+
+        workdir.mkdir(parents=True, exist_ok=True)
+        config = Config(
+            sources=(SourceConfig(id="bench", device="default"),),
+            gate=GATE,
+            window=WindowConfig(seconds=WINDOW_S, hop_s=HOP_S),
+            models={"yam": YamnetModelConfig(kind="yamnet", groups={"event": EVENT_CLASSES}), "clap": clap_config},
+            rules=(RuleConfig(id="event", model="yam", label="event", threshold=threshold, min_windows=2, of_windows=3),
+                   RuleConfig(id="confirmed", model="clap", label=clap.labels[0], threshold=0.5)),
+            publish=PublishConfig(endpoint="tcp://127.0.0.1:*", event_log=str(workdir / "events.jsonl"), scores=True),
+            pipeline=PipelineConfig(queue_max_windows=max(64, 2 * streams)),  # 2 s of every stream's windows
+        )
+        self.recorder = _Recorder()
+        self.models = {"yam": yam, "clap": clap}
+        self.daemon = Daemon(config, self.models, sinks=[self.recorder])
+        self.daemon.start(open_sources=False)
+        self._calls = 0
+
+    def run(self, audio: np.ndarray, streams: int, seconds: float) -> tuple[int, int, list[float]]:
+        """``streams`` live sources, evenly staggered, for ``seconds``: (windows, dropped, latencies)."""
+        from monitord.types import Verdict
+
+        length, hop = round(WINDOW_S * RATE), round(HOP_S * RATE)
+        offsets = stream_offsets(len(audio), streams, seconds)
+        cutters = [cutter(f"stream{k}", self.models) for k in range(streams)]
+        count = max(1, int(seconds / HOP_S * streams))
+        passed = 0
+        dropped_before = sum(self.daemon.queue.dropped.values())
+
+        def put(i: int, due: float) -> None:
+            nonlocal passed
+            k, j = i % streams, i // streams
+            start = offsets[k] + j * hop
+            window = cutters[k].cut(audio[start : start + length], j * hop, due - WINDOW_S, due)
+            passed += window.gates["yam"] is Verdict.PASSED
+            self.daemon.queue.put(window, live=True)
+
+        published_before = self.published()
+        paced(count, HOP_S / streams, put)
+        dropped = sum(self.daemon.queue.dropped.values()) - dropped_before
+        self.drain(published_before + passed - dropped)
+        return count, dropped, list(self.recorder.latency_ms.values())
+
+    def published(self) -> int:
+        """Windows whose YAMNet scores reached the sink (the last step of a window's way)."""
+        return len(self.recorder.reached_yamnet)
+
+    def drain(self, published: int, timeout: float = 120.0) -> None:
+        """Until ``published`` windows in all were published, or nothing moved for a second with the
+        queue empty (the count was short by dropped windows that had not passed the gate)."""
+        deadline = time.monotonic() + timeout
+        last, since = -1, time.monotonic()
+        while time.monotonic() < deadline:
+            done = self.published()
+            if done >= published:
+                return
+            if done != last:
+                last, since = done, time.monotonic()
+            elif time.monotonic() - since > 1.0 and not len(self.daemon.queue):
+                return
+            time.sleep(0.005)
+
+    def throughput(self, audio: np.ndarray, windows: int) -> float:
+        """Windows per second through the cascade with ``windows`` of the mix queued at once."""
+        from monitord.types import Verdict
+
+        length, hop = round(WINDOW_S * RATE), round(HOP_S * RATE)
+        self._calls += 1
+        cut = cutter(f"throughput{self._calls}", self.models)
+        now = time.time()
+        batch = [cut.cut(audio[s : s + length], s, now, now) for s in range(0, windows * hop, hop)]
+        start = self.published()
+        began = time.perf_counter()
+        for w in batch:
+            self.daemon.queue.put(w, live=False)
+        self.drain(start + sum(w.gates["yam"] is Verdict.PASSED for w in batch))
+        return len(batch) / (time.perf_counter() - began)
+
+    def close(self) -> None:
+        self.daemon.stop(drain_timeout_s=0.0)
+
+
+def run_cascade(clap_factory, audio_dir: Path, workdir: Path, seconds: float, share: float, quick: bool) -> CascadeOutcome:
+    """``clap_factory(gated_by=...)`` -> (a ClapZeroShot, its config, seconds): the bench's best CLAP path, gated."""
+    from monitord.tools.streams import GRID, QUICK_GRID, search
+
+    built = build_mix(audio_dir, minutes=2.0 if quick else MIX_MINUTES)
+    yam = yamnet_model()
+    threshold, gate_share = calibrate(yam, built.audio, share)
+    clap, clap_config, _ = clap_factory(gated_by=CascadeConfig(model="yam", labels=("event",), threshold=threshold))
+    warm = CascadePath(yam, clap, clap_config, threshold, workdir / "cascade-warm", 64)
+    warm.throughput(built.audio, 16)  # warm-up
+    rate = warm.throughput(built.audio, 32 if quick else 96)
+    warm.close()
+    reached = [0, 0]
+    runs = itertools.count()
+
+    def trial(n: int) -> Trial:
+        path = CascadePath(yam, clap, clap_config, threshold, workdir / f"cascade-{next(runs)}-{n}", n)
+        try:
+            time.sleep(1.0)  # settle: the previous trial's threads gone, the allocator quiet
+            stats = path.daemon.inference.stats
+            result = measured(n, lambda: path.run(built.audio, n, seconds),
+                              work=lambda: (sum(stats.model_seconds.values()), stats.scored["yam"]))
+            reached[0] += len(path.recorder.reached_clap)
+            reached[1] += len(path.recorder.reached_yamnet)
+            return result
+        finally:
+            path.close()
+
+    estimate = int(rate * HOP_S)
+    best, trials = search(trial, estimate, grid=QUICK_GRID if quick else GRID, extra=1 if quick else 3)
+    return CascadeOutcome(best, trials, threshold, share, gate_share, reached[0] / max(1, reached[1]), estimate,
+                          len(built.audio) / RATE, len(built.events))
