@@ -22,8 +22,10 @@ SHARED = REPO.parent / "shared"
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
-# a config that leaves its event log out writes it to the state directory: the tests' own, not the home's
-os.environ.setdefault("XDG_STATE_HOME", tempfile.mkdtemp(prefix="monitord-test-state-"))
+# a config that leaves its event log out writes it to the state directory: the tests' own, not the home's,
+# and each pytest-xdist worker's own (a worker inherits the controller's environment)
+if os.environ.get("PYTEST_XDIST_WORKER") or "XDG_STATE_HOME" not in os.environ:
+    os.environ["XDG_STATE_HOME"] = tempfile.mkdtemp(prefix=f"monitord-test-state-{os.environ.get('PYTEST_XDIST_WORKER', '')}")
 
 
 def in_ci() -> bool:
@@ -208,14 +210,15 @@ def tiny_emotion(tmp_path_factory) -> Path:
     return build_emotion(tmp_path_factory.mktemp("models") / "emotion")
 
 
-RAY_FILES = {"test_serve.py", "test_serve_hostile.py"}
-"""Files whose tests start a local Ray cluster with Serve."""
+SHARED_WORKER = {"test_serve.py": "ray", "test_serve_hostile.py": "ray", "test_bench.py": "bench", "test_engines.py": "bench"}
+"""Files whose tests must not run at the same time: those that start a local Ray cluster with Serve,
+and those that run `monitord bench` (two benchmarks would measure each other)."""
 
 
 def pytest_collection_modifyitems(config, items):
     """Under pytest-xdist (`make test`: ``-n 4 --dist loadgroup``) a file's tests share one worker, so
-    a module's fixtures (a Ray cluster, a trained model) are built once; the files that start Ray
-    share one, so two clusters never run at once."""
+    a module's fixtures (a Ray cluster, a trained model) are built once; the files of SHARED_WORKER
+    share one by group."""
     for item in items:
         if not any(m.name == "xdist_group" for m in item.iter_markers()):
-            item.add_marker(pytest.mark.xdist_group("ray" if item.path.name in RAY_FILES else item.path.name))
+            item.add_marker(pytest.mark.xdist_group(SHARED_WORKER.get(item.path.name, item.path.name)))

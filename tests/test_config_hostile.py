@@ -334,7 +334,7 @@ def test_paths_a_config_gives_still_resolve_against_its_folder(tmp_path, state_e
     assert parse_config(BASE + "publish: {event_log: null}\n", tmp_path).publish.event_log is None
 
 
-@pytest.mark.parametrize("name", sorted(p.name for p in (REPO / "config").glob("*.yaml")))
+@pytest.mark.parametrize("name", sorted(p.name for p in (REPO / "config").glob("[!.]*.yaml")))
 def test_a_shipped_config_writes_nothing_into_the_checkout(name, tmp_path, state_env):
     from monitord.output.mqtt import state_path_for
 
@@ -399,7 +399,7 @@ def test_the_memory_budget_is_the_config_s_to_raise(tmp_path):
 def test_the_shipped_configs_fit_the_default_budget():
     from monitord.config.memory import shares
 
-    for path in sorted((REPO / "config").glob("*.yaml")):
+    for path in sorted((REPO / "config").glob("[!.]*.yaml")):
         config = load_config(path)
         assert sum(s.bytes for s in shares(config)) < 64 * 2**20, (path.name, shares(config))
 

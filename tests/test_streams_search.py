@@ -26,6 +26,7 @@ def test_a_trial_holds_only_with_nothing_dropped_and_p99_under_a_second():
     one_drop = Trial(5, 100, 1, (10.0,) * 99, 1.0, 0.0)
     assert not one_drop.held
     assert not Trial(5, 100, 0, (), 1.0, 0.0).held  # nothing published: no evidence it held
+    assert not Trial(5, 100, 0, (10.0,) * 99, 1.0, 0.0, unpublished=1).held  # one window never came out
 
 
 def test_with_a_sharp_capacity_the_answer_is_the_largest_n_tried_below_it_and_every_grid_n_runs():
@@ -73,23 +74,26 @@ def test_what_others_use_of_the_cpus_during_a_trial_is_measured_apart_from_our_o
     burners = [subprocess.Popen([sys.executable, "-c", burn]) for _ in range(2)]
     try:
         time.sleep(0.2)  # they are running
-        quiet = measured(1, lambda: (time.sleep(1.0), (1, 0, [1.0]))[1])
+        quiet = measured(1, lambda: (time.sleep(1.0), (1, 0, [1.0], 0))[1])
     finally:
         for p in burners:
             p.wait(10)
     assert quiet.own_cores < 0.3 and quiet.other_cores >= 0.5, (quiet.own_cores, quiet.other_cores)
 
-    def spin():
-        end = time.process_time() + 0.5
+    walls = []
+
+    def spin():  # 0.5 s of CPU however long that takes on a busy machine
+        began, end = time.perf_counter(), time.process_time() + 0.5
         while time.process_time() < end:
             pass
-        return 1, 0, [1.0]
+        walls.append(time.perf_counter() - began)
+        return 1, 0, [1.0], 0
 
     busy = measured(1, spin)
-    assert busy.own_cores >= 0.5, busy.own_cores
+    assert abs(busy.own_cores - 0.5 / walls[0]) < 0.15, (busy.own_cores, walls)
 
 
 def test_a_trials_model_time_per_window_is_what_the_models_spent_during_it_over_what_they_scored():
     spent = iter([(10.0, 100), (13.0, 160)])  # before, after: 3 s over 60 windows
-    trial = measured(4, lambda: (4, 0, [5.0] * 4), work=lambda: next(spent))
+    trial = measured(4, lambda: (4, 0, [5.0] * 4, 0), work=lambda: next(spent))
     assert abs(trial.model_ms - 50.0) < 1e-9 and "models 50.0 ms/window" in trial.line()

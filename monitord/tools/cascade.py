@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import itertools
 import time
+from collections import Counter
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -42,13 +43,14 @@ EVENT_CLASSES = ("Alarm clock", "Alarm", "Beep, bleep", "Siren", "Vehicle horn, 
 GATE = GateConfig(mode="energy", threshold_dbfs=-50.0)
 
 
-def build_mix(folder: Path, minutes: float = MIX_MINUTES, seed: int = 0) -> Mix:
+def build_mix(folder: Path, minutes: float = MIX_MINUTES, seed: int = 0) -> tuple[Mix, int]:
+    """The mix, and how many recordings it draws its pieces from."""
     recordings = load_recordings(folder, RATE)
     if not recordings:
         raise FileNotFoundError(f"no <kind>/*.wav recordings under {folder}")
     pieces = [x for kind in sorted(recordings) for x in recordings[kind]]
     beds = [x for kind in BEDS for x in recordings.get(kind, [])] or pieces
-    return mix(pieces, beds, minutes, np.random.default_rng(seed), RATE)
+    return mix(pieces, beds, minutes, np.random.default_rng(seed), RATE), len(pieces)
 
 
 def yamnet_model():
@@ -88,12 +90,15 @@ class CascadeOutcome:
     threshold: float
     target_share: float
     gate_share: float
-    """Windows of the mix the energy gate passed (YAMNet scores these)."""
+    """Windows of the whole mix (1 s hop) the energy gate passed: YAMNet scores these."""
     clap_share: float
     """Windows that reached CLAP in the live trials, of those YAMNet scored."""
     estimate: int
     mix_seconds: float
-    pieces: int
+    placements: int
+    """Sounds placed in the mix."""
+    recordings: int
+    """Recordings they were drawn from."""
 
 
 class _Recorder:
@@ -104,6 +109,8 @@ class _Recorder:
         """(source, window start) -> window end to its last scores event."""
         self.reached_yamnet: set[tuple[str, float]] = set()
         self.reached_clap: set[tuple[str, float]] = set()
+        self.events: Counter[tuple[str, float, str]] = Counter()
+        """Scores events per (source, window start, model): each should be 1."""
 
     def start(self) -> None:
         pass
@@ -111,6 +118,7 @@ class _Recorder:
     def deliver(self, event: Event) -> None:
         if event.kind == "scores":
             key = (event.source, event.stream_start)
+            self.events[(*key, event.model_name)] += 1
             self.latency_ms[key] = max(self.latency_ms.get(key, 0.0), event.latency_ms)
             if event.model_name == "clap":
                 self.reached_clap.add(key)
@@ -144,99 +152,95 @@ class CascadePath:
         self.daemon.start(open_sources=False)
         self._calls = 0
 
-    def run(self, audio: np.ndarray, streams: int, seconds: float) -> tuple[int, int, list[float]]:
-        """``streams`` live sources, evenly staggered, for ``seconds``: (windows, dropped, latencies)."""
+    def run(self, audio: np.ndarray, streams: int, seconds: float) -> tuple[int, int, list[float], int]:
+        """``streams`` live sources, evenly staggered, for ``seconds``: (windows, dropped, latencies,
+        windows that passed the gate, were not dropped and yet were not published)."""
         from monitord.types import Verdict
 
         length, hop = round(WINDOW_S * RATE), round(HOP_S * RATE)
         offsets = stream_offsets(len(audio), streams, seconds)
         cutters = [cutter(f"stream{k}", self.models) for k in range(streams)]
         count = max(1, int(seconds / HOP_S * streams))
-        passed = 0
+        due_for_yamnet = 0  # windows that passed the gate and were not dropped
         dropped_before = sum(self.daemon.queue.dropped.values())
 
         def put(i: int, due: float) -> None:
-            nonlocal passed
+            nonlocal due_for_yamnet
             k, j = i % streams, i // streams
             start = offsets[k] + j * hop
             window = cutters[k].cut(audio[start : start + length], j * hop, due - WINDOW_S, due)
-            passed += window.gates["yam"] is Verdict.PASSED
-            self.daemon.queue.put(window, live=True)
+            due_for_yamnet += window.gates["yam"] is Verdict.PASSED
+            gone = self.daemon.queue.put(window, live=True)
+            if gone is not None and gone.gates["yam"] is Verdict.PASSED:
+                due_for_yamnet -= 1
 
         published_before = self.published()
         paced(count, HOP_S / streams, put)
         dropped = sum(self.daemon.queue.dropped.values()) - dropped_before
-        self.drain(published_before + passed - dropped)
-        return count, dropped, list(self.recorder.latency_ms.values())
+        self.drain()
+        return count, dropped, list(self.recorder.latency_ms.values()), due_for_yamnet - (self.published() - published_before)
 
     def published(self) -> int:
         """Windows whose YAMNet scores reached the sink (the last step of a window's way)."""
         return len(self.recorder.reached_yamnet)
 
-    def drain(self, published: int, timeout: float = 120.0) -> None:
-        """Until ``published`` windows in all were published, or nothing moved for a second with the
-        queue empty (the count was short by dropped windows that had not passed the gate)."""
+    def drain(self, timeout: float = 120.0) -> None:
+        """Until nothing is queued or in hand anywhere between the queue and the sink."""
         deadline = time.monotonic() + timeout
-        last, since = -1, time.monotonic()
-        while time.monotonic() < deadline:
-            done = self.published()
-            if done >= published:
-                return
-            if done != last:
-                last, since = done, time.monotonic()
-            elif time.monotonic() - since > 1.0 and not len(self.daemon.queue):
-                return
+        while not self.daemon.idle() and time.monotonic() < deadline:
             time.sleep(0.005)
 
     def throughput(self, audio: np.ndarray, windows: int) -> float:
         """Windows per second through the cascade with ``windows`` of the mix queued at once."""
-        from monitord.types import Verdict
-
         length, hop = round(WINDOW_S * RATE), round(HOP_S * RATE)
         self._calls += 1
         cut = cutter(f"throughput{self._calls}", self.models)
         now = time.time()
         batch = [cut.cut(audio[s : s + length], s, now, now) for s in range(0, windows * hop, hop)]
-        start = self.published()
         began = time.perf_counter()
         for w in batch:
             self.daemon.queue.put(w, live=False)
-        self.drain(start + sum(w.gates["yam"] is Verdict.PASSED for w in batch))
+        self.drain()
         return len(batch) / (time.perf_counter() - began)
 
     def close(self) -> None:
         self.daemon.stop(drain_timeout_s=0.0)
 
 
-def run_cascade(clap_factory, audio_dir: Path, workdir: Path, seconds: float, share: float, quick: bool) -> CascadeOutcome:
-    """``clap_factory(gated_by=...)`` -> (a ClapZeroShot, its config, seconds): the bench's best CLAP path, gated."""
+def run_cascade(clap, clap_config, audio_dir: Path, workdir: Path, seconds: float, share: float, quick: bool) -> CascadeOutcome:
+    """The bench's best CLAP path (``clap``, built from ``clap_config``), gated by YAMNet for the run."""
     from monitord.tools.streams import GRID, QUICK_GRID, search
 
-    built = build_mix(audio_dir, minutes=2.0 if quick else MIX_MINUTES)
+    built, recordings = build_mix(audio_dir, minutes=2.0 if quick else MIX_MINUTES)
     yam = yamnet_model()
     threshold, gate_share = calibrate(yam, built.audio, share)
-    clap, clap_config, _ = clap_factory(gated_by=CascadeConfig(model="yam", labels=("event",), threshold=threshold))
-    warm = CascadePath(yam, clap, clap_config, threshold, workdir / "cascade-warm", 64)
-    warm.throughput(built.audio, 16)  # warm-up
-    rate = warm.throughput(built.audio, 32 if quick else 96)
-    warm.close()
-    reached = [0, 0]
-    runs = itertools.count()
+    gated_by = CascadeConfig(model="yam", labels=("event",), threshold=threshold)
+    config = clap_config.model_copy(update={"gated_by": gated_by})
+    ungated, clap.gated_by = clap.gated_by, gated_by
+    try:
+        warm = CascadePath(yam, clap, config, threshold, workdir / "cascade-warm", 64)
+        warm.throughput(built.audio, 16)  # warm-up
+        rate = warm.throughput(built.audio, 32 if quick else 96)
+        warm.close()
+        reached = [0, 0]
+        runs = itertools.count()
 
-    def trial(n: int) -> Trial:
-        path = CascadePath(yam, clap, clap_config, threshold, workdir / f"cascade-{next(runs)}-{n}", n)
-        try:
-            time.sleep(1.0)  # settle: the previous trial's threads gone, the allocator quiet
-            stats = path.daemon.inference.stats
-            result = measured(n, lambda: path.run(built.audio, n, seconds),
-                              work=lambda: (sum(stats.model_seconds.values()), stats.scored["yam"]))
-            reached[0] += len(path.recorder.reached_clap)
-            reached[1] += len(path.recorder.reached_yamnet)
-            return result
-        finally:
-            path.close()
+        def trial(n: int) -> Trial:
+            path = CascadePath(yam, clap, config, threshold, workdir / f"cascade-{next(runs)}-{n}", n)
+            try:
+                time.sleep(1.0)  # settle: the previous trial's threads gone, the allocator quiet
+                stats = path.daemon.inference.stats
+                result = measured(n, lambda: path.run(built.audio, n, seconds),
+                                  work=lambda: (sum(stats.model_seconds.values()), stats.scored["yam"]))
+                reached[0] += len(path.recorder.reached_clap)
+                reached[1] += len(path.recorder.reached_yamnet)
+                return result
+            finally:
+                path.close()
 
-    estimate = int(rate * HOP_S)
-    best, trials = search(trial, estimate, grid=QUICK_GRID if quick else GRID, extra=1 if quick else 3)
+        estimate = int(rate * HOP_S)
+        best, trials = search(trial, estimate, grid=QUICK_GRID if quick else GRID, extra=1 if quick else 3)
+    finally:
+        clap.gated_by = ungated
     return CascadeOutcome(best, trials, threshold, share, gate_share, reached[0] / max(1, reached[1]), estimate,
-                          len(built.audio) / RATE, len(built.events))
+                          len(built.audio) / RATE, len(built.events), recordings)
