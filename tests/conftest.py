@@ -137,12 +137,26 @@ def rms_dbfs(samples: np.ndarray) -> float:
 
 @pytest.fixture(scope="session")
 def tiny_clap(tmp_path_factory) -> Path:
-    """A tiny CLAP checkpoint, trained for a few seconds to tell tones from noise, saved to disk."""
+    """A tiny CLAP checkpoint, trained for a few seconds to tell tones from noise, saved to disk.
+
+    Under pytest-xdist the first worker trains it (in the session's directory, above the workers'
+    own) and every worker takes a copy of its own: tests write engine caches beside it."""
+    from filelock import FileLock
+
     from tests.tiny_models import build_clap, train_clap
 
     folder = tmp_path_factory.mktemp("models") / "clap"
-    build_clap(folder)
-    return train_clap(folder)
+    if not os.environ.get("PYTEST_XDIST_WORKER"):
+        build_clap(folder)
+        return train_clap(folder)
+    trained = tmp_path_factory.getbasetemp().parent / "trained-tiny-clap"
+    with FileLock(f"{trained}.lock"):
+        if not (trained / ".complete").exists():
+            shutil.rmtree(trained, ignore_errors=True)
+            train_clap(build_clap(trained))
+            (trained / ".complete").touch()
+    shutil.copytree(trained, folder, ignore=shutil.ignore_patterns(".complete", ".monitord-engine"))
+    return folder
 
 
 @pytest.fixture(scope="session")

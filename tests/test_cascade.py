@@ -46,7 +46,7 @@ def test_yamnet_sends_on_to_clap_exactly_the_windows_whose_event_group_reaches_t
                 if yam.score([window])[0].probabilities["event"] >= threshold:
                     expected.add((f"stream{k}", float(j)))
     assert path.recorder.reached_yamnet == passed and len(latencies) == len(passed)
-    assert all(ms > 0 for ms in latencies)
+    assert all(0 < ms < 2000 for ms in latencies)  # from the window's end (from its start it would be over 2 s)
     assert set(path.recorder.events.values()) == {1}  # one scores event per window and model
     assert path.recorder.reached_clap == expected
     assert 0 < len(expected) < len(passed)  # some went on to CLAP and some did not: the gate decided

@@ -173,7 +173,7 @@ class WorkerPath:
         """``streams`` sources each yielding a window every ``hop_s``, evenly staggered, for ``seconds``:
         (windows yielded, windows dropped, latencies in ms from window end to published event,
         windows neither dropped nor published)."""
-        from monitord.tools.streams import paced
+        from monitord.tools.streams import paced, wait_idle
 
         self.recorder.latencies_ms.clear()
         start = self.recorder.published
@@ -181,9 +181,7 @@ class WorkerPath:
         count = max(1, int(seconds / hop_s * streams))
         paced(count, hop_s / streams, lambda i, due: self.daemon.queue.put(_fresh(windows[i % len(windows)], i, due), live=True))
         dropped = sum(self.daemon.queue.dropped.values()) - dropped_before
-        deadline = time.monotonic() + 120
-        while not self.daemon.idle() and time.monotonic() < deadline:
-            time.sleep(0.005)
+        wait_idle(self.daemon)
         return count, dropped, list(self.recorder.latencies_ms), count - dropped - (self.recorder.published - start)
 
     def logged(self) -> int:
@@ -278,14 +276,13 @@ class EngineNotLoaded(RuntimeError):
     pass
 
 
-def build_clap(model, processor, precision: str, engine: str, batch: int, device: str, engine_cache: Path | None,
-               gated_by=None):
+def build_clap(model, processor, precision: str, engine: str, batch: int, device: str, engine_cache: Path | None):
     """monitord's CLAP on the shared model (float32 again first: an earlier variant may have moved it),
     its config, and the seconds its construction took (a conversion, where one was not cached)."""
     from monitord.inference.models.clap import ClapZeroShot
 
     model.float()
-    config = ClapModelConfig(labels=LABELS, dtype=precision, batch_max=batch, device=device, engine=engine, gated_by=gated_by)
+    config = ClapModelConfig(labels=LABELS, dtype=precision, batch_max=batch, device=device, engine=engine)
     began = time.perf_counter()
     clap = ClapZeroShot("clap", config, model=model, processor=processor, engine_cache=engine_cache)
     return clap, config, time.perf_counter() - began

@@ -27,7 +27,7 @@ import numpy as np
 from monitord.config import (CascadeConfig, Config, GateConfig, PipelineConfig, PublishConfig, RuleConfig, SourceConfig,
                              WindowConfig, YamnetModelConfig)
 from monitord.tools.mixing import Mix, load_recordings, mix
-from monitord.tools.streams import Trial, measured, paced
+from monitord.tools.streams import Trial, measured, paced, wait_idle
 from monitord.types import Event
 from monitord.windowing.tiling import ModelInput, WindowCutter
 
@@ -177,18 +177,12 @@ class CascadePath:
         published_before = self.published()
         paced(count, HOP_S / streams, put)
         dropped = sum(self.daemon.queue.dropped.values()) - dropped_before
-        self.drain()
+        wait_idle(self.daemon)
         return count, dropped, list(self.recorder.latency_ms.values()), due_for_yamnet - (self.published() - published_before)
 
     def published(self) -> int:
-        """Windows whose YAMNet scores reached the sink (the last step of a window's way)."""
+        """Windows whose YAMNet scores reached the sink."""
         return len(self.recorder.reached_yamnet)
-
-    def drain(self, timeout: float = 120.0) -> None:
-        """Until nothing is queued or in hand anywhere between the queue and the sink."""
-        deadline = time.monotonic() + timeout
-        while not self.daemon.idle() and time.monotonic() < deadline:
-            time.sleep(0.005)
 
     def throughput(self, audio: np.ndarray, windows: int) -> float:
         """Windows per second through the cascade with ``windows`` of the mix queued at once."""
@@ -200,7 +194,7 @@ class CascadePath:
         began = time.perf_counter()
         for w in batch:
             self.daemon.queue.put(w, live=False)
-        self.drain()
+        wait_idle(self.daemon)
         return len(batch) / (time.perf_counter() - began)
 
     def close(self) -> None:
@@ -219,9 +213,11 @@ def run_cascade(clap, clap_config, audio_dir: Path, workdir: Path, seconds: floa
     ungated, clap.gated_by = clap.gated_by, gated_by
     try:
         warm = CascadePath(yam, clap, config, threshold, workdir / "cascade-warm", 64)
-        warm.throughput(built.audio, 16)  # warm-up
-        rate = warm.throughput(built.audio, 32 if quick else 96)
-        warm.close()
+        try:
+            warm.throughput(built.audio, 16)  # warm-up
+            rate = warm.throughput(built.audio, 32 if quick else 96)
+        finally:
+            warm.close()
         reached = [0, 0]
         runs = itertools.count()
 

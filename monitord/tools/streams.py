@@ -92,6 +92,16 @@ def paced(count: int, interval_s: float, put: Callable[[int, float], None]) -> N
         put(i, wall0 + i * interval_s)
 
 
+def wait_idle(daemon, timeout: float = 120.0) -> None:
+    """Until nothing is queued or in hand anywhere between the window queue and the sinks, seen
+    twice 50 ms apart (a stage takes an item a moment before it says it holds one)."""
+    deadline = time.monotonic() + timeout
+    seen = 0
+    while seen < 2 and time.monotonic() < deadline:
+        seen = seen + 1 if daemon.idle() else 0
+        time.sleep(0.05 if seen else 0.005)
+
+
 def measured(streams: int, run: Callable[[], tuple[int, int, list[float], int]],
              work: Callable[[], tuple[float, int]] = lambda: (float("nan"), 1)) -> Trial:
     """Runs one trial (``run`` -> windows, dropped, latencies, unpublished) and what the CPUs did
