@@ -15,8 +15,9 @@ On the same 2 s windows, same model, same machine, like against like:
 Then: the largest probability difference to the pipeline, relative to how much the probabilities
 move between windows (so it can fail on a model whose outputs move); how many live streams at 1 s
 hop it really keeps up with (run, not derived: no window dropped, p99 window end -> event below
-1 s); the cost of a slow event log (fsync, 50 ms per write) on inference throughput; RSS; the
-capture callback. Full-size architecture with random weights unless --model is given: compute does
+1 s; ``tools/streams.py``); the cost of a slow event log (fsync, 50 ms per write) on inference
+throughput; RSS; the capture callback; last, the live cascade (``tools/cascade.py``: N streams of a
+real-audio mix through YAMNet gating this CLAP, ``cascade_streams_hop1=``). Full-size architecture with random weights unless --model is given: compute does
 not depend on weight values. It reports; it asserts nothing about speed.
 """
 
