@@ -24,7 +24,7 @@ def test_yamnet_sends_on_to_clap_exactly_the_windows_whose_event_group_reaches_t
     config = ClapModelConfig(model=str(tiny_clap), labels=TRAIN_LABELS, engine="torch", gated_by=gated_by)
     clap = ClapZeroShot("clap", config)
     streams, seconds = 3, 8.0
-    path = CascadePath(yam, clap, config, threshold, tmp_path, streams)
+    path = CascadePath(yam, clap, config, tmp_path, streams)
     try:
         windows, dropped, latencies, unpublished = path.run(mixed.audio, streams, seconds)
     finally:

@@ -122,6 +122,20 @@ def same_origin(request) -> bool:
     return origin == f"{request.url.scheme}://{request.headers.get('host', '')}"
 
 
+async def body_or_refusal(request, limit: int, timeout_s: float, late: str, too_large: str):
+    """(the body, spooled, None) or (None, the 408 or 413 answer): ``late`` names what did not arrive
+    in time, ``too_large`` says what the limit is."""
+    from starlette.responses import JSONResponse
+
+    try:
+        body = await read_capped(request, limit, timeout_s)
+    except asyncio.TimeoutError:
+        return None, JSONResponse({"error": f"{late} did not arrive within {timeout_s:g} s"}, status_code=408)
+    if body is None:
+        return None, JSONResponse({"error": too_large}, status_code=413)
+    return body, None
+
+
 async def read_capped(request, limit: int, timeout_s: float | None = None) -> IO[bytes] | None:
     """The request body in a temporary file (memory up to SPOOL_IN_MEMORY), or None as soon as it
     exceeds ``limit`` bytes (never read whole first). asyncio.TimeoutError where ``timeout_s`` is
@@ -300,13 +314,10 @@ class Dashboard:
                 self._uploads -= 1
 
         async def spool_and_answer(request):
-            limit = int(self.max_upload_mb * 2**20)
-            try:
-                body = await read_capped(request, limit, TRY_BODY_TIMEOUT_S)
-            except asyncio.TimeoutError:
-                return JSONResponse({"error": f"the upload did not arrive within {TRY_BODY_TIMEOUT_S:g} s"}, status_code=408)
-            if body is None:
-                return JSONResponse({"error": f"upload larger than http.max_upload_mb ({self.max_upload_mb:g} MB)"}, status_code=413)
+            body, refusal = await body_or_refusal(request, int(self.max_upload_mb * 2**20), TRY_BODY_TIMEOUT_S, "the upload",
+                                                  f"upload larger than http.max_upload_mb ({self.max_upload_mb:g} MB)")
+            if refusal is not None:
+                return refusal
             with body:
                 form = await asyncio.get_running_loop().run_in_executor(self._upload_thread, parse_form, request.scope, body)
             try:
@@ -341,12 +352,10 @@ class Dashboard:
 
             if not same_origin(request):
                 return JSONResponse({"error": "cross-site request refused"}, status_code=403)
-            try:
-                body = await read_capped(request, MAX_REQUEST_BYTES, FEEDBACK_BODY_TIMEOUT_S)
-            except asyncio.TimeoutError:
-                return JSONResponse({"error": f"the request did not arrive within {FEEDBACK_BODY_TIMEOUT_S:g} s"}, status_code=408)
-            if body is None:
-                return JSONResponse({"error": f"a feedback request is at most {MAX_REQUEST_BYTES} bytes"}, status_code=413)
+            body, refusal = await body_or_refusal(request, MAX_REQUEST_BYTES, FEEDBACK_BODY_TIMEOUT_S, "the request",
+                                                  f"a feedback request is at most {MAX_REQUEST_BYTES} bytes")
+            if refusal is not None:
+                return refusal
             with body:
                 data = body.read()
             try:

@@ -41,6 +41,7 @@ EVENT_CLASSES = ("Alarm clock", "Alarm", "Beep, bleep", "Siren", "Vehicle horn, 
                  "Smash, crash", "Screaming", "Baby cry, infant cry", "Snoring", "Cough")
 """What sends a window on to CLAP: the best of these YAMNet classes (the ``event`` group)."""
 GATE = GateConfig(mode="energy", threshold_dbfs=-50.0)
+LENGTH, HOP = round(WINDOW_S * RATE), round(HOP_S * RATE)
 
 
 def build_mix(folder: Path, minutes: float = MIX_MINUTES, seed: int = 0) -> tuple[Mix, int]:
@@ -70,8 +71,7 @@ def calibrate(yam, audio: np.ndarray, share: float) -> tuple[float, float]:
     from monitord.types import Verdict
 
     cut = cutter("calibration", {"yam": yam})
-    length, hop = round(WINDOW_S * RATE), round(HOP_S * RATE)
-    windows = [cut.cut(audio[s : s + length], s, 0.0, 0.0) for s in range(0, len(audio) - length + 1, hop)]
+    windows = [cut.cut(audio[s : s + LENGTH], s, 0.0, 0.0) for s in range(0, len(audio) - LENGTH + 1, HOP)]
     passed = [w for w in windows if w.gates["yam"] is Verdict.PASSED]
     scores = [s.probabilities["event"] for s in yam.score(passed)]
     return float(np.quantile(scores, 1.0 - share)), len(passed) / max(1, len(windows))
@@ -79,7 +79,7 @@ def calibrate(yam, audio: np.ndarray, share: float) -> tuple[float, float]:
 
 def stream_offsets(samples: int, streams: int, seconds: float) -> list[int]:
     """Where in the mix each stream starts: 17 s apart, wrapping so that ``seconds`` of windows fit."""
-    span = samples - round((WINDOW_S + HOP_S * (int(seconds / HOP_S) + 1)) * RATE)
+    span = samples - LENGTH - HOP * (int(seconds / HOP_S) + 1)
     return [(k * 17 * RATE) % max(1, span) for k in range(streams)]
 
 
@@ -107,10 +107,20 @@ class _Recorder:
     def __init__(self) -> None:
         self.latency_ms: dict[tuple[str, float], float] = {}
         """(source, window start) -> window end to its last scores event."""
-        self.reached_yamnet: set[tuple[str, float]] = set()
-        self.reached_clap: set[tuple[str, float]] = set()
         self.events: Counter[tuple[str, float, str]] = Counter()
         """Scores events per (source, window start, model): each should be 1."""
+
+    def reached(self, model: str) -> set[tuple[str, float]]:
+        """The windows (source, start) ``model`` scored."""
+        return {(source, start) for source, start, name in self.events if name == model}
+
+    @property
+    def reached_yamnet(self) -> set[tuple[str, float]]:
+        return self.reached("yam")
+
+    @property
+    def reached_clap(self) -> set[tuple[str, float]]:
+        return self.reached("clap")
 
     def start(self) -> None:
         pass
@@ -120,10 +130,6 @@ class _Recorder:
             key = (event.source, event.stream_start)
             self.events[(*key, event.model_name)] += 1
             self.latency_ms[key] = max(self.latency_ms.get(key, 0.0), event.latency_ms)
-            if event.model_name == "clap":
-                self.reached_clap.add(key)
-            elif event.model_name == "yam":
-                self.reached_yamnet.add(key)
 
     def stop(self, timeout: float) -> None:
         pass
@@ -132,7 +138,7 @@ class _Recorder:
 class CascadePath:
     """The daemon with YAMNet gating CLAP (both already loaded) and live sources fed from the mix."""
 
-    def __init__(self, yam, clap, clap_config, threshold: float, workdir: Path, streams: int):
+    def __init__(self, yam, clap, clap_config, workdir: Path, streams: int):
         from monitord.daemon import Daemon
 
         workdir.mkdir(parents=True, exist_ok=True)
@@ -141,7 +147,8 @@ class CascadePath:
             gate=GATE,
             window=WindowConfig(seconds=WINDOW_S, hop_s=HOP_S),
             models={"yam": YamnetModelConfig(kind="yamnet", groups={"event": EVENT_CLASSES}), "clap": clap_config},
-            rules=(RuleConfig(id="event", model="yam", label="event", threshold=threshold, min_windows=2, of_windows=3),
+            rules=(RuleConfig(id="event", model="yam", label="event", threshold=clap_config.gated_by.threshold, min_windows=2,
+                              of_windows=3),
                    RuleConfig(id="confirmed", model="clap", label=clap.labels[0], threshold=0.5)),
             publish=PublishConfig(endpoint="tcp://127.0.0.1:*", event_log=str(workdir / "events.jsonl"), scores=True),
             pipeline=PipelineConfig(queue_max_windows=max(64, 2 * streams)),  # 2 s of every stream's windows
@@ -157,7 +164,6 @@ class CascadePath:
         windows that passed the gate, were not dropped and yet were not published)."""
         from monitord.types import Verdict
 
-        length, hop = round(WINDOW_S * RATE), round(HOP_S * RATE)
         offsets = stream_offsets(len(audio), streams, seconds)
         cutters = [cutter(f"stream{k}", self.models) for k in range(streams)]
         count = max(1, int(seconds / HOP_S * streams))
@@ -167,8 +173,8 @@ class CascadePath:
         def put(i: int, due: float) -> None:
             nonlocal due_for_yamnet
             k, j = i % streams, i // streams
-            start = offsets[k] + j * hop
-            window = cutters[k].cut(audio[start : start + length], j * hop, due - WINDOW_S, due)
+            start = offsets[k] + j * HOP
+            window = cutters[k].cut(audio[start : start + LENGTH], j * HOP, due - WINDOW_S, due)
             due_for_yamnet += window.gates["yam"] is Verdict.PASSED
             gone = self.daemon.queue.put(window, live=True)
             if gone is not None and gone.gates["yam"] is Verdict.PASSED:
@@ -186,11 +192,10 @@ class CascadePath:
 
     def throughput(self, audio: np.ndarray, windows: int) -> float:
         """Windows per second through the cascade with ``windows`` of the mix queued at once."""
-        length, hop = round(WINDOW_S * RATE), round(HOP_S * RATE)
         self._calls += 1
         cut = cutter(f"throughput{self._calls}", self.models)
         now = time.time()
-        batch = [cut.cut(audio[s : s + length], s, now, now) for s in range(0, windows * hop, hop)]
+        batch = [cut.cut(audio[s : s + LENGTH], s, now, now) for s in range(0, windows * HOP, HOP)]
         began = time.perf_counter()
         for w in batch:
             self.daemon.queue.put(w, live=False)
@@ -212,7 +217,7 @@ def run_cascade(clap, clap_config, audio_dir: Path, workdir: Path, seconds: floa
     config = clap_config.model_copy(update={"gated_by": gated_by})
     ungated, clap.gated_by = clap.gated_by, gated_by
     try:
-        warm = CascadePath(yam, clap, config, threshold, workdir / "cascade-warm", 64)
+        warm = CascadePath(yam, clap, config, workdir / "cascade-warm", 64)
         try:
             warm.throughput(built.audio, 16)  # warm-up
             rate = warm.throughput(built.audio, 32 if quick else 96)
@@ -222,7 +227,7 @@ def run_cascade(clap, clap_config, audio_dir: Path, workdir: Path, seconds: floa
         runs = itertools.count()
 
         def trial(n: int) -> Trial:
-            path = CascadePath(yam, clap, config, threshold, workdir / f"cascade-{next(runs)}-{n}", n)
+            path = CascadePath(yam, clap, config, workdir / f"cascade-{next(runs)}-{n}", n)
             try:
                 time.sleep(1.0)  # settle: the previous trial's threads gone, the allocator quiet
                 stats = path.daemon.inference.stats
