@@ -37,7 +37,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from monitord.serve import wire  # noqa: E402
+from monitord.inference import wire  # noqa: E402
 
 RATE = 48000
 LABELS = ("glass breaking", "dog barking", "speech", "music")
@@ -78,7 +78,7 @@ def percentiles(per_window_ms: list[float]) -> dict[str, float]:
 
 def throughput(score, windows: Windows, seconds: float, in_flight: int) -> float:
     """Windows/s with ``in_flight`` batches in the air (1: one after the other) for ``seconds``."""
-    from monitord.serve.client import InFlight
+    from monitord.inference.remote import InFlight
 
     flight = InFlight(in_flight)
     done = 0
@@ -110,7 +110,7 @@ def measure(model_dir: Path, folder: Path, rounds: int, batches: int, seconds: f
 
     from monitord.config import ClapModelConfig, InferenceConfig
     from monitord.inference.models import build_model
-    from monitord.serve.client import RemoteModel
+    from monitord.inference.remote import RemoteModel
     from monitord.serve.deployment import build_app
     from tests.conftest import free_port
 

@@ -27,9 +27,9 @@ import numpy as np
 
 from monitord.alerts.engine import RuleParams, run
 from monitord.config import YamnetModelConfig
-from monitord.examples.bank import Bank, Embedder, negative
-from monitord.examples.knn import calibrate
-from monitord.examples.suppress import nearest_negative
+from monitord.teaching.bank import Bank, Embedder, negative
+from monitord.teaching.knn import calibrate
+from monitord.teaching.suppress import nearest_negative
 from monitord.inference.models.yamnet import FRAME, YamnetClassifier, frame_levels, mean_embedding
 from monitord.tools.mixing import load_recordings, mix
 from monitord.windowing.tiling import window_starts

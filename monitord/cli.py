@@ -71,7 +71,8 @@ def cmd_run(args: argparse.Namespace) -> int:
     signal.signal(signal.SIGHUP, signal.SIG_IGN)  # until the daemon can reload
 
     from monitord.sources import SourceError
-    from monitord.daemon import Daemon, load_models
+    from monitord.daemon import Daemon
+    from monitord.inference.build import load_models
     from monitord.inference.models import ModelUnavailable
     from monitord.output.publish import PublishError
 
@@ -157,7 +158,7 @@ def cmd_classify(args: argparse.Namespace) -> int:
     if config is None:
         return EXIT_USAGE
     from monitord.tools.classify import AudioFileError, audio_files, classify_file, count_windows
-    from monitord.daemon import load_models
+    from monitord.inference.build import load_models
     from monitord.inference.models import ModelUnavailable
 
     files = audio_files([Path(f) for f in args.files])
@@ -267,18 +268,40 @@ def cmd_teach(args: argparse.Namespace) -> int:
     config = _load(args.config)
     if config is None:
         return EXIT_USAGE
-    from monitord.examples.bank import BankError, load
+    from monitord.inference.build import load_models
     from monitord.inference.models import ModelUnavailable
-    from monitord.tools.classify import AudioFileError
-    from monitord.tools.teach import TeachError, forget, listing, teach
+    from monitord.output.eventlog import EventLog
+    from monitord.teaching import teach as lessons
+    from monitord.teaching.bank import BankError, load, negative
+    from monitord.teaching.port import TeachingPort
+    from monitord.tools.classify import AudioFileError, audio_files
 
+    def embedder(name: str):
+        loaded = load_models(config, only={name})
+        if name not in loaded:
+            raise loaded.unavailable[name]
+        return loaded[name]
+
+    def find_event(seq: int) -> dict | None:
+        if config.publish.event_log is None:
+            raise lessons.TeachError("the config keeps no event log (publish.event_log)", "not found")
+        lines, _ = EventLog(config.publish.event_log, keep=config.publish.event_log_keep).read_since(seq - 1, 1)
+        event = json.loads(lines[0]) if lines else None
+        return event if isinstance(event, dict) and event.get("seq") == seq else None
+
+    given = lessons.resolve_bank(Path(args.config).resolve().parent, args.bank) if args.bank else None
     try:
+        if args.not_rule is not None:
+            bank = lessons.not_like_bank(config, args.not_rule, given)
+        elif given is None:
+            return _fail("give --bank FILE (a rule's false alarms, --not RULE, go to its not_like bank)")
+        else:
+            bank = given
         if args.list:
-            print(listing(load(args.bank)))
+            print(lessons.listing(load(bank)))
             return EXIT_OK
         if args.forget:
-            bank = forget(Path(args.bank), args.forget)
-            print(json.dumps({"bank": args.bank, "forgotten": args.forget, "examples": len(bank)}))
+            print(json.dumps({"bank": str(bank), "forgotten": args.forget, "examples": len(lessons.forget(bank, args.forget))}))
             return EXIT_OK
         if (args.label is None) == (args.not_rule is None):
             return _fail("give --label NAME (your own sound) or --not RULE (a false alarm), or --list / --forget ID")
@@ -286,8 +309,21 @@ def cmd_teach(args: argparse.Namespace) -> int:
             return _fail("give one of --files FILE..., --from-clip PATH, --from-event SEQ")
         if args.label is not None and not args.files:
             return _fail("--label takes --files")
-        print(json.dumps(teach(config, args)))
-    except (BankError, TeachError, ModelUnavailable, AudioFileError, ValueError) as exc:
+        if args.label is not None and args.label.startswith("not:"):
+            return _fail("teach a false alarm with --not RULE, not --label not:...")
+        if args.from_event is not None:
+            port = TeachingPort(config=lambda: config, find_event=find_event, embedder=embedder)
+            summary = lessons.teach_event(port, args.from_event, "not", expect_rule=args.not_rule)
+        else:
+            model = embedder(lessons.embedding_model_for(config, bank, args.not_rule, args.model))
+            if args.from_clip is not None:
+                cuts = lessons.cut_file(config, Path(args.from_clip), model, prefix="clip", at_s=config.clips.pre_s)
+            else:
+                cuts = [c for f in audio_files([Path(f) for f in args.files]) for c in lessons.cut_file(config, f, model)]
+            label = negative(args.not_rule) if args.not_rule is not None else args.label
+            summary = lessons.teach_recordings(config, model, bank, label, cuts)
+        print(json.dumps(summary))
+    except (BankError, lessons.TeachError, ModelUnavailable, AudioFileError, ValueError) as exc:
         return _fail(str(exc))
     return EXIT_OK
 
@@ -298,7 +334,7 @@ def cmd_enroll(args: argparse.Namespace) -> int:
         return EXIT_USAGE
     from monitord.sources import SourceError
     from monitord.tools.classify import AudioFileError, audio_files
-    from monitord.daemon import load_models
+    from monitord.inference.build import load_models
     from monitord.tools.evaluate import enrol, enrol_from_files, enrol_from_source
     from monitord.inference.models import ModelUnavailable
 
@@ -332,7 +368,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     if config is None:
         return EXIT_USAGE
     from monitord.tools.classify import AudioFileError
-    from monitord.daemon import load_models
+    from monitord.inference.build import load_models
     from monitord.tools.evaluate import evaluate, load_dataset, write_report
     from monitord.inference.models import ModelUnavailable
 
@@ -486,7 +522,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("teach", help="teach by example: your own sounds (--label) or a rule's false alarms (--not)")
     p.add_argument("-c", "--config", required=True)
-    p.add_argument("--bank", required=True, help="the bank (.npz) to add to, list or forget from")
+    p.add_argument("--bank", help="the bank (.npz) to add to, list or forget from; relative: to the config's folder, "
+                   "as in the config. With --not RULE: the rule's not_like bank (the default)")
     what = p.add_mutually_exclusive_group()
     what.add_argument("--label", help="teach these files as the label NAME")
     what.add_argument("--not", dest="not_rule", metavar="RULE", help="teach a false alarm of RULE")

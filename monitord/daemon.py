@@ -24,8 +24,9 @@ from monitord.alerts.engine import AlertEngine
 from monitord.alerts.stage import AlertsStage
 from monitord.config import Config, inactive_without
 from monitord.config.memory import ring_seconds  # in config: check-config counts the rings against the memory budget
+from monitord.inference.build import model_inputs
 from monitord.inference.models import Model, ModelUnavailable, build_model
-from monitord.inference.queue import WindowQueue
+from monitord.windowing.queue import WindowQueue
 from monitord.inference.worker import LOW, InferenceStage, Scorer
 from monitord.output.clips import ClipWriter
 from monitord.output.metrics import Metrics, RemoteFigures, Snapshot
@@ -36,7 +37,7 @@ from monitord.sources import open_source
 from monitord.stage import Channel, Health, Stage
 from monitord.types import Event, Publication, RulesChange, StageState, Window, iso_utc
 from monitord.windowing.stage import WindowingStage
-from monitord.windowing.tiling import ModelInput, WindowCutter
+from monitord.windowing.tiling import WindowCutter
 
 log = logging.getLogger(__name__)
 
@@ -52,76 +53,6 @@ RESTART_ONLY = ("sources", "gate", "window", "publish", "pipeline", "clips", "me
 
 class ReloadError(Exception):
     """A new config cannot be applied while running."""
-
-
-class LoadedModels(dict):
-    """The models that loaded, by name; ``unavailable``: the optional ones that could not be, and why."""
-
-    def __init__(self, models: Mapping[str, Model] = (), unavailable: Mapping[str, ModelUnavailable] | None = None):
-        super().__init__(models)
-        self.unavailable: dict[str, ModelUnavailable] = dict(unavailable or {})
-
-
-def load_models(config: Config, only: set[str] | None = None) -> LoadedModels:
-    """Build the configured models (or ``only`` these). A required model that cannot be loaded
-    raises ModelUnavailable with a readable reason; an ``optional`` one is left out and its reason
-    kept in ``unavailable`` (with those of the models that cannot work without it). Anomaly models
-    are built last, on the embedding model they use."""
-    from monitord.inference.models.anomaly import AnomalyDetector
-
-    wanted = {n: m for n, m in config.models.items() if only is None or n in only}
-    models = LoadedModels()
-    remote = set(config.inference.models) if config.inference is not None else set()
-
-    def build(name: str) -> None:
-        try:
-            if name in remote:  # scored by a `monitord serve` application; no weights here
-                from monitord.serve.client import RemoteModel
-
-                models[name] = RemoteModel(name, config.models[name], config.inference)
-            else:
-                models[name] = build_model(name, config.models[name])
-        except ModelUnavailable as exc:
-            if not config.models[name].optional:
-                raise
-            log.debug("optional model %s not loaded: %s", name, exc)  # said once, by whoever reports it (daemon: a warning with the fix)
-            models.unavailable[name] = exc
-
-    on_embeddings = ("anomaly", "examples")
-    for name, m in wanted.items():
-        if m.kind not in on_embeddings:
-            build(name)
-    for name, m in wanted.items():
-        if m.kind not in on_embeddings:
-            continue
-        if m.embedding_model not in models and m.embedding_model not in models.unavailable:
-            build(m.embedding_model)
-        if m.embedding_model in models.unavailable:
-            if not m.optional:
-                raise models.unavailable[m.embedding_model]
-            models.unavailable[name] = ModelUnavailable(
-                f"model {name}: its embedding model {m.embedding_model} is not loaded",
-                missing=f"its embedding model {m.embedding_model}", fix=models.unavailable[m.embedding_model].fix)
-            continue
-        try:
-            if m.kind == "examples":
-                from monitord.inference.models.examples import ExamplesModel
-
-                models[name] = ExamplesModel(name, m, models[m.embedding_model], config.window.seconds)
-            else:
-                models[name] = AnomalyDetector(name, m, models[m.embedding_model], config.window.seconds, config.window.hop_s)
-        except ModelUnavailable as exc:
-            if not m.optional:
-                raise
-            log.debug("optional model %s not loaded: %s", name, exc)  # said once, by whoever reports it (daemon: a warning with the fix)
-            models.unavailable[name] = exc
-    return models
-
-
-def model_inputs(config: Config, models: Mapping[str, Model]) -> dict[str, ModelInput]:
-    """What the windowing stage needs of each model: its rate and its own gate."""
-    return {name: ModelInput(model.sample_rate, config.models[name].gate if name in config.models else None)
-            for name, model in models.items()}
 
 
 class Daemon:
@@ -525,9 +456,47 @@ class Daemon:
     def feedback(self, seq: int, verdict: str, via: str = "api", expect: tuple[str, str] | None = None) -> dict:
         """Teach the alerting window of event SEQ to its rule's not_like bank (blocks: call it off
         an event loop); FeedbackError says why not."""
-        from monitord.examples.feedback import give
+        from monitord.teaching.feedback import give
 
-        return give(self, seq, verdict, via, expect)
+        return give(self.teaching_port, seq, verdict, via, expect)
+
+    @property
+    def teaching_port(self):
+        """What teaching may ask of the daemon: a logged event, a window's audio, an embedding."""
+        from monitord.teaching.port import TeachingPort
+
+        return TeachingPort(config=lambda: self.config, find_event=self._find_event, embedder=self.models.get,
+                            run_inference=self.score_upload, ring_audio=self._ring_audio)
+
+    def _find_event(self, seq: int) -> dict | None:
+        """Published event SEQ: from the event log, else the dashboard's recent events."""
+        import json
+
+        event_log = self.publisher.event_log
+        if event_log is not None:
+            lines, _ = event_log.read_since(seq - 1, 1)
+            try:
+                candidate = json.loads(lines[0]) if lines else None
+            except ValueError:  # a line being appended
+                candidate = None
+            if isinstance(candidate, dict) and candidate.get("seq") == seq:
+                return candidate
+        if self.dashboard is not None:
+            return next((e for e in list(self.dashboard.broadcaster.recent_events) if e.get("seq") == seq), None)
+        return None
+
+    def _ring_audio(self, source: str, start_s: float, seconds: float):
+        """(samples, rate) of ``source`` from stream time ``start_s`` on, while its ring still holds them."""
+        from monitord.sources.ring import Overrun
+
+        ring = next((s.ring for s in self.sources if s.id == source), None)
+        if ring is None:
+            return None
+        rate = ring.sample_rate
+        try:
+            return ring.read(round(start_s * rate), round(seconds * rate)), rate
+        except (Overrun, ValueError):
+            return None
 
     # the dashboard's try-it panel
 

@@ -87,7 +87,7 @@ def file_windows(path: Path, gate, rates=(48000,), hop_s: float = 0.5, ring_seco
     import time
 
     from monitord.config import SourceConfig, WindowConfig
-    from monitord.inference.queue import WindowQueue
+    from monitord.windowing.queue import WindowQueue
     from monitord.sources.file import FileSource
     from monitord.types import Window
     from monitord.windowing.stage import WindowingStage

@@ -86,7 +86,8 @@ class NodeRun:
 def run_node(config_path: Path, on_models=None) -> NodeRun:
     """`monitord run --until-done`, in this process; ``on_models(models)`` sees the recording models first."""
     from monitord.config import load_config
-    from monitord.daemon import Daemon, load_models
+    from monitord.daemon import Daemon
+    from monitord.inference.build import load_models
 
     config = load_config(config_path)
     models = {name: Recorder(m) for name, m in load_models(config).items()}

@@ -60,7 +60,7 @@ def odd_files(tmp_path):
 def test_odd_but_valid_audio_is_cleaned_converted_and_flagged(tmp_path, config):
     from monitord.tools.classify import classify_file
     from monitord.config import load_config
-    from monitord.daemon import load_models
+    from monitord.inference.build import load_models
 
     loaded = load_config(config)
     models = load_models(loaded)

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from monitord.config import ClapModelConfig, GateConfig, WindowConfig
-from monitord.daemon import load_models
+from monitord.inference.build import load_models
 from monitord.inference.models import ModelUnavailable
 from monitord.inference.models.clap import ClapZeroShot
 from monitord.windowing.tiling import ModelInput, WindowCutter

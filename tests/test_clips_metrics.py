@@ -9,7 +9,8 @@ import numpy as np
 import soundfile as sf
 
 from monitord.config import load_config
-from monitord.daemon import Daemon, load_models
+from monitord.daemon import Daemon
+from monitord.inference.build import load_models
 from tests.conftest import dominant_frequency, free_port, noise, rms_dbfs, silence, tone, write_wav
 from tests.test_e2e import read_log
 

@@ -58,7 +58,7 @@ def test_the_config_package_imports_nothing_from_serve_and_the_wire_format_nothi
 
 def test_the_old_import_names_still_work():
     from monitord.config import yamnet_class_names
-    from monitord.serve.wire import MIN_TOKEN_CHARS, TokenFileError, read_token  # noqa: F401
+    from monitord.inference.wire import MIN_TOKEN_CHARS, TokenFileError, read_token  # noqa: F401
 
     assert yamnet_class_names(None)[:2] == ("Speech", "Child speech, kid speaking")
     assert MIN_TOKEN_CHARS == 16
@@ -556,7 +556,8 @@ def build_what_run_builds(config, folder: Path) -> None:
     the event log and the ZeroMQ sockets with their options, each source's ring and window cutter,
     the MQTT client's connection settings, and every duration as a timed lock wait (what a timer
     cannot wait on, such as more than threading.TIMEOUT_MAX, raises there)."""
-    from monitord.daemon import Daemon, model_inputs, ring_seconds
+    from monitord.daemon import Daemon, ring_seconds
+    from monitord.inference.build import model_inputs
     from monitord.inference.models.base import ModelBase
     from monitord.sources import open_source
     from monitord.windowing.tiling import WindowCutter

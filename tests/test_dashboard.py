@@ -164,7 +164,8 @@ def try_it(tiny_clap, tmp_path):
     from starlette.testclient import TestClient
 
     from monitord.config import parse_config
-    from monitord.daemon import Daemon, load_models
+    from monitord.daemon import Daemon
+    from monitord.inference.build import load_models
     from monitord.output.dashboard import Dashboard
 
     config = parse_config(f"""

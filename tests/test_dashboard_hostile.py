@@ -451,7 +451,8 @@ def try_it_client(tmp_path):
     from starlette.testclient import TestClient
 
     from monitord.config import parse_config
-    from monitord.daemon import Daemon, load_models
+    from monitord.daemon import Daemon
+    from monitord.inference.build import load_models
     from monitord.output.dashboard import Dashboard
 
     config = parse_config(f"""
@@ -498,7 +499,8 @@ def test_try_it_ranks_classes_from_the_window_it_heard_and_says_which(try_it_cli
 @pytest.mark.parametrize("missing", ["a directory", "the hub"])
 def test_a_missing_optional_model_is_logged_once(tmp_path, caplog, monkeypatch, missing):
     from monitord.config import load_config
-    from monitord.daemon import Daemon, load_models
+    from monitord.daemon import Daemon
+    from monitord.inference.build import load_models
     from tests.test_optional import write
 
     caplog.set_level(logging.INFO)

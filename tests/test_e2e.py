@@ -275,7 +275,8 @@ def test_the_readme_demo_starts_alerts_only_on_scored_windows_and_ends_each_one(
     import threading
 
     from monitord.config import load_config
-    from monitord.daemon import Daemon, load_models
+    from monitord.daemon import Daemon
+    from monitord.inference.build import load_models
 
     write_wav(tmp_path / "beep.wav", np.concatenate([silence(2.0, 48000), tone(1000, 2.0, 48000, -13), silence(2.0, 48000)]), 48000)
     (tmp_path / "demo.yaml").write_text(f"""

@@ -84,7 +84,7 @@ def test_a_missing_model_file_says_where_to_get_it(tmp_path):
 def test_yamnet_ships_inside_the_package_and_is_the_default(tmp_path):
     import hashlib
 
-    from monitord.daemon import load_models
+    from monitord.inference.build import load_models
     from monitord.inference.models.yamnet import BUILTIN_FILE, BUILTIN_ID
 
     digest = hashlib.sha256(BUILTIN_FILE.read_bytes()).hexdigest()
@@ -105,7 +105,7 @@ def test_yamnet_ships_inside_the_package_and_is_the_default(tmp_path):
 def test_the_edge_preset_runs_with_nothing_to_download():
     """The preset needs no file outside the package: its models load from the config alone."""
     from monitord.config import load_config
-    from monitord.daemon import load_models
+    from monitord.inference.build import load_models
     from tests.conftest import REPO
 
     config = load_config(REPO / "config" / "home-security-edge.yaml")
@@ -183,7 +183,7 @@ def real_mix(seconds: float = 60.0, rate: int = 44100) -> np.ndarray:
 
 def test_full_pipeline_on_a_minute_of_real_sound_with_a_cascade(tmp_path, tiny_clap, capsys):
     from monitord.tools.classify import classify_file
-    from monitord.daemon import load_models
+    from monitord.inference.build import load_models
 
     shared_path(AUDIO)
     write_wav(tmp_path / "mix.wav", real_mix(60.0), 44100)

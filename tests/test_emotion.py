@@ -62,7 +62,7 @@ rules:
 def test_two_models_with_their_own_gates_see_different_windows(tiny_clap, tiny_emotion, tmp_path):
     """CLAP (energy gate) hears the tone burst and the speech; emotion (silero speech gate) only the speech."""
     from monitord.tools.classify import classify_file
-    from monitord.daemon import load_models
+    from monitord.inference.build import load_models
     from monitord.audio import resample
 
     need(shutil.which("espeak-ng") is not None, "espeak-ng is not installed")

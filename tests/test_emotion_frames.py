@@ -313,7 +313,8 @@ def test_a_stream_publishes_new_frames_with_its_scores_and_a_hold_rule_fires_on_
     import threading
 
     from monitord.config import load_config
-    from monitord.daemon import Daemon, load_models
+    from monitord.daemon import Daemon
+    from monitord.inference.build import load_models
     from tests.conftest import free_port, noise, write_wav
     from tests.test_e2e import read_log
 

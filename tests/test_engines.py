@@ -193,7 +193,7 @@ def test_the_engine_setting_travels_to_the_serve_tier(tiny_clap):
     engine, like device and dtype, is not part of the fingerprint capture nodes must match."""
     require("onnxruntime", "pip install -e '.[onnxruntime]'")
     from monitord.inference.models import build_model
-    from monitord.serve import wire
+    from monitord.inference import wire
 
     served = ClapModelConfig(model=str(tiny_clap), labels=TRAIN_LABELS, dtype="float32", engine="onnxruntime")
     node = ClapModelConfig(model=str(tiny_clap), labels=TRAIN_LABELS, dtype="float32", engine="torch")

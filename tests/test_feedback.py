@@ -25,7 +25,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from monitord.examples.bank import load
+from monitord.teaching.bank import load
 from tests.conftest import AUDIO, REPO, free_port, need, shared_path, wait_until, write_wav
 
 THUNDER = AUDIO / "thunder" / "thunder.wav"
@@ -153,7 +153,7 @@ def test_not_this_over_the_dashboard_api_stops_the_next_similar_window_at_once(t
             daemon.kill()
     bank = load(tmp_path / "loud-not.npz")
     assert bank.labels.tolist() == ["not:loud"] and bank.ids.tolist() == [answer["example"]]
-    assert bank.sources.tolist() == [f"event:{first['seq']}:ring:home@{first['stream_start']:.3f}"]
+    assert bank.sources.tolist() == [f"event:{first['seq']}:{first['id']}:ring:home@{first['stream_start']:.3f}"]
     assert_second_thunder_suppressed_applause_not(tmp_path, first)
 
 
@@ -165,7 +165,8 @@ def dashboard(tmp_path):
 
     from monitord.audio import read_mono
     from monitord.config import load_config
-    from monitord.daemon import Daemon, load_models
+    from monitord.daemon import Daemon
+    from monitord.inference.build import load_models
     from monitord.output.dashboard import Dashboard
     from monitord.types import Event
 
@@ -195,7 +196,7 @@ def feedback(client, seq=5, verdict="not_this", **headers):
 
 def test_feedback_from_a_clip_teaches_the_alerting_window_and_refuses_what_it_should(dashboard, tmp_path):
     from monitord.audio import read_mono
-    from monitord.tools.teach import cut_file
+    from monitord.teaching.teach import cut_file
 
     daemon, client_for = dashboard
     client = client_for()
@@ -206,7 +207,7 @@ def test_feedback_from_a_clip_teaches_the_alerting_window_and_refuses_what_it_sh
     bank = load(tmp_path / "loud-not.npz")
     assert bank.labels.tolist() == ["not:loud"]
     clip = tmp_path / "clips" / "a.wav"
-    assert bank.sources.tolist()[0] == f"event:5:clip:{clip}@2.000"
+    assert bank.sources.tolist()[0] == f"event:5:a:clip:{clip}@2.000"
     # the window taught is the alerting one: 2 s (clips.pre_s) into the clip, i.e. the thunder's start
     expected = daemon.models["yam"].score([cut_file(daemon.config, THUNDER, daemon.models["yam"], at_s=0.0)[0].window])[0]
     np.testing.assert_allclose(bank.embeddings[0], expected.embedding, atol=1e-4)
@@ -351,7 +352,7 @@ def test_not_this_over_mqtt_on_the_alert_seen_there_applies_at_once(tmp_path):
             daemon.kill()
         broker.stop()
     bank = load(tmp_path / "loud-not.npz")
-    assert bank.labels.tolist() == ["not:loud"] and bank.sources.tolist()[0] == f"event:{first['seq']}:clip:{first['clip']}@0.000"
+    assert bank.labels.tolist() == ["not:loud"] and bank.sources.tolist()[0] == f"event:{first['seq']}:{first['id']}:clip:{first['clip']}@0.000"
     assert_second_thunder_suppressed_applause_not(tmp_path, first)
 
 
@@ -373,7 +374,7 @@ def test_teach_from_event_on_a_live_daemons_alert_applies_at_once(tmp_path):
     finally:
         if daemon.poll() is None:
             daemon.kill()
-    assert load(tmp_path / "loud-not.npz").sources.tolist() == [f"event:{first['seq']}:clip:{first['clip']}@0.000"]
+    assert load(tmp_path / "loud-not.npz").sources.tolist() == [f"event:{first['seq']}:{first['id']}:clip:{first['clip']}@0.000"]
     assert_second_thunder_suppressed_applause_not(tmp_path, first)
 
 
@@ -406,7 +407,7 @@ def test_a_deeply_nested_feedback_request_is_a_clear_400_and_never_kills_the_mqt
     """A kilobyte of '[' is under the size cap but deeper than Python's recursion limit: json.loads
     raised RecursionError, which the dashboard answered with a 500 and which, raised in paho's
     on_message (suppress_exceptions is off), ended the MQTT network thread: no more events published."""
-    from monitord.examples.feedback import FeedbackError, parse_request
+    from monitord.teaching.feedback import FeedbackError, parse_request
 
     for body in (b"[" * 1000, b"[" * 1020, b'{"seq":' * 140):
         with pytest.raises(FeedbackError) as caught:

@@ -214,7 +214,7 @@ rules:
 
 def test_eval_counts_a_file_the_gate_hid_as_a_miss_not_a_prediction(tmp_path, random_clap):
     from monitord.config import parse_config
-    from monitord.daemon import load_models
+    from monitord.inference.build import load_models
     from monitord.tools.evaluate import Example, evaluate
 
     config = parse_config(f"""
@@ -234,7 +234,7 @@ models: {{clap: {{kind: clap, model: {random_clap}, labels: [tone, noise], dtype
 
 def test_eval_of_an_anomaly_model_reports_unscored_abnormal_files_as_missed(tmp_path, random_clap):
     from monitord.config import parse_config
-    from monitord.daemon import load_models
+    from monitord.inference.build import load_models
     from monitord.tools.evaluate import Example, enrol, enrol_from_files, evaluate
 
     text = f"""

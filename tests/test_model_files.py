@@ -65,7 +65,7 @@ def _child(kind: str, path: str) -> None:
     """Load the model, score a window, truncate its weights file to 0 bytes, score again; print JSON."""
     from monitord.config import ClapModelConfig, EmotionModelConfig, YamnetModelConfig
     from monitord.inference.models import build_model
-    from monitord.serve import wire
+    from monitord.inference import wire
 
     kind, _, engine = kind.partition("@")
     if kind == "clap":
@@ -110,7 +110,7 @@ def _expected_scores(model: Path, audio: np.ndarray) -> dict:
     """What a model folder gives the file's (identical) windows, scored here."""
     from monitord.config import ClapModelConfig
     from monitord.inference.models.clap import ClapZeroShot
-    from monitord.serve import wire
+    from monitord.inference import wire
 
     clap = ClapZeroShot("clap", ClapModelConfig(kind="clap", model=str(model), labels=TRAIN_LABELS, dtype="float32",
                                                 engine="torch"))

@@ -12,7 +12,8 @@ import pytest
 import soundfile as sf
 
 from monitord.config import inactive_without, load_config, parse_config
-from monitord.daemon import Daemon, load_models
+from monitord.daemon import Daemon
+from monitord.inference.build import load_models
 from monitord.inference.models import ModelUnavailable
 from tests.conftest import AUDIO, REPO, free_port, monitord_cmd, shared_path, silence, write_wav
 from tests.test_e2e import is_alert, read_log

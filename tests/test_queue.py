@@ -7,7 +7,7 @@ import time
 
 import numpy as np
 
-from monitord.inference.queue import WindowQueue
+from monitord.windowing.queue import WindowQueue
 from monitord.types import StreamEnd, Verdict, Window, WindowFacts, frozen_mapping
 
 FACTS = WindowFacts(-20.0, -10.0, -25.0, 0.0, 0, 0.0)

@@ -21,7 +21,7 @@ import numpy as np
 from monitord.config import load_config
 from monitord.daemon import Daemon
 from monitord.inference.models import ModelBase
-from monitord.serve.client import RemoteModel
+from monitord.inference.remote import RemoteModel
 from monitord.serve.service import InferenceService
 from monitord.types import Scores, StageState
 from tests.conftest import free_port, silence, tone, wait_until, write_wav
@@ -431,7 +431,7 @@ def loud_window(source: str, i: int):
     """A second of tone at ``i`` seconds that every model's gate passed."""
     from dataclasses import replace
 
-    from monitord.serve import wire
+    from monitord.inference import wire
     from monitord.types import Verdict, WindowFacts
 
     window = wire.make_window(wire.WindowMeta(source, i * RATE, RATE, RATE, 0.0, 0.0), tone(700, 1.0, RATE, -12), RATE)
@@ -443,7 +443,7 @@ def test_remote_answers_do_not_wait_for_the_local_tier_nor_it_for_them():
     """The stage alone: a remote model that answers only when told; the local tier's outcomes go on
     at once, the remote ones in queue order, and the source's end only after them."""
     from monitord.config import CascadeConfig
-    from monitord.inference.queue import WindowQueue
+    from monitord.windowing.queue import WindowQueue
     from monitord.inference.worker import InferenceStage, Scorer
     from monitord.stage import Channel
     from monitord.types import ScoredWindow, StreamEnd, Verdict
@@ -495,7 +495,7 @@ def test_remote_answers_do_not_wait_for_the_local_tier_nor_it_for_them():
 def test_over_the_bound_a_live_source_drops_its_own_oldest_waiting_window_even_one_in_the_air():
     """Even the window whose request is in the air: its answer, when it comes, is not used, and the
     windows behind it are handed on at once (memory stays bounded while the cluster hangs)."""
-    from monitord.inference.queue import WindowQueue
+    from monitord.windowing.queue import WindowQueue
     from monitord.inference.worker import InferenceStage, Scorer
     from monitord.stage import Channel
     from monitord.types import ScoredWindow, Verdict
@@ -540,7 +540,7 @@ def test_over_the_bound_a_live_source_drops_its_own_oldest_waiting_window_even_o
 
 
 def test_stopping_drains_remote_work_within_the_drain_timeout_and_hands_on_what_was_scored():
-    from monitord.inference.queue import WindowQueue
+    from monitord.windowing.queue import WindowQueue
     from monitord.inference.worker import InferenceStage, Scorer
     from monitord.stage import Channel
     from monitord.types import ScoredWindow, StreamEnd, Verdict

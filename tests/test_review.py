@@ -317,7 +317,7 @@ def test_a_try_it_job_is_not_starved_by_a_steady_trickle_of_windows():
     request hangs (its Future has no timeout)."""
     from types import MappingProxyType
 
-    from monitord.inference.queue import WindowQueue
+    from monitord.windowing.queue import WindowQueue
     from monitord.inference.worker import LOW, InferenceStage, Scorer
     from tests.test_faults import ScriptedModel
 

@@ -329,9 +329,9 @@ def test_windows_held_for_a_down_cluster_are_unbounded_when_later_windows_need_n
 
     from monitord.config import CascadeConfig
     from monitord.inference.models import ModelBase
-    from monitord.inference.queue import WindowQueue
+    from monitord.windowing.queue import WindowQueue
     from monitord.inference.worker import InferenceStage, Scorer, _Job
-    from monitord.serve.client import InferenceUnavailable
+    from monitord.inference.remote import InferenceUnavailable
     from monitord.stage import Channel
     from monitord.types import WindowFacts
     from tests.test_remote_stage import RATE, LocalTier, loud_window
@@ -405,7 +405,7 @@ def test_a_download_that_breaks_off_is_not_model_unavailable_so_an_optional_mode
 def test_an_answer_with_nan_or_out_of_range_probabilities_is_refused_not_used():
     import numpy as np
 
-    from monitord.serve import wire
+    from monitord.inference import wire
 
     def answer(values):
         return wire.encode_response(wire.ScoreResponse("r", "clap", ("tone", "noise"), (("a", 0),),
@@ -421,7 +421,7 @@ def test_an_answer_bigger_than_any_batch_is_refused_unread():
     import http.server
     import threading
 
-    from monitord.serve.client import MAX_ANSWER_BYTES, HttpTransport, InferenceRefused
+    from monitord.inference.remote import MAX_ANSWER_BYTES, HttpTransport, InferenceRefused
     from tests.conftest import free_port
 
     class Huge(http.server.BaseHTTPRequestHandler):

@@ -176,8 +176,8 @@ def test_two_capture_nodes_get_the_same_events_as_local_inference(cluster, tiny_
 def test_windows_of_many_nodes_meet_in_one_forward_pass(cluster, tiny_clap):
     from monitord.config import ClapModelConfig, InferenceConfig
     from monitord.inference.models import build_model
-    from monitord.serve import wire
-    from monitord.serve.client import RemoteModel
+    from monitord.inference import wire
+    from monitord.inference.remote import RemoteModel
 
     config = ClapModelConfig(model=str(tiny_clap), labels=TRAIN_LABELS, dtype="float32", batch_max=2)
     target = InferenceConfig(url=cluster.url, models=("clap",), timeout_s=30)
@@ -260,7 +260,7 @@ def _post(url: str, body: bytes, headers: dict | None = None) -> tuple[int, dict
 
 
 def test_bad_bodies_are_clear_errors_over_serve(cluster, tiny_clap):
-    from monitord.serve import wire
+    from monitord.inference import wire
 
     status, answer = _post(f"{cluster.url}/v1/score", b"MNTD\x07\x00\x01\x00\x00\x00\x00\x00")
     assert status == 400 and "wire version 7 is not supported" in answer["error"]
@@ -287,7 +287,7 @@ def test_bad_bodies_are_clear_errors_over_serve(cluster, tiny_clap):
 def test_a_node_with_other_labels_cannot_start_against_the_cluster(cluster, tiny_clap):
     from monitord.config import ClapModelConfig, InferenceConfig
     from monitord.inference.models.base import ModelUnavailable
-    from monitord.serve.client import RemoteModel
+    from monitord.inference.remote import RemoteModel
 
     config = ClapModelConfig(model=str(tiny_clap), labels=("tone", "noise", "speech", "siren"))
     with pytest.raises(ModelUnavailable, match=r"models\.clap: .*labels"):

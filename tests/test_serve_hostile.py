@@ -131,7 +131,7 @@ def chunked(chunks: Iterator[bytes]) -> Iterator[bytes]:
 
 def score_body(model: str = "clap", seconds: float = 2.0) -> bytes:
     from monitord.config import ClapModelConfig
-    from monitord.serve import wire
+    from monitord.inference import wire
 
     n = int(seconds * RATE)
     meta = wire.WindowMeta("rec", 0, RATE, n, 1.7e9, 1.7e9)
@@ -234,7 +234,7 @@ def test_a_chunked_body_is_read_up_to_the_limit_and_never_past_it():
 
 
 def test_a_right_token_gets_scores_through_the_same_handler():
-    from monitord.serve import wire
+    from monitord.inference import wire
 
     body = score_body()
     with replica_server() as server:

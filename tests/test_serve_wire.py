@@ -28,8 +28,8 @@ from hypothesis import strategies as st
 from monitord.config import ClapModelConfig, EmotionModelConfig, InferenceConfig, load_serve_config, parse_config
 from monitord.inference.models.base import ModelUnavailable
 from monitord.types import Scores
-from monitord.serve import wire
-from monitord.serve.client import (Availability, InFlight, InferenceRefused, InferenceUnavailable,
+from monitord.inference import wire
+from monitord.inference.remote import (Availability, InFlight, InferenceRefused, InferenceUnavailable,
                                    RemoteModel, RemoteModelError)
 from monitord.serve.service import InferenceService
 from tests.conftest import config_problems, free_port, need, noise, silence, tone, write_wav
@@ -652,7 +652,7 @@ def test_monitord_serve_refuses_bad_configs_and_an_open_address_without_a_token(
 
 
 def test_a_capture_node_that_only_sends_imports_no_ray_and_no_torch():
-    code = ("import sys; from monitord.daemon import load_models; import monitord.serve.client, monitord.serve; "
+    code = ("import sys; from monitord.inference.build import load_models; import monitord.inference.remote, monitord.serve; "
             "print(sorted(m for m in ('ray', 'torch', 'transformers') if m in sys.modules))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, cwd=Path(__file__).parents[1])
     assert out.returncode == 0, out.stderr

@@ -22,9 +22,9 @@ from hypothesis import strategies as st
 
 from monitord.cli import main
 from monitord.config import load_config
-from monitord.examples.bank import Bank, BankError, BankFile, Embedder, load, negative, save
-from monitord.examples.knn import calibrate
-from monitord.examples.suppress import NotLike, nearest_negative
+from monitord.teaching.bank import Bank, BankError, BankFile, Embedder, load, negative, save
+from monitord.teaching.knn import calibrate
+from monitord.teaching.suppress import NotLike, nearest_negative
 from monitord.inference.models.yamnet import BUILTIN_FILE, EMBEDDING_TENSOR, frame_levels, mean_embedding
 from tests.conftest import AUDIO, REPO, free_port, shared_path
 
@@ -213,7 +213,7 @@ MAX_DIM_PLUS = 4097
 
 
 def _add_many(path: str, label: str, count: int) -> None:
-    from monitord.tools.teach import add
+    from monitord.teaching.teach import add
 
     for i in range(count):
         add(Path(path), YAM, np.random.default_rng(i).random((1, 1024)), label, [f"file:/{label}.wav@{i}"])
@@ -256,8 +256,8 @@ def test_a_bank_with_text_that_is_not_unicode_is_a_clear_error(tmp_path):
 def test_a_bank_is_never_written_larger_than_load_accepts(tmp_path, monkeypatch):
     """save() wrote any size and load() refuses more than MAX_EXAMPLES: the next teach, feedback or
     daemon start found the whole bank unreadable. add() refuses instead, with what to do."""
-    from monitord.examples import bank as bank_module
-    from monitord.tools.teach import TeachError, add
+    from monitord.teaching import bank as bank_module
+    from monitord.teaching.teach import TeachError, add
 
     monkeypatch.setattr(bank_module, "MAX_EXAMPLES", 5)
     path = tmp_path / "b.npz"
@@ -416,8 +416,8 @@ def test_calibrating_a_label_taught_from_hours_of_sound_stays_small():
 @pytest.fixture(scope="module")
 def real_windows():
     """Every window (2 s every 0.5 s, gate passed) of the non-speech recordings, YAMNet-embedded."""
-    from monitord.daemon import load_models
-    from monitord.tools.teach import cut_file, embed
+    from monitord.inference.build import load_models
+    from monitord.teaching.teach import cut_file, embed
 
     shared_path(AUDIO)
     config = load_config(write_config(Path(__import__("tempfile").mkdtemp())))
@@ -504,8 +504,8 @@ def test_teach_cli_end_to_end_on_real_recordings(tmp_path, capsys):
     bank = load(tmp_path / "taught.npz")
     assert set(bank.labels.tolist()) == {"thunder", "applause"} and stat.S_IMODE(os.stat(tmp_path / "taught.npz").st_mode) == 0o600
     # the examples model of this config scores a new thunder recording as thunder
-    from monitord.daemon import load_models
-    from monitord.tools.teach import cut_file
+    from monitord.inference.build import load_models
+    from monitord.teaching.teach import cut_file
 
     models = load_models(load_config(config))
     cuts = cut_file(load_config(config), THUNDER, models["yam"])[:2]  # the thunderclap at its start
@@ -619,7 +619,7 @@ rules:
 def test_examples_on_clap_embeddings_and_a_yamnet_bank_refused(tmp_path, random_clap):
     """`embedding_model: clap` uses CLAP's audio embedding; a bank of YAMNet embeddings is refused,
     saying why (a tiny CLAP with random weights: only the mechanism is tested)."""
-    from monitord.daemon import load_models
+    from monitord.inference.build import load_models
     from monitord.inference.models import ModelUnavailable
     from tests.conftest import noise, tone, write_wav
 
@@ -637,7 +637,7 @@ models:
     bank = load(tmp_path / "taught.npz")
     assert bank.embedder.model_id == str(random_clap) and bank.embedder.sample_rate == 48000 and bank.embedder.dim == 16
     models = load_models(load_config(config))
-    from monitord.tools.teach import cut_file
+    from monitord.teaching.teach import cut_file
 
     cuts = cut_file(load_config(config), tmp_path / "tone.wav", models["clap"])[:1]
     scored = models["taught"].score([c.window for c in cuts], models["clap"].score([c.window for c in cuts]))
@@ -666,7 +666,7 @@ def test_teach_from_a_logged_event_takes_the_alerting_window_of_its_clip(tmp_pat
     assert code == 0, capsys.readouterr().err
     bank = load(tmp_path / "loud-not.npz")
     assert json.loads(out)["added"] == 1 and bank.labels.tolist() == ["not:loud"]
-    assert bank.sources.tolist() == [f"event:5:clip:{clip}@2.000"]
+    assert bank.sources.tolist() == [f"event:5:a:clip:{clip}@2.000"]
     code, _ = teach_cli(config, "loud-not.npz", "--not", "loud", "--from-clip", str(clip))
     assert code == 0 and load(tmp_path / "loud-not.npz").sources.tolist()[-1] == f"clip:{clip}@2.000"
     np.testing.assert_allclose(*load(tmp_path / "loud-not.npz").embeddings, atol=1e-6)  # the same window, both ways

@@ -17,7 +17,7 @@ from typing import Any
 
 from monitord.alerts.engine import AlertEngine, Transition
 from monitord.alerts.frames import Curve, FrameAlert, FrameTracker, Released
-from monitord.examples.suppress import Match, NotLike, suppressed_event
+from monitord.teaching.suppress import Match, NotLike, suppressed_event
 from monitord.stage import Channel, Closed, Stage
 from monitord.types import Event, Publication, RulesChange, Scores, ScoredWindow, StreamEnd, Verdict, Window, iso_utc
 

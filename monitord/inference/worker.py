@@ -28,9 +28,9 @@ from queue import Empty, PriorityQueue
 
 from monitord.config import CascadeConfig
 from monitord.inference.models.base import Model
-from monitord.inference.queue import Item, WindowQueue
-from monitord.serve.client import Availability, InferenceRefused, InferenceUnavailable, InFlight, RemoteModelError
-from monitord.serve.client import Outcome as RemoteOutcome
+from monitord.windowing.queue import Item, WindowQueue
+from monitord.inference.remote import Availability, InferenceRefused, InferenceUnavailable, InFlight, RemoteModelError
+from monitord.inference.remote import Outcome as RemoteOutcome
 from monitord.stage import Channel, Stage
 from monitord.types import Outcome, ScoredWindow, Scores, StreamEnd, Verdict, Window
 

@@ -7,7 +7,7 @@ widget polls. A try-it panel scores an uploaded file with whatever is loaded, of
 YAMNet's top classes and groups, and CLAP's zero-shot probabilities for typed labels. Loopback only unless a token is set; static files ship in the package.
 
 Each alert onset in the event list has "not this" / "yes, this" buttons (``POST /api/feedback``,
-``monitord.examples.feedback``): the window is taught to the rule's ``not_like`` bank at once.
+``monitord.teaching.feedback``): the window is taught to the rule's ``not_like`` bank at once.
 
 A loopback dashboard answers only requests whose ``Host`` is a loopback name or one of
 ``http.allowed_hosts`` (a DNS-rebinding page cannot read it), and ``/healthz`` answers probes.
@@ -348,7 +348,7 @@ class Dashboard:
             return JSONResponse(result)
 
         async def feedback(request):
-            from monitord.examples.feedback import MAX_REQUEST_BYTES, FeedbackError, give, parse_request
+            from monitord.teaching.feedback import MAX_REQUEST_BYTES, FeedbackError, parse_request
 
             if not same_origin(request):
                 return JSONResponse({"error": "cross-site request refused"}, status_code=403)
@@ -361,7 +361,7 @@ class Dashboard:
             try:
                 seq, verdict = parse_request(data)
                 async with self._feedback_lock:  # one at a time: each waits for the inference thread once
-                    result = await asyncio.get_running_loop().run_in_executor(None, give, self.daemon, seq, verdict, "dashboard")
+                    result = await asyncio.get_running_loop().run_in_executor(None, self.daemon.feedback, seq, verdict, "dashboard")
             except FeedbackError as exc:
                 return JSONResponse({"error": str(exc)}, status_code=exc.status)
             return JSONResponse(result)

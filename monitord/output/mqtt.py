@@ -580,7 +580,7 @@ class MqttSink:
             log.exception("mqtt: a feedback message could not be handled")
 
     def _on_feedback_message(self, client, message) -> None:
-        from monitord.examples.feedback import MAX_REQUEST_BYTES, FeedbackError, parse_request
+        from monitord.teaching.feedback import MAX_REQUEST_BYTES, FeedbackError, parse_request
 
         pair = self.topics.feedback_pair(message.topic)
         if pair is None:
@@ -621,7 +621,7 @@ class MqttSink:
                 self._feedback_pending -= 1
 
     def _apply_feedback_now(self, client, topic: str, seq: int, verdict: str, pair: tuple[str, str]) -> None:
-        from monitord.examples.feedback import FeedbackError
+        from monitord.teaching.feedback import FeedbackError
 
         try:
             answer = self.feedback(seq, verdict, "mqtt", expect=pair)

@@ -24,7 +24,7 @@ from starlette.responses import Response
 
 from monitord.config import ServeFile, load_serve_config
 from monitord.inference.models.base import Model
-from monitord.serve import wire
+from monitord.inference import wire
 from monitord.serve.service import InferenceService, Scored, is_loopback
 from monitord.types import Window
 

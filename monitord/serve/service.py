@@ -4,7 +4,7 @@
 replicas, health checks); tests and tools can put it behind any HTTP server. Paths, under the
 application's route (``/monitord`` by default):
 
-- ``POST /v1/score``: a wire-format request (``monitord.serve.wire``) -> scores.
+- ``POST /v1/score``: a wire-format request (``monitord.inference.wire``) -> scores.
 - ``GET /v1/models``: the models served, with their rate, fingerprint and definition (JSON).
 - ``GET /v1/stats``: this replica's counters: forward passes by batch size, windows, requests.
 
@@ -34,7 +34,7 @@ import numpy as np
 from monitord import net
 from monitord.inference.models.base import Model
 from monitord.types import Scores
-from monitord.serve import wire
+from monitord.inference import wire
 from monitord.types import Window
 
 log = logging.getLogger(__name__)

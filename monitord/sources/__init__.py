@@ -13,30 +13,13 @@ device's callback or an ffmpeg process, and it is restarted like any other stage
 
 from __future__ import annotations
 
-from collections.abc import Callable
-from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from monitord.config import SourceConfig
 
-DEFAULT_DEVICE_RATE = 48000
+from monitord.sources.common import DEFAULT_DEVICE_RATE, CaptureStats, SourceError, StatusCallback
 
-StatusCallback = Callable[[str, str, str], None]
-"""(source id, status, detail), e.g. ("kitchen", "down", "stream ended")."""
-
-
-class SourceError(Exception):
-    """A source cannot be opened; the message says why and what is available."""
-
-
-@dataclass
-class CaptureStats:
-    blocks: int = 0
-    frames: int = 0
-    input_overflows: int = 0
-    input_underflows: int = 0
-    callback_seconds: float = 0.0
-    """Total time spent inside the capture callback."""
+__all__ = ["DEFAULT_DEVICE_RATE", "CaptureStats", "SourceError", "StatusCallback", "open_source"]
 
 
 def open_source(config: SourceConfig, ring_seconds: float, on_status: StatusCallback) -> "Source":

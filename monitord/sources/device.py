@@ -11,7 +11,7 @@ import numpy as np
 
 from monitord.audio import to_mono
 from monitord.config import SourceConfig
-from monitord.sources import DEFAULT_DEVICE_RATE, CaptureStats, SourceError, StatusCallback
+from monitord.sources.common import DEFAULT_DEVICE_RATE, CaptureStats, SourceError, StatusCallback
 from monitord.sources.live import LiveSource
 from monitord.sources.ring import RingBuffer
 

@@ -7,7 +7,7 @@ import time
 
 from monitord.audio import AudioFileError, check_format, to_mono
 from monitord.config import SourceConfig
-from monitord.sources import CaptureStats, SourceError, StatusCallback
+from monitord.sources.common import CaptureStats, SourceError, StatusCallback
 from monitord.sources.ring import RingBuffer
 from monitord.stage import Stage
 

@@ -11,7 +11,7 @@ import time
 import numpy as np
 
 from monitord.config import SourceConfig
-from monitord.sources import CaptureStats, SourceError, StatusCallback
+from monitord.sources.common import CaptureStats, SourceError, StatusCallback
 from monitord.sources.ring import RingBuffer
 from monitord.stage import Stage
 

@@ -12,7 +12,7 @@ from collections import deque
 import numpy as np
 
 from monitord.config import SourceConfig
-from monitord.sources import DEFAULT_DEVICE_RATE, SourceError, StatusCallback
+from monitord.sources.common import DEFAULT_DEVICE_RATE, SourceError, StatusCallback
 from monitord.sources.live import LiveSource
 from monitord.sources.ring import RingBuffer
 

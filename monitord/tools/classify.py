@@ -11,7 +11,7 @@ import numpy as np
 
 from monitord.audio import AudioFileError, read_mono
 from monitord.config import Config
-from monitord.daemon import model_inputs
+from monitord.inference.build import model_inputs
 from monitord.inference.models import Model
 from monitord.inference.worker import Scorer
 from monitord.types import FrameScores, ScoredWindow, Verdict, Window

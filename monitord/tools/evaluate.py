@@ -32,7 +32,7 @@ from monitord.alerts.engine import AlertEngine
 from monitord.audio import read_mono
 from monitord.config import Config, SourceConfig
 from monitord.inference.models.anomaly import build_bank, roc_auc
-from monitord.inference.queue import WindowQueue
+from monitord.windowing.queue import WindowQueue
 from monitord.tools.classify import audio_files, classify_file
 from monitord.types import StreamEnd, Window
 from monitord.windowing.stage import WindowingStage
@@ -152,7 +152,7 @@ def _classifier_report(config: Config, model_name: str, model, per_file) -> dict
 def _rules_report(rules, model_name: str, per_file) -> dict[str, Any]:
     """Per rule: the files of its label on which it raised an onset, and its false alarms per hour on
     background files; for a rule with ``not_like``, also both without its bank (taught false alarms)."""
-    from monitord.examples.suppress import NotLike
+    from monitord.teaching.suppress import NotLike
 
     report: dict[str, Any] = {}
     for rule in rules:

@@ -7,7 +7,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from monitord.inference.queue import WindowQueue
+from monitord.windowing.queue import WindowQueue
 from monitord.sources.ring import Overrun, RingBuffer
 from monitord.stage import Stage
 from monitord.types import StreamEnd, Window

@@ -7,6 +7,7 @@ Every model kind (CLAP, speech emotion, YAMNet, anomaly, a remote model) impleme
 from __future__ import annotations
 
 from collections.abc import Sequence
+from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
 
 from monitord.types import Scores, Window
@@ -82,7 +83,7 @@ class ModelBase:
     weights_path: str | None = None
     """The directory or file the weights were loaded from; None: not from local files (a hub id, remote)."""
     weights_fingerprint: str | None = None
-    """How those files looked just before they were read (``loading.folder_fingerprint``)."""
+    """How those files looked just before they were read (``folder_fingerprint``)."""
 
     def __init__(self, name: str, config: Any):
         self.name = name
@@ -92,15 +93,11 @@ class ModelBase:
 
     def note_weights(self, path: str) -> None:
         """Remember how the files at ``path`` look before they are read (see ``weights_changed``)."""
-        from monitord.inference.models.loading import folder_fingerprint
-
         self.weights_fingerprint = folder_fingerprint(path)
         self.weights_path = path if self.weights_fingerprint is not None else None
 
     def weights_changed(self) -> bool:
         """Whether the files the weights came from were replaced or changed since (a SIGHUP reloads them)."""
-        from monitord.inference.models.loading import folder_fingerprint
-
         return self.weights_path is not None and folder_fingerprint(self.weights_path) != self.weights_fingerprint
 
     def use_weights(self, loaded: ModelBase) -> None:
@@ -122,3 +119,23 @@ class ModelBase:
 
     def fall_back_to_cpu(self) -> None:
         return None
+
+def folder_fingerprint(ref: str) -> str | None:
+    """What a model's files look like on disk (name, size, inode, change times of each file of a
+    directory, or of one model file), to tell on SIGHUP whether they were replaced; None for a hub
+    id (the cache's files are never rewritten in place) or a path that is not there."""
+    path = Path(ref)
+    if path.is_file():
+        files = [path]
+    elif path.is_dir():
+        files = sorted(p for p in path.iterdir() if not p.name.startswith(".") and p.is_file())
+    else:
+        return None
+    parts = []
+    for file in files:
+        try:
+            st = file.stat()
+        except OSError:
+            continue
+        parts.append(f"{file.name}:{st.st_size}:{st.st_ino}:{st.st_mtime_ns}:{st.st_ctime_ns}")
+    return "|".join(parts)

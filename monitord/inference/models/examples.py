@@ -2,7 +2,7 @@
 model's window embeddings (YAMNet's by default, CLAP's where the config names a clap model).
 
 The bank (``monitord teach``) is read again whenever its file changes, so a taught example counts
-from the next batch on, with no restart. See ``monitord.examples.knn`` for the scores and what
+from the next batch on, with no restart. See ``monitord.teaching.knn`` for the scores and what
 0.5 means.
 """
 
@@ -14,8 +14,8 @@ from collections.abc import Sequence
 import numpy as np
 
 from monitord.config import ExamplesModelConfig
-from monitord.examples.bank import Bank, BankError, BankFile, Embedder
-from monitord.examples.knn import Calibrated, calibrate
+from monitord.teaching.bank import Bank, BankError, BankFile, Embedder
+from monitord.teaching.knn import Calibrated, calibrate
 from monitord.inference.models.base import ModelBase, ModelUnavailable
 from monitord.types import Scores, Window, frozen_mapping
 

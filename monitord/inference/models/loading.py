@@ -183,25 +183,6 @@ def _file_mapped() -> Callable[[Any], bool]:
     return test
 
 
-def folder_fingerprint(ref: str) -> str | None:
-    """What a model's files look like on disk (name, size, inode, change times of each file of a
-    directory, or of one model file), to tell on SIGHUP whether they were replaced; None for a hub
-    id (the cache's files are never rewritten in place) or a path that is not there."""
-    path = Path(ref)
-    if path.is_file():
-        files = [path]
-    elif path.is_dir():
-        files = sorted(p for p in path.iterdir() if not p.name.startswith(".") and p.is_file())
-    else:
-        return None
-    parts = []
-    for file in files:
-        try:
-            st = file.stat()
-        except OSError:
-            continue
-        parts.append(f"{file.name}:{st.st_size}:{st.st_ino}:{st.st_mtime_ns}:{st.st_ctime_ns}")
-    return "|".join(parts)
 
 
 def download(ref: str, what: str) -> str:

@@ -36,7 +36,7 @@ import numpy as np
 
 from monitord.config import EMOTIONS, InferenceConfig, yamnet_class_names
 from monitord.inference.models.base import LabelsFixed, ModelBase, ModelUnavailable
-from monitord.serve import wire
+from monitord.inference import wire
 from monitord.types import Scores, Window, frozen_mapping
 
 log = logging.getLogger(__name__)

@@ -25,7 +25,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from monitord.examples.bank import Bank
+from monitord.teaching.bank import Bank
 
 DEFAULT_T = 0.05
 """The temperature of a label whose examples all come from one recording (no margin to measure)."""

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from monitord.examples.bank import Bank, BankFile, negative
+from monitord.teaching.bank import Bank, BankFile, negative
 from monitord.types import Scores
 
 log = logging.getLogger(__name__)
