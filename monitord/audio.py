@@ -1,4 +1,5 @@
-"""Small audio helpers every stage shares: mono mix-down, resampling, reading a file."""
+"""Small audio helpers every stage shares: mono mix-down, resampling, reading a file, and a room's
+reverberation for the sounds the references and benchmarks place in one."""
 
 from __future__ import annotations
 
@@ -75,3 +76,25 @@ def read_mono(source: Path | bytes, max_seconds: float | None = None) -> tuple[n
         raise AudioFileError(f"audio file {name} holds no samples")
     return np.ascontiguousarray(to_mono(data)), int(rate)
 
+
+
+def reverb(x: np.ndarray, rt60: float, rng: np.random.Generator, rate: int) -> np.ndarray:
+    """``x`` heard in a room: convolved with exponentially decaying noise that falls 60 dB in ``rt60``
+    seconds (the direct sound kept at the start), at the same energy; ``rt60`` 0 is the dry sound."""
+    if rt60 <= 0:
+        return x
+    n = int(rt60 * rate)
+    ir = rng.standard_normal(n) * np.exp(-6.9 * np.arange(n) / n)  # -60 dB at rt60
+    ir[0] = 1.0
+    ir /= np.sqrt(np.sum(ir**2))
+    size = len(x) + n - 1
+    y = np.fft.irfft(np.fft.rfft(x, size) * np.fft.rfft(ir, size), size)[: len(x)]
+    return y.astype(np.float32)
+
+
+def pink_noise(n: int, rng: np.random.Generator) -> np.ndarray:
+    """``n`` samples of pink (1/f) noise at unit RMS."""
+    spectrum = np.fft.rfft(rng.standard_normal(n))
+    spectrum /= np.sqrt(np.maximum(np.arange(len(spectrum)), 1.0))
+    y = np.fft.irfft(spectrum, n)
+    return (y / max(float(np.sqrt(np.mean(y**2))), 1e-12)).astype(np.float32)

@@ -53,7 +53,14 @@ def cmd_check_config(args: argparse.Namespace) -> int:
                  f"models {', '.join(sorted(m for m in models if m != name))}" if len(models) > 1 else ""]
         depends = "; ".join(p for p in parts if p) or "nothing depends on it"
         print(f"models.{name}: optional: where it cannot be loaded, monitord starts without it; inactive then: {depends}")
-    return EXIT_OK
+    from monitord.teaching.teach import check_banks
+
+    problems, notes = check_banks(config)
+    for note in notes:
+        print(note)
+    for problem in problems:
+        print(f"monitord: {problem}", file=sys.stderr)
+    return EXIT_USAGE if problems else EXIT_OK
 
 
 def cmd_run(args: argparse.Namespace) -> int:
@@ -82,10 +89,12 @@ def cmd_run(args: argparse.Namespace) -> int:
         return _fail(str(exc))
     if stop.is_set():
         return EXIT_OK
+    from monitord.teaching.references import ReferenceUnreadable
+
     try:
         daemon = Daemon(config, models, unavailable=models.unavailable)
         daemon.start()
-    except (SourceError, PublishError) as exc:
+    except (SourceError, PublishError, ReferenceUnreadable) as exc:
         return _fail(str(exc))
     if daemon.dashboard is not None:
         url = daemon.dashboard.url  # the dashboard logs it too
@@ -369,6 +378,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
         return EXIT_USAGE
     from monitord.tools.classify import AudioFileError
     from monitord.inference.build import load_models
+    from monitord.teaching.references import ReferenceUnreadable
     from monitord.tools.evaluate import evaluate, load_dataset, write_report
     from monitord.inference.models import ModelUnavailable
 
@@ -383,7 +393,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
         if name in models.unavailable:  # optional, and not there: it is the one to evaluate
             raise models.unavailable[name]
         report = evaluate(config, models, name, examples)
-    except (ModelUnavailable, AudioFileError, ValueError, OSError) as exc:
+    except (ModelUnavailable, AudioFileError, ValueError, OSError, ReferenceUnreadable) as exc:
         return _fail(str(exc))
     write_report(report, Path(args.out))
     summary = {k: v for k, v in report.items() if k not in ("file_scores", "confusion")}
@@ -562,6 +572,11 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return args.func(args)
     except KeyboardInterrupt:
+        return EXIT_OK
+    except BrokenPipeError:  # `monitord teach --list | head`: the reader is gone, which is no error
+        import os
+
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # nothing more to flush at exit
         return EXIT_OK
 
 

@@ -101,6 +101,7 @@ class Daemon:
         self._last_overload: dict[str, float] = {}
         self._last_remote_overload: dict[str, float] = {}
         self._idle_turns = 0
+        self._reference_round = 0
 
     def _configured_sinks(self) -> list[Sink]:
         """The sinks the config asks for (MQTT, notifications); PublishError naming the extra to
@@ -134,7 +135,9 @@ class Daemon:
         """Open the log, sockets and servers, then every source, then start the stages; raises
         SourceError/PublishError (naming the key to fix) before capturing anything, having closed
         what it had opened. Without ``open_sources`` the pipeline runs from the window queue on
-        (the benchmark feeds it windows)."""
+        (the benchmark feeds it windows). A rule's reference recordings that cannot be read raise
+        ReferenceUnreadable before anything is opened."""
+        self.alerts.not_like.references = self._references(self.config, only_cached=True)
         self.publisher.start()
         try:
             self._start_servers()
@@ -163,6 +166,7 @@ class Daemon:
             stage.start()
         for name, reason in self.unavailable.items():
             self._report_unavailable(name, reason)
+        self._embed_references_soon(self.config)
 
     def _report_unavailable(self, name: str, reason: ModelUnavailable) -> None:
         """One status event (and log line) per optional model left out: what is missing, what fixes it, what is off."""
@@ -414,7 +418,9 @@ class Daemon:
                 self.models[name].use_weights(loaded)
             for name, labels in prepared.items():
                 self.models[name].use_labels(labels)
+            self.alerts.not_like.references = self._references(new, only_cached=True)  # before the rules that use them
             self.inference.emit(RulesChange(new.rules))
+            self._embed_references_soon(new)
 
         if not self.inference.alive:
             raise ReloadError("the inference stage is not running (see the stage_failed status)")
@@ -450,6 +456,38 @@ class Daemon:
                 raise ReloadError(f"models.{name}: the weights in {model.weights_path} could not be loaded ({exc}); "
                                   f"the old ones keep scoring") from None
         return loaded
+
+    def _references(self, config: Config, only_cached: bool = False) -> dict:
+        """Each rule's reference positives (``not_like.reference``), embedded by its model: what
+        "not this" can never teach the rule away from. Kept in the state directory between starts;
+        ``only_cached``: those alone (a rule whose references are not ready suppresses nothing)."""
+        from monitord.config import state_dir
+        from monitord.teaching.references import for_rules
+
+        return for_rules(config, self.models.get, state_dir() / "references", only_cached=only_cached)
+
+    def _embed_references_soon(self, config: Config) -> None:
+        """Embed the references not kept yet on the inference thread, when no window waits for it."""
+        from monitord.teaching.references import needed
+
+        self._reference_round += 1
+        round_ = self._reference_round
+        missing = [n for n in needed(config, self.models.get) if n.rule_id not in self.alerts.not_like.references]
+        if not missing:
+            return
+
+        def embed() -> None:
+            try:
+                found = self._references(config)
+            except Exception as exc:  # noqa: BLE001 - the rules stay as they are: suppressing nothing
+                log.error("references could not be embedded (%s): the taught false alarms of rules %s suppress nothing",
+                          exc, ", ".join(n.rule_id for n in missing))
+                return
+            if round_ == self._reference_round:  # not overtaken by a reload
+                self.alerts.not_like.references = found
+                log.info("references ready for rules %s", ", ".join(sorted(found)))
+
+        self.inference.submit(embed, priority=LOW)
 
     # feedback on an alert (the dashboard, MQTT): "not this" / "yes, this"
 

@@ -33,6 +33,18 @@ def in_ci() -> bool:
     return bool(os.environ.get("CI"))
 
 
+def time_scale() -> float:
+    """How much longer than on an idle box a bound on real time may take here: the factor in
+    ``MONITORD_TEST_TIME_SCALE`` (1 by default), times the machine's load per core where it is
+    above 1 (a suite run beside other work). Only bounds that say "it did not hang" scale; none of
+    them is a speed target (those are in the benchmarks)."""
+    try:
+        factor = float(os.environ.get("MONITORD_TEST_TIME_SCALE", "1"))
+    except ValueError:
+        factor = 1.0
+    return max(factor, 0.1) * max(1.0, os.getloadavg()[0] / (os.cpu_count() or 1))
+
+
 def need(condition: bool, reason: str) -> None:
     """Skip with a reason where the machine lacks something; in CI, where it must be there, fail."""
     if not condition:

@@ -174,7 +174,9 @@ def test_falling_back_to_the_cpu_keeps_scoring_in_float32(random_clap, tiny_emot
     emotion = EmotionClassifier("emo", EmotionModelConfig(kind="emotion", model=str(tiny_emotion), dtype="bfloat16"))
     ws = windows()
     for model in (clap, emotion):
-        assert model.dtype == torch.bfloat16
+        # bfloat16 as asked, except on a CPU without it, where the model says so (and starts in float32)
+        assert model.dtype == torch.bfloat16 or (model.dtype == torch.float32 and "no bfloat16" in model.dtype_reason), \
+            (model.dtype, model.dtype_reason)
         model.fall_back_to_cpu()
         assert model.device == "cpu" and model.dtype == torch.float32 and model.dtype_reason == "fallback from GPU"
         assert all(p.dtype == torch.float32 for module in model.torch_modules() for p in module.parameters())

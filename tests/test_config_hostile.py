@@ -52,7 +52,7 @@ def test_the_config_package_imports_nothing_from_serve_and_the_wire_format_nothi
     config_files = sorted((REPO / "monitord" / "config").glob("*.py"))
     upward = {f.name: sorted(m for m in _imports(f) if m.startswith("monitord.serve")) for f in config_files}
     assert not any(upward.values()), f"monitord.config imports monitord.serve: {upward}"
-    wire = _imports(REPO / "monitord" / "serve" / "wire.py")
+    wire = _imports(REPO / "monitord" / "inference" / "wire.py")
     assert not any(m == "monitord.config" or m.startswith("monitord.config.") for m in wire), sorted(wire)
 
 

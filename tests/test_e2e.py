@@ -15,7 +15,7 @@ import pytest
 import zmq
 
 from monitord.types import SCHEMA
-from tests.conftest import REPO, free_port, monitord_cmd, noise, play, silence, tone, write_wav
+from tests.conftest import REPO, free_port, monitord_cmd, noise, play, silence, tone, write_wav, time_scale
 from tests.tiny_models import TRAIN_LABELS
 
 RATE = 44100
@@ -142,7 +142,7 @@ def test_file_source_end_to_end(tiny_clap, tmp_path):
         finished = run.sub.wait_for(is_alert("noise", "offset"), timeout=60)
     sub, code, took, err = run.sub, run.code, run.took, run.err
     assert finished, err[-3000:]
-    assert code == 0 and took < 5.0, (code, took, err[-2000:])
+    assert code == 0 and took < 5.0 * time_scale(), (code, took, err[-2000:])
     assert "Traceback" not in err
 
     logged = read_log(tmp_path / "events.jsonl")
@@ -205,7 +205,7 @@ def test_null_sink_device_end_to_end(tiny_clap, tmp_path, sound_server):
         got = run.sub.wait_for(is_alert("tone", "onset"), timeout=20)
     sub, code, took, err = run.sub, run.code, run.took, run.err
     assert got, err[-3000:]
-    assert code == 0 and took < 5.0 and "Traceback" not in err
+    assert code == 0 and took < 5.0 * time_scale() and "Traceback" not in err
     onset = next(e for e in sub.events if is_alert("tone", "onset")(e))
     assert onset["source"] == "mic" and onset["stream_end"] > played_from
     assert 20 * np.log10(10 ** (onset["facts"]["rms_dbfs"] / 20)) > -45

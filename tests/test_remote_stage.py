@@ -24,7 +24,7 @@ from monitord.inference.models import ModelBase
 from monitord.inference.remote import RemoteModel
 from monitord.serve.service import InferenceService
 from monitord.types import Scores, StageState
-from tests.conftest import free_port, silence, tone, wait_until, write_wav
+from tests.conftest import free_port, silence, tone, wait_until, write_wav, time_scale
 from tests.serve_helpers import Recorder
 from tests.test_e2e import read_log
 from tests.test_serve_wire import serving
@@ -576,13 +576,13 @@ def test_stopping_drains_remote_work_within_the_drain_timeout_and_hands_on_what_
     stage, items, took = stop_with_work_waiting(answer, 10.0)  # the answers come within the drain timeout
     remote = [s for s in items if isinstance(s, ScoredWindow) and s.verdict("clap") is not None]
     assert [s.verdict("clap") for s in remote] == [Verdict.SCORED] * 6 and isinstance(items[-1], StreamEnd)
-    assert stage.stats.abandoned_at_shutdown == 0 and took < 5
+    assert stage.stats.abandoned_at_shutdown == 0 and took < 5 * time_scale()
     never = threading.Event()
     try:
         stage, items, took = stop_with_work_waiting(never, 0.5)  # they do not
         remote = [s for s in items if isinstance(s, ScoredWindow) and s.verdict("clap") is not None]
         assert [s.verdict("clap") for s in remote] == [Verdict.UNAVAILABLE] * 6 and isinstance(items[-1], StreamEnd)
         assert sum(isinstance(s, ScoredWindow) and s.verdict("yam") is Verdict.SCORED for s in items) == 6
-        assert stage.stats.abandoned_at_shutdown == 6 and 0.5 <= took < 3
+        assert stage.stats.abandoned_at_shutdown == 6 and 0.5 <= took < 3 * time_scale()
     finally:
         never.set()

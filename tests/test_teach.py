@@ -612,7 +612,10 @@ rules:
     from monitord.config import parse_config
 
     config = parse_config(ok, tmp_path)
-    assert config.rules[0].not_like.bank == str(tmp_path / "n.npz") and config.rules[0].not_like.margin == 0.25
+    from monitord.config.schema import MARGIN_WITHOUT_REFERENCE
+
+    # the default margin of a rule with no reference recordings: the one the detection benchmark chose
+    assert config.rules[0].not_like.bank == str(tmp_path / "n.npz") and config.rules[0].not_like.margin == MARGIN_WITHOUT_REFERENCE
     assert config.models["taught"].bank == str(tmp_path / "b.npz")
 
 

@@ -142,10 +142,13 @@ class AlertEngine:
                 fired.append(Transition(rule, "offset", 0.0, reason, rule_source))
         return fired
 
-    def would_start(self, rule_id: str, source: str, score: float, t: float) -> bool:
-        """Whether this score, at ``t``, would raise the rule's onset now (read only: nothing is stepped)."""
-        _, phase = step(self.states.get((rule_id, source), RuleState()), self._params[rule_id], score, t)
-        return phase == "onset"
+    def would_count(self, rule_id: str, source: str, score: float, t: float) -> bool:
+        """Whether this score, at ``t``, would count toward the rule's onset: the rule is not active,
+        out of its cooldown, and the score reaches its threshold (with k-of-n, one of the k windows).
+        Read only."""
+        state, params = self.states.get((rule_id, source), RuleState()), self._params[rule_id]
+        cooled = state.last_onset is None or t - state.last_onset >= params.cooldown_s
+        return not state.active and cooled and score >= params.threshold
 
     def active(self) -> list[tuple[str, str]]:
         """(rule, source) pairs with an alert on."""

@@ -251,16 +251,18 @@ class AlertsStage(Stage):
             self._put(scored, may_drop=True)
 
     def _suppressed(self, window: Window, outcome) -> dict[str, Match]:
-        """The rules whose taught false alarms (``not_like``) this window is like; a would-be onset
-        among them is published as a ``suppressed`` status event (once per run of such windows)."""
-        matches = self.not_like.matches(self.engine.rules, outcome.scores) if outcome.verdict is Verdict.SCORED else {}
+        """The rules whose taught false alarms (``not_like``) this window is like; a window among them
+        that would have counted toward an onset (with k-of-n: one of the k) is published as a
+        ``suppressed`` status event (once per run of such windows), so "yes, this" can undo it."""
+        matches = self.not_like.matches(self.engine.rules, outcome.scores, window.source) \
+            if outcome.verdict is Verdict.SCORED else {}
         for rule in self.engine.rules:
             key = (rule.id, window.source)
             if rule.model != outcome.model:
                 continue
             match = matches.get(rule.id)
             score = outcome.scores.probabilities.get(rule.label) if match is not None else None
-            if score is None or not self.engine.would_start(rule.id, window.source, score, window.stream_end):
+            if score is None or not self.engine.would_count(rule.id, window.source, score, window.stream_end):
                 self._suppressing.discard(key)
             elif key not in self._suppressing:
                 self._suppressing.add(key)

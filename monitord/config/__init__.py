@@ -22,7 +22,7 @@ from pydantic import ConfigDict, Field, ValidationError
 from monitord.config.checks import check_serve, config_warnings, cross_check, inactive_without, model_vocabulary, yamnet_class_names  # noqa: F401 (re-exported)
 from monitord.config.errors import ConfigError, Problem, error_path, line_of, merge, problem_from_pydantic
 from monitord.config.schema import *  # noqa: F401,F403  (the public names of every section)
-from monitord.config.schema import BUILTIN, ID_PATTERN, Config, ModelConfig, ServeConfig, _Strict
+from monitord.config.schema import BUILTIN, BUILTIN_REFERENCES, ID_PATTERN, Config, ModelConfig, ServeConfig, _Strict
 from monitord.secrets import too_open
 
 log = logging.getLogger(__name__)
@@ -194,8 +194,8 @@ def _resolve_paths(config: Config, base_dir: Path) -> Config:
         s.model_copy(update={"file": _resolve(base_dir, s.file)}) if s.file is not None else s for s in config.sources
     )
     models = {name: _resolve_model(model, base_dir) for name, model in config.models.items()}
-    rules = tuple(r.model_copy(update={"not_like": r.not_like.model_copy(update={"bank": _resolve(base_dir, r.not_like.bank)})})
-                  if r.not_like is not None else r for r in config.rules)
+    rules = tuple(r.model_copy(update={"not_like": _resolve_not_like(r, base_dir)}) if r.not_like is not None else r
+                  for r in config.rules)
     clips = config.clips.model_copy(update={"dir": _state_path(config.clips, "dir", base_dir)})
     publish = config.publish.model_copy(update={"event_log": _state_path(config.publish, "event_log", base_dir)})
     if publish.curve is not None:
@@ -224,6 +224,19 @@ def _resolve_paths(config: Config, base_dir: Path) -> Config:
                    for n in config.notify)
     return config.model_copy(update={"sources": sources, "models": models, "rules": rules, "publish": publish, "clips": clips,
                                      "inference": inference, "serve": _resolve_serve(config.serve, base_dir), "notify": notify})
+
+
+def _resolve_not_like(rule: Any, base_dir: Path) -> Any:
+    """The bank as a path monitord writes: relative to the config's folder, or, left out,
+    ``taught-<model>.npz`` in the state directory (one bank per embedding model: the rules of one
+    model share it); a reference of one's own relative to the config's folder."""
+    not_like = rule.not_like
+    reference = not_like.reference
+    if reference is not None and reference not in BUILTIN_REFERENCES:
+        reference = _resolve(base_dir, reference)
+    bank = _resolve(base_dir, not_like.bank) if "bank" in not_like.model_fields_set else \
+        str(state_dir() / f"taught-{rule.model}.npz")
+    return not_like.model_copy(update={"bank": bank, "reference": reference})
 
 
 def _resolve_model(model: Any, base_dir: Path) -> Any:

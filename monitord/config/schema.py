@@ -6,7 +6,7 @@ import string
 from collections import Counter
 from typing import Annotated, Any, Literal, Union
 
-from pydantic import BaseModel, ConfigDict, Discriminator, Field, Tag, field_validator
+from pydantic import BaseModel, ConfigDict, Discriminator, Field, Tag, field_validator, model_validator
 
 from monitord.audio import MAX_SAMPLE_RATE, MIN_SAMPLE_RATE
 
@@ -232,15 +232,37 @@ ModelConfig = Annotated[
 ]
 
 
-class NotLikeConfig(_Strict):
-    """A rule's taught false alarms: a window like one of them does not count toward the rule."""
+BUILTIN_REFERENCES = ("glass", "smoke-alarm")
+"""Reference sounds shipped with monitord (``monitord.teaching.references``)."""
+MARGIN_WITH_REFERENCE = 0.35
+MARGIN_WITHOUT_REFERENCE = 0.15
+"""The default ``not_like.margin``s, chosen by ``bench/detect.py`` on real glass breaks in real
+background (YAMNet embeddings): the largest at which teaching 10 false alarms cost at most 2 points of
+recall at every level, with the references guarding, and without any."""
 
-    bank: str
-    """A bank holding examples taught with ``monitord teach --not RULE``; read again when it changes."""
-    margin: float = Field(0.25, gt=0.0, le=2.0)
+
+class NotLikeConfig(_Strict):
+    """A rule's taught false alarms ("not this"): a window like one of them does not count toward the
+    rule, unless it is nearer to the rule's own sound (its ``reference`` and every "yes, this")."""
+
+    bank: str = "taught.npz"
+    """The bank "not this" and ``monitord teach --not RULE`` teach to; read again when it changes.
+    Left out: ``taught-<model>.npz`` in the state directory (``<model>``: the rule's). Relative: to
+    the config file's folder (and so is ``teach --bank``)."""
+    margin: float = Field(MARGIN_WITH_REFERENCE, gt=0.0, le=2.0)
     """Cosine distance within which a taught false alarm suppresses a window (and it must be nearer
-    than any example of the rule's own label in the bank). 0.25: the best trade measured by
-    ``bench/teach.py`` on YAMNet embeddings (0.35 began to cost recall)."""
+    to it than to every reference and every example of the rule's own label). Left out: 0.35 with a
+    ``reference``, 0.15 without (nothing but "yes, this" guards recall then)."""
+    reference: str | None = Field(None, min_length=1, max_length=4096)
+    """Recordings of the rule's own sound that guard its recall: ``glass`` or ``smoke-alarm`` (shipped
+    with monitord), or a folder of your own (relative: to the config file's folder)."""
+
+    @model_validator(mode="before")
+    @classmethod
+    def _margin_by_guard(cls, data: Any) -> Any:
+        if isinstance(data, dict) and "margin" not in data and data.get("reference") is None:
+            return {**data, "margin": MARGIN_WITHOUT_REFERENCE}
+        return data
 
 
 class RuleConfig(_Strict):

@@ -158,6 +158,8 @@ class OpenVinoEncoder(AudioEncoder):
         hint = str(self._compiled.get_property("INFERENCE_PRECISION_HINT")).lower()  # "<Type: 'bfloat16'>"
         precision = "bfloat16" if "bf16" in hint or "bfloat16" in hint else \
             "float16" if "f16" in hint or "float16" in hint else "float32"
+        if dtype not in ("auto", precision):  # the CPU plugin runs what it can, whatever the hint asked
+            self.reason = f"{dtype} configured, {precision} run: the CPU has no {dtype}"
         super().__init__("openvino", precision, folder, converted)
 
     def _use(self, compiled: Any) -> None:

@@ -54,8 +54,10 @@ class Embedder:
 
     def mismatch(self, other: "Embedder") -> str | None:
         """Why embeddings of ``other`` cannot be compared with these (None: they can)."""
-        if other.model_id != self.model_id or other.dim != self.dim:
-            return f"embeddings of {other.model_id} ({other.dim}-d), not {self.model_id} ({self.dim}-d)"
+        if other.model_id != self.model_id:  # (the dimension of this model's embeddings may not be known yet)
+            return f"embeddings of {other.model_id} ({other.dim}-d), not {self.model_id}"
+        if other.dim != self.dim:
+            return f"{other.dim}-d embeddings of {other.model_id}, not {self.dim}-d"
         if other.sample_rate != self.sample_rate or abs(other.window_s - self.window_s) > 1e-9:
             return (f"{other.window_s:g} s windows at {other.sample_rate} Hz, not {self.window_s:g} s at "
                     f"{self.sample_rate} Hz")

@@ -1,23 +1,25 @@
 """A rule's taught false alarms (``not_like``): does this window sound like one of them?
 
-``nearest_negative`` is the pure decision; ``NotLike`` finds each rule's bank (read again when the
-file changes) and the embedding of the window the rule's model scored.
+``judge`` is the pure decision; ``NotLike`` finds each rule's bank (read again when the file
+changes), its references, and the embedding of the window the rule's model scored.
 
 A window is suppressed for a rule when its cosine distance to the nearest example taught as
-``not:<rule>`` is at most ``margin`` **and** smaller than its distance to the nearest example of
-the rule's own label in the same bank (when there is one). Both conditions keep recall: only
-windows close to a taught false alarm are suppressed, and never one closer to a taught true alarm.
+``not:<rule>`` is at most ``margin`` **and** smaller than its distance to every positive of the
+rule: its reference recordings (``references``) and the examples of its own label in the bank
+("yes, this"). So a window nearer to the rule's own sound than to anything taught away is never
+suppressed, whatever was taught: teaching removes repeats of a sound, not a class of sounds.
 """
 
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 
 import numpy as np
 
 from monitord.teaching.bank import Bank, BankFile, negative
+from monitord.teaching.references import References
 from monitord.types import Scores
 
 log = logging.getLogger(__name__)
@@ -32,28 +34,53 @@ class Match:
     distance: float
     """Cosine distance (1 - cosine similarity) of the window to it."""
     positive_distance: float | None
-    """Distance to the nearest example of the rule's label (None: the bank holds none)."""
+    """Distance to the nearest positive of the rule (None: it has none)."""
 
     def to_dict(self) -> dict:
         return {"id": self.id, "source": self.source, "distance": round(self.distance, 4),
                 "positive_distance": None if self.positive_distance is None else round(self.positive_distance, 4)}
 
 
-def nearest_negative(embedding: np.ndarray, bank: Bank, rule_id: str, label: str, margin: float) -> Match | None:
-    """The rule's taught false alarm the window is within ``margin`` of, and closer to than to any
-    example of ``label``; None when there is none (the window counts for the rule)."""
+def nearest_distance(x: np.ndarray, rows: np.ndarray | None) -> tuple[np.ndarray, np.ndarray]:
+    """(Q, D) normalised windows against (N, D) normalised rows: the distance to the nearest row and
+    its index ((Q,) inf and -1 where there are no rows)."""
+    if rows is None or not len(rows):
+        return np.full(len(x), np.inf), np.full(len(x), -1)
+    distances = 1.0 - x @ rows.T
+    nearest = np.argmin(distances, axis=1)
+    return distances[np.arange(len(x)), nearest], nearest
+
+
+def judge(x: np.ndarray, negatives: np.ndarray, positives: np.ndarray | None, margin: float) -> tuple[np.ndarray, ...]:
+    """Which of the windows ``x`` (Q, D) are suppressed: within ``margin`` of a negative and nearer
+    to it than to every positive. Returns (suppressed (Q,) bool, nearest negative (Q,), its
+    distance (Q,), the nearest positive's distance (Q,), inf without positives)."""
+    d_neg, nearest = nearest_distance(x, negatives)
+    d_pos, _ = nearest_distance(x, positives)
+    return (d_neg <= margin) & (d_neg < d_pos), nearest, d_neg, d_pos
+
+
+def normalised(embedding: np.ndarray) -> np.ndarray:
+    x = np.asarray(embedding, dtype=np.float32).reshape(1, -1)
+    return x / max(float(np.linalg.norm(x)), 1e-12)
+
+
+def nearest_negative(embedding: np.ndarray, bank: Bank, rule_id: str, label: str, margin: float,
+                     references: np.ndarray | None = None) -> Match | None:
+    """The rule's taught false alarm the window is within ``margin`` of, and nearer to than to any
+    positive (``references``, the bank's examples of ``label``); None when there is none (the
+    window counts for the rule)."""
     candidates, negatives = bank.of(negative(rule_id))
     if not len(candidates):
         return None
-    x = embedding.astype(np.float32) / max(float(np.linalg.norm(embedding)), 1e-12)
-    distances = 1.0 - negatives @ x
-    i = int(candidates[np.argmin(distances)])
-    d_neg = float(distances.min())
-    _, positives = bank.of(label)
-    d_pos = float((1.0 - positives @ x).min()) if len(positives) else None
-    if d_neg > margin or (d_pos is not None and d_neg >= d_pos):
+    _, taught = bank.of(label)
+    parts = [p for p in (references, taught) if p is not None and len(p)]
+    positives = np.concatenate(parts) if parts else None
+    suppressed, nearest, d_neg, d_pos = judge(normalised(embedding), negatives, positives, margin)
+    if not suppressed[0]:
         return None
-    return Match(int(bank.ids[i]), str(bank.sources[i]), d_neg, d_pos)
+    i = int(candidates[nearest[0]])
+    return Match(int(bank.ids[i]), str(bank.sources[i]), float(d_neg[0]), None if positives is None else float(d_pos[0]))
 
 
 def embedder_id(model_id: str) -> str:
@@ -62,20 +89,25 @@ def embedder_id(model_id: str) -> str:
 
 
 class NotLike:
-    """Each rule's ``not_like`` bank, read again whenever its file changes."""
+    """Each rule's ``not_like`` bank, read again whenever its file changes, and its references."""
 
-    def __init__(self) -> None:
+    def __init__(self, references: Mapping[str, References] | None = None) -> None:
+        self.references: dict[str, References] = dict(references or {})
+        """{rule id: its reference positives, embedded} (``references.for_rules``)."""
         self._files: dict[str, BankFile] = {}
         self._warned: set[tuple[str, str]] = set()
 
-    def matches(self, rules: Iterable, outcome_scores: Scores | None) -> dict[str, Match]:
-        """{rule id: match} for the rules on this model whose taught false alarms the window is like."""
+    def matches(self, rules: Iterable, outcome_scores: Scores | None, source: str | None = None) -> dict[str, Match]:
+        """{rule id: match} for the rules on this model (watching ``source``, when given) whose taught
+        false alarms the window is like."""
         if outcome_scores is None:
             return {}
         found = {}
         for rule in rules:
             not_like = getattr(rule, "not_like", None)
             if not_like is None or rule.model != outcome_scores.model:
+                continue
+            if source is not None and rule.sources is not None and source not in rule.sources:
                 continue
             bank = self._files.setdefault(not_like.bank, BankFile(not_like.bank)).get()
             if bank is None or not len(bank):
@@ -96,7 +128,13 @@ class NotLike:
                                     f"{len(window.samples) / window.sample_rate:g} s: nothing is suppressed "
                                     f"(teach it again with this config)")
                 continue
-            match = nearest_negative(embedding, bank, rule.id, rule.label, not_like.margin)
+            references = self.references.get(rule.id)
+            if getattr(not_like, "reference", None) is not None and references is None:  # being embedded (at start, a reload)
+                self._warn(rule.id, f"rule {rule.id}: its references ({not_like.reference}) are not embedded yet: "
+                                    f"nothing is suppressed until they are")
+                continue
+            match = nearest_negative(embedding, bank, rule.id, rule.label, not_like.margin,
+                                     None if references is None else references.embeddings)
             if match is not None:
                 found[rule.id] = match
         return found

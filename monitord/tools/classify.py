@@ -17,7 +17,7 @@ from monitord.inference.worker import Scorer
 from monitord.types import FrameScores, ScoredWindow, Verdict, Window
 from monitord.windowing.tiling import WindowCutter, window_starts
 
-__all__ = ["AudioFileError", "WindowResult", "audio_files", "classify_file", "count_windows", "read_mono"]
+__all__ = ["AudioFileError", "WindowResult", "audio_files", "classify_file", "classify_samples", "count_windows", "read_mono"]
 
 
 @dataclass(frozen=True, eq=False)
@@ -112,7 +112,13 @@ def classify_file(path: Path, config: Config, models: Mapping[str, Model]) -> It
 
     Windows go through the daemon's own cutter (gates, resampling) and scorer (batching, cascades)."""
     samples, rate = read_mono(path)
-    cutter = WindowCutter(path.stem, rate, config.window, config.gate, model_inputs(config, models))
+    yield from classify_samples(samples, rate, path.stem, config, models)
+
+
+def classify_samples(samples: np.ndarray, rate: int, source: str, config: Config,
+                     models: Mapping[str, Model]) -> Iterator[WindowResult]:
+    """``classify_file`` on audio already in memory (mono float32 at ``rate``)."""
+    cutter = WindowCutter(source, rate, config.window, config.gate, model_inputs(config, models))
 
     def failed(source: str, status: str, detail: str) -> None:
         raise ModelFailed(detail)

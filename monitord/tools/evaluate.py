@@ -69,7 +69,9 @@ def evaluate(config: Config, models: dict, model_name: str, examples: list[Examp
         per_file.append((example, rows))
     if getattr(model, "labels", ()) == ("anomaly",):
         return _anomaly_report(model_name, per_file)
-    return _classifier_report(config, model_name, model, per_file)
+    from monitord.teaching.references import for_rules
+
+    return _classifier_report(config, model_name, model, per_file, for_rules(config, models.get))
 
 
 def _anomaly_report(model_name: str, per_file) -> dict[str, Any]:
@@ -98,7 +100,7 @@ def _anomaly_report(model_name: str, per_file) -> dict[str, Any]:
     }
 
 
-def _classifier_report(config: Config, model_name: str, model, per_file) -> dict[str, Any]:
+def _classifier_report(config: Config, model_name: str, model, per_file, references=None) -> dict[str, Any]:
     targets = sorted({e.label for e, _ in per_file if e.label != BACKGROUND})
     unknown = [t for t in targets if t not in model.labels]
     if unknown:
@@ -145,32 +147,45 @@ def _classifier_report(config: Config, model_name: str, model, per_file) -> dict
         "unscored_files": [str(e.path) for e in unscored],
         "false_alarms_per_hour": (false_alarms / (background_seconds / 3600.0)) if background_seconds else None,
         "background_seconds": background_seconds,
-        "rules": _rules_report(rules, model_name, per_file),
+        "rules": _rules_report(rules, model_name, per_file, references),
     }
 
 
-def _rules_report(rules, model_name: str, per_file) -> dict[str, Any]:
+def _rules_report(rules, model_name: str, per_file, references=None) -> dict[str, Any]:
     """Per rule: the files of its label on which it raised an onset, and its false alarms per hour on
-    background files; for a rule with ``not_like``, also both without its bank (taught false alarms)."""
+    background files, naming the files (and times) that raised them, to teach from; for a rule with
+    ``not_like``, also both without its bank (taught false alarms), and whether the bank exists."""
+    from monitord.teaching.bank import BankError, load
     from monitord.teaching.suppress import NotLike
 
     report: dict[str, Any] = {}
     for rule in rules:
-        variants = {"with_bank": NotLike(), "without_bank": None} if rule.not_like is not None else {"as_is": None}
+        variants = {"with_bank": NotLike(references), "without_bank": None} if rule.not_like is not None else {"as_is": None}
         entry: dict[str, Any] = {"label": rule.label}
+        if rule.not_like is not None:
+            try:
+                bank = load(rule.not_like.bank)
+                entry["bank"] = {"path": rule.not_like.bank, "taught_false_alarms": int(bank.where(f"not:{rule.id}").sum())}
+            except BankError as exc:
+                entry["bank"] = {"path": rule.not_like.bank, "taught_false_alarms": 0, "note": str(exc)}
+                log.warning("rule %s: %s: with_bank is the same as without_bank", rule.id, exc)
         for name, not_like in variants.items():
             detected = files = false_alarms = 0
             seconds = 0.0
+            raised: list[dict[str, Any]] = []
             for example, rows in per_file:
                 onsets = _onsets((rule,), model_name, rows, not_like)
                 if example.label == BACKGROUND:
                     seconds += rows[-1].window.stream_end if rows else 0.0
                     false_alarms += len(onsets)
+                    if onsets:
+                        raised.append({"file": str(example.path), "at_s": [round(t, 3) for _, t in onsets]})
                 elif example.label == rule.label:
                     files += 1
                     detected += bool(onsets)
             figures = {"events_detected": detected, "event_files": files,
-                       "false_alarms_per_hour": false_alarms / (seconds / 3600.0) if seconds else None}
+                       "false_alarms_per_hour": false_alarms / (seconds / 3600.0) if seconds else None,
+                       "false_alarm_files": raised}
             entry.update(figures if name == "as_is" else {name: figures})
         report[rule.id] = entry
     return report
@@ -185,7 +200,7 @@ def _onsets(rules, model_name: str, rows, not_like=None) -> list[tuple[Any, floa
         t = r.window.stream_end
         for outcome in r.scored.outcomes:
             if outcome.model == model_name:
-                suppressed = not_like.matches(rules, outcome.scores) if not_like is not None else ()
+                suppressed = not_like.matches(rules, outcome.scores, r.window.source) if not_like is not None else ()
                 out += [(f.rule, t) for f in engine.observe(r.window.source, outcome, t, suppressed) if f.phase == "onset"]
     return out
 
@@ -271,5 +286,5 @@ def enrol(config: Config, embedder, windows: list[Window], k: int, out: Path) ->
 def write_report(report: dict[str, Any], out: Path) -> None:
     out.mkdir(parents=True, exist_ok=True)
     (out / "eval.json").write_text(json.dumps(report, indent=1))
-    if report["kind"] == "classifier":
+    if report["kind"] == "classifier" and report["labels"]:  # a data set of background alone has no confusion matrix
         plot_confusion(report, out / "confusion.png")

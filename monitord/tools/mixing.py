@@ -13,7 +13,7 @@ from pathlib import Path
 
 import numpy as np
 
-from monitord.audio import read_mono, resample
+from monitord.audio import read_mono, resample, reverb
 
 DEFAULT_AUDIO = Path(__file__).resolve().parents[2].parent / "shared" / "audio"
 """Where the project's recordings are when the repository sits beside ``shared/`` (the workplace, CI)."""
@@ -26,18 +26,6 @@ def load_recordings(folder: Path, rate: int) -> dict[str, list[np.ndarray]]:
         samples, file_rate = read_mono(path)
         out.setdefault(path.parent.name, []).append(resample(samples, file_rate, rate).astype(np.float32))
     return out
-
-
-def reverb(x: np.ndarray, rt60: float, rng: np.random.Generator, rate: int) -> np.ndarray:
-    if rt60 <= 0:
-        return x
-    n = int(rt60 * rate)
-    ir = rng.standard_normal(n) * np.exp(-6.9 * np.arange(n) / n)  # -60 dB at rt60
-    ir[0] = 1.0
-    ir /= np.sqrt(np.sum(ir**2))
-    size = len(x) + n - 1
-    y = np.fft.irfft(np.fft.rfft(x, size) * np.fft.rfft(ir, size), size)[: len(x)]
-    return y.astype(np.float32)
 
 
 def placed(x: np.ndarray, rng: np.random.Generator, rate: int) -> np.ndarray:

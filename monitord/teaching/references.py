@@ -1,0 +1,248 @@
+"""Reference positives: recordings of a rule's own sound that "not this" can never teach it away from.
+
+A rule's ``not_like.reference`` names them: ``glass`` (real glass breaks shipped with monitord,
+CC0 / CC BY, see ``references/NOTICE.md``), ``smoke-alarm`` (the temporal-three pattern of ISO 8201,
+synthesised here), or a folder of your own recordings of the sound. Each recording is heard as a
+rule would hear it in a room: dry, reverberant (RT60 0.5 s), and under steady noise at 10 and 0 dB
+SNR, cut into the config's windows and embedded by the rule's embedding model once, at start.
+
+A window is suppressed for a rule only when it is nearer to a taught false alarm than to every
+reference (and every "yes, this"): ``suppress.judge``. A rule with no reference keeps only its
+taught "yes, this" examples as a guard, and its margin should stay small (README: teaching).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from monitord.audio import pink_noise, read_mono, reverb
+from monitord.config import BUILTIN_REFERENCES, Config, GateConfig
+
+log = logging.getLogger(__name__)
+
+FOLDER = Path(__file__).with_name("references")
+SMOKE_ALARM = "smoke-alarm"
+BUILTIN = BUILTIN_REFERENCES
+RATE = 16000
+ROOM_RT60_S = 0.5
+NOISE_SNR_DB = (10.0, 0.0)
+SEED = 20261207
+CACHE_FORMAT = "monitord.references/1"
+MAX_WINDOWS = 2000
+"""A folder of one's own recordings gives at most this many reference windows (evenly spread)."""
+
+
+class ReferenceUnreadable(Exception):
+    """A reference that cannot be read; the message says which and why."""
+
+
+@dataclass(frozen=True)
+class Recording:
+    name: str
+    """Which recording (a file name): the benchmark leaves one out at a time by it."""
+    samples: np.ndarray
+    rate: int
+
+
+@dataclass(frozen=True, eq=False)
+class References:
+    """A rule's reference windows, embedded: (P, D) L2-normalised rows and the recording of each."""
+
+    name: str
+    embeddings: np.ndarray
+    recordings: np.ndarray = field(default_factory=lambda: np.zeros(0, str))
+
+    def __len__(self) -> int:
+        return len(self.embeddings)
+
+    def without(self, recording: str) -> "References":
+        """These references less one recording's windows (measuring recall on that recording)."""
+        keep = self.recordings != recording
+        return References(self.name, self.embeddings[keep], self.recordings[keep])
+
+
+def smoke_alarm_recordings(rate: int = RATE) -> list[Recording]:
+    """The temporal-three pattern (0.5 s on, 0.5 s off, three times, then 1.5 s off), twice: a piezo
+    horn's near-square tone at 3.1 and 3.4 kHz, and the 520 Hz square wave of low-frequency alarms."""
+    t = np.arange(int(6.0 * rate)) / rate
+    on = (t % 4.0 < 3.0) & ((t % 1.0) < 0.5)
+    out = []
+    for hz in (3100.0, 3400.0, 520.0):
+        tone = np.sign(np.sin(2 * np.pi * hz * t)) if hz < 1000 else np.tanh(3 * np.sin(2 * np.pi * hz * t))
+        out.append(Recording(f"t3-{hz:g}hz", (0.3 * tone * on).astype(np.float32), rate))
+    return out
+
+
+def recordings(reference: str) -> list[Recording]:
+    """The recordings a reference names: a built-in set, or a folder (or file) of your own."""
+    if reference == SMOKE_ALARM:
+        return smoke_alarm_recordings()
+    where = FOLDER / reference if reference in BUILTIN else Path(reference)
+    files = sorted(p for p in where.rglob("*") if p.is_file() and not p.name.startswith(".")) if where.is_dir() else [where]
+    if not where.exists() or not files:
+        raise ReferenceUnreadable(f"reference {reference}: {where} holds no recordings (a built-in one is one of "
+                             f"{', '.join(BUILTIN)}; else a folder of recordings of the rule's sound)")
+    out = []
+    for path in files:
+        try:
+            samples, rate = read_mono(path)
+        except Exception as exc:  # noqa: BLE001 - whatever a bad file raises: named, with the reason
+            raise ReferenceUnreadable(f"reference {reference}: cannot read {path}: {exc}") from None
+        out.append(Recording(path.name, samples, rate))
+    return out
+
+
+def heard_in_rooms(recording: Recording, window_s: float, rng: np.random.Generator) -> list[np.ndarray]:
+    """The recording as a rule hears it: dry, reverberant, and under steady noise, each padded to at
+    least one window (a short crash sits in the middle of it)."""
+    x = recording.samples.astype(np.float32)
+    n = max(len(x), int(round(window_s * recording.rate)))
+    pad = (n - len(x)) // 2
+    dry = np.zeros(n, np.float32)
+    dry[pad : pad + len(x)] = x
+    wet = reverb(dry, ROOM_RT60_S, rng, recording.rate)
+    out = [dry, wet]
+    level = float(np.sqrt(np.mean(x**2))) if len(x) else 0.0
+    for snr in NOISE_SNR_DB:
+        bed = pink_noise(n, rng) * level * 10 ** (-snr / 20)
+        out += [dry + bed, wet + bed]
+    return out
+
+
+def windows(config: Config, embedder, reference: str) -> tuple[list, list[str]]:
+    """The reference's windows, cut by the config's own windowing for ``embedder`` (every window
+    scored: the gate is not asked), and the recording each came from."""
+    from monitord.teaching.teach import cutter_for
+    from monitord.windowing.tiling import window_starts
+
+    rng = np.random.default_rng(SEED)
+    cut, names = [], []
+    for recording in recordings(reference):
+        cutter = cutter_for(config, f"reference:{reference}", recording.rate, embedder, GateConfig(mode="always"))
+        for audio in heard_in_rooms(recording, config.window.seconds, rng):
+            for start in window_starts(len(audio), cutter.length, cutter.hop):
+                cut.append(cutter.cut(audio[start : start + cutter.length], start, 0.0, 0.0))
+                names.append(recording.name)
+    if len(cut) > MAX_WINDOWS:
+        keep = np.unique(np.linspace(0, len(cut) - 1, MAX_WINDOWS).round().astype(int))
+        cut, names = [cut[i] for i in keep], [names[i] for i in keep]
+    return cut, names
+
+
+def embed_reference(config: Config, embedder, reference: str) -> References:
+    from monitord.teaching.teach import Cut, embed
+
+    cut, names = windows(config, embedder, reference)
+    embeddings = embed(embedder, [Cut(w, n) for w, n in zip(cut, names)])
+    embeddings /= np.maximum(np.linalg.norm(embeddings, axis=1, keepdims=True), 1e-12)
+    return References(reference, embeddings.astype(np.float32), np.asarray(names, dtype=str))
+
+
+def cache_key(config: Config, embedder, reference: str) -> str:
+    """What the embedded references depend on: the model, the windowing, the recordings."""
+    import hashlib
+
+    parts = [CACHE_FORMAT, str(embedder.model_id), str(embedder.sample_rate), f"{config.window.seconds:g}",
+             f"{config.window.hop_s:g}", reference]
+    if reference not in BUILTIN:
+        where = Path(reference)
+        files = sorted(p for p in where.rglob("*") if p.is_file()) if where.is_dir() else [where]
+        parts += [f"{p}:{p.stat().st_size}:{p.stat().st_mtime_ns}" for p in files if p.exists()]
+    return hashlib.sha256("|".join(parts).encode()).hexdigest()[:24]
+
+
+def cached(config: Config, embedder, reference: str, folder: Path) -> References | None:
+    """The references embedded earlier for this model, windowing and recordings (None: not yet)."""
+    path = folder / f"{cache_key(config, embedder, reference)}.npz"
+    try:
+        with np.load(path, allow_pickle=False) as z:
+            embeddings, names = z["embeddings"].astype(np.float32), z["recordings"].astype(str)
+    except (OSError, ValueError, KeyError):
+        return None
+    if embeddings.ndim != 2 or len(embeddings) != len(names) or not np.all(np.isfinite(embeddings)):
+        return None
+    return References(reference, embeddings, names)
+
+
+def embed_and_keep(config: Config, embedder, reference: str, folder: Path) -> References:
+    """Embed a reference and keep it in ``folder`` (written atomically) for the next start."""
+    import os
+
+    found = embed_reference(config, embedder, reference)
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        path = folder / f"{cache_key(config, embedder, reference)}.npz"
+        tmp = folder / f".{path.name}.{os.getpid()}.tmp"
+        with open(tmp, "wb") as f:
+            np.savez(f, embeddings=found.embeddings, recordings=found.recordings)
+        os.replace(tmp, path)
+    except OSError as exc:  # a read-only state directory: embedded again at the next start
+        log.warning("references %s: not kept in %s (%s)", reference, folder, exc)
+    return found
+
+
+@dataclass(frozen=True)
+class Needed:
+    rule_id: str
+    model: str
+    reference: str
+
+
+def needed(config: Config, embedder_of: Callable[[str], object | None]) -> list[Needed]:
+    """The references the config's rules name whose embedding model is loaded here. A folder of
+    one's own that holds no recordings is a ReferenceUnreadable naming the rule."""
+    from monitord.teaching.teach import embedding_model_for
+
+    out = []
+    for rule in config.rules:
+        reference = rule.not_like.reference if rule.not_like is not None else None
+        if reference is None:
+            continue
+        if reference not in BUILTIN:
+            where = Path(reference)
+            if not where.exists() or (where.is_dir() and not any(p.is_file() for p in where.rglob("*"))):
+                raise ReferenceUnreadable(f"rules.{rule.id}.not_like.reference: {where} holds no recordings")
+        name = embedding_model_for(config, Path(rule.not_like.bank), rule.id, None)
+        embedder = embedder_of(name)
+        if embedder is None or getattr(embedder, "device", "cpu") == "remote":
+            log.warning("rule %s: model %s is not loaded here, so its references (%s) are not either: its taught "
+                        "false alarms suppress nothing", rule.id, name, reference)
+            continue
+        out.append(Needed(rule.id, name, reference))
+    return out
+
+
+def for_rules(config: Config, embedder_of: Callable[[str], object | None], folder: Path | None = None,
+              only_cached: bool = False) -> dict[str, References]:
+    """{rule id: its references, embedded} for the rules whose ``not_like`` names a reference and
+    whose embedding model is loaded; run it where the models run. ``folder``: where embedded
+    references are kept between starts. ``only_cached``: what is kept there, embedding nothing."""
+    done: dict[tuple[str, str], References | None] = {}
+    out: dict[str, References] = {}
+    for need in needed(config, embedder_of):
+        key = (need.model, need.reference)
+        if key not in done:
+            embedder = embedder_of(need.model)
+            found = cached(config, embedder, need.reference, folder) if folder is not None else None
+            if found is None and not only_cached:
+                try:
+                    found = embed_and_keep(config, embedder, need.reference, folder) if folder is not None else \
+                        embed_reference(config, embedder, need.reference)
+                except ReferenceUnreadable as exc:
+                    raise ReferenceUnreadable(f"rules.{need.rule_id}.not_like.reference: {exc}") from None
+                log.info("rule %s: %d reference windows of %s guard what is taught as its false alarms", need.rule_id,
+                         len(found), need.reference)
+            done[key] = found
+        if done[key] is not None:
+            out[need.rule_id] = done[key]
+    return out
+
+
+def positives_of(references: Mapping[str, References], rule_id: str) -> np.ndarray | None:
+    found = references.get(rule_id)
+    return None if found is None or not len(found) else found.embeddings
