@@ -137,7 +137,10 @@ class Daemon:
         what it had opened. Without ``open_sources`` the pipeline runs from the window queue on
         (the benchmark feeds it windows). A rule's reference recordings that cannot be read raise
         ReferenceUnreadable before anything is opened."""
-        self.alerts.not_like.references = self._references(self.config, only_cached=True)
+        # a file read as fast as it is scored is judged whole with them; live sound starts at once, its
+        # rules suppressing nothing until their references are embedded (a moment; then kept)
+        offline = any(s.file is not None and not s.realtime for s in self.config.sources)
+        self.alerts.not_like.references = self._references(self.config, only_cached=not offline)
         self.publisher.start()
         try:
             self._start_servers()
@@ -467,7 +470,7 @@ class Daemon:
         return for_rules(config, self.models.get, state_dir() / "references", only_cached=only_cached)
 
     def _embed_references_soon(self, config: Config) -> None:
-        """Embed the references not kept yet on the inference thread, when no window waits for it."""
+        """Embed the references not kept yet on the inference thread, between two batches."""
         from monitord.teaching.references import needed
 
         self._reference_round += 1
@@ -487,7 +490,7 @@ class Daemon:
                 self.alerts.not_like.references = found
                 log.info("references ready for rules %s", ", ".join(sorted(found)))
 
-        self.inference.submit(embed, priority=LOW)
+        self.inference.submit(embed)
 
     # feedback on an alert (the dashboard, MQTT): "not this" / "yes, this"
 

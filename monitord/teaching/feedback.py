@@ -29,9 +29,9 @@ EMBED_TIMEOUT_S = 60.0
 MAX_REQUEST_BYTES = 1024
 """A feedback request (dashboard body, MQTT payload) is a few dozen bytes: anything past this is refused."""
 WHAT_TEACHING_DOES = {
-    "not_this": "taught: this sound will not raise the rule again. It removes repeats of this sound, not a class of "
-                "sounds, and never a window nearer to the rule's own sound than to what you taught.",
-    "yes_this": "taught: windows like this one are the rule's own sound and are never suppressed.",
+    "not_this": "Repeats of this sound will not raise the rule again. Teaching removes repeats of a sound, not a class "
+                "of sounds, and never a window nearer to the rule's own sound than to what was taught.",
+    "yes_this": "Windows like this one are the rule's own sound: never suppressed.",
 }
 STATUS = {"bad request": 400, "not found": 404, "conflict": 409, "gone": 410, "busy": 503, "storage": 507}
 

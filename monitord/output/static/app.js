@@ -218,7 +218,7 @@ function feedbackButtons(e) {
       const answer = await response.json().catch(() => ({ error: `HTTP ${response.status}` }));
       result.className = `feedback-result ${response.ok ? "ok" : "error"}`;
       result.textContent = response.ok
-        ? `taught: ${verdict === "not_this" ? "not " : ""}${answer.rule} (example #${answer.example}, from the ${answer.from})`
+        ? `taught: ${verdict === "not_this" ? "not " : ""}${answer.rule} (example #${answer.example}, from the ${answer.from}). ${answer.means || ""}`
         : answer.error;
     } catch (err) {
       result.className = "feedback-result error";
