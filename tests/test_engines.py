@@ -21,7 +21,7 @@ from tests.tiny_models import TRAIN_LABELS, build_clap, build_emotion, train_emo
 
 ENGINES = ("openvino", "onnxruntime")
 TOLERANCE = 1e-4
-"""Largest |p(engine) - p(torch)| for a float32 engine (stated in the README)."""
+"""Largest |p(engine) - p(torch)| for a float32 engine (stated in docs/models.md)."""
 BATCH_MAX = 4
 RATE = 48000
 
@@ -80,7 +80,7 @@ def test_each_engine_matches_torch_float32_at_every_batch_size(kind, engine, tin
 
 
 BFLOAT16_TOLERANCE = 0.03
-"""Largest |p(engine in bfloat16) - p(torch float32)|: bfloat16 rounding (stated in the README)."""
+"""Largest |p(engine in bfloat16) - p(torch float32)|: bfloat16 rounding (stated in docs/models.md)."""
 
 
 @pytest.mark.parametrize("kind", ["clap", "emotion"])

@@ -316,9 +316,9 @@ def test_the_application_builder_for_rays_own_tooling(cluster):
     assert deployment.ray_actor_options["num_gpus"] == 0.5 and deployment.init_args == (str(cluster.config),)
     with pytest.raises(ValueError):
         monitord.serve.app({"config": str(cluster.config), "replica": 3})
-    readme = (REPO / "README.md").read_text()
+    readme = (REPO / "docs" / "ray-cluster.md").read_text()
     block = re.search(r"```yaml\n(apiVersion: ray\.io/v1\nkind: RayService\n.*?)```", readme, re.S)
-    assert block, "README: no RayService example"
+    assert block, "docs/ray-cluster.md: no RayService example"
     service = yaml.safe_load(block.group(1))
     serve_config = yaml.safe_load(service["spec"]["serveConfigV2"])
     application = serve_config["applications"][0]
