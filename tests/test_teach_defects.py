@@ -20,7 +20,7 @@ import pytest
 from monitord.cli import main
 from monitord.config import load_config
 from monitord.teaching.bank import Bank, Embedder, load, negative, save
-from tests.conftest import AUDIO, REPO, free_port, monitord_cmd, shared_path, wait_until, write_wav
+from tests.conftest import AUDIO, REPO, free_port, monitord_cmd, shared_path, write_wav
 
 THUNDER = AUDIO / "thunder" / "thunder.wav"
 THUNDER_OTHER = AUDIO / "thunder" / "esc50_thunder_3-144891-B-19.wav"
@@ -85,6 +85,17 @@ def failing_replace(bank: Path, code: int):
         return real(src, dst, *args, **kwargs)
 
     return replace
+
+
+FAILING_CLI = """
+import errno, os, sys
+from pathlib import Path
+from tests.test_teach_defects import failing_replace
+os.replace = failing_replace(Path(sys.argv.pop(1)), getattr(errno, sys.argv.pop(1)))
+from monitord.cli import main
+sys.exit(main(sys.argv[1:]))
+"""
+"""``python -c FAILING_CLI BANK ERRNO ARGS...``: ``monitord ARGS`` in a process whose writes of BANK fail."""
 
 
 # 1 ---------------------------------------------------------------------------------------------------------------------
@@ -155,7 +166,7 @@ def daemon_with_an_alert(tmp_path):
 
 
 def test_a_bank_on_a_full_or_read_only_disk_is_a_clear_error_and_stays_as_it_was(daemon_with_an_alert, tmp_path,
-                                                                                  monkeypatch, capsys):
+                                                                                  monkeypatch):
     """Old: the dashboard answered a plain-text 500, ``monitord teach`` a traceback (exit 1)."""
     from starlette.testclient import TestClient
 
@@ -171,11 +182,10 @@ def test_a_bank_on_a_full_or_read_only_disk_is_a_clear_error_and_stays_as_it_was
     assert full.status_code == 507, full.text
     assert str(bank) in full.json()["error"] and "the disk is full" in full.json()["error"]
     assert bank.read_bytes() == before
-    monkeypatch.setattr(os, "replace", failing_replace(bank, errno.EROFS))
-    code, _ = cli("teach", "-c", str(tmp_path / "monitord.yaml"), "--not", "loud", "--files", str(THUNDER_OTHER))
-    err = capsys.readouterr().err
-    assert code == 2 and "Traceback" not in err, err
-    assert f"cannot write bank {bank}: the file system is read-only" in err
+    teach = subprocess.run([sys.executable, "-c", FAILING_CLI, str(bank), "EROFS", "teach", "-c", str(tmp_path / "monitord.yaml"),
+                            "--not", "loud", "--files", str(THUNDER_OTHER)], cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert teach.returncode == 2 and "Traceback" not in teach.stderr, teach.stderr[-3000:]
+    assert f"cannot write bank {bank}: the file system is read-only" in teach.stderr
     assert bank.read_bytes() == before and not list(tmp_path.glob(".loud-not.npz.*.tmp"))
 
 
