@@ -25,7 +25,7 @@ TEST_WORKERS ?= 4
 # of its nav, fails here; build/ is not tracked.
 test: setup ha-env
 	NO_MKDOCS_2_WARNING=1 $(PY) -m mkdocs build --strict --site-dir build/site
-	$(PY) -m pytest -n $(TEST_WORKERS) --dist loadgroup
+	$(PY) -m pytest -n $(TEST_WORKERS) --dist loadgroup --durations=15
 
 # May fail (no PyPI, another Python) without touching .venv: the discovery test then skips, citing
 # the failure recorded in $(HA_VENV)/.failed (and fails where no install was even tried, under CI).

@@ -241,10 +241,22 @@ SHARED_WORKER = {"test_serve.py": "ray", "test_serve_hostile.py": "ray", "test_b
 and those that run `monitord bench` (two benchmarks would measure each other)."""
 
 
+def pytest_configure(config):
+    """Every test's own time limit (pytest-timeout: 300 s, or a test's ``timeout`` mark) times the
+    time scale (``MONITORD_TEST_TIME_SCALE``, the load per core): a loaded machine is slower, not broken."""
+    scale = time_scale()
+    if scale > 1 and getattr(config.option, "timeout", None):
+        config.option.timeout = float(config.option.timeout) * scale
+
+
 def pytest_collection_modifyitems(config, items):
     """Under pytest-xdist (`make test`: ``-n 4 --dist loadgroup``) a file's tests share one worker, so
     a module's fixtures (a Ray cluster, a trained model) are built once; the files of SHARED_WORKER
     share one by group."""
+    scale = time_scale()
     for item in items:
+        mark = item.get_closest_marker("timeout")
+        if mark is not None and mark.args and scale > 1:
+            item.add_marker(pytest.mark.timeout(float(mark.args[0]) * scale), append=False)
         if not any(m.name == "xdist_group" for m in item.iter_markers()):
             item.add_marker(pytest.mark.xdist_group(SHARED_WORKER.get(item.path.name, item.path.name)))

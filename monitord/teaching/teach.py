@@ -340,8 +340,8 @@ def check_banks(config: Config) -> tuple[list[str], list[str]]:
             except BankError as exc:
                 problems.append(f"{where}: {exc}")
                 return
-            expected = Embedder(embedder_id(config, model_name), bank.embedder.dim, bank.embedder.sample_rate,
-                                config.window.seconds)
+            dim = 1024 if config.models[model_name].kind == "yamnet" else bank.embedder.dim  # CLAP's: known once loaded
+            expected = Embedder(embedder_id(config, model_name), dim, bank.embedder.sample_rate, config.window.seconds)
             why = expected.mismatch(bank.embedder)
             if why:
                 problems.append(f"{where}: {path} holds {why} (model {model_name} embeds here, {config.window.seconds:g} s "
