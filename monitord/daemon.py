@@ -27,7 +27,8 @@ from monitord.config.memory import ring_seconds  # in config: check-config count
 from monitord.inference.build import model_inputs
 from monitord.inference.models import Model, ModelUnavailable, build_model
 from monitord.windowing.queue import WindowQueue
-from monitord.inference.worker import LOW, InferenceStage, Scorer
+from monitord.inference.worker import LOW, InferenceStage
+from monitord.inference.scoring import Scorer
 from monitord.output.clips import ClipWriter
 from monitord.output.metrics import Metrics, RemoteFigures, Snapshot
 from monitord.output.publish import Publisher, PublishError

@@ -96,7 +96,7 @@ def test_periodic_mode_samples_a_steady_sound_and_lets_onsets_through():
 def test_windows_skipped_by_periodic_sampling_neither_start_nor_end_alerts():
     from monitord.alerts.engine import AlertEngine
     from monitord.config import RuleConfig, WindowConfig
-    from monitord.inference.worker import Scorer
+    from monitord.inference.scoring import Scorer
     from monitord.windowing.tiling import ModelInput, WindowCutter, window_starts
     from tests.test_faults import ScriptedModel
 

@@ -85,7 +85,7 @@ def test_models_are_scored_after_the_models_they_build_on():
     scores), or the gated model would find no gate scores and skip every window as CASCADE."""
     from types import SimpleNamespace
 
-    from monitord.inference.worker import cascade_order
+    from monitord.inference.scoring import cascade_order
 
     def model(name, depends_on=None, gate=None):
         return SimpleNamespace(name=name, depends_on=depends_on, gated_by=None if gate is None else SimpleNamespace(model=gate))

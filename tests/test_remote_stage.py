@@ -444,7 +444,8 @@ def test_remote_answers_do_not_wait_for_the_local_tier_nor_it_for_them():
     at once, the remote ones in queue order, and the source's end only after them."""
     from monitord.config import CascadeConfig
     from monitord.windowing.queue import WindowQueue
-    from monitord.inference.worker import InferenceStage, Scorer
+    from monitord.inference.worker import InferenceStage
+    from monitord.inference.scoring import Scorer
     from monitord.stage import Channel
     from monitord.types import ScoredWindow, StreamEnd, Verdict
 
@@ -496,7 +497,8 @@ def test_over_the_bound_a_live_source_drops_its_own_oldest_waiting_window_even_o
     """Even the window whose request is in the air: its answer, when it comes, is not used, and the
     windows behind it are handed on at once (memory stays bounded while the cluster hangs)."""
     from monitord.windowing.queue import WindowQueue
-    from monitord.inference.worker import InferenceStage, Scorer
+    from monitord.inference.worker import InferenceStage
+    from monitord.inference.scoring import Scorer
     from monitord.stage import Channel
     from monitord.types import ScoredWindow, Verdict
 
@@ -541,7 +543,8 @@ def test_over_the_bound_a_live_source_drops_its_own_oldest_waiting_window_even_o
 
 def test_stopping_drains_remote_work_within_the_drain_timeout_and_hands_on_what_was_scored():
     from monitord.windowing.queue import WindowQueue
-    from monitord.inference.worker import InferenceStage, Scorer
+    from monitord.inference.worker import InferenceStage
+    from monitord.inference.scoring import Scorer
     from monitord.stage import Channel
     from monitord.types import ScoredWindow, StreamEnd, Verdict
 

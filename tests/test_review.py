@@ -318,7 +318,8 @@ def test_a_try_it_job_is_not_starved_by_a_steady_trickle_of_windows():
     from types import MappingProxyType
 
     from monitord.windowing.queue import WindowQueue
-    from monitord.inference.worker import LOW, InferenceStage, Scorer
+    from monitord.inference.worker import LOW, InferenceStage
+    from monitord.inference.scoring import Scorer
     from tests.test_faults import ScriptedModel
 
     queue = WindowQueue(64)

@@ -330,7 +330,8 @@ def test_windows_held_for_a_down_cluster_are_unbounded_when_later_windows_need_n
     from monitord.config import CascadeConfig
     from monitord.inference.models import ModelBase
     from monitord.windowing.queue import WindowQueue
-    from monitord.inference.worker import InferenceStage, Scorer, _Job
+    from monitord.inference.worker import InferenceStage, _Job
+    from monitord.inference.scoring import Scorer
     from monitord.inference.remote import InferenceUnavailable
     from monitord.stage import Channel
     from monitord.types import WindowFacts

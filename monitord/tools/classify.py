@@ -13,7 +13,7 @@ from monitord.audio import AudioFileError, read_mono
 from monitord.config import Config
 from monitord.inference.build import model_inputs
 from monitord.inference.models import Model
-from monitord.inference.worker import Scorer
+from monitord.inference.scoring import Scorer
 from monitord.types import FrameScores, ScoredWindow, Verdict, Window
 from monitord.windowing.tiling import WindowCutter, window_starts
 
