@@ -14,8 +14,10 @@ SYSTEM_PACKAGES := libportaudio2 libasound2-plugins libsndfile1 ffmpeg pulseaudi
 
 .PHONY: run test setup system-packages ha-env
 
+# exec: the daemon takes the shell's place. make stays its parent and passes a SIGTERM it gets on to
+# it, as `timeout` or a process-group kill sends one to both: the daemon takes the second as the same stop.
 run: setup
-	$(VENV)/bin/monitord run -c $(CONFIG)
+	exec $(VENV)/bin/monitord run -c $(CONFIG)
 
 # Four workers even on two cores: most tests wait on real time (audio played in real time, daemons,
 # brokers), not on the CPU. A file's tests stay in one worker (tests/conftest.py).

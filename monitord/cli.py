@@ -8,6 +8,7 @@ import logging
 import signal
 import sys
 import threading
+from functools import partial
 from pathlib import Path
 
 from monitord.config import Config, ConfigError, load_config
@@ -17,6 +18,7 @@ log = logging.getLogger("monitord")
 EXIT_OK = 0
 EXIT_FAILURE = 1
 EXIT_USAGE = 2
+LOG_LEVELS = ("debug", "info", "warning", "error")
 
 
 def _setup_logging(level: str) -> None:
@@ -63,8 +65,11 @@ def cmd_run(args: argparse.Namespace) -> int:
     stop = threading.Event()
 
     def on_signal(signum: int, _frame: object) -> None:
+        if stop.is_set():  # `make run`: make passes its SIGTERM on to the daemon, which got it already
+            log.debug("received %s again: already stopping", signal.Signals(signum).name)
+            return
+        stop.set()  # before logging: a second signal may run this handler again inside the log call
         log.info("received %s, stopping", signal.Signals(signum).name)
-        stop.set()
 
     signal.signal(signal.SIGTERM, on_signal)
     signal.signal(signal.SIGINT, on_signal)
@@ -103,6 +108,9 @@ def cmd_run(args: argparse.Namespace) -> int:
         notify("STOPPING=1")
         finished = args.until_done and not stop.is_set() and not daemon.exit_code
         daemon.stop(drain_timeout_s=float("inf") if finished else None)
+        stop.set()
+        for signum in (signal.SIGTERM, signal.SIGINT):  # stopped: a late signal would only kill the exit (status -15)
+            signal.signal(signum, signal.SIG_IGN)
     if daemon.fatal:
         print(f"monitord: {daemon.fatal}", file=sys.stderr)
     return EXIT_FAILURE if daemon.exit_code else EXIT_OK
@@ -413,8 +421,11 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="monitord", description="Real-time audio monitoring daemon.")
-    parser.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
-    sub = parser.add_subparsers(dest="command", required=True)
+    parser.add_argument("--log-level", default="info", choices=LOG_LEVELS)
+    # also after the subcommand (`monitord run -c X --log-level debug`); not given there, the one before stands
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--log-level", default=argparse.SUPPRESS, choices=LOG_LEVELS, help="as before the subcommand")
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=partial(argparse.ArgumentParser, parents=[common]))
 
     p = sub.add_parser("run", help="run the daemon until SIGTERM/SIGINT")
     p.add_argument("-c", "--config", required=True)
