@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import REPO, monitord_cmd, noise, write_wav
+from tests.conftest import REPO, monitord_cmd, noise, tone, write_wav
 from tests.test_first_start import default_config, no_sound_env
 
 STOPPING = re.compile(r"received SIG\w+, stopping")
@@ -57,6 +57,27 @@ def test_log_level_goes_before_or_after_the_subcommand():
     out = subprocess.run(monitord_cmd("check-config", "config/monitord.yaml", "--log-level", "debug"), cwd=REPO,
                          capture_output=True, text=True, timeout=60)
     assert out.returncode == 0, out.stderr
+
+
+def classify(tmp_path: Path, *args: str) -> subprocess.CompletedProcess:
+    """`monitord classify` of a 3 s tone with the shipped config (YAMNet; no hub, so no CLAP)."""
+    wav = write_wav(tmp_path / "tone.wav", tone(880, 3.0, 16000), 16000)
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_HOME": str(tmp_path / "hf-home")}
+    out = subprocess.run(monitord_cmd("classify", str(wav), "-c", "config/monitord.yaml", *args), cwd=REPO, env=env,
+                         capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert re.search(r"0\.00-\s*2\.00s", out.stdout), out.stdout
+    return out
+
+
+def test_the_tflite_runtime_prints_nothing_outside_the_log_and_the_level_is_the_users(tmp_path):
+    default = classify(tmp_path)
+    assert "XNNPACK" not in default.stderr, default.stderr
+    assert re.search(r"^\S+ \S+ INFO monitord\.inference\.models\.yamnet: model yam", default.stderr, re.M), default.stderr
+    debug = classify(tmp_path, "--log-level", "debug")  # what the runtime said, in the log's own format
+    assert re.search(r"^\S+ \S+ DEBUG \S+: tflite: INFO: Created TensorFlow Lite XNNPACK delegate", debug.stderr, re.M), debug.stderr
+    quiet = classify(tmp_path, "--log-level", "warning")
+    assert " INFO " not in quiet.stderr and "XNNPACK" not in quiet.stderr, quiet.stderr
 
 
 def start(tmp_path: Path, command, **popen) -> tuple[subprocess.Popen, Stderr]:
