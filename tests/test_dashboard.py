@@ -131,9 +131,30 @@ def test_a_non_loopback_dashboard_needs_a_token_and_checks_it(tiny_clap, tmp_pat
     page = client.get("/?token=a-long-enough-secret")
     assert page.status_code == 200 and client.get("/").status_code == 401
     assets = re.findall(r'(?:src|href)="(static/[^"]+)"', page.text)
-    assert sorted(assets) == ["static/app.css", "static/app.js"]
+    assert sorted(assets) == ["static/app.css", "static/app.js", "static/favicon.svg"]
     assert all(client.get("/" + asset).status_code == 200 for asset in assets)
+    assert client.get("/favicon.ico").status_code == 200  # asked for by browsers, without the token
     assert client.post("/static/app.js").status_code == 401  # only reading the shipped files is open
+
+
+def test_the_page_has_an_icon(tmp_path):
+    """No 404 for /favicon.ico on every page load: the page links its icon, and /favicon.ico is it too."""
+    from starlette.testclient import TestClient
+
+    from monitord.config import parse_config
+    from monitord.output.dashboard import Dashboard
+
+    class FakeDaemon:
+        config = parse_config("sources: [{id: a, device: default}]\nmodels: {yam: {kind: yamnet}}\n", tmp_path)
+        models, clips = {}, None
+
+    client = TestClient(Dashboard(FakeDaemon(), "127.0.0.1:1", None).app(), base_url="http://127.0.0.1:8080")
+    icon = re.search(r'<link rel="icon" href="([^"]+)" type="image/svg\+xml">', client.get("/").text)
+    assert icon, "the page links no icon"
+    for path in ("/" + icon.group(1), "/favicon.ico"):
+        answer = client.get(path)
+        assert answer.status_code == 200 and answer.headers["content-type"].startswith("image/svg+xml"), path
+        assert answer.text.startswith("<svg") and "viewBox" in answer.text
 
 
 def test_busy_dashboard_or_metrics_ports_are_clear_errors(tiny_clap, tmp_path):
