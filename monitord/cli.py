@@ -167,6 +167,7 @@ def cmd_classify(args: argparse.Namespace) -> int:
     from monitord.tools.classify import AudioFileError, audio_files, classify_file, count_windows
     from monitord.daemon import load_models
     from monitord.inference.models import ModelUnavailable
+    from monitord.tools.evaluate import RuleOutcomes
 
     files = audio_files([Path(f) for f in args.files])
     if not files:
@@ -187,14 +188,22 @@ def cmd_classify(args: argparse.Namespace) -> int:
             total, seconds = count_windows(path, config)
             progress = Progress(path.name, total) if seconds > 60 and not args.quiet else None
             results = []
+            rules = RuleOutcomes(config.rules) if args.rules else None  # each file from a quiet start, as a new stream
             for row in classify_file(path, config, models):
                 if args.timeline:
                     results.append(row)
+                outcomes = rules.step(row) if rules is not None else None
                 if not args.quiet and not summary_json:
                     data = {"file": str(path), **row.to_dict()} if len(files) > 1 else row.to_dict()
-                    print(json.dumps(data) if args.json else (f"{path.name}  " if len(files) > 1 else "") + row.to_text(args.top))
+                    if outcomes is not None:
+                        data["rules"] = outcomes
+                    print(json.dumps(data) if args.json else (f"{path.name}  " if len(files) > 1 else "") + row.to_text(args.top)
+                          + (RuleOutcomes.text(outcomes) if outcomes is not None else ""))
                 if progress:
                     progress.step()
+            if rules is not None and not args.quiet and not summary_json and (ended := rules.end())["raised"]:
+                print(json.dumps({"file": str(path), "end_of_file": True, "rules": ended}) if args.json
+                      else f"{path.name}: end of file{RuleOutcomes.text(ended)}")
             if progress:
                 progress.done()
             if args.timeline:
@@ -465,6 +474,10 @@ def build_parser() -> argparse.ArgumentParser:
                         "DIR/summary.csv and DIR/summary.png comparing the files")
     p.add_argument("--embeddings", action="store_true", help="with --timeline: also each model's embeddings (.npy)")
     p.add_argument("--segment-s", type=float, default=10.0, help="segment length for the timeline summary")
+    p.add_argument("--rules", action="store_true",
+                   help="also what the config's rules raise on each window (onsets, offsets: the daemon's alert "
+                        "engine, each file from a quiet start) and, for rules with not_like, what they would raise "
+                        "without their taught false alarms")
     p.add_argument("--quiet", action="store_true", help="no per-window rows (with --timeline)")
     p.add_argument("--peak-threshold", type=float, default=PEAK_THRESHOLD,
                    help=f"summary: an emotion peaks where its score stays at or above this (default {PEAK_THRESHOLD})")

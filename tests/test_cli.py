@@ -3,6 +3,7 @@ under `make run`), what it prints on stderr."""
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import signal
@@ -133,3 +134,41 @@ def test_make_run_under_a_process_group_sigterm_stops_once(tmp_path):
             pass
     assert len(STOPPING.findall(text)) == 1, text[-3000:]
     assert text.count("stopped:") == 1 and "Traceback" not in text, text[-3000:]
+
+
+def test_classify_rules_shows_what_each_window_raises_with_and_without_not_like(tmp_path):
+    """A real alarm clock, the shipped config: `--rules` says which window raises the `alarm` rule's
+    onset (and the end of the file its offset); taught as a false alarm of that rule (`teach --not`),
+    the window raises nothing, and `--rules` says it would without the rule's not_like bank."""
+    from tests.conftest import AUDIO, shared_path
+
+    alarm = shared_path(AUDIO / "alarm_clock" / "esc50_alarm_clock_3-120526-B-37.wav")
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_HOME": str(tmp_path / "hf-home")}
+    config = tmp_path / "monitord.yaml"
+    text = (REPO / "config" / "monitord.yaml").read_text()
+    config.write_text(text)
+
+    def run(*args: str) -> subprocess.CompletedProcess:
+        out = subprocess.run(monitord_cmd(*args, "-c", str(config)), cwd=REPO, env=env, capture_output=True, text=True, timeout=180)
+        assert out.returncode == 0, out.stderr[-3000:]
+        return out
+
+    def rows(out: subprocess.CompletedProcess) -> list[dict]:
+        return [json.loads(line) for line in out.stdout.splitlines()]
+
+    plain = rows(run("classify", str(alarm), "--rules", "--json"))
+    raised = [(r.get("stream_end"), t["phase"], t["rule"]) for r in plain for t in r["rules"]["raised"]]
+    assert [(phase, rule) for _, phase, rule in raised] == [("onset", "alarm"), ("offset", "alarm")], raised
+    assert "end_of_file" in plain[-1] and not any("without_not_like" in r["rules"] for r in plain)  # no bank: nothing to compare
+    onset_end = raised[0][0]
+
+    block = "    min_windows: 3\n    of_windows: 4\n    cooldown_s: 120\n"  # the alarm rule's (the first of two)
+    assert text.index(block) < text.index("id: alarm-confirmed")
+    config.write_text(text.replace(block, block + "    not_like: {bank: not-alarm.npz}\n", 1))
+    run("teach", "--bank", str(tmp_path / "not-alarm.npz"), "--not", "alarm", "--files", str(alarm))
+    taught = rows(run("classify", str(alarm), "--rules", "--json"))
+    assert not any(r["rules"]["raised"] for r in taught), taught  # the daemon would stay quiet
+    would = [(r.get("stream_end"), t["phase"], t["rule"]) for r in taught for t in r["rules"].get("without_not_like", [])]
+    assert would[0] == (onset_end, "onset", "alarm"), would
+    text_rows = run("classify", str(alarm), "--rules").stdout
+    assert f"{onset_end - 2.0:.2f}-" in text_rows and "| without not_like: onset alarm (" in text_rows, text_rows

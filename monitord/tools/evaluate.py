@@ -22,18 +22,19 @@ import csv
 import json
 import logging
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from monitord.alerts.engine import AlertEngine
+from monitord.alerts.engine import AlertEngine, Transition
 from monitord.audio import read_mono
-from monitord.config import Config, SourceConfig
+from monitord.config import Config, RuleConfig, SourceConfig
 from monitord.inference.models.anomaly import build_bank, roc_auc
 from monitord.inference.queue import WindowQueue
-from monitord.tools.classify import audio_files, classify_file
+from monitord.tools.classify import WindowResult, audio_files, classify_file
 from monitord.types import StreamEnd, Window
 from monitord.windowing.stage import WindowingStage
 from monitord.windowing.tiling import ModelInput, WindowCutter, window_starts
@@ -152,11 +153,9 @@ def _classifier_report(config: Config, model_name: str, model, per_file) -> dict
 def _rules_report(rules, model_name: str, per_file) -> dict[str, Any]:
     """Per rule: the files of its label on which it raised an onset, and its false alarms per hour on
     background files; for a rule with ``not_like``, also both without its bank (taught false alarms)."""
-    from monitord.examples.suppress import NotLike
-
     report: dict[str, Any] = {}
     for rule in rules:
-        variants = {"with_bank": NotLike(), "without_bank": None} if rule.not_like is not None else {"as_is": None}
+        variants = {"with_bank": True, "without_bank": False} if rule.not_like is not None else {"as_is": False}
         entry: dict[str, Any] = {"label": rule.label}
         for name, not_like in variants.items():
             detected = files = false_alarms = 0
@@ -176,18 +175,69 @@ def _rules_report(rules, model_name: str, per_file) -> dict[str, Any]:
     return report
 
 
-def _onsets(rules, model_name: str, rows, not_like=None) -> list[tuple[Any, float]]:
-    """(rule, stream time) of each onset the alert engine raises over one file's windows; with
-    ``not_like`` (a NotLike), windows like a rule's taught false alarms do not count for it."""
-    engine = AlertEngine(rules)
-    out = []
-    for r in rows:
-        t = r.window.stream_end
-        for outcome in r.scored.outcomes:
-            if outcome.model == model_name:
-                suppressed = not_like.matches(rules, outcome.scores) if not_like is not None else ()
-                out += [(f.rule, t) for f in engine.observe(r.window.source, outcome, t, suppressed) if f.phase == "onset"]
-    return out
+class RuleRun:
+    """The daemon's alert engine over one file's windows, in order: ``step(row)`` gives what the
+    window raises (onsets, offsets), ``end()`` the offsets the end of the file gives. With
+    ``not_like``, a window like one of a rule's taught false alarms (its ``not_like`` bank) does not
+    count for it, as in the daemon; without, the banks are left out."""
+
+    def __init__(self, rules: Sequence[RuleConfig], not_like: bool) -> None:
+        from monitord.examples.suppress import NotLike
+
+        self.engine = AlertEngine(tuple(rules))
+        self.not_like = NotLike() if not_like else None
+
+    def step(self, row: WindowResult) -> list[Transition]:
+        fired = []
+        for outcome in row.scored.outcomes:
+            suppressed = self.not_like.matches(self.engine.rules, outcome.scores) if self.not_like is not None else ()
+            fired += self.engine.observe(row.window.source, outcome, row.window.stream_end, suppressed)
+        return fired
+
+    def end(self) -> list[Transition]:
+        return self.engine.end(None, "end of stream")
+
+
+class RuleOutcomes:
+    """``monitord classify --rules``: per window, what the config's rules raise under the daemon's
+    alert engine (``raised``) and, where a rule has a ``not_like`` bank, what they would raise
+    without the banks (``without_not_like``): the windows a taught false alarm keeps quiet."""
+
+    def __init__(self, rules: Sequence[RuleConfig]) -> None:
+        self.daemon = RuleRun(rules, not_like=True)
+        self.bare = RuleRun(rules, not_like=False) if any(r.not_like is not None for r in rules) else None
+
+    def step(self, row: WindowResult) -> dict[str, list[dict[str, Any]]]:
+        return self._both(self.daemon.step(row), self.bare.step(row) if self.bare is not None else None)
+
+    def end(self) -> dict[str, list[dict[str, Any]]]:
+        return self._both(self.daemon.end(), self.bare.end() if self.bare is not None else None)
+
+    @staticmethod
+    def _both(raised: list[Transition], bare: list[Transition] | None) -> dict[str, list[dict[str, Any]]]:
+        def listed(transitions: list[Transition]) -> list[dict[str, Any]]:
+            return [{"rule": t.rule.id, "phase": t.phase, "score": round(t.score, 6)} for t in transitions]
+
+        return {"raised": listed(raised)} | ({"without_not_like": listed(bare)} if bare is not None else {})
+
+    @staticmethod
+    def text(outcomes: dict[str, list[dict[str, Any]]]) -> str:
+        """`` | onset alarm (0.912)``, and what the window would raise without not_like where that differs; "" for nothing."""
+        def said(listed: list[dict[str, Any]]) -> str:
+            return ", ".join(f"{t['phase']} {t['rule']} ({t['score']:.3f})" for t in listed)
+
+        parts = [said(outcomes["raised"])] if outcomes["raised"] else []
+        bare = outcomes.get("without_not_like")
+        if bare is not None and bare != outcomes["raised"]:
+            parts.append(f"without not_like: {said(bare) or 'nothing'}")
+        return "  | " + "; ".join(parts) if parts else ""
+
+
+def _onsets(rules, model_name: str, rows, not_like: bool = False) -> list[tuple[Any, float]]:
+    """(rule, stream time) of each onset the alert engine raises over one file's windows (``rules``
+    are ``model_name``'s); with ``not_like``, windows like a rule's taught false alarms do not count for it."""
+    run = RuleRun(rules, not_like)
+    return [(f.rule, r.window.stream_end) for r in rows for f in run.step(r) if f.phase == "onset"]
 
 
 def plot_confusion(report: dict[str, Any], path: Path) -> None:
