@@ -108,7 +108,6 @@ def cmd_run(args: argparse.Namespace) -> int:
         notify("STOPPING=1")
         finished = args.until_done and not stop.is_set() and not daemon.exit_code
         daemon.stop(drain_timeout_s=float("inf") if finished else None)
-        stop.set()
         for signum in (signal.SIGTERM, signal.SIGINT):  # stopped: a late signal would only kill the exit (status -15)
             signal.signal(signum, signal.SIG_IGN)
     if daemon.fatal:
