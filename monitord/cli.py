@@ -8,6 +8,7 @@ import logging
 import signal
 import sys
 import threading
+from functools import partial
 from pathlib import Path
 
 from monitord.config import Config, ConfigError, load_config
@@ -17,6 +18,7 @@ log = logging.getLogger("monitord")
 EXIT_OK = 0
 EXIT_FAILURE = 1
 EXIT_USAGE = 2
+LOG_LEVELS = ("debug", "info", "warning", "error")
 
 
 def _setup_logging(level: str) -> None:
@@ -70,8 +72,11 @@ def cmd_run(args: argparse.Namespace) -> int:
     stop = threading.Event()
 
     def on_signal(signum: int, _frame: object) -> None:
+        if stop.is_set():  # `make run`: make passes its SIGTERM on to the daemon, which got it already
+            log.debug("received %s again: already stopping", signal.Signals(signum).name)
+            return
+        stop.set()  # before logging: a second signal may run this handler again inside the log call
         log.info("received %s, stopping", signal.Signals(signum).name)
-        stop.set()
 
     signal.signal(signal.SIGTERM, on_signal)
     signal.signal(signal.SIGINT, on_signal)
@@ -113,6 +118,8 @@ def cmd_run(args: argparse.Namespace) -> int:
         notify("STOPPING=1")
         finished = args.until_done and not stop.is_set() and not daemon.exit_code
         daemon.stop(drain_timeout_s=float("inf") if finished else None)
+        for signum in (signal.SIGTERM, signal.SIGINT):  # stopped: a late signal would only kill the exit (status -15)
+            signal.signal(signum, signal.SIG_IGN)
     if daemon.fatal:
         print(f"monitord: {daemon.fatal}", file=sys.stderr)
     return EXIT_FAILURE if daemon.exit_code else EXIT_OK
@@ -169,6 +176,7 @@ def cmd_classify(args: argparse.Namespace) -> int:
     from monitord.tools.classify import AudioFileError, audio_files, classify_file, count_windows
     from monitord.inference.build import load_models
     from monitord.inference.models import ModelUnavailable
+    from monitord.tools.evaluate import RuleOutcomes
 
     files = audio_files([Path(f) for f in args.files])
     if not files:
@@ -180,6 +188,11 @@ def cmd_classify(args: argparse.Namespace) -> int:
     for name, reason in models.unavailable.items():
         print(f"monitord: optional model {name} is not loaded, going on without it: {reason.missing or reason}"
               + (f". Fix: {reason.fix}" if reason.fix else ""), file=sys.stderr)
+    references = {}
+    if args.rules:
+        from monitord.teaching.references import for_rules
+
+        references = for_rules(config, models.get)  # what guards each rule's recall, as in the daemon
     summary_json = args.json and args.timeline  # --json with --timeline: the summary, not the windows
     emotion_models = [n for n in models if config.models[n].kind == "emotion"] if args.timeline else []
     curves, rows = [], []
@@ -189,14 +202,22 @@ def cmd_classify(args: argparse.Namespace) -> int:
             total, seconds = count_windows(path, config)
             progress = Progress(path.name, total) if seconds > 60 and not args.quiet else None
             results = []
+            rules = RuleOutcomes(config.rules, references) if args.rules else None  # each file from a quiet start, as a new stream
             for row in classify_file(path, config, models):
                 if args.timeline:
                     results.append(row)
+                outcomes = rules.step(row) if rules is not None else None
                 if not args.quiet and not summary_json:
                     data = {"file": str(path), **row.to_dict()} if len(files) > 1 else row.to_dict()
-                    print(json.dumps(data) if args.json else (f"{path.name}  " if len(files) > 1 else "") + row.to_text(args.top))
+                    if outcomes is not None:
+                        data["rules"] = outcomes
+                    print(json.dumps(data) if args.json else (f"{path.name}  " if len(files) > 1 else "") + row.to_text(args.top)
+                          + (RuleOutcomes.text(outcomes) if outcomes is not None else ""))
                 if progress:
                     progress.step()
+            if rules is not None and not args.quiet and not summary_json and (ended := rules.end())["raised"]:
+                print(json.dumps({"file": str(path), "end_of_file": True, "rules": ended}) if args.json
+                      else f"{path.name}: end of file{RuleOutcomes.text(ended)}")
             if progress:
                 progress.done()
             if args.timeline:
@@ -459,8 +480,11 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="monitord", description="Real-time audio monitoring daemon.")
-    parser.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
-    sub = parser.add_subparsers(dest="command", required=True)
+    parser.add_argument("--log-level", default="info", choices=LOG_LEVELS)
+    # also after the subcommand (`monitord run -c X --log-level debug`); not given there, the one before stands
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--log-level", default=argparse.SUPPRESS, choices=LOG_LEVELS, help="as before the subcommand")
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=partial(argparse.ArgumentParser, parents=[common]))
 
     p = sub.add_parser("run", help="run the daemon until SIGTERM/SIGINT")
     p.add_argument("-c", "--config", required=True)
@@ -500,6 +524,10 @@ def build_parser() -> argparse.ArgumentParser:
                         "DIR/summary.csv and DIR/summary.png comparing the files")
     p.add_argument("--embeddings", action="store_true", help="with --timeline: also each model's embeddings (.npy)")
     p.add_argument("--segment-s", type=float, default=10.0, help="segment length for the timeline summary")
+    p.add_argument("--rules", action="store_true",
+                   help="also what the config's rules raise on each window (onsets, offsets: the daemon's alert "
+                        "engine, each file from a quiet start) and, for rules with not_like, what they would raise "
+                        "without their taught false alarms")
     p.add_argument("--quiet", action="store_true", help="no per-window rows (with --timeline)")
     p.add_argument("--peak-threshold", type=float, default=PEAK_THRESHOLD,
                    help=f"summary: an emotion peaks where its score stays at or above this (default {PEAK_THRESHOLD})")

@@ -10,7 +10,7 @@ import urllib.request
 import numpy as np
 import pytest
 
-from tests.conftest import REPO, free_port, need, noise, silence, tone, write_wav
+from tests.conftest import REPO, free_port, need, noise, require, silence, tone, write_wav
 from tests.test_e2e import start_daemon, stop_daemon, write_config
 
 CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
@@ -131,9 +131,30 @@ def test_a_non_loopback_dashboard_needs_a_token_and_checks_it(tiny_clap, tmp_pat
     page = client.get("/?token=a-long-enough-secret")
     assert page.status_code == 200 and client.get("/").status_code == 401
     assets = re.findall(r'(?:src|href)="(static/[^"]+)"', page.text)
-    assert sorted(assets) == ["static/app.css", "static/app.js"]
+    assert sorted(assets) == ["static/app.css", "static/app.js", "static/favicon.svg"]
     assert all(client.get("/" + asset).status_code == 200 for asset in assets)
+    assert client.get("/favicon.ico").status_code == 200  # asked for by browsers, without the token
     assert client.post("/static/app.js").status_code == 401  # only reading the shipped files is open
+
+
+def test_the_page_has_an_icon(tmp_path):
+    """No 404 for /favicon.ico on every page load: the page links its icon, and /favicon.ico is it too."""
+    from starlette.testclient import TestClient
+
+    from monitord.config import parse_config
+    from monitord.output.dashboard import Dashboard
+
+    class FakeDaemon:
+        config = parse_config("sources: [{id: a, device: default}]\nmodels: {yam: {kind: yamnet}}\n", tmp_path)
+        models, clips = {}, None
+
+    client = TestClient(Dashboard(FakeDaemon(), "127.0.0.1:1", None).app(), base_url="http://127.0.0.1:8080")
+    icon = re.search(r'<link rel="icon" href="([^"]+)" type="image/svg\+xml">', client.get("/").text)
+    assert icon, "the page links no icon"
+    for path in ("/" + icon.group(1), "/favicon.ico"):
+        answer = client.get(path)
+        assert answer.status_code == 200 and answer.headers["content-type"].startswith("image/svg+xml"), path
+        assert answer.text.startswith("<svg") and "viewBox" in answer.text
 
 
 def test_busy_dashboard_or_metrics_ports_are_clear_errors(tiny_clap, tmp_path):
@@ -254,3 +275,69 @@ def test_a_chunked_upload_is_cut_off_at_the_limit_not_read_whole(try_it):
         dashboard.stop()
     assert answer.startswith(b"HTTP/1.1 413"), answer[:200]
     assert sent < 100, f"{sent} chunks of 64 KiB were taken before the refusal"
+
+
+def test_the_timeline_keeps_the_alerting_label_its_threshold_and_the_alert(tmp_path):
+    """A real alarm clock early in a recording, other sounds after it: at the end, the timeline still
+    draws the `alarm` rule's label with a dashed line at its threshold, and the alert's stretch is
+    shaded, though other labels score higher by then (the shipped config: YAMNet, no hub for CLAP)."""
+    import soundfile as sf
+    import soxr
+
+    from tests.conftest import AUDIO, shared_path
+    from tests.test_first_start import Lines, default_config, no_sound_env
+
+    need(shutil.which("chromium") is not None, "chromium is not installed (Debian package chromium)")
+    playwright = require("playwright.sync_api", "pip install playwright")
+    rate = 44100
+
+    def clip(name: str) -> np.ndarray:
+        data, clip_rate = sf.read(str(shared_path(AUDIO / name)), dtype="float32", always_2d=True)
+        mono = data.mean(axis=1)
+        return soxr.resample(mono, clip_rate, rate).astype(np.float32) if clip_rate != rate else mono
+
+    lead = 6.0  # quiet (below the gate: nothing scored) while the page connects
+    parts = [silence(lead, rate), clip("alarm_clock/esc50_alarm_clock_3-120526-B-37.wav"), silence(1.0, rate)]
+    parts += [clip(f) for f in ("rain/rain.wav", "applause/applause.wav", "train/train.wav", "birds/birds1.wav",
+                                "engine/car_engine.wav")]
+    recording = np.concatenate(parts)
+    seconds = len(recording) / rate
+    write_wav(tmp_path / "room.wav", recording, rate)
+    config, port = default_config(tmp_path)
+    text, found = re.subn(r"(?ms)^sources:\n.*?^(?=gate:)", "sources:\n  - {id: room, file: room.wav, realtime: true}\n",
+                          config.read_text())
+    assert found == 1
+    config.write_text(text)
+    failed_requests: list[str] = []
+    with playwright.sync_playwright() as pw:
+        browser = pw.chromium.launch(executable_path=CHROMIUM, args=["--no-sandbox", "--disable-gpu", "--no-first-run"])
+        page = browser.new_page(viewport={"width": 1400, "height": 1000})
+        page.on("response", lambda r: failed_requests.append(f"{r.status} {r.url}") if r.status >= 400 else None)
+        proc = start_daemon(config, no_sound_env(tmp_path))
+        try:
+            printed = Lines(proc.stdout).wait_for(r"monitord: dashboard at (http://\S+)", 120, proc)
+            assert printed, proc.poll()
+            page.goto(printed.group(1))
+            page.locator("#connection.on").wait_for(timeout=30000)
+            key = "room / yam"
+            page.wait_for_function(f"() => (window.__timeline[{key!r}]?.t1 ?? 0) >= {seconds - 1.0}", timeout=(seconds + 60) * 1000)
+            timeline = page.evaluate(f"window.__timeline[{key!r}]")
+            ARTIFACTS.mkdir(exist_ok=True)
+            page.locator("#timelines").screenshot(path=str(ARTIFACTS / "timeline.png"))
+            browser.close()
+        finally:
+            code, _, err = stop_daemon(proc)
+    assert code == 0, err[-3000:]
+    series = {s["label"]: s for s in timeline["series"]}
+    assert "alarm" in series and series["alarm"]["watched"], list(series)
+    alarm = series["alarm"]["points"]
+    assert max(p for t, p in alarm if lead <= t <= lead + 8) >= 0.4, alarm  # the alarm clock, as it sounded
+    assert alarm[0][0] <= lead + 2.5 and alarm[-1][0] >= seconds - 1.0  # drawn from the first scored window to the end
+    latest = timeline["latest"]  # the newest window's scores: `alarm` is not among its six highest, yet it is drawn
+    assert sorted(latest, key=latest.get, reverse=True).index("alarm") >= 6, latest
+    assert {"rule": "alarm", "label": "alarm", "threshold": 0.4} in timeline["thresholds"], timeline["thresholds"]
+    stretch = [s for s in timeline["shaded"] if s["rule"] == "alarm"]
+    assert len(stretch) == 1 and not stretch[0]["open"], timeline["shaded"]
+    assert lead <= stretch[0]["t0"] < stretch[0]["t1"] <= lead + 12, stretch
+    assert len(timeline["series"]) <= 6 and len([s for s in timeline["series"] if not s["watched"]]) >= 2
+    assert not failed_requests, failed_requests

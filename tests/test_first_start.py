@@ -126,7 +126,8 @@ def test_first_start_with_no_hub_and_no_microphone(tmp_path):
         statuses = {(e["source"], e["status"]): e for e in state["events"] if e["kind"] == "status"}
         missing = statuses[("daemon", "model_unavailable")]
         assert missing["model"] == "clap" and "laion/clap-htsat-unfused" in missing["detail"]
-        assert "HF_HUB_OFFLINE" in missing["missing"] and missing["fix"].startswith("on a machine that reaches the hub, `hf download")
+        assert "HF_HUB_OFFLINE" in missing["missing"] and missing["fix"].startswith("on a machine that reaches the hub, `")
+        assert "hf download laion/clap-htsat-unfused`" in missing["fix"]
         assert "waiting for a microphone" in statuses[("living-room", "down")]["detail"]
         assert state["try_it"] == {"yam": "yamnet"}
         result = post_file(url + "api/try", shared_path(CAT))

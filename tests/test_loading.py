@@ -41,6 +41,38 @@ def test_offline_says_so_in_what_is_missing(monkeypatch):
     assert "HF_HUB_OFFLINE is set" in info.value.missing and "hf download" in info.value.fix
 
 
+def test_the_fix_names_the_hf_the_venv_has(monkeypatch, tmp_path):
+    """`hf` is installed in .venv/bin, on no PATH: the fix says `.venv/bin/hf download ...` (from the
+    clone), the full path (from elsewhere), and plain `hf` only where there is none beside Python."""
+    import shutil
+    import subprocess
+    import sys
+
+    from monitord.inference.models.clap import ClapZeroShot
+    from monitord.inference.models.loading import fetch_command, hf_command
+
+    bin_dir = tmp_path / "clone" / ".venv" / "bin"
+    bin_dir.mkdir(parents=True)
+    (bin_dir / "hf").write_text("#!/bin/sh\n")
+    monkeypatch.setattr(sys, "executable", str(bin_dir / "python"))
+    monkeypatch.chdir(tmp_path / "clone")
+    assert fetch_command("laion/x") == ".venv/bin/hf download laion/x"
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises(ModelUnavailable) as info:
+        ClapZeroShot("clap", ClapModelConfig(model="laion/clap-model-that-is-not-cached", labels=LABELS))
+    assert "`.venv/bin/hf download laion/clap-model-that-is-not-cached`" in info.value.fix
+    monkeypatch.chdir("/")
+    assert fetch_command("laion/x") == f"{bin_dir / 'hf'} download laion/x"
+    (bin_dir / "hf").unlink()
+    assert fetch_command("laion/x") == "hf download laion/x"
+    monkeypatch.undo()
+    named = hf_command()  # this test run's own: it runs, from here, PATH or not
+    if named == "hf" and shutil.which("hf") is None:
+        pytest.skip("huggingface_hub's hf is not installed beside this Python nor on PATH")
+    out = subprocess.run([named, "download", "--help"], capture_output=True, text=True, timeout=60, env={"PATH": "/usr/bin:/bin"})
+    assert out.returncode == 0 and "download" in out.stdout, out.stderr
+
+
 def test_the_probe_gives_up_within_its_timeout(monkeypatch):
     """A resolver or a connect that hangs costs the probe's timeout, not the system's."""
     import monitord.inference.models.loading as loading

@@ -15,6 +15,7 @@ from monitord.config import inactive_without, load_config, parse_config
 from monitord.daemon import Daemon
 from monitord.inference.build import load_models
 from monitord.inference.models import ModelUnavailable
+from monitord.inference.models.loading import hf_command
 from tests.conftest import AUDIO, REPO, free_port, monitord_cmd, shared_path, silence, write_wav
 from tests.test_e2e import is_alert, read_log
 
@@ -100,7 +101,7 @@ def test_the_daemon_runs_without_it_says_so_once_and_alerts_through_the_rest(tmp
     assert not any(e["kind"] == "alert" and e["rule"] == "cat-confirmed" for e in events)
     assert not [e for e in events if e["kind"] == "status" and e["status"] in ("stage_failed", "model_error")]
     assert states["yam"]["state"] == "active" and states["clap"]["state"] == "inactive"
-    assert "no-such-clap" in states["clap"]["detail"] and "Fix: hf download" in states["clap"]["detail"]
+    assert "no-such-clap" in states["clap"]["detail"] and f"Fix: {hf_command()} download" in states["clap"]["detail"]
     assert rules["cat"]["active"] and not rules["cat-confirmed"]["active"]
     assert rules["cat-confirmed"]["detail"] == "model clap is not loaded"
 

@@ -26,11 +26,11 @@ log = logging.getLogger(__name__)
 EVENT_TOP_LABELS = 10
 
 
-def event_scores(probabilities: Mapping[str, float], label: str) -> dict[str, float]:
-    """The scores an event carries: the rule's label and the best EVENT_TOP_LABELS others
-    (all of them for a CLAP label set; YAMNet has 521 classes)."""
+def event_scores(probabilities: Mapping[str, float], *labels: str) -> dict[str, float]:
+    """The scores an event carries: ``labels`` (the rule's; a score event's, those its model's rules
+    watch) and the best EVENT_TOP_LABELS others (all of them for a CLAP label set; YAMNet has 521 classes)."""
     best = sorted(probabilities, key=probabilities.get, reverse=True)[:EVENT_TOP_LABELS]
-    keep = best if label in best else [*best, label]
+    keep = [*best, *(label for label in dict.fromkeys(labels) if label not in best)]
     return {name: round(probabilities[name], 6) for name in keep if name in probabilities}
 
 
@@ -52,8 +52,9 @@ def frames_payload(frames: Curve, labels: Sequence[str]) -> dict[str, Any]:
             "values": [[round(v, 5) for v in row] for row in frames.values.tolist()]}
 
 
-def scores_event(scores: Scores, host: str, frames: Curve | None = None) -> Event:
-    """A scored window's scores; for a frame-level model also the frames that became final with it
+def scores_event(scores: Scores, host: str, frames: Curve | None = None, watched: Sequence[str] = ()) -> Event:
+    """A scored window's scores (the best, and the ``watched`` labels: the dashboard's timeline keeps
+    each rule's label on its chart); for a frame-level model also the frames that became final with it
     (the merged curve trails the newest window by about 1.25 s with 2 s windows every 0.5 s)."""
     window = scores.window
     (label, score), = scores.top(1)
@@ -62,7 +63,7 @@ def scores_event(scores: Scores, host: str, frames: Curve | None = None) -> Even
         extra["frames"] = frames_payload(frames, list(scores.probabilities))
     return Event(
         kind="scores", source=window.source, time=iso_utc(window.wall_start), host=host, label=label,
-        score=round(score, 6), scores=event_scores(scores.probabilities, label), model=scores.model_id,
+        score=round(score, 6), scores=event_scores(scores.probabilities, label, *watched), model=scores.model_id,
         model_name=scores.model, stream_start=round(window.stream_start, 6), stream_end=round(window.stream_end, 6),
         facts=window.facts.to_dict(), extra=extra,
     )
@@ -235,7 +236,8 @@ class AlertsStage(Stage):
             if outcome.verdict is Verdict.SCORED:
                 published = self._publishes_scores(outcome.model, window.source)
                 if published or self.feed_windows:
-                    event = scores_event(outcome.scores, self.host, curve)
+                    watched = [r.label for r in self.engine.rules if r.model == outcome.model]
+                    event = scores_event(outcome.scores, self.host, curve, watched)
                     if suppressed:
                         event = replace(event, extra={**event.extra,
                                                       "suppressed_by": {r: m.to_dict() for r, m in suppressed.items()}})

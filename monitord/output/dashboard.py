@@ -267,6 +267,9 @@ class Dashboard:
         async def index(request):
             return FileResponse(STATIC / "index.html")
 
+        async def favicon(request):  # what a browser asks for before it reads the page's <link rel=icon>
+            return FileResponse(STATIC / "favicon.svg", media_type="image/svg+xml")
+
         async def state(request):
             return JSONResponse({
                 "sources": [s.id for s in self.daemon.config.sources],
@@ -378,6 +381,7 @@ class Dashboard:
 
         routes = [
             Route("/", index),
+            Route("/favicon.ico", favicon),
             Route("/api/state", state),
             Route("/api/events", events),
             Route("/api/try", try_it, methods=["POST"]),
@@ -632,14 +636,15 @@ class HostGate:
 
 class TokenGate:
     """Every request needs the token: ``?token=...`` or ``Authorization: Bearer ...``; except the
-    page's own script and stylesheet, which the browser fetches without it and which hold nothing
-    but what ships in the package."""
+    page's own script, stylesheet and icon, which the browser fetches without it and which hold
+    nothing but what ships in the package."""
 
     def __init__(self, app, token: str) -> None:
         self.app, self.token = app, token
 
     async def __call__(self, scope, receive, send) -> None:
-        if scope["type"] == "http" and not (scope["method"] in ("GET", "HEAD") and scope["path"].startswith("/static/")):
+        if scope["type"] == "http" and not (scope["method"] in ("GET", "HEAD") and (scope["path"].startswith("/static/")
+                                                                                or scope["path"] == "/favicon.ico")):
             from starlette.requests import Request
             from starlette.responses import PlainTextResponse
 

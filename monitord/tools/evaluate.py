@@ -22,18 +22,19 @@ import csv
 import json
 import logging
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from monitord.alerts.engine import AlertEngine
+from monitord.alerts.engine import AlertEngine, Transition
 from monitord.audio import read_mono
-from monitord.config import Config, SourceConfig
+from monitord.config import Config, RuleConfig, SourceConfig
 from monitord.inference.models.anomaly import build_bank, roc_auc
 from monitord.windowing.queue import WindowQueue
-from monitord.tools.classify import audio_files, classify_file
+from monitord.tools.classify import WindowResult, audio_files, classify_file
 from monitord.types import StreamEnd, Window
 from monitord.windowing.stage import WindowingStage
 from monitord.windowing.tiling import ModelInput, WindowCutter, window_starts
@@ -156,11 +157,10 @@ def _rules_report(rules, model_name: str, per_file, references=None) -> dict[str
     background files, naming the files (and times) that raised them, to teach from; for a rule with
     ``not_like``, also both without its bank (taught false alarms), and whether the bank exists."""
     from monitord.teaching.bank import BankError, load
-    from monitord.teaching.suppress import NotLike
 
     report: dict[str, Any] = {}
     for rule in rules:
-        variants = {"with_bank": NotLike(references), "without_bank": None} if rule.not_like is not None else {"as_is": None}
+        variants = {"with_bank": True, "without_bank": False} if rule.not_like is not None else {"as_is": False}
         entry: dict[str, Any] = {"label": rule.label}
         if rule.not_like is not None:
             try:
@@ -174,7 +174,7 @@ def _rules_report(rules, model_name: str, per_file, references=None) -> dict[str
             seconds = 0.0
             raised: list[dict[str, Any]] = []
             for example, rows in per_file:
-                onsets = _onsets((rule,), model_name, rows, not_like)
+                onsets = _onsets((rule,), model_name, rows, not_like, references)
                 if example.label == BACKGROUND:
                     seconds += rows[-1].window.stream_end if rows else 0.0
                     false_alarms += len(onsets)
@@ -191,18 +191,71 @@ def _rules_report(rules, model_name: str, per_file, references=None) -> dict[str
     return report
 
 
-def _onsets(rules, model_name: str, rows, not_like=None) -> list[tuple[Any, float]]:
-    """(rule, stream time) of each onset the alert engine raises over one file's windows; with
-    ``not_like`` (a NotLike), windows like a rule's taught false alarms do not count for it."""
-    engine = AlertEngine(rules)
-    out = []
-    for r in rows:
-        t = r.window.stream_end
-        for outcome in r.scored.outcomes:
-            if outcome.model == model_name:
-                suppressed = not_like.matches(rules, outcome.scores, r.window.source) if not_like is not None else ()
-                out += [(f.rule, t) for f in engine.observe(r.window.source, outcome, t, suppressed) if f.phase == "onset"]
-    return out
+class RuleRun:
+    """The daemon's alert engine over one file's windows, in order: ``step(row)`` gives what the
+    window raises (onsets, offsets), ``end()`` the offsets the end of the file gives. With
+    ``not_like``, a window like one of a rule's taught false alarms (its ``not_like`` bank) does not
+    count for it, as in the daemon; without, the banks are left out."""
+
+    def __init__(self, rules: Sequence[RuleConfig], not_like: bool, references=None) -> None:
+        from monitord.teaching.suppress import NotLike
+
+        self.engine = AlertEngine(tuple(rules))
+        self.not_like = NotLike(references) if not_like else None
+
+    def step(self, row: WindowResult) -> list[Transition]:
+        fired = []
+        for outcome in row.scored.outcomes:
+            suppressed = self.not_like.matches(self.engine.rules, outcome.scores, row.window.source) \
+                if self.not_like is not None else ()
+            fired += self.engine.observe(row.window.source, outcome, row.window.stream_end, suppressed)
+        return fired
+
+    def end(self) -> list[Transition]:
+        return self.engine.end(None, "end of stream")
+
+
+class RuleOutcomes:
+    """``monitord classify --rules``: per window, what the config's rules raise under the daemon's
+    alert engine (``raised``) and, where a rule has a ``not_like`` bank, what they would raise
+    without the banks (``without_not_like``): the windows a taught false alarm keeps quiet."""
+
+    def __init__(self, rules: Sequence[RuleConfig], references=None) -> None:
+        self.daemon = RuleRun(rules, not_like=True, references=references)
+        self.bare = RuleRun(rules, not_like=False) if any(r.not_like is not None for r in rules) else None
+
+    def step(self, row: WindowResult) -> dict[str, list[dict[str, Any]]]:
+        return self._both(self.daemon.step(row), self.bare.step(row) if self.bare is not None else None)
+
+    def end(self) -> dict[str, list[dict[str, Any]]]:
+        return self._both(self.daemon.end(), self.bare.end() if self.bare is not None else None)
+
+    @staticmethod
+    def _both(raised: list[Transition], bare: list[Transition] | None) -> dict[str, list[dict[str, Any]]]:
+        def listed(transitions: list[Transition]) -> list[dict[str, Any]]:
+            return [{"rule": t.rule.id, "phase": t.phase, "score": round(t.score, 6)} for t in transitions]
+
+        return {"raised": listed(raised)} | ({"without_not_like": listed(bare)} if bare is not None else {})
+
+    @staticmethod
+    def text(outcomes: dict[str, list[dict[str, Any]]]) -> str:
+        """`` | onset alarm (0.912)``, and what the window would raise without not_like where that differs; "" for nothing."""
+        def said(listed: list[dict[str, Any]]) -> str:
+            return ", ".join(f"{t['phase']} {t['rule']} ({t['score']:.3f})" for t in listed)
+
+        parts = [said(outcomes["raised"])] if outcomes["raised"] else []
+        bare = outcomes.get("without_not_like")
+        if bare is not None and bare != outcomes["raised"]:
+            parts.append(f"without not_like: {said(bare) or 'nothing'}")
+        return "  | " + "; ".join(parts) if parts else ""
+
+
+def _onsets(rules, model_name: str, rows, not_like: bool = False, references=None) -> list[tuple[Any, float]]:
+    """(rule, stream time) of each onset the alert engine raises over one file's windows (``rules``
+    are ``model_name``'s); with ``not_like``, windows like a rule's taught false alarms (and nearer to
+    them than to its references) do not count for it."""
+    run = RuleRun(rules, not_like, references)
+    return [(f.rule, r.window.stream_end) for r in rows for f in run.step(r) if f.phase == "onset"]
 
 
 def plot_confusion(report: dict[str, Any], path: Path) -> None:

@@ -13,6 +13,7 @@ import bisect
 import logging
 import os
 import socket
+import sys
 import threading
 import time
 from collections.abc import Callable
@@ -47,8 +48,21 @@ def hub_endpoint() -> str:
     return os.environ.get("HF_ENDPOINT", "https://huggingface.co").rstrip("/")
 
 
+def hf_command() -> str:
+    """The hub's CLI as the user can run it: the ``hf`` installed beside this Python (``.venv/bin/hf``,
+    which is on no PATH unless the venv is activated), by a path that works from the current
+    directory; plain ``hf`` where there is none."""
+    beside = Path(sys.executable).parent / "hf"
+    if not beside.is_file():
+        return "hf"
+    here = Path.cwd()
+    if here != Path(here.anchor) and beside.is_relative_to(here):  # from a clone: .venv/bin/hf
+        return str(beside.relative_to(here))
+    return str(beside)
+
+
 def fetch_command(ref: str) -> str:
-    return f"hf download {ref}"
+    return f"{hf_command()} download {ref}"
 
 
 def probe_hub(endpoint: str | None = None, timeout_s: float = PROBE_TIMEOUT_S) -> str | None:

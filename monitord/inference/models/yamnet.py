@@ -18,8 +18,12 @@ one core (``python bench/teach.py`` measures it side by side).
 from __future__ import annotations
 
 import logging
+import os
+import sys
+import tempfile
 import warnings
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -45,6 +49,36 @@ WHERE_TO_GET = (
     "the TFLite classification export comes from Google's official YAMNet distribution (Kaggle Models / "
     "TensorFlow Hub: google/yamnet, variant 'tflite/classification', Apache-2.0)."
 )
+
+
+RUNTIME_LEVELS = {"INFO": logging.DEBUG, "WARNING": logging.WARNING, "ERROR": logging.ERROR}
+"""The TFLite runtime's own lines ("INFO: Created TensorFlow Lite XNNPACK delegate for CPU.") and
+the level they are logged at: its INFO is only news to someone debugging."""
+
+
+@contextmanager
+def runtime_stderr_logged() -> Iterator[None]:
+    """What native code writes on stderr (fd 2) meanwhile goes through logging instead of around it:
+    the TFLite runtime's ``LEVEL: ...`` lines at RUNTIME_LEVELS; anything else (another thread's log
+    line) is written back to stderr as it was."""
+    sys.stderr.flush()
+    saved = os.dup(2)
+    with tempfile.TemporaryFile() as captured:
+        os.dup2(captured.fileno(), 2)
+        try:
+            yield
+        finally:
+            sys.stderr.flush()
+            os.dup2(saved, 2)
+            os.close(saved)
+            captured.seek(0)
+            lines = captured.read().decode(errors="replace").splitlines(keepends=True)
+    for line in lines:
+        level = RUNTIME_LEVELS.get(line.split(":", 1)[0])
+        if level is not None:
+            log.log(level, "tflite: %s", line.rstrip())
+        elif line.strip():
+            os.write(2, line.encode())
 
 
 def model_file(config: YamnetModelConfig) -> Path:
@@ -76,13 +110,13 @@ class YamnetClassifier(ModelBase):
                 "kind: yamnet needs Google's TFLite runtime: pip install 'monitord[edge]' (ai-edge-litert)"
             ) from None
         try:
-            with warnings.catch_warnings():  # preserving tensors is "for debugging": measured, it costs ~nothing here
+            with warnings.catch_warnings(), runtime_stderr_logged():  # preserving tensors is "for debugging": measured, it costs ~nothing here
                 warnings.simplefilter("ignore")
                 # from bytes in memory: with model_path TFLite maps the file, and a file rewritten under
                 # a running daemon would change the model or kill the process with SIGBUS
                 self._interpreter = Interpreter(model_content=path.read_bytes(), num_threads=config.threads,
                                                 experimental_preserve_all_tensors=True)
-            self._interpreter.allocate_tensors()
+                self._interpreter.allocate_tensors()
         except (ValueError, RuntimeError, OSError) as exc:
             raise ModelUnavailable(f"YAMNet model: {path} is not a usable TFLite model ({exc}). {WHERE_TO_GET}",
                                    missing=f"a usable TFLite model at {path}",

@@ -2,9 +2,11 @@
 // One push channel (server-sent events) feeds every widget; nothing polls.
 const token = new URLSearchParams(location.search).get("token");
 const withToken = (url) => token ? `${url}${url.includes("?") ? "&" : "?"}token=${encodeURIComponent(token)}` : url;
-const TIMELINE_S = 300, MAX_BARS = 8, LINES = 6;
+const TIMELINE_S = 300, MAX_BARS = 8, LINES = 6, MIN_OTHERS = 2;
 const COLORS = ["#4fb3ff", "#3fb950", "#d29922", "#f85149", "#bc8cff", "#39c5cf", "#ff9bce", "#e3b341"];
-const state = { models: {}, rules: [], history: {}, canvases: {}, sources: {} };
+// stretches: per timeline, each alert's onset -> offset ({rule, label, t0, t1}; t1 null while it lasts)
+const state = { models: {}, rules: [], history: {}, canvases: {}, sources: {}, stretches: {} };
+window.__timeline = {};  // per timeline, what it draws: series, threshold lines, shaded stretches (read by tests)
 
 function el(tag, attrs = {}, ...children) {
   const node = document.createElement(tag);
@@ -107,12 +109,31 @@ function onScores(s) {
   const history = (state.history[key] ||= []);
   history.push({ t: s.stream_end, scores: s.scores });
   while (history.length && history[0].t < s.stream_end - TIMELINE_S) history.shift();
-  drawTimeline(key);
+  drawTimeline(s.source, s.model_name);
+}
+
+function onAlert(e) {
+  const key = `${e.source} / ${e.model_name}`;
+  const stretches = (state.stretches[key] ||= []);
+  if (e.phase === "onset") stretches.push({ rule: e.rule, label: e.label, t0: e.stream_end, t1: null });
+  else {
+    const open = stretches.findLast((s) => s.rule === e.rule && s.t1 === null);
+    if (open) open.t1 = e.stream_end;
+  }
+  if (state.history[key]) drawTimeline(e.source, e.model_name);
+}
+
+// The rules that watch this model on this source: their labels stay on its timeline whatever scores highest.
+function watchingRules(source, model) {
+  return state.rules.filter((r) => r.active && r.model === model && (!r.sources || r.sources.includes(source)));
 }
 
 // The time axis spans the data the page has (at most the last TIMELINE_S seconds of stream time),
-// so the first minutes fill the width instead of being squeezed into its right edge.
-function drawTimeline(key) {
+// so the first minutes fill the width instead of being squeezed into its right edge. The labels rules
+// watch are always drawn, each with a dashed line at its rule's threshold, and each alert's stretch
+// is shaded; the labels that scored highest follow (LINES in all, at least MIN_OTHERS of them).
+function drawTimeline(source, model) {
+  const key = `${source} / ${model}`;
   let entry = state.canvases[key];
   if (!entry) {
     const canvas = el("canvas", { "data-timeline": key, width: 1200, height: 200,
@@ -128,9 +149,14 @@ function drawTimeline(key) {
   const { width, height } = canvas;
   ctx.clearRect(0, 0, width, height);
   if (!history.length) return;
+  const rules = watchingRules(source, model);
+  const watched = [...new Set(rules.map((r) => r.label))];
   const best = {};
   for (const h of history) for (const [label, p] of Object.entries(h.scores)) best[label] = Math.max(best[label] || 0, p);
-  const labels = Object.keys(best).sort((a, b) => best[b] - best[a]).slice(0, LINES);
+  const others = Object.keys(best).filter((label) => !watched.includes(label)).sort((a, b) => best[b] - best[a])
+    .slice(0, Math.max(MIN_OTHERS, LINES - watched.length));
+  const labels = [...watched, ...others];
+  const color = (label) => COLORS[labels.indexOf(label) % COLORS.length];
   const t1 = history[history.length - 1].t, t0 = history[0].t;
   const span = Math.max(t1 - t0, 1);
   const left = 52, right = 28, top = 10, bottom = 38;
@@ -159,14 +185,39 @@ function drawTimeline(key) {
   ctx.fillText(canvas.dataset.xLabel, left + (width - left - right) / 2, height - 14);
   ctx.save(); ctx.translate(12, top + (height - top - bottom) / 2); ctx.rotate(-Math.PI / 2);
   ctx.textBaseline = "middle"; ctx.fillText(canvas.dataset.yLabel, 0, 0); ctx.restore();
-  labels.forEach((label, i) => {
-    ctx.strokeStyle = COLORS[i % COLORS.length]; ctx.lineWidth = 2; ctx.beginPath();
-    history.forEach((h, j) => { const p = h.scores[label] ?? 0; j ? ctx.lineTo(x(h.t), y(p)) : ctx.moveTo(x(h.t), y(p)); });
+  const stretches = (state.stretches[key] || []).filter((s) => (s.t1 ?? t1) >= t0);
+  state.stretches[key] = stretches;
+  const shaded = stretches.map((s) => ({ rule: s.rule, label: s.label, t0: Math.max(s.t0, t0), t1: Math.min(s.t1 ?? t1, t1),
+                                         open: s.t1 === null }));
+  ctx.fillStyle = "rgba(248, 81, 73, 0.18)";
+  ctx.textAlign = "left"; ctx.textBaseline = "top";
+  for (const s of shaded) {
+    const x0 = x(s.t0), w = Math.max(x(s.t1) - x0, 2);
+    ctx.fillRect(x0, top, w, height - top - bottom);
+    ctx.save(); ctx.fillStyle = "#f85149"; ctx.fillText(s.rule, x0 + 3, top + 2); ctx.restore();
+  }
+  const thresholds = rules.map((r) => ({ rule: r.id, label: r.label, threshold: r.threshold }));
+  ctx.lineWidth = 1.5; ctx.setLineDash([6, 4]); ctx.textAlign = "right"; ctx.textBaseline = "bottom";
+  for (const th of thresholds) {
+    ctx.strokeStyle = ctx.fillStyle = color(th.label);
+    ctx.beginPath(); ctx.moveTo(left, y(th.threshold)); ctx.lineTo(width - right, y(th.threshold)); ctx.stroke();
+    ctx.fillText(`${th.rule} \u2265 ${th.threshold}`, width - right - 4, y(th.threshold) - 2);
+  }
+  ctx.setLineDash([]);
+  const series = labels.map((label) => {
+    ctx.strokeStyle = color(label); ctx.lineWidth = watched.includes(label) ? 3 : 2; ctx.beginPath();
+    const points = history.map((h) => [h.t, h.scores[label] ?? 0]);
+    points.forEach(([t, p], j) => (j ? ctx.lineTo(x(t), y(p)) : ctx.moveTo(x(t), y(p))));
     ctx.stroke();
+    return { label, watched: watched.includes(label), color: color(label), best: best[label] ?? 0, points };
   });
-  entry.legend.replaceChildren(...labels.map((label, i) => {
-    const s = el("span", { text: `\u25A0 ${label}` }); s.style.color = COLORS[i % COLORS.length]; return s;
-  }));
+  window.__timeline[key] = { t0, t1, series, thresholds, shaded, latest: history[history.length - 1].scores };
+  canvas.dataset.series = labels.join("|");
+  canvas.dataset.shaded = shaded.map((s) => `${s.rule}:${s.t0.toFixed(1)}-${s.t1.toFixed(1)}`).join(",");
+  entry.legend.replaceChildren(...labels.map((label) => {
+    const rule = thresholds.filter((th) => th.label === label).map((th) => `${th.rule} \u2265 ${th.threshold}`).join(", ");
+    const s = el("span", { text: `\u25A0 ${label}${rule ? ` (rule ${rule})` : ""}` }); s.style.color = color(label); return s;
+  }), ...(shaded.length ? [el("span", { class: "alert-swatch", text: "\u25A0 alert (onset to offset)" })] : []));
 }
 
 function niceStep(raw) {
@@ -184,6 +235,7 @@ function onEvent(e) {
   const list = document.getElementById("events");
   let item;
   if (e.kind === "alert") {
+    onAlert(e);
     item = el("li", { class: e.phase, "data-rule": e.rule },
       el("strong", { text: `${e.phase.toUpperCase()} ${e.rule}` }),
       ` ${e.source}: "${e.label}" ${e.score.toFixed(3)} at ${e.stream_start.toFixed(1)}-${e.stream_end.toFixed(1)} s`,
