@@ -31,6 +31,7 @@ from pathlib import Path
 from typing import IO, Any
 
 import numpy as np
+from starlette.responses import FileResponse, JSONResponse, Response, StreamingResponse  # the web extra: http.bind needs it
 
 from monitord.net import host_allowed, host_name, is_loopback, split_host_port, url_for_bind
 
@@ -209,6 +210,128 @@ class Broadcaster:
             queue.put_nowait(message)
 
 
+class Handlers:
+    """The dashboard's HTTP handlers, one method a route (``Dashboard.app`` lists them)."""
+
+    def __init__(self, dashboard: "Dashboard") -> None:
+        self.dashboard = dashboard
+
+    async def index(self, request):
+        return FileResponse(STATIC / "index.html")
+
+    async def favicon(self, request):  # what a browser asks for before it reads the page's <link rel=icon>
+        return FileResponse(STATIC / "favicon.svg", media_type="image/svg+xml")
+
+    async def state(self, request):
+        return JSONResponse({
+            "sources": [s.id for s in self.dashboard.daemon.config.sources],
+            "source_states": self.dashboard.source_states(),
+            "models": self.dashboard.model_states(),
+            "rules": self.dashboard.rule_states(),
+            "events": list(self.dashboard.broadcaster.recent_events)[::-1],
+            "latest": list(self.dashboard.broadcaster.latest.values()),
+            "try_it": self.dashboard.try_models(),
+        })
+
+    async def events(self, request):
+        queue: asyncio.Queue = asyncio.Queue(CLIENT_QUEUE)
+        self.dashboard.broadcaster.clients.add(queue)
+
+        async def stream():
+            try:
+                yield ": connected\n\n"
+                while True:
+                    try:
+                        yield await asyncio.wait_for(queue.get(), timeout=15)
+                    except asyncio.TimeoutError:
+                        yield ": keep-alive\n\n"
+            finally:
+                self.dashboard.broadcaster.clients.discard(queue)
+
+        return StreamingResponse(stream(), media_type="text/event-stream", headers={"Cache-Control": "no-store"})
+
+    async def healthz(self, request):
+        report = self.dashboard.health_report()
+        return JSONResponse(report, status_code=200 if report["healthy"] else 503, headers={"Cache-Control": "no-store"})
+
+    async def try_it(self, request):
+        if not same_origin(request):
+            return JSONResponse({"error": "cross-site request refused"}, status_code=403)
+        if not request.headers.get("content-type", "").startswith("multipart/form-data"):
+            return JSONResponse({"error": "send the file as multipart/form-data"}, status_code=415)
+        if self.dashboard._uploads >= TRY_MAX_IN_FLIGHT:  # each holds memory and a temporary file while it waits its turn
+            return JSONResponse({"error": "other uploads are being scored: try again in a moment"}, status_code=429,
+                                headers={"Retry-After": "5"})
+        self.dashboard._uploads += 1
+        try:
+            return await self.spool_and_answer(request)
+        finally:
+            self.dashboard._uploads -= 1
+
+    async def spool_and_answer(self, request):
+        body, refusal = await body_or_refusal(request, int(self.dashboard.max_upload_mb * 2**20), TRY_BODY_TIMEOUT_S, "the upload",
+                                              f"upload larger than http.max_upload_mb ({self.dashboard.max_upload_mb:g} MB)")
+        if refusal is not None:
+            return refusal
+        with body:
+            form = await asyncio.get_running_loop().run_in_executor(self.dashboard._upload_thread, parse_form, request.scope, body)
+        try:
+            return await self.answer_upload(form)
+        finally:
+            await form.close()
+
+    async def answer_upload(self, form):
+        upload, labels_text = form.get("file"), str(form.get("labels") or "")
+        labels = [x.strip() for x in labels_text.split(",") if x.strip()]
+        if upload is None or not hasattr(upload, "read"):
+            return JSONResponse({"error": "attach an audio file"}, status_code=400)
+        usable = self.dashboard.try_models()
+        if not usable:
+            return JSONResponse({"error": "no model that can score an upload is loaded"}, status_code=400)
+        has_clap = "clap" in usable.values()
+        if labels and has_clap and (len(labels) < 2 or len(set(labels)) != len(labels)):
+            return JSONResponse({"error": "type at least two different labels, comma-separated"}, status_code=400)
+        if not labels and set(usable.values()) == {"clap"}:
+            return JSONResponse({"error": "type at least two different labels, comma-separated"}, status_code=400)
+        if len(labels) > TRY_MAX_LABELS:
+            return JSONResponse({"error": f"at most {TRY_MAX_LABELS} labels"}, status_code=400)
+        try:
+            async with self.dashboard._try_lock:
+                result = await self.dashboard.classify_upload(upload.file, labels)
+        except ValueError as exc:
+            return JSONResponse({"error": str(exc)}, status_code=400)
+        return JSONResponse(result)
+
+    async def feedback(self, request):
+        from monitord.teaching.feedback import MAX_REQUEST_BYTES, FeedbackError, parse_request
+
+        if not same_origin(request):
+            return JSONResponse({"error": "cross-site request refused"}, status_code=403)
+        body, refusal = await body_or_refusal(request, MAX_REQUEST_BYTES, FEEDBACK_BODY_TIMEOUT_S, "the request",
+                                              f"a feedback request is at most {MAX_REQUEST_BYTES} bytes")
+        if refusal is not None:
+            return refusal
+        with body:
+            data = body.read()
+        try:
+            seq, verdict = parse_request(data)
+            async with self.dashboard._feedback_lock:  # one at a time: each waits for the inference thread once
+                result = await asyncio.get_running_loop().run_in_executor(None, self.dashboard.daemon.feedback, seq, verdict, "dashboard")
+        except FeedbackError as exc:
+            return JSONResponse({"error": str(exc)}, status_code=exc.status)
+        return JSONResponse(result)
+
+    async def clip(self, request):
+        clips = self.dashboard.daemon.clips
+        name = request.path_params["name"]
+        if clips is None or "/" in name or name.startswith("."):
+            return Response(status_code=404)
+        path = clips.folder / name
+        if not path.is_file():
+            return Response(status_code=404)
+        return FileResponse(path)
+
+
 class Dashboard:
 
     @property
@@ -260,134 +383,19 @@ class Dashboard:
     def app(self):
         from starlette.applications import Starlette
         from starlette.middleware import Middleware
-        from starlette.responses import FileResponse, JSONResponse, Response, StreamingResponse
         from starlette.routing import Mount, Route
         from starlette.staticfiles import StaticFiles
 
-        async def index(request):
-            return FileResponse(STATIC / "index.html")
-
-        async def favicon(request):  # what a browser asks for before it reads the page's <link rel=icon>
-            return FileResponse(STATIC / "favicon.svg", media_type="image/svg+xml")
-
-        async def state(request):
-            return JSONResponse({
-                "sources": [s.id for s in self.daemon.config.sources],
-                "source_states": self.source_states(),
-                "models": self.model_states(),
-                "rules": self.rule_states(),
-                "events": list(self.broadcaster.recent_events)[::-1],
-                "latest": list(self.broadcaster.latest.values()),
-                "try_it": self.try_models(),
-            })
-
-        async def events(request):
-            queue: asyncio.Queue = asyncio.Queue(CLIENT_QUEUE)
-            self.broadcaster.clients.add(queue)
-
-            async def stream():
-                try:
-                    yield ": connected\n\n"
-                    while True:
-                        try:
-                            yield await asyncio.wait_for(queue.get(), timeout=15)
-                        except asyncio.TimeoutError:
-                            yield ": keep-alive\n\n"
-                finally:
-                    self.broadcaster.clients.discard(queue)
-
-            return StreamingResponse(stream(), media_type="text/event-stream", headers={"Cache-Control": "no-store"})
-
-        async def healthz(request):
-            report = self.health_report()
-            return JSONResponse(report, status_code=200 if report["healthy"] else 503, headers={"Cache-Control": "no-store"})
-
-        async def try_it(request):
-            if not same_origin(request):
-                return JSONResponse({"error": "cross-site request refused"}, status_code=403)
-            if not request.headers.get("content-type", "").startswith("multipart/form-data"):
-                return JSONResponse({"error": "send the file as multipart/form-data"}, status_code=415)
-            if self._uploads >= TRY_MAX_IN_FLIGHT:  # each holds memory and a temporary file while it waits its turn
-                return JSONResponse({"error": "other uploads are being scored: try again in a moment"}, status_code=429,
-                                    headers={"Retry-After": "5"})
-            self._uploads += 1
-            try:
-                return await spool_and_answer(request)
-            finally:
-                self._uploads -= 1
-
-        async def spool_and_answer(request):
-            body, refusal = await body_or_refusal(request, int(self.max_upload_mb * 2**20), TRY_BODY_TIMEOUT_S, "the upload",
-                                                  f"upload larger than http.max_upload_mb ({self.max_upload_mb:g} MB)")
-            if refusal is not None:
-                return refusal
-            with body:
-                form = await asyncio.get_running_loop().run_in_executor(self._upload_thread, parse_form, request.scope, body)
-            try:
-                return await answer_upload(form)
-            finally:
-                await form.close()
-
-        async def answer_upload(form):
-            upload, labels_text = form.get("file"), str(form.get("labels") or "")
-            labels = [x.strip() for x in labels_text.split(",") if x.strip()]
-            if upload is None or not hasattr(upload, "read"):
-                return JSONResponse({"error": "attach an audio file"}, status_code=400)
-            usable = self.try_models()
-            if not usable:
-                return JSONResponse({"error": "no model that can score an upload is loaded"}, status_code=400)
-            has_clap = "clap" in usable.values()
-            if labels and has_clap and (len(labels) < 2 or len(set(labels)) != len(labels)):
-                return JSONResponse({"error": "type at least two different labels, comma-separated"}, status_code=400)
-            if not labels and set(usable.values()) == {"clap"}:
-                return JSONResponse({"error": "type at least two different labels, comma-separated"}, status_code=400)
-            if len(labels) > TRY_MAX_LABELS:
-                return JSONResponse({"error": f"at most {TRY_MAX_LABELS} labels"}, status_code=400)
-            try:
-                async with self._try_lock:
-                    result = await self.classify_upload(upload.file, labels)
-            except ValueError as exc:
-                return JSONResponse({"error": str(exc)}, status_code=400)
-            return JSONResponse(result)
-
-        async def feedback(request):
-            from monitord.teaching.feedback import MAX_REQUEST_BYTES, FeedbackError, parse_request
-
-            if not same_origin(request):
-                return JSONResponse({"error": "cross-site request refused"}, status_code=403)
-            body, refusal = await body_or_refusal(request, MAX_REQUEST_BYTES, FEEDBACK_BODY_TIMEOUT_S, "the request",
-                                                  f"a feedback request is at most {MAX_REQUEST_BYTES} bytes")
-            if refusal is not None:
-                return refusal
-            with body:
-                data = body.read()
-            try:
-                seq, verdict = parse_request(data)
-                async with self._feedback_lock:  # one at a time: each waits for the inference thread once
-                    result = await asyncio.get_running_loop().run_in_executor(None, self.daemon.feedback, seq, verdict, "dashboard")
-            except FeedbackError as exc:
-                return JSONResponse({"error": str(exc)}, status_code=exc.status)
-            return JSONResponse(result)
-
-        async def clip(request):
-            clips = self.daemon.clips
-            name = request.path_params["name"]
-            if clips is None or "/" in name or name.startswith("."):
-                return Response(status_code=404)
-            path = clips.folder / name
-            if not path.is_file():
-                return Response(status_code=404)
-            return FileResponse(path)
-
+        handlers = Handlers(self)
         routes = [
-            Route("/", index),
-            Route("/favicon.ico", favicon),
-            Route("/api/state", state),
-            Route("/api/events", events),
-            Route("/api/try", try_it, methods=["POST"]),
-            Route("/api/feedback", feedback, methods=["POST"]),
-            Route("/clips/{name}", clip),
-            Route("/healthz", healthz),
+            Route("/", handlers.index),
+            Route("/favicon.ico", handlers.favicon),
+            Route("/api/state", handlers.state),
+            Route("/api/events", handlers.events),
+            Route("/api/try", handlers.try_it, methods=["POST"]),
+            Route("/api/feedback", handlers.feedback, methods=["POST"]),
+            Route("/clips/{name}", handlers.clip),
+            Route("/healthz", handlers.healthz),
             Mount("/static", StaticFiles(directory=str(STATIC)), name="static"),
         ]
         middleware = [Middleware(TokenGate, token=self.token)] if self.token else []
