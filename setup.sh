@@ -48,7 +48,7 @@ system_packages() {
   [ "$(id -u)" -eq 0 ] || sudo=(sudo)
   step "updating the package lists (apt-get update)" "under a minute" "${sudo[@]}" apt-get update -q || return
   step "installing ${#missing[@]} system packages: ${missing[*]}" "a few minutes" \
-    env DEBIAN_FRONTEND=noninteractive "${sudo[@]}" apt-get install -y -q --no-install-recommends "${missing[@]}" || return
+    "${sudo[@]}" env DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends "${missing[@]}" || return
   case " ${missing[*]} " in *" mosquitto "*)
     echo "setup: mosquitto is for the tests (they start their own broker): not leaving its system service on"
     "${sudo[@]}" systemctl disable --now mosquitto >/dev/null 2>&1 || true;; esac

@@ -202,12 +202,20 @@ class Broadcaster:
         if loop is not None and not loop.is_closed():
             loop.call_soon_threadsafe(self._fan_out, kind, data)
 
-    def _fan_out(self, kind: str, data: dict) -> None:
-        message = f"event: {kind}\ndata: {json.dumps(data, separators=(',', ':'))}\n\n"
+    def close(self) -> None:
+        """End every client's stream (an open page would hold the server's graceful stop for ever)."""
+        loop = self.loop
+        if loop is not None and not loop.is_closed():
+            loop.call_soon_threadsafe(self._put_all, None)
+
+    def _put_all(self, message: str | None) -> None:
         for queue in list(self.clients):
             if queue.full():
                 queue.get_nowait()
             queue.put_nowait(message)
+
+    def _fan_out(self, kind: str, data: dict) -> None:
+        self._put_all(f"event: {kind}\ndata: {json.dumps(data, separators=(',', ':'))}\n\n")
 
 
 class Handlers:
@@ -242,9 +250,12 @@ class Handlers:
                 yield ": connected\n\n"
                 while True:
                     try:
-                        yield await asyncio.wait_for(queue.get(), timeout=15)
+                        message = await asyncio.wait_for(queue.get(), timeout=15)
                     except asyncio.TimeoutError:
-                        yield ": keep-alive\n\n"
+                        message = ": keep-alive\n\n"
+                    if message is None:  # the dashboard stops: the response ends, and the server with it
+                        return
+                    yield message
             finally:
                 self.dashboard.broadcaster.clients.discard(queue)
 
@@ -574,8 +585,11 @@ class Dashboard:
 
     def stop(self) -> None:
         if self._server is not None:
+            self.broadcaster.close()
             self._server.should_exit = True
             self._thread.join(5)
+            if self._thread.is_alive():
+                log.warning("dashboard: its server did not stop within 5 s")
             self._server = None
             self._socket.close()
         self._upload_thread.shutdown(wait=False)
