@@ -234,7 +234,7 @@ ModelConfig = Annotated[
 
 BUILTIN_REFERENCES = ("glass", "smoke-alarm")
 """Reference sounds shipped with monitord (``monitord.teaching.references``)."""
-MARGIN_WITH_REFERENCE = 0.3
+MARGIN_WITH_REFERENCE = 0.25
 MARGIN_WITHOUT_REFERENCE = 0.15
 """The default ``not_like.margin``s, chosen by ``bench/detect.py`` on real glass breaks in real
 background (YAMNet embeddings): the largest at which teaching 10 false alarms cost at most 2 points of
@@ -251,7 +251,7 @@ class NotLikeConfig(_Strict):
     the config file's folder (and so is ``teach --bank``)."""
     margin: float = Field(MARGIN_WITH_REFERENCE, gt=0.0, le=2.0)
     """Cosine distance within which a taught false alarm suppresses a window (and it must be nearer
-    to it than to every reference and every example of the rule's own label). Left out: 0.3 with a
+    to it than to every reference and every example of the rule's own label). Left out: 0.25 with a
     ``reference``, 0.15 without (nothing but "yes, this" guards recall then)."""
     reference: str | None = Field(None, min_length=1, max_length=4096)
     """Recordings of the rule's own sound that guard its recall: ``glass`` or ``smoke-alarm`` (shipped
