@@ -133,6 +133,11 @@ class NotLike:
                 self._warn(rule.id, f"rule {rule.id}: its references ({not_like.reference}) are not embedded yet: "
                                     f"nothing is suppressed until they are")
                 continue
+            if references is not None and len(references.embeddings) and \
+                    np.shape(references.embeddings)[1:] != embedding.shape:  # another model's (a reload in flight)
+                self._warn(rule.id, f"rule {rule.id}: its references ({not_like.reference}) are not embeddings of "
+                                    f"{embedder_id(outcome_scores.model_id)}: nothing is suppressed until they are")
+                continue
             match = nearest_negative(embedding, bank, rule.id, rule.label, not_like.margin,
                                      None if references is None else references.embeddings)
             if match is not None:
