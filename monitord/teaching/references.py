@@ -164,9 +164,18 @@ def cached(config: Config, embedder, reference: str, folder: Path) -> References
             embeddings, names = z["embeddings"].astype(np.float32), z["recordings"].astype(str)
     except (OSError, ValueError, KeyError):
         return None
-    if embeddings.ndim != 2 or len(embeddings) != len(names) or not np.all(np.isfinite(embeddings)):
+    if embeddings.ndim != 2 or not len(embeddings) or len(embeddings) != len(names) or \
+            not np.all(np.isfinite(embeddings)) or \
+            not _unit_rows(embeddings):  # not what embed_reference writes
         return None
     return References(reference, embeddings, names)
+
+
+def _unit_rows(embeddings: np.ndarray) -> bool:
+    """Rows of norm 1 (or 0: a window the model embeds as nothing), at least one of norm 1."""
+    norms = np.linalg.norm(embeddings, axis=1)
+    unit = np.abs(norms - 1.0) <= 1e-3
+    return bool(unit.any() and np.all(unit | (norms == 0.0)))
 
 
 def embed_and_keep(config: Config, embedder, reference: str, folder: Path) -> References:
