@@ -214,3 +214,53 @@ def test_embedding_references_at_start_does_not_stall_the_inference_stage(tmp_pa
     finally:
         daemon.stop(drain_timeout_s=1)
     assert not unhealthy, f"the inference stage stalled while embedding references: {unhealthy[0]}"
+
+
+# 5 --------------------------------------------------------------------------------------------------------------------
+
+def test_a_rules_references_are_used_only_for_the_reference_it_names(tmp_path):
+    """A reload swaps ``references`` (keyed by rule id) on the inference thread before the alerts stage takes
+    the new rules: windows already queued are judged by the old rule (``reference: glass``) against the new
+    config's references (``smoke-alarm``), and a glass break among them is guarded by alarm beeps. The
+    References know their name: a rule should use them only when it is the reference it names."""
+    from monitord.teaching.suppress import NotLike
+    from monitord.types import Scores
+
+    bank, e = _bank(tmp_path, 4)
+    not_like = NotLike()
+    far = -e[None]  # a positive far from the window: with it the window is suppressed
+    not_like.references = {"r": SimpleNamespace(name="smoke-alarm", embeddings=far)}
+    scores = Scores(window=None, model="yam", model_id="m", probabilities={"l": 0.9}, embedding=e)
+    assert not_like.matches([_rule(bank, reference="glass")], scores) == {}  # not its references: not ready
+    not_like.references = {"r": SimpleNamespace(name="glass", embeddings=far)}
+    assert set(not_like.matches([_rule(bank, reference="glass")], scores)) == {"r"}
+
+
+def test_a_reload_naming_a_reference_that_holds_no_recordings_is_refused_before_anything_is_swapped(tmp_path,
+                                                                                                     monkeypatch):
+    """Today the reference is first looked at inside swap(), on the inference thread, after new weights and
+    labels were swapped in: the reload is refused, but half applied, and the message blames the labels
+    ("the new labels could not be swapped in: ReferenceUnreadable(...)")."""
+    from monitord.config import load_config
+    from monitord.daemon import Daemon, ReloadError
+    from monitord.inference.build import load_models
+
+    monkeypatch.setenv("XDG_STATE_HOME", str(tmp_path / "state"))
+    config = _daemon_config(tmp_path, """
+  - {id: glass, model: yam, label: Glass, threshold: 0.3, not_like: {bank: g.npz, reference: glass}}
+""")
+    loaded = load_config(config)
+    daemon = Daemon(loaded, load_models(loaded))
+    daemon.start(open_sources=False)
+    swapped = []
+    try:
+        _wait_jobs(daemon, 30)
+        config.write_text(config.read_text().replace("reference: glass", "reference: nowhere"))
+        real_submit = daemon.inference.submit
+        monkeypatch.setattr(daemon.inference, "submit", lambda fn, *a, **k: swapped.append(fn) or real_submit(fn, *a, **k))
+        with pytest.raises(ReloadError) as refused:
+            daemon.reload(load_config(config))
+    finally:
+        daemon.stop(drain_timeout_s=1)
+    assert "labels" not in str(refused.value) and "nowhere" in str(refused.value)
+    assert not swapped, "the swap was submitted (new weights and labels go in) before the reference was checked"
