@@ -129,7 +129,10 @@ class NotLike:
                                     f"(teach it again with this config)")
                 continue
             references = self.references.get(rule.id)
-            if getattr(not_like, "reference", None) is not None and references is None:  # being embedded (at start, a reload)
+            named = getattr(not_like, "reference", None)
+            if references is not None and getattr(references, "name", named) != named:
+                references = None  # another reference's (a reload in flight: the old rule, the new references)
+            if named is not None and references is None:  # being embedded (at start, a reload)
                 self._warn(rule.id, f"rule {rule.id}: its references ({not_like.reference}) are not embedded yet: "
                                     f"nothing is suppressed until they are")
                 continue
