@@ -404,6 +404,12 @@ class Daemon:
             restart_only.append("models (other than labels and prompt)")
         if restart_only:
             raise ReloadError(f"{', '.join(restart_only)} changed: restart monitord to apply them")
+        from monitord.teaching.references import ReferenceUnreadable, needed
+
+        try:  # before anything is swapped: a reference is otherwise first read inside swap()
+            needed(new, self.models.get)
+        except ReferenceUnreadable as exc:
+            raise ReloadError(str(exc)) from None
         reloaded = self._load_changed_weights(new)
         prepared = {}
         for name, model_config in new.models.items():
