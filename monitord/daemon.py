@@ -467,14 +467,15 @@ class Daemon:
                                   f"the old ones keep scoring") from None
         return loaded
 
-    def _references(self, config: Config, only_cached: bool = False) -> dict:
+    def _references(self, config: Config, only_cached: bool = False, on_unreadable=None) -> dict:
         """Each rule's reference positives (``not_like.reference``), embedded by its model: what
         "not this" can never teach the rule away from. Kept in the state directory between starts;
         ``only_cached``: those alone (a rule whose references are not ready suppresses nothing)."""
         from monitord.config import state_dir
         from monitord.teaching.references import for_rules
 
-        return for_rules(config, self.models.get, state_dir() / "references", only_cached=only_cached)
+        return for_rules(config, self.models.get, state_dir() / "references", only_cached=only_cached,
+                         on_unreadable=on_unreadable)
 
     def _embed_references_soon(self, config: Config) -> None:
         """Embed the references not kept yet on the inference thread, between two batches."""
@@ -486,9 +487,13 @@ class Daemon:
         if not missing:
             return
 
+        def unreadable(message: str) -> None:  # that rule's taught false alarms suppress nothing; the others' do
+            log.error("%s: its taught false alarms suppress nothing", message)
+            self._status_nowait(DAEMON, "reference_unreadable", f"{message}: its taught false alarms suppress nothing")
+
         def embed() -> None:
             try:
-                found = self._references(config)
+                found = self._references(config, on_unreadable=unreadable)
             except Exception as exc:  # noqa: BLE001 - the rules stay as they are: suppressing nothing
                 log.error("references could not be embedded (%s): the taught false alarms of rules %s suppress nothing",
                           exc, ", ".join(n.rule_id for n in missing))

@@ -227,10 +227,12 @@ def needed(config: Config, embedder_of: Callable[[str], object | None]) -> list[
 
 
 def for_rules(config: Config, embedder_of: Callable[[str], object | None], folder: Path | None = None,
-              only_cached: bool = False) -> dict[str, References]:
+              only_cached: bool = False, on_unreadable: Callable[[str], None] | None = None) -> dict[str, References]:
     """{rule id: its references, embedded} for the rules whose ``not_like`` names a reference and
     whose embedding model is loaded; run it where the models run. ``folder``: where embedded
-    references are kept between starts. ``only_cached``: what is kept there, embedding nothing."""
+    references are kept between starts. ``only_cached``: what is kept there, embedding nothing.
+    ``on_unreadable``: told (the message) of a reference that cannot be read, the other rules' are
+    still embedded; without it a ReferenceUnreadable ends it."""
     done: dict[tuple[str, str], References | None] = {}
     out: dict[str, References] = {}
     for need in needed(config, embedder_of):
@@ -243,7 +245,12 @@ def for_rules(config: Config, embedder_of: Callable[[str], object | None], folde
                     found = embed_and_keep(config, embedder, need.reference, folder) if folder is not None else \
                         embed_reference(config, embedder, need.reference)
                 except ReferenceUnreadable as exc:
-                    raise ReferenceUnreadable(f"rules.{need.rule_id}.not_like.reference: {exc}") from None
+                    message = f"rules.{need.rule_id}.not_like.reference: {exc}"
+                    if on_unreadable is None:
+                        raise ReferenceUnreadable(message) from None
+                    on_unreadable(message)
+                    done[key] = None
+                    continue
                 log.info("rule %s: %d reference windows of %s guard what is taught as its false alarms", need.rule_id,
                          len(found), need.reference)
             done[key] = found
