@@ -266,3 +266,22 @@ def test_a_reload_naming_a_reference_that_holds_no_recordings_is_refused_before_
         daemon.stop(drain_timeout_s=1)
     assert "labels" not in str(refused.value) and "nowhere" in str(refused.value)
     assert not swapped, "the swap was submitted (new weights and labels go in) before the reference was checked"
+
+
+# 6 --------------------------------------------------------------------------------------------------------------------
+
+def test_classify_rules_with_an_unreadable_reference_is_a_clear_error_not_a_traceback(tmp_path, capsys):
+    """``monitord classify --rules`` embeds the references with ``for_rules`` and does not catch
+    ReferenceUnreadable: a README.txt beside one's recordings ends it in a traceback (exit 1); ``run`` says
+    the same thing in one line (exit 2). ``check-config`` passes that folder (it only looks for files)."""
+    from monitord.cli import main
+
+    own = tmp_path / "own"
+    own.mkdir()
+    (own / "README.txt").write_text("recorded at home, CC BY\n")
+    write_wav(tmp_path / "x.wav", silence(1.0, 16000), 16000)
+    config = tmp_path / "m.yaml"
+    config.write_text("sources: [{id: a, file: x.wav}]\nmodels: {yam: {kind: yamnet}}\n"
+                      "rules: [{id: bell, model: yam, label: Doorbell, threshold: 0.3, not_like: {bank: b.npz, reference: own}}]\n")
+    code = main(["classify", "-c", str(config), "--rules", str(tmp_path / "x.wav")])
+    assert code == 2 and "README.txt" in capsys.readouterr().err
