@@ -190,9 +190,12 @@ def cmd_classify(args: argparse.Namespace) -> int:
               + (f". Fix: {reason.fix}" if reason.fix else ""), file=sys.stderr)
     references = {}
     if args.rules:
-        from monitord.teaching.references import for_rules
+        from monitord.teaching.references import ReferenceUnreadable, for_rules
 
-        references = for_rules(config, models.get)  # what guards each rule's recall, as in the daemon
+        try:
+            references = for_rules(config, models.get)  # what guards each rule's recall, as in the daemon
+        except ReferenceUnreadable as exc:
+            return _fail(str(exc))
     summary_json = args.json and args.timeline  # --json with --timeline: the summary, not the windows
     emotion_models = [n for n in models if config.models[n].kind == "emotion"] if args.timeline else []
     curves, rows = [], []
