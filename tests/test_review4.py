@@ -285,3 +285,38 @@ def test_classify_rules_with_an_unreadable_reference_is_a_clear_error_not_a_trac
                       "rules: [{id: bell, model: yam, label: Doorbell, threshold: 0.3, not_like: {bank: b.npz, reference: own}}]\n")
     code = main(["classify", "-c", str(config), "--rules", str(tmp_path / "x.wav")])
     assert code == 2 and "README.txt" in capsys.readouterr().err
+
+
+# 7 --------------------------------------------------------------------------------------------------------------------
+
+def test_a_cached_reference_file_that_inflates_to_hundreds_of_megabytes_is_not_read(tmp_path):
+    """``cached`` reads a .npz in the state dir whole (``allow_pickle=False`` stops object arrays, not size):
+    a 0.4 MB deflated file of zeros becomes 400 MB (850 MB peak RSS measured), read at every start. Real
+    references are at most MAX_WINDOWS rows: a member past that size should not be inflated at all."""
+    import io
+    import zipfile
+
+    from monitord.config import parse_config
+    from monitord.teaching.references import cache_key, cached
+
+    write_wav(tmp_path / "x.wav", silence(1.0, 16000), 16000)
+    config = parse_config("sources: [{id: a, file: x.wav}]\nmodels: {yam: {kind: yamnet}}\n"
+                          "rules: [{id: r, model: yam, label: Glass, threshold: 0.3, not_like: {reference: glass}}]\n",
+                          tmp_path)
+    embedder = SimpleNamespace(name="yam", model_id="m", sample_rate=16000)
+    path = tmp_path / f"{cache_key(config, embedder, 'glass')}.npz"
+    rows = 100_000
+    with zipfile.ZipFile(path, "w", zipfile.ZIP_DEFLATED) as z:
+        for name, array in (("embeddings.npy", np.full((rows, 1024), 1 / 32, np.float32)),
+                            ("recordings.npy", np.full(rows, "a"))):
+            buffer = io.BytesIO()
+            np.save(buffer, array)
+            z.writestr(name, buffer.getvalue())
+    assert path.stat().st_size < 2e6
+    tracemalloc.start()
+    try:
+        found = cached(config, embedder, "glass", tmp_path)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert found is None and peak < 50e6, f"{peak / 1e6:.0f} MB read from a {path.stat().st_size / 1e6:.1f} MB file"
