@@ -320,3 +320,19 @@ def test_a_cached_reference_file_that_inflates_to_hundreds_of_megabytes_is_not_r
     finally:
         tracemalloc.stop()
     assert found is None and peak < 50e6, f"{peak / 1e6:.0f} MB read from a {path.stat().st_size / 1e6:.1f} MB file"
+
+
+def test_a_damaged_cached_reference_file_is_embedded_again_not_a_crash_at_start(tmp_path):
+    """A kept file that starts like a zip but is not one (a damaged disk, a copy cut short) raised
+    zipfile.BadZipFile out of ``cached``, which Daemon.start calls: ``monitord run`` ended in a traceback at
+    every start until the file was found and deleted."""
+    from monitord.config import parse_config
+    from monitord.teaching.references import cache_key, cached
+
+    write_wav(tmp_path / "x.wav", silence(1.0, 16000), 16000)
+    config = parse_config("sources: [{id: a, file: x.wav}]\nmodels: {yam: {kind: yamnet}}\n"
+                          "rules: [{id: r, model: yam, label: Glass, threshold: 0.3, not_like: {reference: glass}}]\n",
+                          tmp_path)
+    embedder = SimpleNamespace(name="yam", model_id="m", sample_rate=16000)
+    (tmp_path / f"{cache_key(config, embedder, 'glass')}.npz").write_bytes(b"PK\x03\x04" + b"\0" * 100)
+    assert cached(config, embedder, "glass", tmp_path) is None
