@@ -14,6 +14,7 @@ taught "yes, this" examples as a guard, and its margin should stay small (README
 from __future__ import annotations
 
 import logging
+import zipfile
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -35,6 +36,8 @@ SEED = 20261207
 CACHE_FORMAT = "monitord.references/1"
 MAX_WINDOWS = 2000
 """A folder of one's own recordings gives at most this many reference windows (evenly spread)."""
+MAX_CACHE_MEMBER_BYTES = MAX_WINDOWS * 8192 * 4 + (1 << 20)
+"""A kept file's arrays inflate to at most this (MAX_WINDOWS rows of up to 8192 floats): past it, not read."""
 
 
 class ReferenceUnreadable(Exception):
@@ -161,10 +164,12 @@ def cached(config: Config, embedder, reference: str, folder: Path) -> References
     path = folder / f"{cache_key(config, embedder, reference)}.npz"
     try:
         with np.load(path, allow_pickle=False) as z:
+            if any(info.file_size > MAX_CACHE_MEMBER_BYTES for info in z.zip.infolist()):
+                return None  # no references of ours: not inflated (a state directory written by someone else)
             embeddings, names = z["embeddings"].astype(np.float32), z["recordings"].astype(str)
-    except (OSError, ValueError, KeyError):
+    except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile):
         return None
-    if embeddings.ndim != 2 or not len(embeddings) or len(embeddings) != len(names) or \
+    if embeddings.ndim != 2 or not len(embeddings) or len(embeddings) > MAX_WINDOWS or len(embeddings) != len(names) or \
             not np.all(np.isfinite(embeddings)) or \
             not _unit_rows(embeddings):  # not what embed_reference writes
         return None
