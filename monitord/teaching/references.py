@@ -83,21 +83,27 @@ def smoke_alarm_recordings(rate: int = RATE) -> list[Recording]:
 
 def recordings(reference: str) -> list[Recording]:
     """The recordings a reference names: a built-in set, or a folder (or file) of your own."""
+    return [load() for load in _loaders(reference)]
+
+
+def _loaders(reference: str) -> list[Callable[[], Recording]]:
+    """One loader per recording a reference names (read when called: one recording in memory at a time)."""
     if reference == SMOKE_ALARM:
-        return smoke_alarm_recordings()
+        return [lambda r=r: r for r in smoke_alarm_recordings()]
     where = FOLDER / reference if reference in BUILTIN else Path(reference)
     files = sorted(p for p in where.rglob("*") if p.is_file() and not p.name.startswith(".")) if where.is_dir() else [where]
     if not where.exists() or not files:
         raise ReferenceUnreadable(f"reference {reference}: {where} holds no recordings (a built-in one is one of "
                              f"{', '.join(BUILTIN)}; else a folder of recordings of the rule's sound)")
-    out = []
-    for path in files:
+
+    def load(path: Path) -> Recording:
         try:
             samples, rate = read_mono(path)
         except Exception as exc:  # noqa: BLE001 - whatever a bad file raises: named, with the reason
             raise ReferenceUnreadable(f"reference {reference}: cannot read {path}: {exc}") from None
-        out.append(Recording(path.name, samples, rate))
-    return out
+        return Recording(path.name, samples, rate)
+
+    return [lambda path=path: load(path) for path in files]
 
 
 def heard_in_rooms(recording: Recording, window_s: float, rng: np.random.Generator) -> list[np.ndarray]:
@@ -123,17 +129,35 @@ def windows(config: Config, embedder, reference: str) -> tuple[list, list[str]]:
     from monitord.teaching.teach import cutter_for
     from monitord.windowing.tiling import window_starts
 
+    loaders = _loaders(reference)
+    rooms = 2 + 2 * len(NOISE_SNR_DB)  # heard_in_rooms: dry, wet, and each under each noise level
+
+    def cutter_of(recording: Recording):
+        return cutter_for(config, f"reference:{reference}", recording.rate, embedder, GateConfig(mode="always"))
+
+    # first how many windows there are, then each recording again, keeping only the MAX_WINDOWS evenly
+    # spread ones: memory holds one recording (in its rooms) and the windows kept, whatever the folder holds
+    total = 0
+    for load in loaders:
+        recording = load()
+        n = max(len(recording.samples), int(round(config.window.seconds * recording.rate)))  # as heard_in_rooms pads
+        cutter = cutter_of(recording)
+        total += rooms * len(window_starts(n, cutter.length, cutter.hop))
+    keep = None if total <= MAX_WINDOWS else \
+        set(np.unique(np.linspace(0, total - 1, MAX_WINDOWS).round().astype(int)).tolist())
     rng = np.random.default_rng(SEED)
-    cut, names = [], []
-    for recording in recordings(reference):
-        cutter = cutter_for(config, f"reference:{reference}", recording.rate, embedder, GateConfig(mode="always"))
+    cut, names, i = [], [], 0
+    for load in loaders:
+        recording = load()
+        cutter = cutter_of(recording)
         for audio in heard_in_rooms(recording, config.window.seconds, rng):
             for start in window_starts(len(audio), cutter.length, cutter.hop):
-                cut.append(cutter.cut(audio[start : start + cutter.length], start, 0.0, 0.0))
-                names.append(recording.name)
-    if len(cut) > MAX_WINDOWS:
-        keep = np.unique(np.linspace(0, len(cut) - 1, MAX_WINDOWS).round().astype(int))
-        cut, names = [cut[i] for i in keep], [names[i] for i in keep]
+                if keep is None or i in keep:
+                    cut.append(cutter.cut(audio[start : start + cutter.length], start, 0.0, 0.0))
+                    names.append(recording.name)
+                i += 1
+    if i != total:  # heard_in_rooms changed without this count: a bug, said plainly
+        raise RuntimeError(f"reference {reference}: {i} windows cut, {total} counted")
     return cut, names
 
 
