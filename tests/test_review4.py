@@ -5,7 +5,6 @@ Each test says what it shows; they are small (single rule, fake or tiny embeddin
 
 from __future__ import annotations
 
-import tempfile
 import time
 import tracemalloc
 from pathlib import Path
@@ -256,6 +255,9 @@ def test_a_reload_naming_a_reference_that_holds_no_recordings_is_refused_before_
     daemon.start(open_sources=False)
     swapped = []
     try:
+        end = time.monotonic() + 30
+        while time.monotonic() < end and "glass" not in daemon.alerts.not_like.references:  # embedded at start
+            time.sleep(0.1)
         _wait_jobs(daemon, 30)
         config.write_text(config.read_text().replace("reference: glass", "reference: nowhere"))
         real_submit = daemon.inference.submit
