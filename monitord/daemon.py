@@ -20,6 +20,8 @@ import time
 from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import TimeoutError as FutureTimeout
 
+import numpy as np
+
 from monitord.alerts.engine import AlertEngine
 from monitord.alerts.stage import AlertsStage
 from monitord.config import Config, inactive_without
@@ -467,7 +469,7 @@ class Daemon:
                                   f"the old ones keep scoring") from None
         return loaded
 
-    def _references(self, config: Config, only_cached: bool = False, on_unreadable=None) -> dict:
+    def _references(self, config: Config, only_cached: bool = False, on_unreadable=None, embed_with=None) -> dict:
         """Each rule's reference positives (``not_like.reference``), embedded by its model: what
         "not this" can never teach the rule away from. Kept in the state directory between starts;
         ``only_cached``: those alone (a rule whose references are not ready suppresses nothing)."""
@@ -475,10 +477,31 @@ class Daemon:
         from monitord.teaching.references import for_rules
 
         return for_rules(config, self.models.get, state_dir() / "references", only_cached=only_cached,
-                         on_unreadable=on_unreadable)
+                         on_unreadable=on_unreadable, embed_with=embed_with)
+
+    def _embed_on_inference(self, embedder, cuts: list) -> np.ndarray:
+        """``teach.embed`` batch by batch, each a low-priority job on the inference thread (live windows
+        go first, and the stage beats between them); called from a helper thread."""
+        from monitord.teaching.teach import embed
+
+        rows = []
+        step = max(1, int(getattr(embedder, "batch_max", 1)))
+        for i in range(0, len(cuts), step):
+            future = self.inference.submit(lambda part=cuts[i : i + step]: embed(embedder, part), priority=LOW)
+            while True:
+                try:
+                    rows.append(future.result(timeout=0.5))
+                    break
+                except FutureTimeout:
+                    if self._closing.is_set():
+                        future.cancel()
+                        raise RuntimeError("the daemon is stopping") from None
+        return np.concatenate(rows)
 
     def _embed_references_soon(self, config: Config) -> None:
-        """Embed the references not kept yet on the inference thread, between two batches."""
+        """Embed the references not kept yet: cut (and kept) on a helper thread, embedded by the inference
+        thread between two batches, and handed to the alerts stage on the inference thread (in order with
+        a reload's swap)."""
         from monitord.teaching.references import needed
 
         self._reference_round += 1
@@ -491,18 +514,23 @@ class Daemon:
             log.error("%s: its taught false alarms suppress nothing", message)
             self._status_nowait(DAEMON, "reference_unreadable", f"{message}: its taught false alarms suppress nothing")
 
-        def embed() -> None:
+        def embed() -> None:  # on a helper thread
             try:
-                found = self._references(config, on_unreadable=unreadable)
+                found = self._references(config, on_unreadable=unreadable, embed_with=self._embed_on_inference)
             except Exception as exc:  # noqa: BLE001 - the rules stay as they are: suppressing nothing
-                log.error("references could not be embedded (%s): the taught false alarms of rules %s suppress nothing",
-                          exc, ", ".join(n.rule_id for n in missing))
+                if not self._closing.is_set():
+                    log.error("references could not be embedded (%s): the taught false alarms of rules %s suppress "
+                              "nothing", exc, ", ".join(n.rule_id for n in missing))
                 return
-            if round_ == self._reference_round:  # not overtaken by a reload
-                self.alerts.not_like.references = found
-                log.info("references ready for rules %s", ", ".join(sorted(found)))
 
-        self.inference.submit(embed)
+            def assign() -> None:  # on the inference thread, where a reload swaps them too
+                if round_ == self._reference_round:  # not overtaken by a reload
+                    self.alerts.not_like.references = found
+                    log.info("references ready for rules %s", ", ".join(sorted(found)))
+
+            self.inference.submit(assign)
+
+        threading.Thread(target=embed, name=f"references-{round_}", daemon=True).start()
 
     # feedback on an alert (the dashboard, MQTT): "not this" / "yes, this"
 

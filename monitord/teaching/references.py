@@ -161,11 +161,12 @@ def windows(config: Config, embedder, reference: str) -> tuple[list, list[str]]:
     return cut, names
 
 
-def embed_reference(config: Config, embedder, reference: str) -> References:
+def embed_reference(config: Config, embedder, reference: str, embed_with: Callable | None = None) -> References:
+    """``embed_with(embedder, cuts)``: how the windows are embedded (``teach.embed`` here and now by default)."""
     from monitord.teaching.teach import Cut, embed
 
     cut, names = windows(config, embedder, reference)
-    embeddings = embed(embedder, [Cut(w, n) for w, n in zip(cut, names)])
+    embeddings = (embed_with or embed)(embedder, [Cut(w, n) for w, n in zip(cut, names)])
     embeddings /= np.maximum(np.linalg.norm(embeddings, axis=1, keepdims=True), 1e-12)
     return References(reference, embeddings.astype(np.float32), np.asarray(names, dtype=str))
 
@@ -207,15 +208,16 @@ def _unit_rows(embeddings: np.ndarray) -> bool:
     return bool(unit.any() and np.all(unit | (norms == 0.0)))
 
 
-def embed_and_keep(config: Config, embedder, reference: str, folder: Path) -> References:
+def embed_and_keep(config: Config, embedder, reference: str, folder: Path, embed_with: Callable | None = None) -> References:
     """Embed a reference and keep it in ``folder`` (written atomically) for the next start."""
     import os
+    import threading
 
-    found = embed_reference(config, embedder, reference)
+    found = embed_reference(config, embedder, reference, embed_with)
     try:
         folder.mkdir(parents=True, exist_ok=True)
         path = folder / f"{cache_key(config, embedder, reference)}.npz"
-        tmp = folder / f".{path.name}.{os.getpid()}.tmp"
+        tmp = folder / f".{path.name}.{os.getpid()}.{threading.get_ident()}.tmp"
         with open(tmp, "wb") as f:
             np.savez(f, embeddings=found.embeddings, recordings=found.recordings)
         os.replace(tmp, path)
@@ -256,12 +258,13 @@ def needed(config: Config, embedder_of: Callable[[str], object | None]) -> list[
 
 
 def for_rules(config: Config, embedder_of: Callable[[str], object | None], folder: Path | None = None,
-              only_cached: bool = False, on_unreadable: Callable[[str], None] | None = None) -> dict[str, References]:
+              only_cached: bool = False, on_unreadable: Callable[[str], None] | None = None,
+              embed_with: Callable | None = None) -> dict[str, References]:
     """{rule id: its references, embedded} for the rules whose ``not_like`` names a reference and
     whose embedding model is loaded; run it where the models run. ``folder``: where embedded
     references are kept between starts. ``only_cached``: what is kept there, embedding nothing.
     ``on_unreadable``: told (the message) of a reference that cannot be read, the other rules' are
-    still embedded; without it a ReferenceUnreadable ends it."""
+    still embedded; without it a ReferenceUnreadable ends it. ``embed_with``: see ``embed_reference``."""
     done: dict[tuple[str, str], References | None] = {}
     out: dict[str, References] = {}
     for need in needed(config, embedder_of):
@@ -271,8 +274,8 @@ def for_rules(config: Config, embedder_of: Callable[[str], object | None], folde
             found = cached(config, embedder, need.reference, folder) if folder is not None else None
             if found is None and not only_cached:
                 try:
-                    found = embed_and_keep(config, embedder, need.reference, folder) if folder is not None else \
-                        embed_reference(config, embedder, need.reference)
+                    found = embed_and_keep(config, embedder, need.reference, folder, embed_with) if folder is not None \
+                        else embed_reference(config, embedder, need.reference, embed_with)
                 except ReferenceUnreadable as exc:
                     message = f"rules.{need.rule_id}.not_like.reference: {exc}"
                     if on_unreadable is None:
