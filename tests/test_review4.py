@@ -184,7 +184,7 @@ def test_embedding_references_at_start_does_not_stall_the_inference_stage(tmp_pa
     Measured here: 60 windows of the shipped glass take ~0.9 s with YAMNet on this machine, so a folder of
     one's own (MAX_WINDOWS = 2000 windows) takes ~30 s here, minutes on a Pi or with CLAP: the watchdog
     kills monitord before the cache is written, and the next start embeds again (a restart loop).
-    Shown with a small bound (1 s) and ~4 minutes of reference audio."""
+    Shown with a small bound (3 s) and ~4 minutes of reference audio (2000 windows, ~30 s here)."""
     from monitord.config import load_config
     from monitord.daemon import Daemon
     from monitord.inference.build import load_models
@@ -197,7 +197,7 @@ def test_embedding_references_at_start_does_not_stall_the_inference_stage(tmp_pa
         write_wav(own / f"r{i}.wav", (0.1 * rng.standard_normal(16000 * 60)).astype(np.float32), 16000)
     config = _daemon_config(tmp_path, """
   - {id: bell, model: yam, label: Doorbell, threshold: 0.3, not_like: {bank: b.npz, reference: own}}
-""", extra="pipeline: {inference_stall_s: 1.0}\n")
+""", extra="pipeline: {inference_stall_s: 3.0}\n")
     loaded = load_config(config)
     daemon = Daemon(loaded, load_models(loaded))
     daemon.start(open_sources=False)
