@@ -46,23 +46,24 @@ def cmd_check_config(args: argparse.Namespace) -> int:
     config = _load(args.config)
     if config is None:
         return EXIT_USAGE
-    print(f"{args.config}: ok ({len(config.sources)} sources, {len(config.models)} models, {len(config.rules)} rules)")
     from monitord.config import inactive_without
+    from monitord.teaching.teach import check_banks
 
+    problems, notes = check_banks(config)  # the banks and references, read as `run` reads them
+    if problems:
+        for problem in problems:
+            print(f"monitord: {problem}", file=sys.stderr)
+        return EXIT_USAGE
+    print(f"{args.config}: ok ({len(config.sources)} sources, {len(config.models)} models, {len(config.rules)} rules)")
     for name in (n for n, m in config.models.items() if m.optional):
         models, rules = inactive_without(config, {name})
         parts = [f"rules {', '.join(sorted(rules))}" if rules else "",
                  f"models {', '.join(sorted(m for m in models if m != name))}" if len(models) > 1 else ""]
         depends = "; ".join(p for p in parts if p) or "nothing depends on it"
         print(f"models.{name}: optional: where it cannot be loaded, monitord starts without it; inactive then: {depends}")
-    from monitord.teaching.teach import check_banks
-
-    problems, notes = check_banks(config)
     for note in notes:
         print(note)
-    for problem in problems:
-        print(f"monitord: {problem}", file=sys.stderr)
-    return EXIT_USAGE if problems else EXIT_OK
+    return EXIT_OK
 
 
 def cmd_run(args: argparse.Namespace) -> int:

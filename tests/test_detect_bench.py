@@ -51,4 +51,9 @@ def test_the_detection_benchmark_runs_on_real_glass_and_its_figures_hold_togethe
             assert rows[(large, n, False)]["fa_per_h_other_after"] <= rows[(small, n, False)]["fa_per_h_other_after"] + 1e-9
     chosen = rows[(report["margin"], 10, True)]
     assert chosen["recall_lost_max"] <= bench.RECALL_BUDGET or report["margin"] == min(margins)
+    # and the guard is at work: at the widest margin it keeps windows that unguarded teaching suppresses
+    # (the windows nearer to a real break than to what was taught; tests/test_not_this.py shows a break kept)
+    widest = max(margins)
+    assert rows[(widest, 10, True)]["fa_per_h_other_after"] > rows[(widest, 10, False)]["fa_per_h_other_after"], \
+        (rows[(widest, 10, False)], rows[(widest, 10, True)])
     assert not math.isnan(float(fields["recall"]))

@@ -88,7 +88,8 @@ def test_openvino_in_bfloat16_stays_within_rounding_of_torch_float32(kind, tiny_
     """What ``dtype: auto`` picks on AMX CPUs where it times faster, forced here so it is tested on any
     CPU that has bfloat16."""
     ov = require("openvino", "pip install -e '.[openvino]'")
-    need("BF16" in ov.Core().get_property("CPU", "OPTIMIZATION_CAPABILITIES"), "this CPU has no bfloat16")
+    if "BF16" not in ov.Core().get_property("CPU", "OPTIMIZATION_CAPABILITIES"):  # the CPU's, not a missing install:
+        pytest.skip("this CPU has no bfloat16")                                      # skipped under CI too
     folder = tiny_clap if kind == "clap" else trained_emotion
     ws = windows()
     expected = probabilities(build(kind, folder, "torch"), ws)

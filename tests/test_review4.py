@@ -150,7 +150,7 @@ def _wait_jobs(daemon, seconds: float) -> None:
 
 def test_one_unreadable_reference_does_not_take_away_another_rules_references(tmp_path, monkeypatch):
     """A live daemon embeds references on the inference thread with ``for_rules`` over all rules, which raises
-    on the first unreadable one (a README.txt in a folder of one's own: ``check-config`` passes it, it checks
+    on the first unreadable one (a file that is no audio in a folder of one's own: ``check-config`` passes it, it checks
     only that the folder holds files). The error is logged and *no* rule gets its references: the glass rule's
     taught false alarms then silently suppress nothing, though its references (shipped) are fine."""
     from monitord.config import load_config
@@ -160,7 +160,7 @@ def test_one_unreadable_reference_does_not_take_away_another_rules_references(tm
     monkeypatch.setenv("XDG_STATE_HOME", str(tmp_path / "state"))
     own = tmp_path / "own"
     own.mkdir()
-    (own / "README.txt").write_text("my recordings of the doorbell\n")
+    (own / "doorbell.wav").write_text("not audio: a file that claims to be one\n")
     config = _daemon_config(tmp_path, """
   - {id: glass, model: yam, label: Glass, threshold: 0.3, not_like: {bank: g.npz, reference: glass}}
   - {id: bell, model: yam, label: Doorbell, threshold: 0.3, not_like: {bank: b.npz, reference: own}}
@@ -274,19 +274,19 @@ def test_a_reload_naming_a_reference_that_holds_no_recordings_is_refused_before_
 
 def test_classify_rules_with_an_unreadable_reference_is_a_clear_error_not_a_traceback(tmp_path, capsys):
     """``monitord classify --rules`` embeds the references with ``for_rules`` and does not catch
-    ReferenceUnreadable: a README.txt beside one's recordings ends it in a traceback (exit 1); ``run`` says
+    ReferenceUnreadable: a file that is no audio beside one's recordings ends it in a traceback (exit 1); ``run`` says
     the same thing in one line (exit 2). ``check-config`` passes that folder (it only looks for files)."""
     from monitord.cli import main
 
     own = tmp_path / "own"
     own.mkdir()
-    (own / "README.txt").write_text("recorded at home, CC BY\n")
+    (own / "doorbell.wav").write_text("not audio: a file that claims to be one\n")
     write_wav(tmp_path / "x.wav", silence(1.0, 16000), 16000)
     config = tmp_path / "m.yaml"
     config.write_text("sources: [{id: a, file: x.wav}]\nmodels: {yam: {kind: yamnet}}\n"
                       "rules: [{id: bell, model: yam, label: Doorbell, threshold: 0.3, not_like: {bank: b.npz, reference: own}}]\n")
     code = main(["classify", "-c", str(config), "--rules", str(tmp_path / "x.wav")])
-    assert code == 2 and "README.txt" in capsys.readouterr().err
+    assert code == 2 and "doorbell.wav" in capsys.readouterr().err
 
 
 # 7 --------------------------------------------------------------------------------------------------------------------
@@ -338,3 +338,16 @@ def test_a_damaged_cached_reference_file_is_embedded_again_not_a_crash_at_start(
     embedder = SimpleNamespace(name="yam", model_id="m", sample_rate=16000)
     (tmp_path / f"{cache_key(config, embedder, 'glass')}.npz").write_bytes(b"PK\x03\x04" + b"\0" * 100)
     assert cached(config, embedder, "glass", tmp_path) is None
+
+
+def test_a_notice_or_readme_beside_ones_own_recordings_is_not_taken_for_one(tmp_path):
+    """A folder of one's own recordings keeps their licence beside them (a NOTICE for CC BY): it is not
+    read as audio (it failed ``run`` after ``check-config`` passed)."""
+    from monitord.teaching.references import recordings
+
+    own = tmp_path / "own"
+    own.mkdir()
+    (own / "NOTICE.md").write_text("recorded at home, CC BY 4.0\n")
+    (own / "README").write_text("the doorbell, three takes\n")
+    write_wav(own / "bell.wav", silence(1.0, 16000) + 0.1, 16000)
+    assert [r.name for r in recordings(str(own))] == ["bell.wav"]

@@ -81,6 +81,18 @@ def smoke_alarm_recordings(rate: int = RATE) -> list[Recording]:
     return out
 
 
+AUDIO_SUFFIXES = (".wav", ".flac", ".ogg", ".oga", ".opus", ".mp3", ".aif", ".aiff", ".aifc", ".au", ".caf", ".w64")
+"""What is taken from a folder of one's own: its audio files (a NOTICE or README beside them is not one)."""
+
+
+def audio_in(where: Path) -> list[Path]:
+    """The audio files a reference path names: the file, or the audio files under the folder."""
+    if not where.is_dir():
+        return [where] if where.exists() else []
+    return sorted(p for p in where.rglob("*") if p.is_file() and not p.name.startswith(".")
+                  and p.suffix.lower() in AUDIO_SUFFIXES)
+
+
 def recordings(reference: str) -> list[Recording]:
     """The recordings a reference names: a built-in set, or a folder (or file) of your own."""
     return [load() for load in _loaders(reference)]
@@ -91,8 +103,8 @@ def _loaders(reference: str) -> list[Callable[[], Recording]]:
     if reference == SMOKE_ALARM:
         return [lambda r=r: r for r in smoke_alarm_recordings()]
     where = FOLDER / reference if reference in BUILTIN else Path(reference)
-    files = sorted(p for p in where.rglob("*") if p.is_file() and not p.name.startswith(".")) if where.is_dir() else [where]
-    if not where.exists() or not files:
+    files = audio_in(where)
+    if not files:
         raise ReferenceUnreadable(f"reference {reference}: {where} holds no recordings (a built-in one is one of "
                              f"{', '.join(BUILTIN)}; else a folder of recordings of the rule's sound)")
 
@@ -179,8 +191,13 @@ def cache_key(config: Config, embedder, reference: str) -> str:
              f"{config.window.hop_s:g}", reference]
     if reference not in BUILTIN:
         where = Path(reference)
-        files = sorted(p for p in where.rglob("*") if p.is_file()) if where.is_dir() else [where]
-        parts += [f"{p}:{p.stat().st_size}:{p.stat().st_mtime_ns}" for p in files if p.exists()]
+        for p in audio_in(where):
+            try:
+                st = p.stat()
+            except OSError:  # gone since it was listed: it changes the key all the same
+                parts.append(f"{p}:gone")
+                continue
+            parts.append(f"{p}:{st.st_size}:{st.st_mtime_ns}")
     return hashlib.sha256("|".join(parts).encode()).hexdigest()[:24]
 
 
@@ -245,8 +262,9 @@ def needed(config: Config, embedder_of: Callable[[str], object | None]) -> list[
             continue
         if reference not in BUILTIN:
             where = Path(reference)
-            if not where.exists() or (where.is_dir() and not any(p.is_file() for p in where.rglob("*"))):
-                raise ReferenceUnreadable(f"rules.{rule.id}.not_like.reference: {where} holds no recordings")
+            if not audio_in(where):
+                raise ReferenceUnreadable(f"rules.{rule.id}.not_like.reference: {where} holds no recordings "
+                                          f"(audio files: {', '.join(AUDIO_SUFFIXES)})")
         name = embedding_model_for(config, Path(rule.not_like.bank), rule.id, None)
         embedder = embedder_of(name)
         if embedder is None or getattr(embedder, "device", "cpu") == "remote":

@@ -372,7 +372,10 @@ def check_banks(config: Config) -> tuple[list[str], list[str]]:
             notes.append(f"rules.{rule.id}.not_like: no reference recordings: only \"yes, this\" guards its recall "
                          f"(margin {rule.not_like.margin:g})")
         elif reference not in BUILTIN_REFERENCES:
+            from monitord.teaching.references import AUDIO_SUFFIXES, audio_in
+
             where = Path(reference)
-            if not where.exists() or (where.is_dir() and not any(p.is_file() for p in where.rglob("*"))):
-                problems.append(f"rules.{rule.id}.not_like.reference: {where} holds no recordings")
+            if not audio_in(where):
+                problems.append(f"rules.{rule.id}.not_like.reference: {where} holds no recordings "
+                                f"(audio files: {', '.join(AUDIO_SUFFIXES)})")
     return problems, notes
