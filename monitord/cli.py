@@ -47,7 +47,7 @@ def cmd_check_config(args: argparse.Namespace) -> int:
     if config is None:
         return EXIT_USAGE
     from monitord.config import inactive_without
-    from monitord.teaching.teach import check_banks
+    from monitord.teaching.checks import check_banks
 
     problems, notes = check_banks(config)  # the banks and references, read as `run` reads them
     if problems:
