@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 
 from monitord.config import ClapModelConfig, EmotionModelConfig
-from tests.conftest import REPO, need, noise, require, tone
+from tests.conftest import REPO, noise, require, tone
 from tests.tiny_models import TRAIN_LABELS, build_clap, build_emotion, train_emotion
 
 ENGINES = ("openvino", "onnxruntime")
@@ -85,18 +85,23 @@ BFLOAT16_TOLERANCE = 0.03
 
 @pytest.mark.parametrize("kind", ["clap", "emotion"])
 def test_openvino_in_bfloat16_stays_within_rounding_of_torch_float32(kind, tiny_clap, trained_emotion):
-    """What ``dtype: auto`` picks on AMX CPUs where it times faster, forced here so it is tested on any
-    CPU that has bfloat16."""
+    """What ``dtype: auto`` picks on AMX CPUs where it times faster, forced here. On a CPU without
+    bfloat16 (a fact of the machine, not a missing install: nothing is skipped) the same request runs
+    float32, says why, and matches torch float32 to float32's tolerance."""
     ov = require("openvino", "pip install -e '.[openvino]'")
-    if "BF16" not in ov.Core().get_property("CPU", "OPTIMIZATION_CAPABILITIES"):  # the CPU's, not a missing install:
-        pytest.skip("this CPU has no bfloat16")                                      # skipped under CI too
+    has_bf16 = "BF16" in ov.Core().get_property("CPU", "OPTIMIZATION_CAPABILITIES")
     folder = tiny_clap if kind == "clap" else trained_emotion
     ws = windows()
     expected = probabilities(build(kind, folder, "torch"), ws)
     model = build(kind, folder, "openvino", dtype="bfloat16")
-    assert model.engine == "openvino" and model.encoder.precision == "bfloat16"
     difference = np.abs(probabilities(model, ws) - expected).max()
-    assert difference <= BFLOAT16_TOLERANCE, difference
+    if has_bf16:
+        assert model.engine == "openvino" and model.encoder.precision == "bfloat16"
+        assert difference <= BFLOAT16_TOLERANCE, difference
+    else:
+        assert model.engine == "openvino" and model.encoder.precision == "float32"
+        assert "the CPU has no bfloat16" in model.encoder.reason, model.encoder.reason
+        assert difference <= TOLERANCE, difference
 
 
 @pytest.mark.parametrize("engine", ENGINES)

@@ -11,7 +11,7 @@ import pytest
 from monitord.config import ClapModelConfig
 from monitord.inference.models import ModelUnavailable
 from monitord.inference.models.loading import PROBE_TIMEOUT_S, probe_hub, progress_logger
-from tests.conftest import free_port
+from tests.conftest import free_port, need
 
 LABELS = ["tone", "noise"]
 
@@ -67,8 +67,8 @@ def test_the_fix_names_the_hf_the_venv_has(monkeypatch, tmp_path):
     assert fetch_command("laion/x") == "hf download laion/x"
     monkeypatch.undo()
     named = hf_command()  # this test run's own: it runs, from here, PATH or not
-    if named == "hf" and shutil.which("hf") is None:
-        pytest.skip("huggingface_hub's hf is not installed beside this Python nor on PATH")
+    need(named != "hf" or shutil.which("hf") is not None,  # it comes with huggingface_hub (transformers)
+         "huggingface_hub's hf is not installed beside this Python nor on PATH")
     out = subprocess.run([named, "download", "--help"], capture_output=True, text=True, timeout=60, env={"PATH": "/usr/bin:/bin"})
     assert out.returncode == 0 and "download" in out.stdout, out.stderr
 
