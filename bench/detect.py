@@ -409,13 +409,14 @@ def figure(path: Path, streams, fold_of, events, rule, hours, references, negati
     import matplotlib.pyplot as plt
 
     total_h = sum(hours.values())
+    taught_in = {fold: negatives_from(fold, 10, fold)[0] for fold in (0, 1)}  # the same at every threshold
     curves = {}
     for taught in (False, True):
         fa, rec = [], []
         for threshold in THRESHOLDS:
             n_fa, hits = 0, []
             for fold in (0, 1):
-                negatives = negatives_from(fold, 10, fold)[0] if taught else None
+                negatives = taught_in[fold] if taught else None
                 sup = (lambda s, refs: judge(s.embeddings, negatives, refs, margin)[0]) if taught else (lambda s, refs: None)
                 n_fa += sum(len(onsets(s, rule, sup(s, references.embeddings), threshold))
                             for name, s in streams.items() if fold_of[name] == 1 - fold)

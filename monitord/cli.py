@@ -191,10 +191,10 @@ def cmd_classify(args: argparse.Namespace) -> int:
               + (f". Fix: {reason.fix}" if reason.fix else ""), file=sys.stderr)
     references = {}
     if args.rules:
-        from monitord.teaching.references import ReferenceUnreadable, for_rules
+        from monitord.teaching.references import ReferenceUnreadable, for_rules, kept_folder
 
         try:
-            references = for_rules(config, models.get)  # what guards each rule's recall, as in the daemon
+            references = for_rules(config, models.get, kept_folder())  # what guards each rule's recall, as in the daemon
         except ReferenceUnreadable as exc:
             return _fail(str(exc))
     summary_json = args.json and args.timeline  # --json with --timeline: the summary, not the windows

@@ -473,10 +473,9 @@ class Daemon:
         """Each rule's reference positives (``not_like.reference``), embedded by its model: what
         "not this" can never teach the rule away from. Kept in the state directory between starts;
         ``only_cached``: those alone (a rule whose references are not ready suppresses nothing)."""
-        from monitord.config import state_dir
-        from monitord.teaching.references import for_rules
+        from monitord.teaching.references import for_rules, kept_folder
 
-        return for_rules(config, self.models.get, state_dir() / "references", only_cached=only_cached,
+        return for_rules(config, self.models.get, kept_folder(), only_cached=only_cached,
                          on_unreadable=on_unreadable, embed_with=embed_with)
 
     def _embed_on_inference(self, embedder, cuts: list) -> np.ndarray:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import socket
@@ -51,6 +52,26 @@ def need(condition: bool, reason: str) -> None:
         if in_ci():
             pytest.fail(f"CI must provide this: {reason}")
         pytest.skip(reason)
+
+
+@contextlib.contextmanager
+def headless_chromium():
+    """Debian's Chromium, headless, driven by Playwright (a skip saying what is missing; in CI, a
+    failure), closed afterwards. The flags keep it off the network this machine does not have."""
+    need(shutil.which("chromium") is not None, "chromium is not installed (Debian package chromium)")
+    try:
+        import playwright.sync_api as playwright
+    except ImportError:
+        playwright = None
+    need(playwright is not None, "playwright is not installed (pip install playwright)")
+    with playwright.sync_playwright() as pw:
+        browser = pw.chromium.launch(executable_path=shutil.which("chromium"), args=[
+            "--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
+            "--no-first-run", "--disable-sync"])
+        try:
+            yield browser
+        finally:
+            browser.close()
 
 
 def require(module: str, install: str):

@@ -14,7 +14,6 @@ suppresses the whole second thunder and none of the applause."""
 from __future__ import annotations
 
 import json
-import shutil
 import subprocess
 import sys
 import time
@@ -26,12 +25,11 @@ import numpy as np
 import pytest
 
 from monitord.teaching.bank import load
-from tests.conftest import AUDIO, REPO, free_port, need, shared_path, wait_until, write_wav
+from tests.conftest import AUDIO, REPO, free_port, headless_chromium, shared_path, wait_until, write_wav
 
 THUNDER = AUDIO / "thunder" / "thunder.wav"
 THUNDER_OTHER = AUDIO / "thunder" / "esc50_thunder_3-144891-B-19.wav"
 APPLAUSE = AUDIO / "applause" / "applause.wav"
-CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
 TOKEN = "feedback-test-token-0123456789"
 
 CONFIG = """
@@ -258,19 +256,10 @@ def test_feedback_on_a_window_the_ring_no_longer_holds_and_without_a_clip_says_s
 # --- in a real browser ------------------------------------------------------------------------------------------------
 
 def test_not_this_clicked_on_the_dashboard_stops_the_next_similar_window_while_the_target_still_alerts(tmp_path):
-    need(shutil.which("chromium") is not None, "chromium is not installed (Debian package chromium)")
-    try:
-        import playwright.sync_api as playwright
-    except ImportError:
-        playwright = None
-    need(playwright is not None, "playwright is not installed (pip install playwright)")
     port = free_port()
     config = live_config(tmp_path, f"http: {{bind: '127.0.0.1:{port}'}}\n")
     url = f"http://127.0.0.1:{port}/"
-    with playwright.sync_playwright() as pw:
-        browser = pw.chromium.launch(executable_path=CHROMIUM, args=[
-            "--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
-            "--no-first-run", "--disable-sync"])
+    with headless_chromium() as browser:
         page = browser.new_page()
         daemon = start(config)
         try:
@@ -301,7 +290,6 @@ def test_not_this_clicked_on_the_dashboard_stops_the_next_similar_window_while_t
         finally:
             if daemon.poll() is None:
                 daemon.kill()
-            browser.close()
     assert load(tmp_path / "loud-not.npz").labels.tolist() == ["not:loud"]
     assert_second_thunder_suppressed_applause_not(tmp_path, first)
 

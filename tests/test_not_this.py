@@ -237,14 +237,8 @@ def test_not_this_clicked_in_a_browser_on_the_shipped_config_stops_the_smash_and
     import urllib.request
 
     from monitord.audio import read_mono
-    from tests.conftest import need, wait_until
+    from tests.conftest import headless_chromium, wait_until
 
-    need(shutil.which("chromium") is not None, "chromium is not installed (Debian package chromium)")
-    try:
-        import playwright.sync_api as playwright
-    except ImportError:
-        playwright = None
-    need(playwright is not None, "playwright is not installed (pip install playwright)")
     shared_path(GLASS)
     smash, rate = read_mono(SMASH)
     glass, _ = read_mono(GLASS)
@@ -264,10 +258,7 @@ def test_not_this_clicked_in_a_browser_on_the_shipped_config_stops_the_smash_and
         path = tmp_path / "events.jsonl"
         return [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
 
-    with playwright.sync_playwright() as pw:
-        browser = pw.chromium.launch(executable_path=shutil.which("chromium") or "/usr/bin/chromium", args=[
-            "--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
-            "--no-first-run", "--disable-sync"])
+    with headless_chromium() as browser:
         daemon = subprocess.Popen(monitord_cmd("run", "-c", str(live)), cwd=REPO, stdout=subprocess.DEVNULL,
                                   stderr=subprocess.PIPE, text=True)
         try:
@@ -289,7 +280,6 @@ def test_not_this_clicked_in_a_browser_on_the_shipped_config_stops_the_smash_and
         finally:
             daemon.terminate()
             _, err = daemon.communicate(timeout=60)
-            browser.close()
     assert daemon.returncode == 0, err[-3000:]
     (tmp_path / "events.jsonl").unlink()
     again = shipped_config_on_a_file(tmp_path, recording("again", 40.0, (1.0, smash), (33.0, glass)), free_port(),

@@ -142,10 +142,28 @@ publish: {{endpoint: "tcp://127.0.0.1:{free_port()}", event_log: events.jsonl}}
 
 
 def _wait_jobs(daemon, seconds: float) -> None:
-    end = time.monotonic() + seconds
-    while time.monotonic() < end and not daemon.inference._jobs.empty():
-        time.sleep(0.05)
-    time.sleep(0.3)
+    """Until the inference stage has no job waiting or running (nor a batch in hand)."""
+    from tests.conftest import wait_until
+
+    wait_until(lambda: daemon.inference.idle, seconds)
+
+
+def _started(config: Path):
+    """A daemon on ``config``, its stages started (no source opened: nothing is played)."""
+    from monitord.config import load_config
+    from monitord.daemon import Daemon
+    from monitord.inference.build import load_models
+
+    loaded = load_config(config)
+    daemon = Daemon(loaded, load_models(loaded))
+    daemon.start(open_sources=False)
+    return daemon
+
+
+def _wait_references(daemon, rule: str, seconds: float) -> bool:
+    from tests.conftest import wait_until
+
+    return wait_until(lambda: rule in daemon.alerts.not_like.references, seconds)
 
 
 def test_one_unreadable_reference_does_not_take_away_another_rules_references(tmp_path, monkeypatch):
@@ -153,10 +171,6 @@ def test_one_unreadable_reference_does_not_take_away_another_rules_references(tm
     on the first unreadable one (a file that is no audio in a folder of one's own: ``check-config`` passes it, it checks
     only that the folder holds files). The error is logged and *no* rule gets its references: the glass rule's
     taught false alarms then silently suppress nothing, though its references (shipped) are fine."""
-    from monitord.config import load_config
-    from monitord.daemon import Daemon
-    from monitord.inference.build import load_models
-
     monkeypatch.setenv("XDG_STATE_HOME", str(tmp_path / "state"))
     own = tmp_path / "own"
     own.mkdir()
@@ -165,14 +179,9 @@ def test_one_unreadable_reference_does_not_take_away_another_rules_references(tm
   - {id: glass, model: yam, label: Glass, threshold: 0.3, not_like: {bank: g.npz, reference: glass}}
   - {id: bell, model: yam, label: Doorbell, threshold: 0.3, not_like: {bank: b.npz, reference: own}}
 """)
-    loaded = load_config(config)
-    daemon = Daemon(loaded, load_models(loaded))
-    daemon.start(open_sources=False)
+    daemon = _started(config)
     try:
-        end = time.monotonic() + 30
-        while time.monotonic() < end and "glass" not in daemon.alerts.not_like.references:
-            time.sleep(0.1)
-        assert "glass" in daemon.alerts.not_like.references, "the glass rule lost its references to the bell's folder"
+        assert _wait_references(daemon, "glass", 30), "the glass rule lost its references to the bell's folder"
     finally:
         daemon.stop(drain_timeout_s=1)
 
@@ -185,10 +194,6 @@ def test_embedding_references_at_start_does_not_stall_the_inference_stage(tmp_pa
     one's own (MAX_WINDOWS = 2000 windows) takes ~30 s here, minutes on a Pi or with CLAP: the watchdog
     kills monitord before the cache is written, and the next start embeds again (a restart loop).
     Shown with a small bound (3 s) and ~4 minutes of reference audio (2000 windows, ~30 s here)."""
-    from monitord.config import load_config
-    from monitord.daemon import Daemon
-    from monitord.inference.build import load_models
-
     monkeypatch.setenv("XDG_STATE_HOME", str(tmp_path / "state"))
     own = tmp_path / "own"
     own.mkdir()
@@ -198,9 +203,7 @@ def test_embedding_references_at_start_does_not_stall_the_inference_stage(tmp_pa
     config = _daemon_config(tmp_path, """
   - {id: bell, model: yam, label: Doorbell, threshold: 0.3, not_like: {bank: b.npz, reference: own}}
 """, extra="pipeline: {inference_stall_s: 3.0}\n")
-    loaded = load_config(config)
-    daemon = Daemon(loaded, load_models(loaded))
-    daemon.start(open_sources=False)
+    daemon = _started(config)
     unhealthy = []
     try:
         end = time.monotonic() + 20
@@ -243,21 +246,16 @@ def test_a_reload_naming_a_reference_that_holds_no_recordings_is_refused_before_
     labels were swapped in: the reload is refused, but half applied, and the message blames the labels
     ("the new labels could not be swapped in: ReferenceUnreadable(...)")."""
     from monitord.config import load_config
-    from monitord.daemon import Daemon, ReloadError
-    from monitord.inference.build import load_models
+    from monitord.daemon import ReloadError
 
     monkeypatch.setenv("XDG_STATE_HOME", str(tmp_path / "state"))
     config = _daemon_config(tmp_path, """
   - {id: glass, model: yam, label: Glass, threshold: 0.3, not_like: {bank: g.npz, reference: glass}}
 """)
-    loaded = load_config(config)
-    daemon = Daemon(loaded, load_models(loaded))
-    daemon.start(open_sources=False)
+    daemon = _started(config)
     swapped = []
     try:
-        end = time.monotonic() + 30
-        while time.monotonic() < end and "glass" not in daemon.alerts.not_like.references:  # embedded at start
-            time.sleep(0.1)
+        _wait_references(daemon, "glass", 30)  # embedded at start
         _wait_jobs(daemon, 30)
         config.write_text(config.read_text().replace("reference: glass", "reference: nowhere"))
         real_submit = daemon.inference.submit

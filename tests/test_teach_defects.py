@@ -240,6 +240,24 @@ def test_check_config_reads_the_banks_a_config_names_and_eval_says_when_one_is_m
     assert bank["path"].endswith("loud-not.npz") and bank["taught_false_alarms"] == 0 and "does not exist" in bank["note"]
 
 
+
+def test_check_config_says_ok_only_when_nothing_is_wrong_and_knows_yamnets_dimension(tmp_path, capsys):
+    """Two later fixes to check-config, each failed first: it printed "ok" and then a problem (exit 2),
+    and a bank claiming YAMNet's embeddings at another dimension than YAMNet's 1024 passed it."""
+    def check(config: Path) -> tuple[int, str, str]:
+        code, out = cli("check-config", str(config))
+        return code, out, capsys.readouterr().err
+
+    config = write_config(tmp_path)
+    code, out, err = check(config)
+    assert code == 0 and ": ok (" in out, err
+    save(Bank.empty(Embedder("yamnet:builtin", 4, 16000, 2.0)).add(np.ones((1, 4)), negative("loud"), ["file:/k.wav@0"]),
+         tmp_path / "loud-not.npz")
+    code, out, err = check(config)
+    assert code == 2 and "rules.loud.not_like.bank" in err and "4-d" in err, err
+    assert ": ok (" not in out, out
+
+
 # 5 ---------------------------------------------------------------------------------------------------------------------
 
 def test_suppressed_events_only_for_the_sources_a_rule_watches(tmp_path):

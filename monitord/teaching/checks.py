@@ -11,7 +11,7 @@ from monitord.teaching.references import AUDIO_SUFFIXES, audio_in
 from monitord.teaching.teach import TeachError, embedding_model_for
 
 
-def embedder_id(config: Config, model_name: str) -> str:
+def configured_model_id(config: Config, model_name: str) -> str:
     """The model id a model's embeddings carry, from the config alone (nothing is loaded)."""
     from monitord.config import BUILTIN
 
@@ -44,7 +44,7 @@ def check_banks(config: Config) -> tuple[list[str], list[str]]:
                 problems.append(f"{where}: {exc}")
                 return
             dim = 1024 if config.models[model_name].kind == "yamnet" else bank.embedder.dim  # CLAP's: known once loaded
-            expected = Embedder(embedder_id(config, model_name), dim, bank.embedder.sample_rate, config.window.seconds)
+            expected = Embedder(configured_model_id(config, model_name), dim, bank.embedder.sample_rate, config.window.seconds)
             why = expected.mismatch(bank.embedder)
             if why:
                 problems.append(f"{where}: {path} holds {why} (model {model_name} embeds here, {config.window.seconds:g} s "

@@ -10,11 +10,12 @@ from __future__ import annotations
 from collections.abc import Callable
 from concurrent.futures import Future
 from dataclasses import dataclass
-from typing import Any
-
-import numpy as np
+from typing import TYPE_CHECKING, Any
 
 from monitord.config import Config
+
+if TYPE_CHECKING:
+    import numpy as np
 
 RingAudio = Callable[[str, float, float], "tuple[np.ndarray, int] | None"]
 

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import logging
 import zipfile
-from collections.abc import Callable, Mapping
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -250,6 +250,14 @@ class Needed:
     reference: str
 
 
+def kept_folder() -> Path:
+    """Where embedded references are kept between runs: ``references/`` in the state directory
+    (the daemon, ``classify --rules`` and ``eval`` share it)."""
+    from monitord.config import state_dir
+
+    return state_dir() / "references"
+
+
 def needed(config: Config, embedder_of: Callable[[str], object | None]) -> list[Needed]:
     """The references the config's rules name whose embedding model is loaded here. A folder of
     one's own that holds no recordings is a ReferenceUnreadable naming the rule."""
@@ -268,8 +276,8 @@ def needed(config: Config, embedder_of: Callable[[str], object | None]) -> list[
         name = embedding_model_for(config, Path(rule.not_like.bank), rule.id, None)
         embedder = embedder_of(name)
         if embedder is None or getattr(embedder, "device", "cpu") == "remote":
-            log.warning("rule %s: model %s is not loaded here, so its references (%s) are not either: its taught "
-                        "false alarms suppress nothing", rule.id, name, reference)
+            # said once at start, with what it turns off (the daemon's model_unavailable status): not at each call
+            log.debug("rule %s: model %s is not loaded here, so its references (%s) are not either", rule.id, name, reference)
             continue
         out.append(Needed(rule.id, name, reference))
     return out
@@ -308,7 +316,3 @@ def for_rules(config: Config, embedder_of: Callable[[str], object | None], folde
             out[need.rule_id] = done[key]
     return out
 
-
-def positives_of(references: Mapping[str, References], rule_id: str) -> np.ndarray | None:
-    found = references.get(rule_id)
-    return None if found is None or not len(found) else found.embeddings

@@ -51,12 +51,15 @@ def nearest_distance(x: np.ndarray, rows: np.ndarray | None) -> tuple[np.ndarray
     return distances[np.arange(len(x)), nearest], nearest
 
 
-def judge(x: np.ndarray, negatives: np.ndarray, positives: np.ndarray | None, margin: float) -> tuple[np.ndarray, ...]:
+def judge(x: np.ndarray, negatives: np.ndarray, positives: np.ndarray | None | tuple, margin: float) -> tuple[np.ndarray, ...]:
     """Which of the windows ``x`` (Q, D) are suppressed: within ``margin`` of a negative and nearer
-    to it than to every positive. Returns (suppressed (Q,) bool, nearest negative (Q,), its
-    distance (Q,), the nearest positive's distance (Q,), inf without positives)."""
+    to it than to every positive (``positives``: rows, or a tuple of row sets, none copied). Returns
+    (suppressed (Q,) bool, nearest negative (Q,), its distance (Q,), the nearest positive's distance
+    (Q,), inf without positives)."""
     d_neg, nearest = nearest_distance(x, negatives)
-    d_pos, _ = nearest_distance(x, positives)
+    d_pos = np.full(len(x), np.inf)
+    for rows in positives if isinstance(positives, tuple) else (positives,):
+        d_pos = np.minimum(d_pos, nearest_distance(x, rows)[0])
     return (d_neg <= margin) & (d_neg < d_pos), nearest, d_neg, d_pos
 
 
@@ -74,13 +77,12 @@ def nearest_negative(embedding: np.ndarray, bank: Bank, rule_id: str, label: str
     if not len(candidates):
         return None
     _, taught = bank.of(label)
-    parts = [p for p in (references, taught) if p is not None and len(p)]
-    positives = np.concatenate(parts) if parts else None
-    suppressed, nearest, d_neg, d_pos = judge(normalised(embedding), negatives, positives, margin)
+    # the references and "yes, this" as they are, not copied into one array per window
+    suppressed, nearest, d_neg, d_pos = judge(normalised(embedding), negatives, (references, taught), margin)
     if not suppressed[0]:
         return None
     i = int(candidates[nearest[0]])
-    return Match(int(bank.ids[i]), str(bank.sources[i]), float(d_neg[0]), None if positives is None else float(d_pos[0]))
+    return Match(int(bank.ids[i]), str(bank.sources[i]), float(d_neg[0]), None if np.isinf(d_pos[0]) else float(d_pos[0]))
 
 
 def embedder_id(model_id: str) -> str:

@@ -18,8 +18,10 @@ A running daemon reads a bank again when it changes: no restart.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import logging
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -278,23 +280,17 @@ def forget(bank_path: Path, ids: list[int]) -> Bank:
     return bank
 
 
-class _writing:
+@contextlib.contextmanager
+def _writing(path: Path) -> Iterator[None]:
     """An OSError while a bank is written (a read-only or full disk, no permission) as a TeachError
     that names the bank and the cause; the bank on disk is as it was (``save`` is atomic)."""
-
-    def __init__(self, path: Path) -> None:
-        self.path = path
-
-    def __enter__(self) -> None:
-        return None
-
-    def __exit__(self, kind, exc, tb) -> bool:
-        if isinstance(exc, OSError):
-            cause = {errno.ENOSPC: "the disk is full", errno.EROFS: "the file system is read-only",
-                     errno.EACCES: "permission denied", errno.EDQUOT: "the disk quota is used up"}.get(exc.errno)
-            raise TeachError(f"cannot write bank {self.path}: {cause or exc.strerror or exc}; nothing was taught "
-                             f"(the bank is as it was)", "storage") from None
-        return False
+    try:
+        yield
+    except OSError as exc:
+        cause = {errno.ENOSPC: "the disk is full", errno.EROFS: "the file system is read-only",
+                 errno.EACCES: "permission denied", errno.EDQUOT: "the disk quota is used up"}.get(exc.errno)
+        raise TeachError(f"cannot write bank {path}: {cause or exc.strerror or exc}; nothing was taught "
+                         f"(the bank is as it was)", "storage") from None
 
 
 def listing(bank: Bank) -> str:

@@ -70,9 +70,9 @@ def evaluate(config: Config, models: dict, model_name: str, examples: list[Examp
         per_file.append((example, rows))
     if getattr(model, "labels", ()) == ("anomaly",):
         return _anomaly_report(model_name, per_file)
-    from monitord.teaching.references import for_rules
+    from monitord.teaching.references import for_rules, kept_folder
 
-    return _classifier_report(config, model_name, model, per_file, for_rules(config, models.get))
+    return _classifier_report(config, model_name, model, per_file, for_rules(config, models.get, kept_folder()))
 
 
 def _anomaly_report(model_name: str, per_file) -> dict[str, Any]:
