@@ -319,9 +319,7 @@ def cmd_teach(args: argparse.Namespace) -> int:
     def find_event(seq: int) -> dict | None:
         if config.publish.event_log is None:
             raise lessons.TeachError("the config keeps no event log (publish.event_log)", "not found")
-        lines, _ = EventLog(config.publish.event_log, keep=config.publish.event_log_keep).read_since(seq - 1, 1)
-        event = json.loads(lines[0]) if lines else None
-        return event if isinstance(event, dict) and event.get("seq") == seq else None
+        return EventLog(config.publish.event_log, keep=config.publish.event_log_keep).find(seq)
 
     given = lessons.resolve_bank(Path(args.config).resolve().parent, args.bank) if args.bank else None
     try:

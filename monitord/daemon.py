@@ -550,17 +550,10 @@ class Daemon:
 
     def _find_event(self, seq: int) -> dict | None:
         """Published event SEQ: from the event log, else the dashboard's recent events."""
-        import json
-
         event_log = self.publisher.event_log
-        if event_log is not None:
-            lines, _ = event_log.read_since(seq - 1, 1)
-            try:
-                candidate = json.loads(lines[0]) if lines else None
-            except ValueError:  # a line being appended
-                candidate = None
-            if isinstance(candidate, dict) and candidate.get("seq") == seq:
-                return candidate
+        found = event_log.find(seq) if event_log is not None else None
+        if found is not None:
+            return found
         if self.dashboard is not None:
             return next((e for e in list(self.dashboard.broadcaster.recent_events) if e.get("seq") == seq), None)
         return None

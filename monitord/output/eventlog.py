@@ -144,6 +144,16 @@ class EventLog:
             for f in snapshot:
                 f.close()
 
+    def find(self, seq: int) -> dict | None:
+        """Logged event SEQ as its JSON object; None where the log does not hold it (rotated out, never
+        logged) or holds it damaged."""
+        lines, _ = self.read_since(seq - 1, 1)
+        try:
+            event = json.loads(lines[0]) if lines else None
+        except ValueError:
+            return None
+        return event if isinstance(event, dict) and event.get("seq") == seq else None
+
     def _open_snapshot(self, attempts: int = 100) -> list[BinaryIO]:
         """Every log file, oldest first, opened at one moment between two rotations.
 
