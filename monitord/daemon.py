@@ -87,6 +87,7 @@ class Daemon:
         self.inference = InferenceStage(self.queue, self.scorer, self.alerts_inbox, stall_s=config.pipeline.inference_stall_s,
                                         max_in_flight=remote.max_in_flight if remote else 4,
                                         max_waiting_windows=remote.max_waiting_windows if remote else 128,
+                                        overlap_tiers=config.pipeline.overlap_tiers,
                                         status=self._status_nowait, on_remote_drop=self._on_remote_drop,
                                         status_interval_s=config.pipeline.overload_status_interval_s)
         self.alerts = AlertsStage(AlertEngine(config.rules), self.alerts_inbox, self.output_inbox, self.host,

@@ -419,6 +419,9 @@ class PipelineConfig(_Strict):
     enough for the pre-roll to survive the window queue's worst lag)."""
     inference_stall_s: float = Field(60.0, gt=0.0, le=3600.0)
     """The inference stage is unhealthy (no watchdog ping) when one batch takes longer than this."""
+    overlap_tiers: bool = True
+    """A cascade's second tier (a model gated by another, CLAP behind YAMNet) scores on a thread of
+    its own: batch k's second tier while the first scores batch k+1. Off: one thread scores both."""
     memory_budget_mb: float = Field(512.0, gt=0.0, le=16_777_216.0)
     """The most the config's own buffers may take (ring buffers, the window queue, windows waiting
     for remote inference, events held for slow subscribers); a config needing more is refused."""

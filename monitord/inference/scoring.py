@@ -10,8 +10,9 @@ windows; a window that still fails is FAILED for that model, with a ``model_erro
 from __future__ import annotations
 
 import logging
+import threading
 import time
-from collections import Counter
+from collections import Counter, deque
 from collections.abc import Callable, Collection, Sequence
 from dataclasses import dataclass, field
 
@@ -45,6 +46,21 @@ class InferenceStats:
     """Windows a live source took off remote scoring (too many waiting), per source."""
     remote_refused: int = 0
     """Windows the server refused (4xx: configuration): FAILED, not retried."""
+    spans: deque[BatchSpan] = field(default_factory=lambda: deque(maxlen=SPANS_KEPT))
+    """The latest model calls, when each began and ended: what shows the tiers overlapping."""
+
+
+SPANS_KEPT = 1024
+
+
+@dataclass(frozen=True)
+class BatchSpan:
+    """One model call: ``windows`` scored from ``began`` to ``ended`` (``time.monotonic``)."""
+
+    model: str
+    windows: int
+    began: float
+    ended: float
 
 
 def cascade_order(models: Sequence[Model]) -> list[Model]:
@@ -167,15 +183,29 @@ class Scorer:
         for i in range(0, len(windows), model.batch_max):
             chunk = windows[i : i + model.batch_max]
             up = None if upstream is None else upstream[i : i + model.batch_max]
-            began = time.perf_counter()
+            began = time.monotonic()
             try:
                 out.extend(self._score_or_split(model, chunk, up))
             finally:
-                spent = time.perf_counter() - began
-                self.stats.model_seconds[model.name] += spent
-                self.stats.batch_sizes[len(chunk)] += 1
-                self.on_batch(model.name, len(chunk), spent)
+                self.record(model, len(chunk), began, time.monotonic())
         return out
+
+    def record(self, model: Model, windows: int, began: float, ended: float) -> None:
+        """A model call's figures (a tier's or a remote call's too, once its answer is in)."""
+        self.stats.model_seconds[model.name] += ended - began
+        self.stats.batch_sizes[windows] += 1
+        self.stats.spans.append(BatchSpan(model.name, windows, began, ended))
+        self.on_batch(model.name, windows, ended - began)
+
+    def succeeded(self, model: Model, windows: int) -> None:
+        self._consecutive_failures[model.name] = 0
+        self.stats.scored[model.name] += windows
+
+    def failed(self, model: Model, windows: Sequence[Window], exc: BaseException) -> None:
+        """A failed call: counted, and after ``fallback_after`` in a row on an accelerator, the model moves to the CPU."""
+        self.stats.failures += 1
+        self._consecutive_failures[model.name] += 1
+        self._maybe_fall_back(model, windows, exc)
 
     def _score_or_split(self, model: Model, windows: list[Window], upstream: list[Scores] | None) -> list[Scores | None]:
         try:
@@ -183,9 +213,7 @@ class Scorer:
             if len(scored) != len(windows):
                 raise RuntimeError(f"model {model.name} returned {len(scored)} scores for {len(windows)} windows")
         except Exception as exc:  # a model failure must not stop listening
-            self.stats.failures += 1
-            self._consecutive_failures[model.name] += 1
-            self._maybe_fall_back(model, windows, exc)
+            self.failed(model, windows, exc)
             if len(windows) > 1:
                 log.warning("model %s failed on %d windows (%s); retrying in halves", model.name, len(windows), exc)
                 half = len(windows) // 2
@@ -197,11 +225,10 @@ class Scorer:
             self.status(window.source, "model_error", f"model {model.name} failed on the window at "
                         f"{window.stream_start:.2f} s and dropped it: {exc}")
             return [None]
-        self._consecutive_failures[model.name] = 0
-        self.stats.scored[model.name] += len(windows)
+        self.succeeded(model, len(windows))
         return list(scored)
 
-    def _maybe_fall_back(self, model: Model, windows: list[Window], exc: Exception) -> None:
+    def _maybe_fall_back(self, model: Model, windows: Sequence[Window], exc: BaseException) -> None:
         if self._consecutive_failures[model.name] < self.fallback_after or model.device in ("cpu", "remote"):
             return
         previous = model.device
@@ -213,7 +240,13 @@ class Scorer:
             self.status(source, "model_fallback", f"model {model.name} moved from {previous} to cpu after repeated failures: {exc}")
 
 
-def _timed_score(model: Model, windows: list[Window]) -> tuple[list[Scores], float]:
-    began = time.perf_counter()
+def _timed_score(model: Model, windows: list[Window]) -> tuple[list[Scores], float, float]:
+    """(scores, began, ended): a call made on another thread, timed there."""
+    began = time.monotonic()
     scores = model.score(windows)
-    return scores, time.perf_counter() - began
+    return scores, began, time.monotonic()
+
+
+def _locked_timed_score(lock: threading.Lock, model: Model, windows: list[Window]) -> tuple[list[Scores], float, float]:
+    with lock:
+        return _timed_score(model, windows)

@@ -2,16 +2,19 @@
 
 One thread takes batches off the window queue and scores every window that passed a model's gate
 with that model, in cascade order (``scoring.Scorer``); what became of each window for each model
-(scored, quiet, skipped by sampling or by a cascade, failed) leaves as one ``ScoredWindow``, in
+(scored, quiet, skipped by sampling or by a cascade, failed) leaves as ``ScoredWindow``s, in
 queue order, so per-source order holds. ``StreamEnd`` markers pass through in their place. Capture
 never stops for a model's failure.
 
-Remote models (``monitord serve``) are asked without blocking the thread: see ``InferenceStage``.
+A cascade's second tier (a local model gated by another, CLAP behind YAMNet) scores on a thread of
+its own, so that it scores batch k while the first tier scores batch k+1; remote models
+(``monitord serve``) are asked without blocking the thread either: see ``InferenceStage``.
 """
 
 from __future__ import annotations
 
 import bisect
+import contextlib
 import functools
 import logging
 import threading
@@ -23,7 +26,7 @@ from dataclasses import dataclass, field
 from queue import Empty, PriorityQueue
 
 from monitord.inference.models.base import Model
-from monitord.inference.scoring import BatchState, Scorer, _timed_score
+from monitord.inference.scoring import BatchState, Scorer, _locked_timed_score, _timed_score
 from monitord.windowing.queue import Item, WindowQueue
 from monitord.inference.remote import Availability, InferenceRefused, InferenceUnavailable, InFlight, RemoteModelError
 from monitord.inference.remote import Outcome as RemoteOutcome
@@ -112,7 +115,7 @@ class InferenceStage(Stage):
     """
 
     def __init__(self, queue: WindowQueue, scorer: Scorer, out: Channel, stall_s: float = 60.0, *,
-                 max_in_flight: int = 4, max_waiting_windows: int = 128,
+                 max_in_flight: int = 4, max_waiting_windows: int = 128, overlap_tiers: bool = True,
                  status: Callable[..., None] | None = None, on_remote_drop: Callable[[Window], None] = lambda w: None,
                  status_interval_s: float = 10.0, retry_backoff_s: float = 0.25, retry_backoff_max_s: float = 5.0):
         super().__init__("inference", stall_s)
@@ -132,10 +135,16 @@ class InferenceStage(Stage):
         self._outbox: deque[object] = deque()
         """Ready for the alerts channel, in order; taken off only once it is in."""
         self._drain_deadline: float | None = None
-        # remote inference
+        # remote inference, and the tiers that score on threads of their own
         self.remote_models = [m for m in scorer.models if getattr(m, "device", None) == "remote"]
         self._remote = {m.name for m in self.remote_models}
-        deferred = set(self._remote)
+        self.overlap_tiers = overlap_tiers
+        self.tier_models = [m for m in scorer.models if overlap_tiers and m.name not in self._remote
+                            and m.depends_on is None and m.gated_by is not None
+                            and m.gated_by.model in {n.name for n in scorer.models}]
+        """Local models gated by another (a cascade's second tier): each scores on its own thread."""
+        self._offloaded = self._remote | {m.name for m in self.tier_models}
+        deferred = set(self._offloaded)
         grew = True
         while grew:
             grew = False
@@ -144,8 +153,16 @@ class InferenceStage(Stage):
                     deferred.add(m.name)
                     grew = True
         self._first = [m for m in scorer.models if m.name not in deferred]
-        """Scored as each batch is taken: local models that wait on no remote one."""
+        """Scored as each batch is taken: local models that wait on no remote or tier model."""
         self._deferred = [m for m in scorer.models if m.name in deferred]
+        self._tier_locks = {m.name: threading.Lock() for m in self.tier_models}
+        """Held while a tier model scores: a job of this thread (a label swap, an upload scored,
+        references embedded) or a move to the CPU never uses the model at the same time."""
+        self._tier_flights: dict[str, InFlight] = {}
+        self._tier_backlog_max = 2 * max((m.batch_max for m in self.tier_models), default=0)
+        """Windows queued for or being scored by a tier, past which no new batch is taken: one batch
+        scoring and one waiting keep the tier busy; more would only add latency (the window queue,
+        with its drop policy for live sources, takes the rest)."""
         self.url = next((str(getattr(m, "url", "")) for m in self.remote_models), "")
         self.max_in_flight = max_in_flight
         self.max_waiting_windows = max_waiting_windows
@@ -208,6 +225,10 @@ class InferenceStage(Stage):
             self._in_hand = []
         if self.remote_models and (self._flight is None or self._flight.closed):
             self._flight = InFlight(self.max_in_flight, "inference-remote", on_done=self._woken)
+        for model in self.tier_models:
+            flight = self._tier_flights.get(model.name)
+            if flight is None or flight.closed:
+                self._tier_flights[model.name] = InFlight(1, f"inference-{model.name}", on_done=self._woken)
         self._recover()
         while not self.stopping.is_set():
             self.beat()
@@ -233,6 +254,9 @@ class InferenceStage(Stage):
                 continue
             if self.remote_models:
                 self.queue.hold_waiting(self._held() >= self.max_waiting_windows)
+            if self._tier_backlog() >= self._tier_backlog_max > 0:
+                self._wake.wait(0.2)  # a tier's answer wakes it
+                continue
             batch = self.queue.get_batch(self.scorer.batch_max, self.scorer.batch_wait_s, timeout=0.2, taken=self._in_hand)
             if batch:
                 self._intake(batch)
@@ -286,7 +310,7 @@ class InferenceStage(Stage):
         calls: list[_Call] = []
         while job.step < len(job.models) and not job.calls:
             model = job.models[job.step]
-            if model.name not in self._remote:
+            if model.name not in self._offloaded:
                 self.scorer.run_model(model, job.state)
                 job.step += 1
                 continue
@@ -312,36 +336,52 @@ class InferenceStage(Stage):
     # requests out, answers in
 
     def _send(self) -> None:
-        """Send waiting requests, oldest first, while fewer than ``max_in_flight`` are in the air;
-        while the cluster is down, one at a time after the backoff."""
-        flight = self._flight
-        if flight is None:
-            return
-        while self._to_send and not flight.full:
-            if not self.availability.up and (len(flight) or time.monotonic() < self._retry_at):
-                return
-            call = self._to_send[0]
-            windows = [call.job.state.windows[i] for i in call.indices]
-            if not flight.submit(functools.partial(_timed_score, call.model, windows), tag=call, timeout=0):
-                return
-            self._to_send.pop(0)
+        """Send waiting requests, oldest first: to the cluster while fewer than ``max_in_flight`` are
+        in the air (while it is down, one at a time after the backoff), to each tier's thread one at
+        a time."""
+        i = 0
+        while i < len(self._to_send):
+            call = self._to_send[i]
+            flight = self._flight_for(call.model)
+            if flight is None or flight.full or (call.model.name in self._remote and not self.availability.up
+                                                 and (len(flight) or time.monotonic() < self._retry_at)):
+                i += 1
+                continue
+            windows = [call.job.state.windows[k] for k in call.indices]
+            lock = self._tier_locks.get(call.model.name)
+            score = functools.partial(_timed_score, call.model, windows) if lock is None else \
+                functools.partial(_locked_timed_score, lock, call.model, windows)
+            if not flight.submit(score, tag=call, timeout=0):
+                i += 1
+                continue
+            self._to_send.pop(i)
             call.flying = True
-            if call.sent:
+            if call.sent and call.model.name in self._remote:
                 self.stats.remote_resends[call.model.name] += 1
             call.sent += 1
 
+    def _flight_for(self, model: Model) -> InFlight | None:
+        return self._flight if model.name in self._remote else self._tier_flights.get(model.name)
+
+    def _flights(self) -> list[InFlight]:
+        return [f for f in (self._flight, *self._tier_flights.values()) if f is not None]
+
+    def _tier_backlog(self) -> int:
+        """Windows waiting for a tier's thread or being scored there."""
+        if not self.tier_models:
+            return 0
+        tiers = self._tier_locks
+        waiting = sum(len(c.indices) for c in self._to_send if c.model.name in tiers)
+        return waiting + sum(len(c.indices) for job in self._pending if isinstance(job, _Job)
+                             for c in job.calls if c.flying and c.model.name in tiers)
+
     def _collect(self) -> None:
-        """Every answer that came back, in the order sent."""
-        if self._flight is None:
-            return
-        while True:
-            if self._answer_in_hand is None:
-                self._answer_in_hand = self._flight.next(timeout=0)
-                if self._answer_in_hand is None:
-                    return
-            answer = self._answer_in_hand
-            self._on_answer(answer.tag, answer.value, answer.error)
-            self._answer_in_hand = None
+        """Every answer that came back, in the order sent (per flight)."""
+        for flight in self._flights():
+            while (answer := flight.next(timeout=0)) is not None:
+                self._answer_in_hand = answer
+                self._on_answer(answer.tag, answer.value, answer.error)
+                self._answer_in_hand = None
 
     def _recover(self) -> None:
         """A restarted thread: finish what the dead one was doing with the remote work it left on
@@ -360,11 +400,12 @@ class InferenceStage(Stage):
                     bisect.insort(self._to_send, call, key=_Call.key.fget)
                     queued.add(id(call))
 
-    def _on_answer(self, call: _Call, value: tuple[list[Scores], float] | None, error: BaseException | None) -> None:
+    def _on_answer(self, call: _Call, value: tuple[list[Scores], float, float] | None, error: BaseException | None) -> None:
         call.flying = False
         model, job, n = call.model, call.job, len(call.indices)
+        remote = model.name in self._remote
         if error is None:
-            scores, seconds = value
+            scores, began, ended = value
             if len(scores) != n:
                 error = RemoteModelError(f"model {model.name} returned {len(scores)} scores for {n} windows")
         # windows taken off remote scoring while their request was in the air: their answer is not used
@@ -378,13 +419,14 @@ class InferenceStage(Stage):
                 self._call_done(call)
                 return
         if error is None:
-            self._answered()
+            if remote:
+                self._answered()
             self.scorer.apply(model, job.state, call.indices, scores)
             self._call_done(call)
-            self.stats.scored[model.name] += n
-            self.stats.model_seconds[model.name] += seconds
-            self.stats.batch_sizes[n] += 1
-            self.scorer.on_batch(model.name, n, seconds)
+            self.scorer.succeeded(model, n)
+            self.scorer.record(model, n, began, ended)
+        elif isinstance(error, CancelledError) and not remote:  # its thread was closed under it (a stop): sent again if the stage goes on
+            bisect.insort(self._to_send, call, key=_Call.key.fget)
         elif isinstance(error, (InferenceUnavailable, CancelledError)):
             self._unreachable(error)
             bisect.insort(self._to_send, call, key=_Call.key.fget)  # sent again: the same windows, less any dropped
@@ -398,7 +440,11 @@ class InferenceStage(Stage):
         else:  # the model failed on the server (or the answer was wrong): what a local model's exception means
             if isinstance(error, RemoteModelError):
                 self._answered()
-            self.stats.failures += 1
+            if remote:
+                self.stats.failures += 1
+            else:
+                with self._tier_locks[model.name]:  # no call of it runs while it may move to the CPU
+                    self.scorer.failed(model, [job.state.windows[i] for i in call.indices], error)
             if n > 1:
                 log.warning("model %s failed on %d windows (%s); retrying in halves", model.name, n, error)
                 half = n // 2
@@ -486,7 +532,7 @@ class InferenceStage(Stage):
         for job in self._pending:
             if not isinstance(job, _Job) or job.done:
                 continue
-            asked = {i for c in job.calls for i in c.indices}
+            asked = {i for c in job.calls if c.model.name in self._remote for i in c.indices}
             for i, window in enumerate(job.state.windows):
                 if window.source == source and self._waits(job, i, asked):
                     return job, i
@@ -496,7 +542,7 @@ class InferenceStage(Stage):
         window = job.state.windows[i]
         job.dropped.add(i)
         for call in job.calls:
-            if i in call.indices:
+            if i in call.indices and call.model.name in self._remote:
                 job.state.verdicts[i][call.model.name] = Verdict.UNAVAILABLE
                 if call.flying:
                     break  # its answer, when it comes, is not used for this window (_on_answer)
@@ -586,8 +632,8 @@ class InferenceStage(Stage):
         self._flush()
 
     def _close_flight(self) -> None:
-        if self._flight is not None:
-            self._flight.close(wait=False)
+        for flight in self._flights():
+            flight.close(wait=False)
 
     def _run_jobs(self, up_to: int) -> None:
         while True:
@@ -601,7 +647,11 @@ class InferenceStage(Stage):
             if not job.future.set_running_or_notify_cancel():
                 continue
             try:
-                job.future.set_result(job.fn())
+                with contextlib.ExitStack() as held:  # a job may use any model: none scores on its tier's thread meanwhile
+                    for lock in self._tier_locks.values():
+                        held.enter_context(lock)
+                    result = job.fn()
+                job.future.set_result(result)
             except Exception as exc:  # the job's failure is its caller's to report, not ours
                 job.future.set_exception(exc)
             self.beat()
