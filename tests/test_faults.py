@@ -4,12 +4,14 @@ overflows, bad audio files."""
 from __future__ import annotations
 
 import subprocess
+import threading
 import time
 from types import SimpleNamespace
 
 import numpy as np
 import pytest
 
+from monitord.config import CascadeConfig
 from monitord.inference.models import ModelBase
 from monitord.sources.device import BlockWriter
 from monitord.sources.ring import RingBuffer
@@ -100,16 +102,18 @@ class ScriptedModel(ModelBase):
     model_id = "scripted"
     sample_rate = 16000
 
-    def __init__(self, fail=None, delay_s: float = 0.0, device: str = "cpu", batch_max: int = 8):
-        super().__init__("clap", SimpleNamespace(batch_max=batch_max, batch_wait_ms=5.0, gated_by=None))
+    def __init__(self, fail=None, delay_s: float = 0.0, device: str = "cpu", batch_max: int = 8, name: str = "clap"):
+        super().__init__(name, SimpleNamespace(batch_max=batch_max, batch_wait_ms=5.0, gated_by=None))
         self.labels = ("tone", "noise")
         self.fail, self.delay_s, self.device = fail, delay_s, device
         self.calls: list[int] = []
+        self.threads: set[str] = set()
 
     def score(self, windows, upstream=None):
         from monitord.types import Scores
 
         self.calls.append(len(windows))
+        self.threads.add(threading.current_thread().name)
         if self.fail is not None and (exc := self.fail(self, windows)) is not None:
             raise exc
         time.sleep(self.delay_s * len(windows))
@@ -119,9 +123,9 @@ class ScriptedModel(ModelBase):
         self.device = "cpu"
 
 
-def run_daemon(tmp_path, model, audio, rate=16000, realtime=False, queue=64, extra=""):
-    import threading
-
+def run_daemon(tmp_path, model, audio, rate=16000, realtime=False, queue=64, extra="", tier="first"):
+    """``tier``: "first", the model alone (scored on the stage's thread), or "second", gated by another
+    model that passes every window on (scored on a thread of its own)."""
     from monitord.config import load_config
     from monitord.daemon import Daemon
 
@@ -134,23 +138,32 @@ rules: [{{id: tone, model: clap, label: tone, threshold: 0.5}}]
 publish: {{endpoint: "tcp://127.0.0.1:{free_port()}", event_log: events.jsonl}}
 pipeline: {{queue_max_windows: {queue}, overload_status_interval_s: 1.0}}
 {extra}""")
-    daemon = Daemon(load_config(tmp_path / "c.yaml"), {"clap": model})
+    models = {"clap": model}
+    if tier == "second":
+        model.gated_by = CascadeConfig(model="first", labels=("tone", "noise"), threshold=0.0)
+        models = {"first": ScriptedModel(name="first"), "clap": model}
+    daemon = Daemon(load_config(tmp_path / "c.yaml"), models)
     daemon.start()
     began = time.monotonic()
     daemon.wait(threading.Event(), until_done=True)
     daemon.stop(drain_timeout_s=float("inf"))
     elapsed = time.monotonic() - began
+    assert all(name.startswith("inference-clap") if tier == "second" else name == "inference" for name in model.threads), model.threads
     return daemon, read_log(tmp_path / "events.jsonl"), elapsed
+
+
+TIERS = pytest.mark.parametrize("tier", ["first", "second"])
 
 
 def loud_quiet(seconds=6.0, rate=16000):
     return np.concatenate([tone(500, seconds / 2, rate, -12), tone(500, seconds / 2, rate, -45)])
 
 
-def test_a_batch_that_fails_is_split_until_it_fits(tmp_path):
+@TIERS
+def test_a_batch_that_fails_is_split_until_it_fits(tmp_path, tier):
     too_big = lambda model, windows: RuntimeError("CUDA out of memory (simulated)") if len(windows) > 2 else None  # noqa: E731
     model = ScriptedModel(fail=too_big)
-    daemon, events, _ = run_daemon(tmp_path, model, loud_quiet())
+    daemon, events, _ = run_daemon(tmp_path, model, loud_quiet(), tier=tier)
     windows = daemon.inference.stats.windows
     assert windows > 0 and daemon.inference.stats.scored["clap"] == windows  # nothing lost
     assert any(n > 2 for n in model.calls) and any(n <= 2 for n in model.calls)  # tried whole, then in halves
@@ -158,19 +171,21 @@ def test_a_batch_that_fails_is_split_until_it_fits(tmp_path):
     assert [e["phase"] for e in events if e["kind"] == "alert"] == ["onset", "offset"]
 
 
-def test_a_window_that_always_fails_is_dropped_with_a_status_and_the_rest_go_on(tmp_path):
+@TIERS
+def test_a_window_that_always_fails_is_dropped_with_a_status_and_the_rest_go_on(tmp_path, tier):
     poison = lambda model, windows: ValueError("bad window") if any(w.stream_start == 1.0 for w in windows) else None  # noqa: E731
-    daemon, events, _ = run_daemon(tmp_path, ScriptedModel(fail=poison), loud_quiet())
+    daemon, events, _ = run_daemon(tmp_path, ScriptedModel(fail=poison), loud_quiet(), tier=tier)
     errors = [e for e in events if e["kind"] == "status" and e["status"] == "model_error"]
     assert len(errors) == 1 and "bad window" in errors[0]["detail"]
     assert daemon.inference.stats.dropped_after_failure == 1
     assert daemon.inference.stats.scored["clap"] == daemon.inference.stats.windows - 1
 
 
-def test_repeated_gpu_failures_fall_back_to_the_cpu(tmp_path):
+@TIERS
+def test_repeated_gpu_failures_fall_back_to_the_cpu(tmp_path, tier):
     on_gpu_only = lambda model, windows: RuntimeError("CUDA error: out of memory") if model.device == "cuda" else None  # noqa: E731
     model = ScriptedModel(fail=on_gpu_only, device="cuda")
-    daemon, events, _ = run_daemon(tmp_path, model, loud_quiet())
+    daemon, events, _ = run_daemon(tmp_path, model, loud_quiet(), tier=tier)
     assert model.device == "cpu"
     fallback = [e for e in events if e["kind"] == "status" and e["status"] == "model_fallback"]
     assert len(fallback) == 1 and "moved from cuda to cpu" in fallback[0]["detail"]

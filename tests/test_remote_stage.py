@@ -589,3 +589,61 @@ def test_stopping_drains_remote_work_within_the_drain_timeout_and_hands_on_what_
         assert stage.stats.abandoned_at_shutdown == 6 and 0.5 <= took < 3 * time_scale()
     finally:
         never.set()
+
+
+def test_the_stage_dying_while_its_second_tier_scores_is_restarted_and_loses_and_repeats_nothing():
+    """A local cascade (yam gating clap) with clap on its own thread: the stage thread is killed while
+    a clap call is in the air; restarted, it collects that answer, and every window leaves with both
+    outcomes, once each, in order. A job (a label swap) never runs while clap scores."""
+    from monitord.config import CascadeConfig
+    from monitord.windowing.queue import WindowQueue
+    from monitord.inference.worker import InferenceStage
+    from monitord.inference.scoring import Scorer
+    from monitord.stage import Channel
+    from monitord.types import ScoredWindow, StageState, StreamEnd, Verdict
+
+    release, scoring = threading.Event(), threading.Event()
+    seen: list[int] = []
+
+    class Second(LocalTier):
+        def score(self, windows, upstream=None):
+            scoring.set()
+            release.wait(10 * time_scale())
+            seen.extend(w.start_index for w in windows)
+            result = super().score(windows, upstream)
+            scoring.clear()
+            return result
+
+    clap = Second("clap", SimpleNamespace(batch_max=2, batch_wait_ms=1, gated_by=CascadeConfig(model="yam", labels=("tone",), threshold=0.5)))
+    yam = LocalTier("yam", SimpleNamespace(batch_max=2, batch_wait_ms=1, gated_by=None))
+    queue, out = WindowQueue(64), Channel(64)
+    stage = InferenceStage(queue, Scorer([yam, clap]), out)
+    assert [m.name for m in stage.tier_models] == ["clap"]
+    for i in range(8):
+        queue.put(loud_window("a", i), live=False)
+    queue.put(StreamEnd("a", 8.0), live=False)
+    stage.start()
+    try:
+        assert wait_until(lambda: stage._tier_flights.get("clap") is not None and stage._tier_flights["clap"].running == 1, 10 * time_scale())
+        job_ran_while_scoring = stage.submit(lambda: scoring.is_set())
+        stage.inject_failure(RuntimeError("injected while the second tier scores"))
+        assert wait_until(lambda: stage.state is StageState.FAILED, 10 * time_scale())
+        stage.restart()
+        release.set()
+        got = []
+        while not (got and isinstance(got[-1], StreamEnd)):
+            item = out.get(10 * time_scale())
+            assert item is not None, got
+            got.append(item)
+        assert job_ran_while_scoring.result(10 * time_scale()) is False
+    finally:
+        stage.finish(5)
+        stage.join(10)
+    windows = [s for s in got if isinstance(s, ScoredWindow)]
+    outcomes = sorted((s.window.start_index, o.model) for s in windows for o in s.outcomes)
+    assert outcomes == sorted((i * RATE, m) for i in range(8) for m in ("yam", "clap"))  # each once, none lost
+    assert sorted(seen) == [i * RATE for i in range(8)]  # clap asked once per window: nothing sent again
+    assert all(s.verdict("clap") is Verdict.SCORED for s in windows if any(o.model == "clap" for o in s.outcomes))
+    clap_order = [s.window.start_index for s in windows if any(o.model == "clap" for o in s.outcomes)]
+    assert clap_order == sorted(clap_order)  # in order
+    assert stage.restarts == 1
