@@ -10,7 +10,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import numpy as np
@@ -168,28 +168,47 @@ def rms_dbfs(samples: np.ndarray) -> float:
     return float(20 * np.log10(np.sqrt(np.mean(np.square(samples, dtype=np.float64))) + 1e-12))
 
 
-@pytest.fixture(scope="session")
-def tiny_clap(tmp_path_factory) -> Path:
-    """A tiny CLAP checkpoint, trained for a few seconds to tell tones from noise, saved to disk.
+TRAINED_CACHE = Path(os.environ.get("MONITORD_TEST_CACHE") or Path.home() / ".cache" / "monitord-tests")
+"""Where trained tiny models are kept between runs: each is a function of tests/tiny_models.py and
+of the library versions, so it is trained again when either changes (the folder name says which)."""
 
-    Under pytest-xdist the first worker trains it (in the session's directory, above the workers'
-    own) and every worker takes a copy of its own: tests write engine caches beside it."""
+
+def trained_once(name: str, train: Callable[[Path], Path]) -> Path:
+    """``train(folder)``'s checkpoint, trained by the first test process that needs it and kept
+    across runs (a lock keeps pytest-xdist workers from training it twice); read-only by convention:
+    take a copy (``copied_model``) before writing beside it."""
+    import hashlib
+    from importlib.metadata import version
+
     from filelock import FileLock
 
-    from tests.tiny_models import build_clap, train_clap
+    key = hashlib.sha256((REPO / "tests" / "tiny_models.py").read_bytes())
+    for package in ("torch", "transformers", "tokenizers", "numpy"):
+        key.update(f"{package}={version(package)}".encode())
+    folder = TRAINED_CACHE / f"{name}-{key.hexdigest()[:16]}"
+    TRAINED_CACHE.mkdir(parents=True, exist_ok=True)
+    with FileLock(f"{folder}.lock"):
+        if not (folder / ".complete").exists():
+            shutil.rmtree(folder, ignore_errors=True)
+            train(folder)
+            (folder / ".complete").touch()
+    return folder
 
-    folder = tmp_path_factory.mktemp("models") / "clap"
-    if not os.environ.get("PYTEST_XDIST_WORKER"):
-        build_clap(folder)
-        return train_clap(folder)
-    trained = tmp_path_factory.getbasetemp().parent / "trained-tiny-clap"
-    with FileLock(f"{trained}.lock"):
-        if not (trained / ".complete").exists():
-            shutil.rmtree(trained, ignore_errors=True)
-            train_clap(build_clap(trained))
-            (trained / ".complete").touch()
+
+def copied_model(trained: Path, folder: Path) -> Path:
+    """A test's own copy of a kept checkpoint (tests write engine caches beside it)."""
     shutil.copytree(trained, folder, ignore=shutil.ignore_patterns(".complete", ".monitord-engine"))
     return folder
+
+
+@pytest.fixture(scope="session")
+def tiny_clap(tmp_path_factory) -> Path:
+    """A tiny CLAP checkpoint, trained for a few seconds to tell tones from noise, saved to disk
+    (trained once and kept: ``trained_once``); each test process gets its own copy."""
+    from tests.tiny_models import build_clap, train_clap
+
+    trained = trained_once("tiny-clap", lambda folder: train_clap(build_clap(folder)))
+    return copied_model(trained, tmp_path_factory.mktemp("models") / "clap")
 
 
 @pytest.fixture(scope="session")

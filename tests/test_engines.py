@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 
 from monitord.config import ClapModelConfig, EmotionModelConfig
-from tests.conftest import REPO, noise, require, tone
+from tests.conftest import REPO, copied_model, noise, require, tone, trained_once
 from tests.tiny_models import TRAIN_LABELS, build_clap, build_emotion, train_emotion
 
 ENGINES = ("openvino", "onnxruntime")
@@ -28,8 +28,8 @@ RATE = 48000
 
 @pytest.fixture(scope="session")
 def trained_emotion(tmp_path_factory) -> Path:
-    folder = build_emotion(tmp_path_factory.mktemp("models") / "emotion-trained")
-    return train_emotion(folder)
+    trained = trained_once("tiny-emotion", lambda folder: train_emotion(build_emotion(folder)))
+    return copied_model(trained, tmp_path_factory.mktemp("models") / "emotion-trained")
 
 
 def windows(n: int = 7):
