@@ -83,6 +83,16 @@ def stream_offsets(samples: int, streams: int, seconds: float) -> list[int]:
     return [(k * 17 * RATE) % max(1, span) for k in range(streams)]
 
 
+def overlapped(spans, model: str, other: str) -> float:
+    """The share of ``model``'s calls' time during which ``other`` was scoring too (the tiers
+    overlapping), from the spans the inference stage recorded."""
+    mine = [(s.began, s.ended) for s in spans if s.model == model]
+    theirs = sorted((s.began, s.ended) for s in spans if s.model == other)
+    total = sum(end - begin for begin, end in mine)
+    shared = sum(max(0.0, min(end, e) - max(begin, b)) for begin, end in mine for b, e in theirs if b < end and e > begin)
+    return shared / total if total > 0 else 0.0
+
+
 @dataclass
 class CascadeOutcome:
     streams: int
@@ -233,6 +243,7 @@ def run_cascade(clap, clap_config, audio_dir: Path, workdir: Path, seconds: floa
                 stats = path.daemon.inference.stats
                 result = measured(n, lambda: path.run(built.audio, n, seconds),
                                   work=lambda: (sum(stats.model_seconds.values()), stats.scored["yam"]))
+                result.note = f"YAMNet busy during {overlapped(stats.spans, 'clap', 'yam'):.0%} of CLAP's time"
                 reached[0] += len(path.recorder.reached_clap)
                 reached[1] += len(path.recorder.reached_yamnet)
                 return result
