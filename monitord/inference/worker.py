@@ -133,20 +133,7 @@ class InferenceStage(Stage):
         """Ready for the alerts channel, in order; taken off only once it is in."""
         self._drain_deadline: float | None = None
         # remote inference
-        self.remote_models = [m for m in scorer.models if getattr(m, "device", None) == "remote"]
-        self._remote = {m.name for m in self.remote_models}
-        deferred = set(self._remote)
-        grew = True
-        while grew:
-            grew = False
-            for m in scorer.models:
-                if m.name not in deferred and (m.depends_on in deferred or (m.gated_by is not None and m.gated_by.model in deferred)):
-                    deferred.add(m.name)
-                    grew = True
-        self._first = [m for m in scorer.models if m.name not in deferred]
-        """Scored as each batch is taken: local models that wait on no remote one."""
-        self._deferred = [m for m in scorer.models if m.name in deferred]
-        self.url = next((str(getattr(m, "url", "")) for m in self.remote_models), "")
+        self.models_changed()
         self.max_in_flight = max_in_flight
         self.max_waiting_windows = max_waiting_windows
         self.retry_backoff_s = retry_backoff_s
@@ -164,6 +151,25 @@ class InferenceStage(Stage):
         self._wake = threading.Event()
         self._answer_in_hand: RemoteOutcome | None = None
         """The remote answer being handled: handled again by a restarted thread if its call is still out."""
+
+    def models_changed(self) -> None:
+        """Derive again what follows from the scorer's models (which are remote, which are scored at
+        once): at construction, and after a model was added (on this thread, between two batches)."""
+        scorer = self.scorer
+        self.remote_models = [m for m in scorer.models if getattr(m, "device", None) == "remote"]
+        self._remote = {m.name for m in self.remote_models}
+        deferred = set(self._remote)
+        grew = True
+        while grew:
+            grew = False
+            for m in scorer.models:
+                if m.name not in deferred and (m.depends_on in deferred or (m.gated_by is not None and m.gated_by.model in deferred)):
+                    deferred.add(m.name)
+                    grew = True
+        self._first = [m for m in scorer.models if m.name not in deferred]
+        """Scored as each batch is taken: local models that wait on no remote one."""
+        self._deferred = [m for m in scorer.models if m.name in deferred]
+        self.url = next((str(getattr(m, "url", "")) for m in self.remote_models), "")
 
     def submit(self, fn: Callable[[], object], priority: int = URGENT) -> Future:
         """Run ``fn`` on the inference thread; its result (or exception) arrives in the Future."""
