@@ -85,29 +85,35 @@ def cmd_run(args: argparse.Namespace) -> int:
 
     from monitord.sources import SourceError
     from monitord.daemon import Daemon
-    from monitord.inference.build import load_models
+    from monitord.inference.build import check_later, load_later, load_models
     from monitord.inference.models import ModelUnavailable
     from monitord.output.publish import PublishError
 
+    # the required models load now (one that cannot, ends the start); the optional ones after the
+    # start, in the background, unless their files are surely not there (known without torch)
+    later = load_later(config)
     try:
-        models = load_models(config)
+        models = load_models(config, only=set(config.models) - set(later))
     except ModelUnavailable as exc:
         return _fail(str(exc))
+    later = check_later(config, later, models.unavailable)
     if stop.is_set():
         return EXIT_OK
     from monitord.teaching.references import ReferenceUnreadable
 
     try:
-        daemon = Daemon(config, models, unavailable=models.unavailable)
+        daemon = Daemon(config, models, unavailable=models.unavailable, loading=later)
         daemon.start()
     except (SourceError, PublishError, ReferenceUnreadable) as exc:
         return _fail(str(exc))
     if daemon.dashboard is not None:
         url = daemon.dashboard.url  # the dashboard logs it too
         print(f"monitord: dashboard at {url}" + (" (add ?token=YOUR_TOKEN)" if config.http.token else ""), flush=True)
+    daemon.load_later(later)
     from monitord.sdnotify import Watchdog, notify
 
-    log.info("monitord running: %d sources, %d models, %d rules", len(config.sources), len(models), len(config.rules))
+    log.info("monitord running: %d sources, %d models, %d rules%s", len(config.sources), len(models), len(config.rules),
+             f"; loading {', '.join(later)} in the background" if later else "")
     notify(f"READY=1\nSTATUS=listening to {len(config.sources)} sources with {len(models)} models")
 
     hangup = threading.Event()
@@ -600,7 +606,10 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     _setup_logging(args.log_level)
     try:
-        return args.func(args)
+        code = args.func(args)
+        if argv is None:  # the process's own command line: it ends with this
+            _exit_if_loading(code)
+        return code
     except KeyboardInterrupt:
         return EXIT_OK
     except BrokenPipeError:  # `monitord teach --list | head`: the reader is gone, which is no error
@@ -608,6 +617,26 @@ def main(argv: list[str] | None = None) -> int:
 
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # nothing more to flush at exit
         return EXIT_OK
+
+
+def _exit_if_loading(code: int) -> None:
+    """`run` stopped while an optional model was still loading in the background: the daemon has
+    closed everything, and the load is abandoned. The process exits at once (os._exit, after flushing
+    what it wrote) instead of finalizing the interpreter, which a thread inside torch (its thread
+    pool busy with the model) turns into an abort ("terminate called without an active exception")."""
+    daemon = sys.modules.get("monitord.daemon")
+    if daemon is None or not any(t.name == daemon.LOADER_THREAD and t.is_alive() for t in threading.enumerate()):
+        return
+    import os
+
+    log.debug("exiting while a model still loads in the background: it is abandoned")
+    logging.shutdown()
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except (OSError, ValueError):
+            pass
+    os._exit(code)
 
 
 if __name__ == "__main__":

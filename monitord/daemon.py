@@ -17,7 +17,7 @@ import logging
 import socket
 import threading
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Collection, Mapping, Sequence
 from concurrent.futures import TimeoutError as FutureTimeout
 
 import numpy as np
@@ -50,6 +50,8 @@ MAX_RESTARTS = 3
 RESTART_WINDOW_S = 600.0
 ALERTS_QUEUE = 4096
 OUTPUT_QUEUE = 10000
+LOADER_THREAD = "load-models"
+"""The thread that loads optional models after the start (``Daemon.load_later``)."""
 RESTART_ONLY = ("sources", "gate", "window", "publish", "pipeline", "clips", "metrics", "http", "inference", "notify")
 """Sections a reload cannot apply while running: changing them needs a restart."""
 
@@ -64,13 +66,16 @@ class Daemon:
     Models, the publisher and sinks may be injected (tests, the benchmark)."""
 
     def __init__(self, config: Config, models: Mapping[str, Model], publisher: Publisher | None = None,
-                 sinks: Sequence[Sink] = (), unavailable: Mapping[str, ModelUnavailable] | None = None):
+                 sinks: Sequence[Sink] = (), unavailable: Mapping[str, ModelUnavailable] | None = None,
+                 loading: Collection[str] = ()):
         self.config = config
         self.models = dict(models)
+        """The models scoring, by name (rebound, never changed in place, when one loaded later is added)."""
         self.unavailable = dict(getattr(models, "unavailable", {}) if unavailable is None else unavailable)
         """Optional models that could not be loaded, and why (each gets a model_unavailable status at start)."""
-        self.inactive_models, self.inactive_rules = inactive_without(config, set(config.models) - set(self.models))
-        """What cannot work without the models that are not loaded: {name: why}, {rule id: why}."""
+        self.loading: frozenset[str] = frozenset(loading)
+        """Optional models still loading on a background thread (``load_later``), added when they are loaded."""
+        self._update_inactive()
         self.host = config.publish.host or socket.gethostname()
         self.publisher = publisher or Publisher(config.publish)
         self.sinks = [*self._configured_sinks(), *sinks]
@@ -174,6 +179,106 @@ class Daemon:
         for name, reason in self.unavailable.items():
             self._report_unavailable(name, reason)
         self._embed_references_soon(self.config)
+
+    def _update_inactive(self) -> None:
+        """``inactive_models`` and ``inactive_rules``: what cannot work without the models that are not
+        loaded, {name: why} and {rule id: why} (why: "loading" while a background load may still bring
+        it); ``loading_models`` and ``loading_rules``: those of them that wait on a load only."""
+        absent = set(self.config.models) - set(self.models)
+        models, rules = inactive_without(self.config, absent, loading=self.loading)
+        settled_models, settled_rules = inactive_without(self.config, absent - self.loading)
+        self.loading_models = frozenset(models) - frozenset(settled_models)
+        self.loading_rules = frozenset(rules) - frozenset(settled_rules)
+        self.inactive_models, self.inactive_rules = models, rules
+
+    def load_later(self, names: Sequence[str], load: Callable[[str], Model] | None = None) -> threading.Thread | None:
+        """Load these optional models (``loading``) one after the other on a background thread, after
+        ``start``: each that loads is added to the running pipeline (``add_model``: a ``model_loaded``
+        status), each that cannot be is reported as a model that could not be loaded at the start is
+        (``model_unavailable``). ``load(name)`` builds one (by default as ``load_models`` would). The
+        thread is a daemon thread: a stop does not wait for it, and what it loads after the stop is dropped."""
+        if not names:
+            return None
+        if load is None:
+            from monitord.inference.build import load_one
+
+            load = lambda name: load_one(self.config, name, self.models, self.unavailable)  # noqa: E731
+
+        def run() -> None:
+            for name in names:
+                if self._closing.is_set():
+                    return
+                began = time.monotonic()
+                log.info("model %s: loading in the background (its rules start when it is loaded)", name)
+                try:
+                    model = load(name)
+                except ModelUnavailable as exc:
+                    self._not_loaded(name, exc)
+                    continue
+                except Exception as exc:  # noqa: BLE001 - an optional model's failure must not end the daemon
+                    log.exception("model %s: loading failed", name)
+                    self._not_loaded(name, ModelUnavailable(f"model {name}: loading failed: {exc!r}",
+                                                            missing=f"it failed to load ({exc!r})", fix="see the log"))
+                    continue
+                self.add_model(name, model, time.monotonic() - began)
+
+        thread = threading.Thread(target=run, name=LOADER_THREAD, daemon=True)
+        thread.start()
+        return thread
+
+    def _not_loaded(self, name: str, reason: ModelUnavailable) -> None:
+        if self._closing.is_set():
+            return
+        self.unavailable = {**self.unavailable, name: reason}
+        self.loading = self.loading - {name}
+        self._update_inactive()
+        self._report_unavailable(name, reason)
+
+    def add_model(self, name: str, model: Model, seconds: float | None = None) -> bool:
+        """Add a model loaded after the start to the running pipeline, between two batches on the
+        inference thread (where a reload swaps labels): its id to the alerts stage first, its input
+        to each source's windowing, then to the scorer; its rules' references are embedded after.
+        A ``model_loaded`` status says it is active (``seconds``: how long its load took). False
+        where the daemon was stopping first: the model is dropped."""
+        def add() -> frozenset[str]:
+            if self._closing.is_set():
+                return frozenset()
+            waiting = frozenset(self.inactive_rules)
+            self.alerts.add_model(name, model.model_id)  # before it can score: its events name it
+            model_input = model_inputs(self.config, {name: model})[name]
+            for stage in self.windowing:
+                stage.cutter.add_model(name, model_input)
+            self.scorer.add_model(model)
+            self.inference.models_changed()
+            self.models = {**self.models, name: model}
+            self.loading = self.loading - {name}
+            self._update_inactive()
+            self._embed_references_soon(self.config)
+            return waiting - frozenset(self.inactive_rules)
+
+        if self._closing.is_set():
+            log.info("model %s: loaded after the stop began; dropped", name)
+            return False
+        future = self.inference.submit(add)
+        while True:
+            try:
+                activated = future.result(timeout=0.5)
+                break
+            except FutureTimeout:
+                if self._closing.is_set() and future.cancel():  # the stage stopped before it came to it
+                    log.info("model %s: loaded after the stop began; dropped", name)
+                    return False
+        if name not in self.models:
+            log.info("model %s: loaded after the stop began; dropped", name)
+            return False
+        ref = getattr(self.config.models[name], "model", None) or getattr(model, "model_id", "")
+        took = "" if seconds is None else f" in {seconds:.1f} s"
+        rules = f"rules {', '.join(sorted(activated))} active now" if activated else "no rule waited on it"
+        detail = f"optional model {name} ({ref}) loaded{took} and scoring; {rules}"
+        log.info("%s", detail)
+        self.status(DAEMON, "model_loaded", detail, model=name, seconds=None if seconds is None else round(seconds, 3),
+                    active_rules=sorted(activated))
+        return True
 
     def _report_unavailable(self, name: str, reason: ModelUnavailable) -> None:
         """One status event (and log line) per optional model left out: what is missing, what fixes it, what is off."""

@@ -227,7 +227,7 @@ class AlertsStage(Stage):
             transitions = self.engine.observe(window.source, outcome, window.stream_end, suppressed)
             self._publish_transitions(transitions, window, outcome.scores)
             curve = None
-            if outcome.model in self._frame_models:
+            if outcome.model in self._frame_models or (outcome.model in self.model_ids and self._publishes_frames()):
                 scores = outcome.scores if outcome.verdict is Verdict.SCORED else None
                 curve, alerts = self.frames.observe(window.source, outcome.model, window.stream_start, window.stream_end,
                                                     None if scores is None else scores.frames,
@@ -281,7 +281,15 @@ class AlertsStage(Stage):
     def _frame_publishers(self) -> list[str]:
         """Models whose frames go out with their score events (any model can have frames: only
         frame-level ones do)."""
-        return list(self.model_ids) if self.scores_wanted or self.feed_windows else []
+        return list(self.model_ids) if self._publishes_frames() else []
+
+    def _publishes_frames(self) -> bool:
+        return bool(self.scores_wanted or self.feed_windows)
+
+    def add_model(self, name: str, model_id: str) -> None:
+        """A model loaded after the start: its events name ``model_id`` (and its frames go out as every
+        model's do). Call it before the model scores anything; safe from another thread (rebound)."""
+        self.model_ids = {**self.model_ids, name: model_id}
 
     def _end(self, source: str, reason: str) -> None:
         window = self._last_window.get(source)

@@ -6,6 +6,7 @@ import collections
 import difflib
 import re
 from pathlib import Path
+from collections.abc import Collection
 from typing import Any
 
 from monitord.config.errors import Problem
@@ -365,14 +366,15 @@ def _secret_files(config: Config) -> list[tuple[str, str]]:
     return [(key, path) for key, path in files if path]
 
 
-def inactive_without(config: Config, absent: set[str]) -> tuple[dict[str, str], dict[str, str]]:
+def inactive_without(config: Config, absent: set[str], loading: Collection[str] = ()) -> tuple[dict[str, str], dict[str, str]]:
     """What cannot work while the models in ``absent`` are not loaded: {model: why} for the absent
     models and those built on them (cascades gated by one, anomaly models on its embeddings), and
-    {rule id: why} for the rules on any of those."""
-    models: dict[str, str] = {name: "not loaded" for name in absent if name in config.models}
-
+    {rule id: why} for the rules on any of those. Absent models in ``loading`` are said to be
+    loading (in the background, after the start) instead of not loaded."""
     def state(name: str) -> str:
-        return "not loaded" if name in absent else "inactive"
+        return ("loading" if name in loading else "not loaded") if name in absent else "inactive"
+
+    models: dict[str, str] = {name: state(name) for name in absent if name in config.models}
 
     changed = True
     while changed:

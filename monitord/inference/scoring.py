@@ -112,10 +112,20 @@ class Scorer:
         self.on_batch = on_batch
         self.stats = InferenceStats()
         self._consecutive_failures: Counter[str] = Counter()
-        self.batch_max = max((m.batch_max for m in self.models), default=8)  # no model loaded: windows still flow
-        self.batch_wait_s = max((m.batch_wait_ms for m in self.models), default=0.0) / 1000.0
+        self._derive()
         self.degraded: str = ""
         """Why the stage is degraded (a model moved to the CPU), if it is."""
+
+    def _derive(self) -> None:
+        self.batch_max = max((m.batch_max for m in self.models), default=8)  # no model loaded: windows still flow
+        self.batch_wait_s = max((m.batch_wait_ms for m in self.models), default=0.0) / 1000.0
+
+    def add_model(self, model: Model) -> None:
+        """Score with ``model`` too from the next batch on (one loaded after the start): the cascade
+        order, batch size and wait are derived again. Call it between two batches (the inference
+        thread's ``submit``); ``models`` is rebound, not changed in place."""
+        self.models = cascade_order([*self.models, model])
+        self._derive()
 
     def process(self, windows: Sequence[Window]) -> list[ScoredWindow]:
         state = self.begin(windows)

@@ -136,34 +136,12 @@ class InferenceStage(Stage):
         """Ready for the alerts channel, in order; taken off only once it is in."""
         self._drain_deadline: float | None = None
         # remote inference, and the tiers that score on threads of their own
-        self.remote_models = [m for m in scorer.models if getattr(m, "device", None) == "remote"]
-        self._remote = {m.name for m in self.remote_models}
         self.overlap_tiers = overlap_tiers
-        self.tier_models = [m for m in scorer.models if overlap_tiers and m.name not in self._remote
-                            and m.depends_on is None and m.gated_by is not None
-                            and m.gated_by.model in {n.name for n in scorer.models}]
-        """Local models gated by another (a cascade's second tier): each scores on its own thread."""
-        self._offloaded = self._remote | {m.name for m in self.tier_models}
-        deferred = set(self._offloaded)
-        grew = True
-        while grew:
-            grew = False
-            for m in scorer.models:
-                if m.name not in deferred and (m.depends_on in deferred or (m.gated_by is not None and m.gated_by.model in deferred)):
-                    deferred.add(m.name)
-                    grew = True
-        self._first = [m for m in scorer.models if m.name not in deferred]
-        """Scored as each batch is taken: local models that wait on no remote or tier model."""
-        self._deferred = [m for m in scorer.models if m.name in deferred]
-        self._tier_locks = {m.name: threading.Lock() for m in self.tier_models}
+        self._tier_locks: dict[str, threading.Lock] = {}
         """Held while a tier model scores: a job of this thread (a label swap, an upload scored,
         references embedded) or a move to the CPU never uses the model at the same time."""
         self._tier_flights: dict[str, InFlight] = {}
-        self._tier_backlog_max = 2 * max((m.batch_max for m in self.tier_models), default=0)
-        """Windows queued for or being scored by a tier, past which no new batch is taken: one batch
-        scoring and one waiting keep the tier busy; more would only add latency (the window queue,
-        with its drop policy for live sources, takes the rest)."""
-        self.url = next((str(getattr(m, "url", "")) for m in self.remote_models), "")
+        self.models_changed()
         self.max_in_flight = max_in_flight
         self.max_waiting_windows = max_waiting_windows
         self.retry_backoff_s = retry_backoff_s
@@ -181,6 +159,48 @@ class InferenceStage(Stage):
         self._wake = threading.Event()
         self._answer_in_hand: RemoteOutcome | None = None
         """The remote answer being handled: handled again by a restarted thread if its call is still out."""
+
+    def models_changed(self) -> None:
+        """Derive again what follows from the scorer's models (which are remote, which score on a
+        tier's thread, which are scored at once): at construction, and after a model was added (on
+        this thread, between two batches)."""
+        scorer = self.scorer
+        names = {m.name for m in scorer.models}
+        self.remote_models = [m for m in scorer.models if getattr(m, "device", None) == "remote"]
+        self._remote = {m.name for m in self.remote_models}
+        self.tier_models = [m for m in scorer.models if self.overlap_tiers and m.name not in self._remote
+                            and m.depends_on is None and m.gated_by is not None and m.gated_by.model in names]
+        """Local models gated by another (a cascade's second tier): each scores on its own thread."""
+        self._offloaded = self._remote | {m.name for m in self.tier_models}
+        deferred = set(self._offloaded)
+        grew = True
+        while grew:
+            grew = False
+            for m in scorer.models:
+                if m.name not in deferred and (m.depends_on in deferred or (m.gated_by is not None and m.gated_by.model in deferred)):
+                    deferred.add(m.name)
+                    grew = True
+        self._first = [m for m in scorer.models if m.name not in deferred]
+        """Scored as each batch is taken: local models that wait on no remote or tier model."""
+        self._deferred = [m for m in scorer.models if m.name in deferred]
+        self._tier_locks = {m.name: self._tier_locks.get(m.name) or threading.Lock() for m in self.tier_models}
+        self._tier_backlog_max = 2 * max((m.batch_max for m in self.tier_models), default=0)
+        """Windows queued for or being scored by a tier, past which no new batch is taken: one batch
+        scoring and one waiting keep the tier busy; more would only add latency (the window queue,
+        with its drop policy for live sources, takes the rest)."""
+        self.url = next((str(getattr(m, "url", "")) for m in self.remote_models), "")
+        if self._thread is not None:  # a model added to a running stage: its calls need their pool now
+            self._open_flights()
+
+    def _open_flights(self) -> None:
+        """The pools remote calls and tiers' calls run on, where absent or closed (a start, a
+        restart, a model added to a running stage)."""
+        if self.remote_models and (self._flight is None or self._flight.closed):
+            self._flight = InFlight(self.max_in_flight, "inference-remote", on_done=self._woken)
+        for model in self.tier_models:
+            flight = self._tier_flights.get(model.name)
+            if flight is None or flight.closed:
+                self._tier_flights[model.name] = InFlight(1, f"inference-{model.name}", on_done=self._woken)
 
     def submit(self, fn: Callable[[], object], priority: int = URGENT) -> Future:
         """Run ``fn`` on the inference thread; its result (or exception) arrives in the Future."""
@@ -223,12 +243,7 @@ class InferenceStage(Stage):
         if self._in_hand:  # a restart: the batch the dead thread held goes first
             self.queue.put_back(self._in_hand)
             self._in_hand = []
-        if self.remote_models and (self._flight is None or self._flight.closed):
-            self._flight = InFlight(self.max_in_flight, "inference-remote", on_done=self._woken)
-        for model in self.tier_models:
-            flight = self._tier_flights.get(model.name)
-            if flight is None or flight.closed:
-                self._tier_flights[model.name] = InFlight(1, f"inference-{model.name}", on_done=self._woken)
+        self._open_flights()
         self._recover()
         while not self.stopping.is_set():
             self.beat()

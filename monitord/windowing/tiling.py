@@ -73,10 +73,28 @@ class WindowCutter:
         self.length = max(1, round(window.seconds * sample_rate))
         self.hop = max(1, round(window.hop_s * sample_rate))
         self.source_gate = Gate(gate)
-        self.model_gates = {name: Gate(m.gate) for name, m in models.items() if m.gate is not None}
-        self.models = dict(models)
         self._meters: dict[str, SpeechMeter] = {}
-        self._meter_configs = {g.vad: g.config for g in [self.source_gate, *self.model_gates.values()] if g.vad}
+        self._models: tuple[dict[str, ModelInput], dict[str, Gate], dict] = ({}, {}, {})
+        self._use(dict(models), {name: Gate(m.gate) for name, m in models.items() if m.gate is not None})
+
+    @property
+    def models(self) -> dict[str, ModelInput]:
+        return self._models[0]
+
+    @property
+    def model_gates(self) -> dict[str, Gate]:
+        return self._models[1]
+
+    def _use(self, models: dict[str, ModelInput], gates: dict[str, Gate]) -> None:
+        meter_configs = {g.vad: g.config for g in [self.source_gate, *gates.values()] if g.vad}
+        self._models = (models, gates, meter_configs)  # one assignment: ``cut`` sees the old three or the new
+
+    def add_model(self, name: str, model: ModelInput) -> None:
+        """Judge and resample for one more model from the next window on (one loaded after the start);
+        safe from another thread than the one cutting."""
+        models, gates, _ = self._models
+        gates = {**gates, name: Gate(model.gate)} if model.gate is not None else gates
+        self._use({**models, name: model}, gates)
 
     def cut(self, raw: np.ndarray, start_index: int, wall_start: float, ready_at: float) -> Window:
         """The window for ``raw`` (padded to full length), judged and resampled for the models that will score it."""
@@ -86,21 +104,22 @@ class WindowCutter:
         samples, non_finite, dc = clean(np.array(raw[: self.length], dtype=np.float32))  # a copy of our own
         facts = measure(samples, self.sample_rate, non_finite, dc)
         t = start_index / self.sample_rate
+        models, model_gates, meter_configs = self._models  # read once: a model added meanwhile counts from the next window
 
         def speech(vad: str) -> float:
             if vad not in self._meters:
-                self._meters[vad] = speech_meter(self._meter_configs[vad])
+                self._meters[vad] = speech_meter(meter_configs[vad])
             return self._meters[vad](samples, self.sample_rate)
 
         facts, source_verdict = self.source_gate.judge(facts, t, speech)
         gates: dict[str, Verdict] = {}
-        for name in self.models:
-            gate = self.model_gates.get(name)
+        for name in models:
+            gate = model_gates.get(name)
             if gate is None:
                 gates[name] = source_verdict
             else:
                 facts, gates[name] = gate.judge(facts, t, speech)
-        rates = {m.sample_rate for name, m in self.models.items() if gates[name] is Verdict.PASSED}
+        rates = {m.sample_rate for name, m in models.items() if gates[name] is Verdict.PASSED}
         resampled = {rate: read_only(resample(samples, self.sample_rate, rate)) for rate in rates if rate != self.sample_rate}
         return Window(self.source, start_index, self.sample_rate, read_only(samples), valid, wall_start, ready_at, facts,
                       gates=frozen_mapping(gates), resampled=frozen_mapping(resampled))

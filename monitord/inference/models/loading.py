@@ -92,6 +92,60 @@ def probe_hub(endpoint: str | None = None, timeout_s: float = PROBE_TIMEOUT_S) -
     return result[0]
 
 
+def hub_cache() -> Path:
+    """The Hugging Face hub cache as huggingface_hub (and so transformers) reads it: HF_HUB_CACHE,
+    else HF_HOME/hub, else XDG_CACHE_HOME/huggingface/hub, else ~/.cache/huggingface/hub (its
+    ``constants``, a few milliseconds to import; torch and transformers are not imported)."""
+    from huggingface_hub import constants
+
+    return Path(constants.HF_HUB_CACHE)
+
+
+def in_hub_cache(ref: str) -> bool:
+    """Whether the cache holds a snapshot of hub id ``ref`` (``models--ORG--NAME/snapshots/*``):
+    it may then load from there (whether the snapshot is complete, from_pretrained finds out)."""
+    snapshots = hub_cache() / ("models--" + ref.replace("/", "--")) / "snapshots"
+    try:
+        return any(entry.is_dir() for entry in snapshots.iterdir())
+    except OSError:
+        return False
+
+
+def check_available(ref: str, what: str, probe: bool = True) -> None:
+    """Raise the ModelUnavailable that ``load_pretrained`` would, where it is sure without torch or
+    transformers: a directory that does not exist, or an id not in the Hugging Face cache with
+    ``HF_HUB_OFFLINE`` set (or, with ``probe``, the hub unreachable). Returns where the files are or
+    may be fetched: the load itself then decides."""
+    if ref.startswith((".", "/", "~")) and not is_local(ref):
+        raise _no_directory(ref, what)
+    if is_local(ref) or in_hub_cache(ref):
+        return
+    underlying = f"no snapshot of {ref} in {hub_cache()}"
+    if hub_offline():
+        raise _offline(ref, what, underlying)
+    if probe and (unreachable := probe_hub()) is not None:
+        raise _unreachable(ref, what, unreachable)
+
+
+def _no_directory(ref: str, what: str) -> ModelUnavailable:
+    return ModelUnavailable(f"{what}: model directory {ref} does not exist.", missing=f"the directory {ref}",
+                            fix=f"{fetch_command('<model id>')} --local-dir {ref}")
+
+
+def _offline(ref: str, what: str, underlying: Exception | str) -> ModelUnavailable:
+    return ModelUnavailable(_explain(ref, what, underlying), missing=f"{ref} is not in the Hugging Face cache "
+                            "and HF_HUB_OFFLINE is set", fix=_fix(ref))
+
+
+def _unreachable(ref: str, what: str, unreachable: str) -> ModelUnavailable:
+    log.debug("%s: %s is not in the Hugging Face cache and the hub cannot be reached (%s)", what, ref, unreachable)
+    return ModelUnavailable(
+        f"{what}: cannot load {ref!r}: it is not in the Hugging Face cache and the hub ({hub_endpoint()}) "
+        f"cannot be reached ({unreachable}). {_fix(ref)}",
+        missing=f"{ref} is not in the Hugging Face cache and {hub_endpoint()} cannot be reached ({unreachable})",
+        fix=_fix(ref))
+
+
 def load_pretrained(loader: Any, ref: str, what: str, **kwargs: Any) -> Any:
     """``loader.from_pretrained(ref)`` with a clear ModelUnavailable when the files are not there.
 
@@ -99,8 +153,7 @@ def load_pretrained(loader: Any, ref: str, what: str, **kwargs: Any) -> Any:
     progress lines) where the hub can be reached; ``HF_HUB_OFFLINE=1`` makes it cache-only.
     """
     if ref.startswith((".", "/", "~")) and not is_local(ref):
-        raise ModelUnavailable(f"{what}: model directory {ref} does not exist.", missing=f"the directory {ref}",
-                               fix=f"{fetch_command('<model id>')} --local-dir {ref}")
+        raise _no_directory(ref, what)
     from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()
@@ -115,16 +168,10 @@ def load_pretrained(loader: Any, ref: str, what: str, **kwargs: Any) -> Any:
     except (OSError, ValueError) as exc:
         cache_error = exc
     if hub_offline():
-        raise ModelUnavailable(_explain(ref, what, cache_error), missing=f"{ref} is not in the Hugging Face cache "
-                               "and HF_HUB_OFFLINE is set", fix=_fix(ref)) from None
+        raise _offline(ref, what, cache_error) from None
     unreachable = probe_hub()
     if unreachable is not None:
-        log.debug("%s: %s is not in the Hugging Face cache and the hub cannot be reached (%s)", what, ref, unreachable)
-        raise ModelUnavailable(
-            f"{what}: cannot load {ref!r}: it is not in the Hugging Face cache and the hub ({hub_endpoint()}) "
-            f"cannot be reached ({unreachable}). {_fix(ref)}",
-            missing=f"{ref} is not in the Hugging Face cache and {hub_endpoint()} cannot be reached ({unreachable})",
-            fix=_fix(ref)) from None
+        raise _unreachable(ref, what, unreachable) from None
     try:
         folder = download(ref, what)
     except Exception as exc:  # noqa: BLE001 - huggingface_hub's network errors (httpx) are not OSError
@@ -271,11 +318,11 @@ def _fix(ref: str) -> str:
             f"`{fetch_command(ref)} --local-dir DIR` and set the model's `model:` to DIR")
 
 
-def _first_line(exc: Exception) -> str:
+def _first_line(exc: Exception | str) -> str:
     return str(exc).splitlines()[0] if str(exc) else type(exc).__name__
 
 
-def _explain(ref: str, what: str, exc: Exception) -> str:
+def _explain(ref: str, what: str, exc: Exception | str) -> str:
     if is_local(ref):
         return (
             f"{what}: the directory {ref} does not hold a complete {what} checkpoint ({exc}). "

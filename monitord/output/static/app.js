@@ -46,7 +46,8 @@ function renderBadge(source) {
   badge.title = s.state === "up" ? "the gate's verdict on the last window" : (s.detail || s.state);
 }
 
-// which models are active (scoring here), remote (scoring on a remote backend) or inactive, and the rules on them
+// which models are active (scoring here), remote (scoring on a remote backend), loading (in the
+// background, after the start) or inactive, and the rules on them
 function renderModelStates(card) {
   const source = card.dataset.source;
   card.querySelector(".model-states").replaceChildren(...Object.entries(state.models).map(([name, m]) =>
@@ -55,10 +56,24 @@ function renderModelStates(card) {
       m.state === "inactive" ? el("small", { text: ` (${m.detail})` }) : "")));
   card.querySelector(".rule-states").replaceChildren(...state.rules
     .filter((r) => !r.sources || r.sources.includes(source))
-    .map((r) => el("li", { class: `rule-state ${r.active ? "active" : "inactive"}`, "data-rule": r.id,
-                           "data-active": String(r.active), title: r.detail || "" },
-      `rule ${r.id} (${r.model}: ${r.label} \u2265 ${r.threshold})`,
-      r.active ? "" : el("small", { text: ` inactive: ${r.detail}` }))));
+    .map((r) => {
+      const ruleState = r.state || (r.active ? "active" : "inactive");
+      return el("li", { class: `rule-state ${ruleState}`, "data-rule": r.id, "data-active": String(r.active),
+                        "data-state": ruleState, title: r.detail || "" },
+        `rule ${r.id} (${r.model}: ${r.label} \u2265 ${r.threshold})`,
+        r.active ? "" : el("small", { text: ` ${ruleState}: ${r.detail}` }));
+    }));
+}
+
+// a model loaded in the background (or found unable to load): the models and rules as they are now
+async function refreshModelStates() {
+  const response = await fetch(withToken("api/state"));
+  if (!response.ok) return;
+  const now = await response.json();
+  state.models = now.models;
+  state.rules = now.rules;
+  document.querySelectorAll(".source[data-source]").forEach(renderModelStates);
+  setUpTryIt(now.try_it || {});
 }
 
 function setSourceState(source, value, detail) {
@@ -231,7 +246,7 @@ function formatTime(t) {
   return `${m}:${String(s).padStart(2, "0")}`;
 }
 
-function onEvent(e) {
+function onEvent(e, live = false) {
   const list = document.getElementById("events");
   let item;
   if (e.kind === "alert") {
@@ -247,6 +262,7 @@ function onEvent(e) {
     if (["up", "down", "eof"].includes(e.status) && document.querySelector(`.source[data-source="${CSS.escape(e.source)}"]`))
       setSourceState(e.source, e.status === "eof" ? "ended" : e.status, e.status === "up" ? "" : e.detail);
     if (e.status === "suppressed" && e.rule) item.append(feedbackButtons(e));  // "yes, this" undoes a wrong suppression
+    if (live && ["model_loaded", "model_unavailable"].includes(e.status)) refreshModelStates();
     if (e.status === "clip" && e.clip) {
       const name = e.clip.split("/").pop();
       item.append(el("audio", { controls: "", preload: "none", src: withToken(`clips/${encodeURIComponent(name)}`) }));
@@ -303,16 +319,19 @@ async function start() {
   channel.onerror = () => { badge.textContent = "reconnecting"; badge.className = "badge off"; };
   channel.addEventListener("window", (m) => onWindow(JSON.parse(m.data)));
   channel.addEventListener("scores", (m) => onScores(JSON.parse(m.data)));
-  channel.addEventListener("event", (m) => onEvent(JSON.parse(m.data)));
+  channel.addEventListener("event", (m) => onEvent(JSON.parse(m.data), true));
 }
 
 function setUpTryIt(models) {
   const kinds = Object.values(models);
   const form = document.getElementById("try-form");
   if (!kinds.length) { form.hidden = true; document.getElementById("try-status").textContent = "no model that can score an upload is loaded"; return; }
+  form.hidden = false;  // set up again when a model loaded in the background joins
   const labels = document.getElementById("try-labels");
   const names = Object.entries(models).map(([n, k]) => `${n} (${k})`).join(", ");
   document.getElementById("try-models").textContent = `scored by ${names}`;
+  labels.closest("label").hidden = false;
+  document.getElementById("try-labels-note").hidden = true;
   if (!kinds.includes("clap")) {
     labels.closest("label").hidden = true;
     const note = document.getElementById("try-labels-note");
