@@ -19,7 +19,7 @@ import itertools
 import time
 from collections import Counter
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -243,7 +243,8 @@ def run_cascade(clap, clap_config, audio_dir: Path, workdir: Path, seconds: floa
                 stats = path.daemon.inference.stats
                 result = measured(n, lambda: path.run(built.audio, n, seconds),
                                   work=lambda: (sum(stats.model_seconds.values()), stats.scored["yam"]))
-                result.note = f"YAMNet busy during {overlapped(stats.spans, 'clap', 'yam'):.0%} of CLAP's time"
+                result = replace(
+                    result, note=f"YAMNet busy during {overlapped(stats.spans, 'clap', 'yam'):.0%} of CLAP's time")
                 reached[0] += len(path.recorder.reached_clap)
                 reached[1] += len(path.recorder.reached_yamnet)
                 return result

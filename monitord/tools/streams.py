@@ -15,7 +15,7 @@ from __future__ import annotations
 import os
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 
@@ -132,7 +132,7 @@ def search(trial: Callable[[int], Trial], estimate: int, grid: tuple[float, ...]
     def run(n: int, note: str = "") -> Trial:
         t = trial(n)
         if note:
-            t = Trial(**{**t.__dict__, "note": note})
+            t = replace(t, note=f"{note}, {t.note}" if t.note else note)
         results.append(t)
         tried.add(n)
         return t
