@@ -16,7 +16,8 @@ ENGINES = [e for e in ALL_ENGINES if e != "torch"]
 LAST_LINE = re.compile(
     r"^engine=(?P<engine>torch|openvino|onnxruntime) speedup_vs_pipeline=(?P<speedup>[\d.]+) "
     r"speedup_same_precision=(?P<same>[\d.]+) efficiency_vs_encoder=(?P<eff>[\d.]+) vs_torch_encoder=(?P<vs>[\d.]+) "
-    r"max_prob_diff=(?P<diff>[\d.e+-]+|inf) realtime_streams_hop1=(?P<streams>\d+) cascade_streams_hop1=(?P<cascade>\d+|n/a)$"
+    r"max_prob_diff=(?P<diff>[\d.e+-]+|inf) realtime_streams_hop1=(?P<streams>\d+) cascade_streams_hop1=(?P<cascade>\d+|n/a) "
+    r"first_start_s=(?P<start>[\d.]+)$"
 )
 
 
@@ -39,10 +40,11 @@ def test_quick_benchmark_reports_the_side_by_side_figures(tiny_clap):
     # correctness, not speed: in float32 every engine's probabilities are the pipeline's, to a small part of
     # how much they move between windows (a swapped logit scale or a reversed window would be of the order of 1)
     assert float(match["diff"]) <= 1e-2
-    assert all(float(match[k]) > 0 for k in ("speedup", "same", "eff", "vs"))
+    assert all(float(match[k]) > 0 for k in ("speedup", "same", "eff", "vs", "start"))
     text = out.stdout
     for row in ("1 pipeline (", "2 bare audio encoder", "3 monitord window -> event", "live streams at hop 1 s",
-                "live cascade YAMNet -> CLAP at hop 1 s", "fsynced log on a 50 ms disk", "RSS", "capture callback"):
+                "live cascade YAMNet -> CLAP at hop 1 s", "fsynced log on a 50 ms disk", "RSS", "capture callback",
+                "shipped config: start -> dashboard URL"):
         assert row in text, row
     # the cascade ran on the real recordings: YAMNet passed on about the share its threshold was calibrated to
     share = re.search(r"energy gate passed / YAMNet sent on to CLAP\s+(\d+)% of the mix's windows / (\d+)% of the windows "

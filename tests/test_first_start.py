@@ -14,7 +14,8 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import AUDIO, REPO, free_port, monitord_cmd, need, shared_path
+from monitord.tools.first_start import no_sound_env
+from tests.conftest import AUDIO, REPO, free_port, monitord_cmd, need, shared_path, time_scale
 from tests.test_e2e import read_log, start_daemon, stop_daemon
 from tests.test_faults import status_is, wait_log
 
@@ -31,25 +32,6 @@ def default_config(tmp_path: Path) -> tuple[Path, int]:
     text = text.replace("127.0.0.1:8080", f"127.0.0.1:{http_port}").replace("tcp://127.0.0.1:5556", f"tcp://127.0.0.1:{free_port()}")
     (tmp_path / "monitord.yaml").write_text(text)
     return tmp_path / "monitord.yaml", http_port
-
-
-NO_ALSA_DEVICES = """\
-# ALSA knows only the PCMs its configuration defines: this one defines a default on a card that does
-# not exist and nothing else (no hw:N, no plugins), so PortAudio finds no device, hardware included.
-pcm.!default { type hw card 999 }
-ctl.!default { type hw card 999 }
-"""
-
-
-def no_sound_env(tmp_path: Path) -> dict[str, str]:
-    """No capture device (no sound server reachable, an ALSA configuration with no device), no hub,
-    an empty model cache."""
-    runtime = tmp_path / "xdg"
-    runtime.mkdir(mode=0o700)
-    alsa = tmp_path / "no-devices.asoundrc"
-    alsa.write_text(NO_ALSA_DEVICES)
-    return {"XDG_RUNTIME_DIR": str(runtime), "PULSE_SERVER": f"unix:{runtime}/no-server", "ALSA_CONFIG_PATH": str(alsa),
-            "HF_HUB_OFFLINE": "1", "HF_HOME": str(tmp_path / "hf-home"), "STATE_DIRECTORY": str(tmp_path)}
 
 
 class Lines:
@@ -200,3 +182,14 @@ def test_capture_starts_when_a_microphone_appears_and_yamnet_alerts(tmp_path, so
     assert onset, f"no alarm alert\n{err[-3000:]}\n{[e for e in read_log(log) if e['kind'] == 'alert']}"
     assert onset["model"] == "yamnet:builtin" and onset["source"] == "living-room" and onset["score"] >= 0.4
     assert code == 0, err[-3000:]
+
+
+def test_the_benchmarks_first_start_times_the_shipped_config_to_its_url(tmp_path):
+    """``first_start_s=`` on the benchmark's last line: the shipped config, no hub, no microphone, to the URL."""
+    from monitord.tools.first_start import first_start
+
+    assert 0 < first_start(tmp_path / "shipped", timeout_s=120 * time_scale()) < 120 * time_scale()
+    broken = tmp_path / "broken.yaml"
+    broken.write_text((REPO / "config" / "monitord.yaml").read_text().replace("kind: yamnet", "kind: yamnet\n    model: /nonexistent/yamnet.tflite"))
+    with pytest.raises(RuntimeError, match=r"printed no dashboard URL(.|\n)*/nonexistent/yamnet.tflite"):
+        first_start(tmp_path / "broken", broken, timeout_s=120 * time_scale())
