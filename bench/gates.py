@@ -15,7 +15,8 @@ import soundfile as sf
 
 from monitord.config import GateConfig
 from monitord.windowing.gate import speech_meter
-from monitord.windows import resample, window_starts
+from monitord.audio import resample
+from monitord.windowing.tiling import window_starts
 
 RATE = 16000
 

@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
+
 import pytest
 
-from tests.conftest import need, require, shared_path
+from tests.conftest import REPO, need, require, shared_path, time_scale
 
 
 def outcome(call) -> type[BaseException]:
@@ -22,3 +25,12 @@ def test_missing_material_fails_under_ci_and_skips_elsewhere(tmp_path, monkeypat
     assert outcome(call) is pytest.fail.Exception
     monkeypatch.delenv("CI")
     assert outcome(call) is pytest.skip.Exception
+
+
+@pytest.mark.parametrize("script", sorted((REPO / "bench").glob("*.py")), ids=lambda p: p.name)
+def test_every_benchmark_script_imports(script):
+    """A benchmark script's imports resolve (bench/gates.py once imported a module that had moved):
+    its module body run in a fresh interpreter, as `python bench/X.py` would before main()."""
+    load = f"import runpy, sys; sys.path.insert(0, '.'); runpy.run_path({str(script)!r}, run_name='bench_script')"
+    out = subprocess.run([sys.executable, "-c", load], cwd=REPO, capture_output=True, text=True, timeout=120 * time_scale())
+    assert out.returncode == 0, out.stderr[-2000:]
