@@ -12,7 +12,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from tests.conftest import free_port, need
+from tests.conftest import free_port, need, time_scale
 
 USER, PASSWORD = "monitord", "a-test-password"
 
@@ -106,7 +106,7 @@ class Subscriber:
         self.client.on_disconnect = lambda *args: self.connected.clear()
         self.client.connect("127.0.0.1", broker.port, keepalive=10)
         self.client.loop_start()
-        assert self.connected.wait(10), "the test subscriber could not connect"
+        assert self.connected.wait(10 * time_scale()), "the test subscriber could not connect"
 
     def _on_connect(self, client, userdata, flags, reason_code, properties) -> None:
         for topic in self.topics:
@@ -126,7 +126,9 @@ class Subscriber:
             return [m for m in self.messages if predicate(m)]
 
     def wait_for(self, predicate, timeout: float, count: int = 1) -> list[Message]:
-        deadline = time.monotonic() + timeout
+        """The messages matching ``predicate`` once ``count`` are in, or what came in ``timeout``
+        (scaled by ``time_scale()``: it says "it did not come", not how fast)."""
+        deadline = time.monotonic() + timeout * time_scale()
         while time.monotonic() < deadline:
             found = self.matching(predicate)
             if len(found) >= count:

@@ -14,7 +14,7 @@ import pytest
 
 from monitord.config import MqttConfig, load_config
 from monitord.output.mqtt import Topics
-from tests.conftest import REPO, config_problems, free_port, need, require, silence, tone, write_wav
+from tests.conftest import REPO, config_problems, free_port, need, require, silence, time_scale, tone, write_wav
 from tests.mqtt_broker import USER, Broker, Subscriber
 from tests.test_e2e import Subscriber as ZmqSubscriber
 from tests.test_e2e import read_log
@@ -82,7 +82,7 @@ publish:
         return read_log(self.log) if self.log.exists() else []
 
     def wait_log(self, predicate, timeout: float, count: int = 1) -> list[dict]:
-        deadline = time.monotonic() + timeout
+        deadline = time.monotonic() + timeout * time_scale()
         while time.monotonic() < deadline:
             found = [e for e in self.events() if predicate(e)]
             if len(found) >= count:
@@ -337,17 +337,22 @@ def test_an_unreachable_broker_at_start_is_retried_with_backoff(tmp_path, broker
 
 def retained(broker: Broker, until=lambda now: True, timeout: float = 20.0) -> dict[str, bytes]:
     """What a client connecting now is handed (every retained message under our topics), asked again
-    until ``until(that)`` holds or ``timeout`` passes (publishing is asynchronous)."""
-    deadline = time.monotonic() + timeout
+    until ``until(that)`` holds or ``timeout`` (scaled) passes (publishing is asynchronous). Each ask
+    ends when a marker it publishes after subscribing comes back: the broker handles one client's
+    packets in order, so every retained message is in before it, however slow the machine."""
+    deadline = time.monotonic() + timeout * time_scale()
     attempt = 0
     while True:
         attempt += 1
-        late = Subscriber(broker, [f"{PREFIX}/#", "homeassistant/#"], client_id=f"late-{time.monotonic_ns()}-{attempt}")
+        marker = f"monitord-test-marker/{time.monotonic_ns()}-{attempt}"
+        topics = [f"{PREFIX}/#", "homeassistant/#"]
+        late = Subscriber(broker, [*topics, marker], client_id=f"late-{time.monotonic_ns()}-{attempt}")
         try:
-            late.wait_for(lambda m: False, 1.0)  # retained messages arrive right after subscribing
+            late.client.publish(marker, b"end", qos=1)
+            assert late.wait_for(lambda m: m.topic == marker, 30), "the marker never came back from the broker"
             now = {m.topic: m.payload for m in late.matching(lambda m: m.retain)}
         finally:
-            late.client.unsubscribe([f"{PREFIX}/#", "homeassistant/#"])
+            late.client.unsubscribe([*topics, marker])
             late.close()
         if until(now) or time.monotonic() > deadline:
             return now
@@ -362,14 +367,16 @@ def test_a_reload_and_a_restart_keep_home_assistant_entities_in_step_with_the_ru
            "{id: hum, model: clap, label: noise, threshold: 0.5}]")
     run = Running(tmp_path, broker, bursts(6), rules=two)
     try:
-        assert run.mqtt.connected.wait(20)
-        before = retained(broker, lambda now: state_topic.format("hum") in now)
+        assert run.mqtt.connected.wait(20 * time_scale())
+        before = retained(broker, lambda now: all(t in now for t in (state_topic.format("hum"), config_topic.format("tone"),
+                                                                     config_topic.format("hum"))))
         assert before[config_topic.format("tone")] and before[config_topic.format("hum")]
         assert before[state_topic.format("hum")] == b"OFF", sorted(before)
         new = run.daemon.config.model_copy(update={"rules": (
             run.daemon.config.rules[0], run.daemon.config.rules[0].model_copy(update={"id": "loud"}))})
         assert run.daemon.apply_reload(new)
-        after = retained(broker, lambda now: state_topic.format("loud") in now and config_topic.format("hum") not in now)
+        after = retained(broker, lambda now: state_topic.format("loud") in now and config_topic.format("hum") not in now
+                         and state_topic.format("hum") not in now)
         assert config_topic.format("loud") in after and after[state_topic.format("loud")] in (b"OFF", b"ON")
         assert config_topic.format("hum") not in after and state_topic.format("hum") not in after, sorted(after)
         assert json.loads(after[config_topic.format("loud")])["stat_t"] == "~/state"
@@ -381,8 +388,8 @@ def test_a_reload_and_a_restart_keep_home_assistant_entities_in_step_with_the_ru
     (tmp_path / "events.jsonl").rename(tmp_path / "events-1.jsonl")  # the state file stays: it lists what is retained
     again = Running(tmp_path, broker, bursts(1))
     try:
-        assert again.mqtt.connected.wait(20)
-        now = retained(broker, lambda now: config_topic.format("loud") not in now)
+        assert again.mqtt.connected.wait(20 * time_scale())
+        now = retained(broker, lambda now: config_topic.format("loud") not in now and state_topic.format("loud") not in now)
     finally:
         again.finish()
     assert config_topic.format("tone") in now and config_topic.format("loud") not in now, sorted(now)
