@@ -188,6 +188,16 @@ def cmd_classify(args: argparse.Namespace) -> int:
     files = audio_files([Path(f) for f in args.files])
     if not files:
         return _fail(f"no audio files in {' '.join(args.files)}")
+    unreadable = []
+    for path in files:
+        try:
+            count_windows(path, config)
+        except AudioFileError as exc:
+            unreadable.append(exc)
+    if len(unreadable) == len(files):  # nothing to classify: said before a model is loaded (seconds of imports)
+        for exc in unreadable:
+            print(f"monitord: {exc}", file=sys.stderr)
+        return EXIT_USAGE
     try:
         models = load_models(config)
     except ModelUnavailable as exc:

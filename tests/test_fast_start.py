@@ -71,6 +71,20 @@ def test_classify_with_an_absent_optional_clap_imports_neither_torch_nor_transfo
         assert f"download {model}` (then copy HF_HOME's hub cache here)" in said
 
 
+def test_classify_on_files_it_cannot_read_says_so_before_loading_a_model(tmp_path, random_clap):
+    """A CLAP that is there (it would import torch and transformers to load): bad files alone are
+    refused first, each named; a readable one beside them still loads the models and is classified."""
+    config = config_with(tmp_path, CLAP.format(model=random_clap, optional="false"))
+    (tmp_path / "text.wav").write_text("this is not audio\n" * 100)
+    bad = [str(tmp_path / "text.wav"), str(tmp_path / "missing.wav")]
+    code, modules, stdout, stderr = run_cli(tmp_path, "classify", "-c", str(config), *bad)
+    assert code == 2 and not HEAVY & modules, (code, sorted(HEAVY & modules), stderr[-2000:])
+    assert all(f"cannot read audio file {path}" in stderr for path in bad), stderr[-2000:]
+    code, modules, stdout, stderr = run_cli(tmp_path, "classify", "-c", str(config), *bad, str(tmp_path / "clip.wav"))
+    assert code == 2 and HEAVY <= modules and "clip.wav" in stdout, stderr[-2000:]
+    assert all(stderr.count(f"cannot read audio file {path}") == 1 for path in bad), stderr[-2000:]
+
+
 def test_a_required_absent_clap_fails_with_the_same_reason_and_no_torch(tmp_path):
     config = config_with(tmp_path, CLAP.format(model="laion/clap-htsat-unfused", optional="false"))
     code, modules, _, stderr = run_cli(tmp_path, "classify", "-c", str(config), str(tmp_path / "clip.wav"))

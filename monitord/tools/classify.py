@@ -9,7 +9,7 @@ from typing import Any
 
 import numpy as np
 
-from monitord.audio import AudioFileError, read_mono
+from monitord.audio import AudioFileError, check_format, read_mono
 from monitord.config import Config
 from monitord.inference.build import model_inputs
 from monitord.inference.models import Model
@@ -85,6 +85,9 @@ def count_windows(path: Path, config: Config) -> tuple[int, float]:
         info = sf.info(str(path))
     except (RuntimeError, sf.LibsndfileError) as exc:
         raise AudioFileError(f"cannot read audio file {path}: {exc}") from None
+    check_format(int(info.samplerate), int(info.channels), str(path))
+    if info.frames == 0:
+        raise AudioFileError(f"audio file {path} holds no samples")
     length, hop = round(config.window.seconds * info.samplerate), round(config.window.hop_s * info.samplerate)
     return len(window_starts(info.frames, length, hop)), info.frames / info.samplerate
 
