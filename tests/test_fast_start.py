@@ -200,15 +200,20 @@ def run_config(tmp_path: Path, clap: Path, gated: bool = False) -> tuple[Path, s
 def run_in_process(config: Path, check) -> tuple[int, float]:
     """``monitord run -c CONFIG`` in this process, on its main thread (it installs signal handlers),
     while ``check()`` runs on another; a SIGTERM stops it once ``check`` returned or failed (whose
-    exception is raised here). Returns the exit status and how long it took to stop after the SIGTERM."""
+    exception is raised here). Returns the exit status and how long it took to stop after the SIGTERM.
+
+    The SIGTERM goes to this very process (a test worker), so it is sent only while ``run``'s own
+    handler is installed: never once ``run`` has returned (a placeholder takes a late one), and the
+    checker is waited for before the test's handlers come back."""
     from monitord.cli import main
 
     signals = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
     saved = {s: signal.getsignal(s) for s in signals}
-    placeholder = lambda signum, frame: None  # noqa: E731 - until `run` installs its own handler
+    placeholder = lambda signum, frame: None  # noqa: E731 - while `run` has no handler of its own
     signal.signal(signal.SIGTERM, placeholder)
     failures: list[BaseException] = []
     sent: list[float] = []
+    returned = threading.Event()
 
     def checker() -> None:
         try:
@@ -216,22 +221,27 @@ def run_in_process(config: Path, check) -> tuple[int, float]:
         except BaseException as exc:  # noqa: BLE001 - raised again on the test's thread
             failures.append(exc)
         finally:
-            wait_until(lambda: signal.getsignal(signal.SIGTERM) is not placeholder, 60 * time_scale())
-            sent.append(time.monotonic())
-            os.kill(os.getpid(), signal.SIGTERM)
+            wait_until(lambda: returned.is_set() or signal.getsignal(signal.SIGTERM) is not placeholder, 60 * time_scale())
+            if not returned.is_set():
+                sent.append(time.monotonic())
+                os.kill(os.getpid(), signal.SIGTERM)
 
     thread = threading.Thread(target=checker, name="check", daemon=True)
     thread.start()
+    code = None
     try:
         code = main(["run", "-c", str(config)])
     finally:
-        returned = time.monotonic()
+        returned_at = time.monotonic()
+        signal.signal(signal.SIGTERM, placeholder)
+        returned.set()
+        thread.join()  # its waits are bounded; until it ends, a SIGTERM it sends meets the placeholder
         for s, handler in saved.items():
             signal.signal(s, handler)
-    thread.join(30)
     if failures:
         raise failures[0]
-    return code, returned - sent[0]
+    assert sent, f"monitord run returned (exit status {code}) before the check had ended"
+    return code, returned_at - sent[0]
 
 
 def get_state(url: str) -> dict | None:
