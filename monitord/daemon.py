@@ -220,7 +220,12 @@ class Daemon:
                     self._not_loaded(name, ModelUnavailable(f"model {name}: loading failed: {exc!r}",
                                                             missing=f"it failed to load ({exc!r})", fix="see the log"))
                     continue
-                self.add_model(name, model, time.monotonic() - began)
+                try:
+                    self.add_model(name, model, time.monotonic() - began)
+                except Exception as exc:  # noqa: BLE001 - the next models still load; this one is reported
+                    log.exception("model %s: loaded, but it could not join the pipeline", name)
+                    self._not_loaded(name, ModelUnavailable(f"model {name}: it could not join the pipeline: {exc!r}",
+                                                            missing=f"it failed to join ({exc!r})", fix="see the log"))
 
         thread = threading.Thread(target=run, name=LOADER_THREAD, daemon=True)
         thread.start()

@@ -310,9 +310,22 @@ def test_yamnet_alerts_and_the_dashboard_come_while_clap_loads_then_clap_scores(
     assert "Traceback" not in caplog.text
 
 
-def test_a_background_load_that_fails_says_model_unavailable(tmp_path, random_clap, slow_load):
+@pytest.mark.parametrize("fails", ["loading", "joining"])
+def test_a_background_load_that_fails_says_model_unavailable(tmp_path, random_clap, slow_load, monkeypatch, fails):
+    """It fails to load, or it loads and then cannot join the running pipeline (the scorer refuses
+    it): either way a model_unavailable status, its rules inactive, not "loading" for ever."""
     load = slow_load
-    load.fail = True
+    if fails == "loading":
+        load.fail = True
+        missing_said, fix_said = "the test's CLAP", "let it load"
+    else:
+        from monitord.inference.scoring import Scorer
+
+        def refuse(self, model):
+            raise RuntimeError("the test's scorer refuses it")
+
+        monkeypatch.setattr(Scorer, "add_model", refuse)
+        missing_said, fix_said = "it failed to join (RuntimeError(\"the test's scorer refuses it\"))", "see the log"
     config, url = run_config(tmp_path, random_clap)
     events = tmp_path / "events.jsonl"
     bound = 60 * time_scale()
@@ -324,10 +337,10 @@ def test_a_background_load_that_fails_says_model_unavailable(tmp_path, random_cl
             load.release.set()
             assert wait_until(lambda: logged(events, "status", status="model_unavailable"), bound)
             missing, = logged(events, "status", status="model_unavailable")
-            assert missing["model"] == "clap" and missing["missing"] == "the test's CLAP" and missing["fix"] == "let it load"
+            assert missing["model"] == "clap" and missing["missing"] == missing_said and missing["fix"] == fix_said, missing
             assert missing["inactive_rules"] == ["alarm-clap"]
             state = get_state(url)
-            assert state["models"]["clap"]["state"] == "inactive" and "the test's CLAP" in state["models"]["clap"]["detail"]
+            assert state["models"]["clap"]["state"] == "inactive" and missing_said in state["models"]["clap"]["detail"]
             rules = {r["id"]: r for r in state["rules"]}
             assert rules["alarm-clap"]["state"] == "inactive" and rules["alarm-clap"]["detail"] == "model clap is not loaded"
             assert rules["alarm"]["state"] == "active"

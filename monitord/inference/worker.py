@@ -592,7 +592,7 @@ class InferenceStage(Stage):
                 if window.source in blocked or not self._settled(item, i, asked):
                     blocked.add(window.source)
                     continue
-                self._outbox.append(ScoredWindow(window, self.scorer.outcomes(item.state, i, self._deferred)))
+                self._outbox.append(ScoredWindow(window, self.scorer.outcomes(item.state, i, item.models)))  # the job's own: a model added since may have moved
                 item.released.add(i)
             if len(item.released) < len(item.state.windows):
                 kept.append(item)

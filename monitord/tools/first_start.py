@@ -12,11 +12,12 @@ SIGTERM.
 from __future__ import annotations
 
 import os
-import selectors
+import queue
 import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -70,19 +71,27 @@ def first_start(workdir: Path, config: Path = SHIPPED_CONFIG, timeout_s: float =
     began = time.monotonic()
     process = subprocess.Popen([sys.executable, "-m", "monitord", "run", "-c", str(path)], env=env,
                                stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, bufsize=1)
+    lines: queue.Queue[str | None] = queue.Queue()
+
+    def read() -> None:  # a thread: a blocking readline never holds up the deadline
+        for line in process.stdout:
+            lines.put(line)
+        lines.put(None)
+
+    reader = threading.Thread(target=read, name="first-start-output", daemon=True)
+    reader.start()
     seen: list[str] = []
     try:
-        with selectors.DefaultSelector() as selector:
-            selector.register(process.stdout, selectors.EVENT_READ)
-            while (left := began + timeout_s - time.monotonic()) > 0:
-                if not selector.select(left):
-                    continue
-                line = process.stdout.readline()
-                if not line:
-                    break  # it exited
-                seen.append(line)
-                if line.startswith(URL_LINE):
-                    return time.monotonic() - began
+        while (left := began + timeout_s - time.monotonic()) > 0:
+            try:
+                line = lines.get(timeout=left)
+            except queue.Empty:
+                break
+            if line is None:
+                break  # it exited
+            seen.append(line)
+            if line.startswith(URL_LINE):
+                return time.monotonic() - began
         raise RuntimeError(f"monitord run -c {path} printed no dashboard URL in {timeout_s:g} s; its output ended:\n"
                            + "".join(seen[-20:]))
     finally:
@@ -93,4 +102,5 @@ def first_start(workdir: Path, config: Path = SHIPPED_CONFIG, timeout_s: float =
             except subprocess.TimeoutExpired:
                 process.kill()
                 process.wait()
+        reader.join(10)  # it read the shutdown's output too (a full pipe would have held the exit up)
         process.stdout.close()
