@@ -249,12 +249,21 @@ class Daemon:
             if self._closing.is_set():
                 return frozenset()
             waiting = frozenset(self.inactive_rules)
-            self.alerts.add_model(name, model.model_id)  # before it can score: its events name it
-            model_input = model_inputs(self.config, {name: model})[name]
-            for stage in self.windowing:
-                stage.cutter.add_model(name, model_input)
-            self.scorer.add_model(model)
-            self.inference.models_changed()
+            try:
+                self.alerts.add_model(name, model.model_id)  # before it can score: its events name it
+                model_input = model_inputs(self.config, {name: model})[name]
+                for stage in self.windowing:
+                    stage.cutter.add_model(name, model_input)
+                self.scorer.add_model(model)
+                self.inference.models_changed()
+            except Exception:
+                # all or nothing: windows are not judged and resampled for a model that never scores
+                self.alerts.remove_model(name)
+                for stage in self.windowing:
+                    stage.cutter.remove_model(name)
+                self.scorer.remove_model(name)
+                self.inference.models_changed()
+                raise
             self.models = {**self.models, name: model}
             self.loading = self.loading - {name}
             self._update_inactive()

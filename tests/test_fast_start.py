@@ -326,6 +326,17 @@ def test_a_background_load_that_fails_says_model_unavailable(tmp_path, random_cl
 
         monkeypatch.setattr(Scorer, "add_model", refuse)
         missing_said, fix_said = "it failed to join (RuntimeError(\"the test's scorer refuses it\"))", "see the log"
+    from monitord.windowing.tiling import WindowCutter
+
+    cut = WindowCutter.cut
+    judged_for: list[frozenset[str]] = []  # the models each window cut was judged (and resampled) for
+
+    def recording_cut(self, *args, **kwargs):
+        window = cut(self, *args, **kwargs)
+        judged_for.append(frozenset(window.gates))
+        return window
+
+    monkeypatch.setattr(WindowCutter, "cut", recording_cut)
     config, url = run_config(tmp_path, random_clap)
     events = tmp_path / "events.jsonl"
     bound = 60 * time_scale()
@@ -346,6 +357,10 @@ def test_a_background_load_that_fails_says_model_unavailable(tmp_path, random_cl
             assert rules["alarm"]["state"] == "active"
             assert not logged(events, "status", status="model_loaded")
             assert wait_until(lambda: logged(events, "alert", rule="alarm", phase="onset"), bound)  # YAMNet goes on
+            # all or nothing: the windows cut since are not judged or resampled for a model that never scores
+            judged_for.clear()
+            assert wait_until(lambda: len(judged_for) >= 3, bound)
+            assert all(models == {"yam"} for models in judged_for), judged_for
         finally:
             load.release.set()
 

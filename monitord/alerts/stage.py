@@ -291,6 +291,10 @@ class AlertsStage(Stage):
         model's do). Call it before the model scores anything; safe from another thread (rebound)."""
         self.model_ids = {**self.model_ids, name: model_id}
 
+    def remove_model(self, name: str) -> None:
+        """Undo ``add_model`` (a model that could not join the pipeline, so never scored)."""
+        self.model_ids = {k: v for k, v in self.model_ids.items() if k != name}
+
     def _end(self, source: str, reason: str) -> None:
         window = self._last_window.get(source)
         self._publish_transitions(self.engine.end(source, reason), window)

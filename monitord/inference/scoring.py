@@ -127,6 +127,11 @@ class Scorer:
         self.models = cascade_order([*self.models, model])
         self._derive()
 
+    def remove_model(self, name: str) -> None:
+        """Undo ``add_model`` (a model that could not join the pipeline); nothing where it is not scored."""
+        self.models = [m for m in self.models if m.name != name]
+        self._derive()
+
     def process(self, windows: Sequence[Window]) -> list[ScoredWindow]:
         state = self.begin(windows)
         for model in self.models:

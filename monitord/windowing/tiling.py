@@ -96,6 +96,12 @@ class WindowCutter:
         gates = {**gates, name: Gate(model.gate)} if model.gate is not None else gates
         self._use({**models, name: model}, gates)
 
+    def remove_model(self, name: str) -> None:
+        """Undo ``add_model`` (a model that could not join the pipeline): no verdict, no resampling for
+        it from the next window on. Nothing where it was never added."""
+        models, gates, _ = self._models
+        self._use({k: v for k, v in models.items() if k != name}, {k: v for k, v in gates.items() if k != name})
+
     def cut(self, raw: np.ndarray, start_index: int, wall_start: float, ready_at: float) -> Window:
         """The window for ``raw`` (padded to full length), judged and resampled for the models that will score it."""
         valid = min(len(raw), self.length)
