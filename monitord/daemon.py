@@ -60,6 +60,21 @@ class ReloadError(Exception):
     """A new config cannot be applied while running."""
 
 
+class LabelsChanged(Exception):
+    """A reload changed the labels (or prompt) of a model while it loaded: it joins once it has them."""
+
+    def __init__(self, labels: tuple[tuple[str, ...], str]):
+        super().__init__(labels)
+        self.labels = labels
+
+
+def labels_in(config: Config, name: str) -> tuple[tuple[str, ...], str] | None:
+    """A model's configured labels and prompt (None for a model whose labels are not configured)."""
+    model_config = config.models[name]
+    labels = getattr(model_config, "labels", None)
+    return None if labels is None else (tuple(labels), getattr(model_config, "prompt", ""))
+
+
 class Daemon:
     """start() opens everything and starts the stages; wait() supervises; stop() drains and closes.
 
@@ -111,6 +126,8 @@ class Daemon:
         self._last_remote_overload: dict[str, float] = {}
         self._idle_turns = 0
         self._reference_round = 0
+        self._reloaded_labels: dict[str, tuple[tuple[str, ...], str] | None] = {}
+        """The labels a reload set for models not loaded yet (on the inference thread, as ``add_model`` reads them)."""
 
     def _configured_sinks(self) -> list[Sink]:
         """The sinks the config asks for (MQTT, notifications); PublishError naming the extra to
@@ -191,18 +208,19 @@ class Daemon:
         self.loading_rules = frozenset(rules) - frozenset(settled_rules)
         self.inactive_models, self.inactive_rules = models, rules
 
-    def load_later(self, names: Sequence[str], load: Callable[[str], Model] | None = None) -> threading.Thread | None:
+    def load_later(self, names: Sequence[str], load: Callable[[str, Config], Model] | None = None) -> threading.Thread | None:
         """Load these optional models (``loading``) one after the other on a background thread, after
         ``start``: each that loads is added to the running pipeline (``add_model``: a ``model_loaded``
         status), each that cannot be is reported as a model that could not be loaded at the start is
-        (``model_unavailable``). ``load(name)`` builds one (by default as ``load_models`` would). The
-        thread is a daemon thread: a stop does not wait for it, and what it loads after the stop is dropped."""
+        (``model_unavailable``). ``load(name, config)`` builds one (by default as ``load_models`` would).
+        A reload that changes a model's labels while it loads reaches it before it joins. The thread is
+        a daemon thread: a stop does not wait for it, and what it loads after the stop is dropped."""
         if not names:
             return None
         if load is None:
             from monitord.inference.build import load_one
 
-            load = lambda name: load_one(self.config, name, self.models, self.unavailable)  # noqa: E731
+            load = lambda name, config: load_one(config, name, self.models, self.unavailable)  # noqa: E731
 
         def run() -> None:
             for name in names:
@@ -210,8 +228,10 @@ class Daemon:
                     return
                 began = time.monotonic()
                 log.info("model %s: loading in the background (its rules start when it is loaded)", name)
+                config = self.config
+                labels = labels_in(config, name)
                 try:
-                    model = load(name)
+                    model = load(name, config)
                 except ModelUnavailable as exc:
                     self._not_loaded(name, exc)
                     continue
@@ -221,7 +241,15 @@ class Daemon:
                                                             missing=f"it failed to load ({exc!r})", fix="see the log"))
                     continue
                 try:
-                    self.add_model(name, model, time.monotonic() - began)
+                    while True:
+                        try:
+                            self.add_model(name, model, time.monotonic() - began, labels)
+                            break
+                        except LabelsChanged as changed:  # off the inference thread: CLAP loads its text tower for it
+                            log.info("model %s: a reload changed its labels while it loaded; preparing them", name)
+                            labels = changed.labels
+                            if labels is not None:
+                                model.use_labels(model.prepare_labels(list(labels[0]), labels[1]))
                 except Exception as exc:  # noqa: BLE001 - the next models still load; this one is reported
                     log.exception("model %s: loaded, but it could not join the pipeline", name)
                     self._not_loaded(name, ModelUnavailable(f"model {name}: it could not join the pipeline: {exc!r}",
@@ -239,15 +267,19 @@ class Daemon:
         self._update_inactive()
         self._report_unavailable(name, reason)
 
-    def add_model(self, name: str, model: Model, seconds: float | None = None) -> bool:
+    def add_model(self, name: str, model: Model, seconds: float | None = None,
+                  labels: tuple[tuple[str, ...], str] | None = None) -> bool:
         """Add a model loaded after the start to the running pipeline, between two batches on the
         inference thread (where a reload swaps labels): its id to the alerts stage first, its input
         to each source's windowing, then to the scorer; its rules' references are embedded after.
         A ``model_loaded`` status says it is active (``seconds``: how long its load took). False
-        where the daemon was stopping first: the model is dropped."""
+        where the daemon was stopping first: the model is dropped. LabelsChanged where a reload gave it
+        other labels than ``labels``, those it was built with: nothing is added."""
         def add() -> frozenset[str]:
             if self._closing.is_set():
                 return frozenset()
+            if name in self._reloaded_labels and self._reloaded_labels[name] != labels:
+                raise LabelsChanged(self._reloaded_labels[name])
             waiting = frozenset(self.inactive_rules)
             try:
                 self.alerts.add_model(name, model.model_id)  # before it can score: its events name it
@@ -546,6 +578,9 @@ class Daemon:
                     raise ReloadError(f"models.{name}: new labels could not be prepared: {exc}") from None
 
         def swap() -> None:  # on the inference thread, between two batches
+            for name in new.models:
+                if name not in self.models:  # one loading reads them as it joins (add_model)
+                    self._reloaded_labels[name] = labels_in(new, name)
             for name, loaded in reloaded.items():
                 self.models[name].use_weights(loaded)
             for name, labels in prepared.items():

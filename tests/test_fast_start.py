@@ -368,6 +368,43 @@ def test_a_background_load_that_fails_says_model_unavailable(tmp_path, random_cl
     assert code == 0
 
 
+def test_a_reload_while_a_model_loads_reaches_it_before_it_joins(tmp_path, random_clap, slow_load, caplog):
+    """The labels a SIGHUP reload sets while CLAP is still loading (built from the config read before)
+    are the ones it scores with once it joins."""
+    caplog.set_level(logging.INFO)
+    load = slow_load
+    config, url = run_config(tmp_path, random_clap)
+    events = tmp_path / "events.jsonl"
+    bound = 60 * time_scale()
+    new_labels = ["alarm clock", "speech", "silence", "door knock"]
+
+    def check() -> None:
+        try:
+            assert wait_until(lambda: get_state(url) is not None, bound)
+            assert wait_until(load.began.is_set, bound) and not load.built.is_set()
+            config.write_text(config.read_text().replace("labels: [alarm clock, speech, silence]",
+                                                         f"labels: [{', '.join(new_labels)}]"))
+            os.kill(os.getpid(), signal.SIGHUP)  # run's own handler is installed: the dashboard answered
+            assert wait_until(lambda: logged(events, "status", status="reloaded"), bound), \
+                logged(events, "status", status="reload_failed")
+            load.release.set()
+            assert wait_until(lambda: logged(events, "status", status="model_loaded"), bound), \
+                logged(events, "status", status="model_unavailable")
+            assert get_state(url)["models"]["clap"]["labels"] == new_labels
+
+            def scored_labels() -> set[str]:
+                latest = (get_state(url) or {}).get("latest", [])
+                return {label for m in latest if m.get("model_name") == "clap" for label in (m.get("scores") or {})}
+
+            assert wait_until(lambda: scored_labels() == set(new_labels), bound), scored_labels()
+        finally:
+            load.release.set()
+
+    code, _ = run_in_process(config, check)
+    assert code == 0
+    assert "model clap: a reload changed its labels while it loaded" in caplog.text
+
+
 def test_a_stop_while_a_model_loads_neither_waits_for_it_nor_takes_it_in(tmp_path, random_clap, slow_load, caplog):
     caplog.set_level(logging.INFO)
     load = slow_load
