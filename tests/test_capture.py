@@ -46,6 +46,43 @@ def test_captured_windows_hold_the_played_tone_at_the_right_time(sound_server, t
     assert [s[1] for s in statuses] == ["up"]
 
 
+TWO_MICROPHONES = """
+from monitord.config import SourceConfig
+from monitord.sources.device import DeviceSource
+
+# no source threads: this script plays the part of a's (lost, not yet disconnected) and b's (reconnecting)
+a = DeviceSource(SourceConfig(id="a", device="default", sample_rate=48000), 5.0, lambda *s: None)
+b = DeviceSource(SourceConfig(id="b", device="default", sample_rate=48000), 5.0, lambda *s: None)
+a._stream.start()
+assert a.ring.wait_for(4800, timeout=10), "a captured nothing"
+a._stream.stop()  # a's stream is lost: open, not running
+b.disconnect()
+b.connect()  # b reconnects meanwhile: PortAudio must not be re-initialised under a's open stream
+a._stream.start()  # a's stream is still PortAudio's: it runs again
+written = a.ring.written
+assert a.ring.wait_for(written + 4800, timeout=10), "a's stream did not run again"
+assert b.ring.wait_for(4800, timeout=10), "b captured nothing"
+a.disconnect()
+b.disconnect()
+print("OK", flush=True)
+"""
+
+
+def test_a_microphone_reconnecting_leaves_another_microphones_open_stream_alone(sound_server, tmp_path):
+    """Two device sources: one reconnects while the other's stream is open but not running (lost, its
+    thread not yet at its disconnect). Re-initialising PortAudio then would close that stream under
+    it, a dangling pointer in its thread (a segfault); in a process of its own, since that would end it."""
+    import subprocess
+    import sys
+
+    from tests.conftest import REPO, time_scale
+
+    out = subprocess.run([sys.executable, "-X", "faulthandler", "-c", TWO_MICROPHONES], cwd=REPO,
+                         env={**__import__("os").environ, **sound_server}, capture_output=True, text=True,
+                         timeout=120 * time_scale())
+    assert out.returncode == 0 and out.stdout.strip() == "OK", (out.returncode, out.stderr[-3000:])
+
+
 def test_an_unknown_device_lists_what_is_there(sound_server):
     with pytest.raises(SourceError) as info:
         resolve_device("no such microphone")

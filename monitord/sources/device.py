@@ -103,8 +103,13 @@ class DeviceSource(LiveSource):
     the server was down, unless another device stream is still running.
     """
 
-    _portaudio_lock = threading.Lock()  # PortAudio re-initialisation is process-wide
+    _portaudio_lock = threading.Lock()
+    """Held around every stream's open, start, abort and close and PortAudio's re-initialisation:
+    Pa_Terminate closes every open stream of the process, and a stream closed under another thread
+    is a dangling pointer there (a segfault, not an exception)."""
     _active: set["DeviceSource"] = set()  # guarded by _portaudio_lock
+    _unclosed: list = []
+    """Streams PortAudio refused to close: kept, since freeing one frees the callback it may still call."""
 
     def __init__(self, config: SourceConfig, ring_seconds: float, on_status: StatusCallback):
         import sounddevice as sd
@@ -118,13 +123,13 @@ class DeviceSource(LiveSource):
         self.writer = BlockWriter(self.ring, config.channels, config.blocksize)  # the stream's callback itself
         self.stats = self.writer.stats
         self._finished_flag = threading.Event()
-        try:
-            self._open()
-        except SourceError:
-            if not config.retry:
-                raise
-            log.warning("source %s: device not available yet; retrying (retry: true)", self.id)
         with DeviceSource._portaudio_lock:
+            try:
+                self._open()
+            except SourceError:
+                if not config.retry:
+                    raise
+                log.warning("source %s: device not available yet; retrying (retry: true)", self.id)
             DeviceSource._active.add(self)
 
     @property
@@ -132,7 +137,8 @@ class DeviceSource(LiveSource):
         return min(self.config.channels, self.device["channels"]) if self.device else self.config.channels
 
     def _open(self) -> None:
-        """Resolve the device and open (not start) a stream on it; SourceError if impossible."""
+        """Resolve the device and open (not start) a stream on it; SourceError if impossible. Under
+        ``_portaudio_lock``."""
         sd = self._sd
         self.device = resolve_device(self.spec)
         try:
@@ -153,7 +159,8 @@ class DeviceSource(LiveSource):
 
     def start(self) -> None:
         if self._stream is not None and not self.connected:
-            self._start_stream()
+            with DeviceSource._portaudio_lock:
+                self._start_stream()
             self._came_up()
         elif not self.connected:
             self.waiting_at_start = True  # the stage's thread says so as its first act
@@ -173,17 +180,22 @@ class DeviceSource(LiveSource):
 
     def connect(self) -> None:
         with DeviceSource._portaudio_lock:
-            others = any(s is not self and s._stream is not None and s._stream.active for s in DeviceSource._active)
+            # an open stream of another source, running or not (lost, its thread not at its disconnect
+            # yet), would be closed under it by a re-initialisation
+            others = any(s is not self and s._stream is not None for s in DeviceSource._active)
             if not others:
                 self._sd._terminate()  # PortAudio lists devices as they were when it was initialised
                 self._sd._initialize()
             self._open()
-        self.fill_pending_gap()  # the stream is open but not started: this thread is the only producer
-        try:
-            self._start_stream()
-        except self._sd.PortAudioError as exc:
+            self.fill_pending_gap()  # the stream is open but not started: this thread is the only producer
+            try:
+                self._start_stream()
+                failed = None
+            except self._sd.PortAudioError as exc:
+                failed = exc
+        if failed is not None:
             self.disconnect()
-            raise SourceError(f"cannot start input device {self.device['name']}: {exc}") from None
+            raise SourceError(f"cannot start input device {self.device['name']}: {failed}") from None
 
     def lost_reason(self) -> str | None:
         if self._finished_flag.is_set():
@@ -196,16 +208,22 @@ class DeviceSource(LiveSource):
         return float(getattr(self._stream, "latency", 0.0) or 0.0)
 
     def disconnect(self) -> None:
-        stream, self._stream = self._stream, None
-        if stream is None:
-            return
-        try:
-            stream.abort()
-            stream.close()
-        except self._sd.PortAudioError as exc:
-            log.debug("source %s: closing a lost stream: %s", self.id, exc)
+        with DeviceSource._portaudio_lock:
+            stream, self._stream = self._stream, None
+            if stream is None:
+                return
+            try:
+                stream.abort()
+            except self._sd.PortAudioError as exc:
+                log.debug("source %s: aborting a lost stream: %s", self.id, exc)
+            try:
+                stream.close()
+            except self._sd.PortAudioError as exc:
+                log.warning("source %s: PortAudio could not close the stream (%s); it is kept open", self.id, exc)
+                DeviceSource._unclosed.append(stream)
 
     def stop(self) -> None:
         super().stop()
         with DeviceSource._portaudio_lock:
-            DeviceSource._active.discard(self)
+            if self._stream is None:  # one its thread could not close stays counted: no re-initialisation under it
+                DeviceSource._active.discard(self)
