@@ -197,20 +197,25 @@ def run_config(tmp_path: Path, clap: Path, gated: bool = False) -> tuple[Path, s
     return path, f"http://127.0.0.1:{http}/"
 
 
+def run_handler(signum: int, before: object):
+    """The handler ``monitord run`` installed for ``signum`` (None while it has none: ``before`` is the
+    one the test had, SIG_IGN/SIG_DFL are not callable)."""
+    handler = signal.getsignal(signum)
+    return handler if callable(handler) and handler is not before else None
+
+
 def run_in_process(config: Path, check) -> tuple[int, float]:
     """``monitord run -c CONFIG`` in this process, on its main thread (it installs signal handlers),
-    while ``check()`` runs on another; a SIGTERM stops it once ``check`` returned or failed (whose
-    exception is raised here). Returns the exit status and how long it took to stop after the SIGTERM.
+    while ``check()`` runs on another; once ``check`` returned or failed (its exception is raised
+    here), run is stopped as a SIGTERM stops it. Returns the exit status and how long it took to stop.
 
-    The SIGTERM goes to this very process (a test worker), so it is sent only while ``run``'s own
-    handler is installed: never once ``run`` has returned (a placeholder takes a late one), and the
-    checker is waited for before the test's handlers come back."""
+    No real signal is sent: run's own SIGTERM handler is called, from the checker. A signal to this
+    process (a test worker) that met any other disposition (the default, before run installs its
+    handler or after the test's came back) would end the worker, and with it xdist's run."""
     from monitord.cli import main
 
     signals = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
     saved = {s: signal.getsignal(s) for s in signals}
-    placeholder = lambda signum, frame: None  # noqa: E731 - while `run` has no handler of its own
-    signal.signal(signal.SIGTERM, placeholder)
     failures: list[BaseException] = []
     sent: list[float] = []
     returned = threading.Event()
@@ -221,10 +226,11 @@ def run_in_process(config: Path, check) -> tuple[int, float]:
         except BaseException as exc:  # noqa: BLE001 - raised again on the test's thread
             failures.append(exc)
         finally:
-            wait_until(lambda: returned.is_set() or signal.getsignal(signal.SIGTERM) is not placeholder, 60 * time_scale())
-            if not returned.is_set():
+            wait_until(lambda: returned.is_set() or run_handler(signal.SIGTERM, saved[signal.SIGTERM]), 60 * time_scale())
+            handler = run_handler(signal.SIGTERM, saved[signal.SIGTERM])
+            if not returned.is_set() and handler is not None:
                 sent.append(time.monotonic())
-                os.kill(os.getpid(), signal.SIGTERM)
+                handler(signal.SIGTERM, None)  # a late call (run has returned) only sets a stop already set
 
     thread = threading.Thread(target=checker, name="check", daemon=True)
     thread.start()
@@ -233,9 +239,8 @@ def run_in_process(config: Path, check) -> tuple[int, float]:
         code = main(["run", "-c", str(config)])
     finally:
         returned_at = time.monotonic()
-        signal.signal(signal.SIGTERM, placeholder)
         returned.set()
-        thread.join()  # its waits are bounded; until it ends, a SIGTERM it sends meets the placeholder
+        thread.join()  # its waits are bounded
         for s, handler in saved.items():
             signal.signal(s, handler)
     if failures:
@@ -384,7 +389,9 @@ def test_a_reload_while_a_model_loads_reaches_it_before_it_joins(tmp_path, rando
             assert wait_until(load.began.is_set, bound) and not load.built.is_set()
             config.write_text(config.read_text().replace("labels: [alarm clock, speech, silence]",
                                                          f"labels: [{', '.join(new_labels)}]"))
-            os.kill(os.getpid(), signal.SIGHUP)  # run's own handler is installed: the dashboard answered
+            # as a SIGHUP would: run's own handler, once it has one (it installs it after the dashboard is up)
+            assert wait_until(lambda: run_handler(signal.SIGHUP, signal.SIG_IGN), bound)
+            run_handler(signal.SIGHUP, signal.SIG_IGN)(signal.SIGHUP, None)
             assert wait_until(lambda: logged(events, "status", status="reloaded"), bound), \
                 logged(events, "status", status="reload_failed")
             load.release.set()
