@@ -128,6 +128,8 @@ class Daemon:
         self._reference_round = 0
         self._reloaded_labels: dict[str, tuple[tuple[str, ...], str] | None] = {}
         """The labels a reload set for models not loaded yet (on the inference thread, as ``add_model`` reads them)."""
+        self._joined_labels: dict[str, tuple[tuple[str, ...], str] | None] = {}
+        """The labels each model loaded after the start joined with (``add_model``, on the inference thread)."""
 
     def _configured_sinks(self) -> list[Sink]:
         """The sinks the config asks for (MQTT, notifications); PublishError naming the extra to
@@ -297,6 +299,7 @@ class Daemon:
                 self.inference.models_changed()
                 raise
             self.models = {**self.models, name: model}
+            self._joined_labels[name] = labels
             self.loading = self.loading - {name}
             self._update_inactive()
             self._embed_references_soon(self.config)
@@ -565,9 +568,10 @@ class Daemon:
         except ReferenceUnreadable as exc:
             raise ReloadError(str(exc)) from None
         reloaded = self._load_changed_weights(new)
+        loaded_before = set(self.models)
         prepared = {}
         for name, model_config in new.models.items():
-            if name not in self.models or name in reloaded:  # not loaded: nothing to swap; reloaded: has the new labels
+            if name not in loaded_before or name in reloaded:  # not loaded: nothing to swap; reloaded: has the new labels
                 continue
             old = self.config.models[name]
             if getattr(model_config, "labels", None) != getattr(old, "labels", None) or \
@@ -577,7 +581,10 @@ class Daemon:
                 except Exception as exc:  # the old labels keep scoring
                     raise ReloadError(f"models.{name}: new labels could not be prepared: {exc}") from None
 
-        def swap() -> None:  # on the inference thread, between two batches
+        def swap() -> bool:  # on the inference thread, between two batches; False: nothing done, prepare again
+            if any(name in self.models and name not in loaded_before and self._joined_labels.get(name) != labels_in(new, name)
+                   for name in new.models):
+                return False  # a model joined since the labels were prepared, with others than these
             for name in new.models:
                 if name not in self.models:  # one loading reads them as it joins (add_model)
                     self._reloaded_labels[name] = labels_in(new, name)
@@ -587,24 +594,28 @@ class Daemon:
                 self.models[name].use_labels(labels)
             self.alerts.not_like.references = self._references(new, only_cached=True)  # before the rules that use them
             self.inference.emit(RulesChange(new.rules))
+            # here, not on the caller's thread after: a model joining next (add_model, on this thread) reads it
+            self.config = self.config.model_copy(update={"rules": new.rules, "models": new.models})
             self._embed_references_soon(new)
+            return True
 
         if not self.inference.alive:
             raise ReloadError("the inference stage is not running (see the stage_failed status)")
         future = self.inference.submit(swap)
         try:
             try:
-                future.result(timeout=self.inference.stall_s)
+                swapped = future.result(timeout=self.inference.stall_s)
             except FutureTimeout:
                 if future.cancel():  # not begun: it never will, so the running config really stays
                     raise ReloadError(f"the inference stage did not swap the labels in within "
                                       f"{self.inference.stall_s:g} s") from None
-                future.result()  # it had begun (a swap is quick): the reload is applied
+                swapped = future.result()  # it had begun (a swap is quick): the reload is applied
         except ReloadError:
             raise
         except Exception as exc:
             raise ReloadError(f"the new labels could not be swapped in: {exc!r}") from None
-        self.config = self.config.model_copy(update={"rules": new.rules, "models": new.models})
+        if not swapped:  # once per model that joined meanwhile at most: it is among the loaded ones now
+            return self.reload(new)
         return sorted(reloaded)
 
     def _load_changed_weights(self, new: Config) -> dict[str, Model]:

@@ -412,6 +412,49 @@ def test_a_reload_while_a_model_loads_reaches_it_before_it_joins(tmp_path, rando
     assert "model clap: a reload changed its labels while it loaded" in caplog.text
 
 
+def test_a_model_that_joins_while_a_reload_prepares_labels_scores_the_new_ones(tmp_path, random_clap, slow_load,
+                                                                                monkeypatch):
+    """CLAP finishes loading and joins (with the labels it was built with) after a reload prepared the
+    labels of the models loaded before it, and before the reload swaps them in: the reload prepares
+    again, and CLAP ends on the new labels."""
+    from monitord.inference.worker import InferenceStage
+
+    load = slow_load
+    config, url = run_config(tmp_path, random_clap)
+    events = tmp_path / "events.jsonl"
+    bound = 60 * time_scale()
+    new_labels = ["alarm clock", "speech", "silence", "door knock"]
+    submit = InferenceStage.submit
+    joined_before_swap = threading.Event()
+
+    def clap_joins_first(self, fn, *args, **kwargs):  # the reload's swap waits until CLAP has joined
+        if getattr(fn, "__name__", "") == "swap" and not load.release.is_set():
+            load.release.set()
+            if wait_until(lambda: logged(events, "status", status="model_loaded"), bound):
+                joined_before_swap.set()
+        return submit(self, fn, *args, **kwargs)
+
+    monkeypatch.setattr(InferenceStage, "submit", clap_joins_first)
+
+    def check() -> None:
+        try:
+            assert wait_until(lambda: get_state(url) is not None, bound)
+            assert wait_until(load.began.is_set, bound)
+            config.write_text(config.read_text().replace("labels: [alarm clock, speech, silence]",
+                                                         f"labels: [{', '.join(new_labels)}]"))
+            assert wait_until(lambda: run_handler(signal.SIGHUP, signal.SIG_IGN), bound)
+            run_handler(signal.SIGHUP, signal.SIG_IGN)(signal.SIGHUP, None)
+            assert wait_until(lambda: logged(events, "status", status="reloaded"), bound), \
+                logged(events, "status", status="reload_failed")
+            assert joined_before_swap.is_set()
+            assert get_state(url)["models"]["clap"]["labels"] == new_labels
+        finally:
+            load.release.set()
+
+    code, _ = run_in_process(config, check)
+    assert code == 0
+
+
 def test_a_stop_while_a_model_loads_neither_waits_for_it_nor_takes_it_in(tmp_path, random_clap, slow_load, caplog):
     caplog.set_level(logging.INFO)
     load = slow_load

@@ -16,6 +16,7 @@ from monitord.sources.live import LiveSource
 from monitord.sources.ring import RingBuffer
 
 log = logging.getLogger(__name__)
+STOP_WAIT_S = 5.0
 
 
 def list_input_devices() -> list[dict[str, Any]]:
@@ -182,7 +183,7 @@ class DeviceSource(LiveSource):
         with DeviceSource._portaudio_lock:
             # an open stream of another source, running or not (lost, its thread not at its disconnect
             # yet), would be closed under it by a re-initialisation
-            others = any(s is not self and s._stream is not None for s in DeviceSource._active)
+            others = DeviceSource._unclosed or any(s is not self and s._stream is not None for s in DeviceSource._active)
             if not others:
                 self._sd._terminate()  # PortAudio lists devices as they were when it was initialised
                 self._sd._initialize()
@@ -213,17 +214,26 @@ class DeviceSource(LiveSource):
             if stream is None:
                 return
             try:
-                stream.abort()
-            except self._sd.PortAudioError as exc:
+                stream.abort(ignore_errors=False)
+            except self._sd.PortAudioError as exc:  # a lost stream may be stopped already
                 log.debug("source %s: aborting a lost stream: %s", self.id, exc)
             try:
-                stream.close()
+                stream.close(ignore_errors=False)
             except self._sd.PortAudioError as exc:
-                log.warning("source %s: PortAudio could not close the stream (%s); it is kept open", self.id, exc)
+                log.warning("source %s: PortAudio could not close the stream (%s); it is kept, and PortAudio is "
+                            "not re-initialised while it is", self.id, exc)
                 DeviceSource._unclosed.append(stream)
 
     def stop(self) -> None:
         super().stop()
-        with DeviceSource._portaudio_lock:
+        if not self.alive:
+            self.disconnect()  # a stream opened at construction that no thread ever ran (the daemon's start failed)
+        # bounded: PortAudio hung in another source's close (a dead sound server) must not hold up the stop
+        if not DeviceSource._portaudio_lock.acquire(timeout=STOP_WAIT_S):
+            log.warning("source %s: PortAudio is busy elsewhere; stopped without waiting for it", self.id)
+            return
+        try:
             if self._stream is None:  # one its thread could not close stays counted: no re-initialisation under it
                 DeviceSource._active.discard(self)
+        finally:
+            DeviceSource._portaudio_lock.release()
