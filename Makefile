@@ -20,16 +20,18 @@ run: setup
 	exec $(VENV)/bin/monitord run -c $(CONFIG)
 
 # Four workers even on two cores: most tests wait on real time (audio played in real time, daemons,
-# brokers), not on the CPU. A file's tests stay in one worker (tests/conftest.py). A worker that
-# crashes ends the run at once, naming the test it ran: xdist 3.8 with --dist loadgroup either hangs
-# or fails with an INTERNALERROR naming no test once it has replaced a crashed worker.
+# brokers), not on the CPU. A file's tests stay in one worker (--dist loadfile), so its module
+# fixtures are built once (xdist's loadgroup does not group on pytest 9: every test became its own
+# unit); files that must not run together take a lock (tests/conftest.py). A worker that crashes
+# ends the run at once, naming the test it ran: once xdist has replaced a crashed worker it either
+# hangs or fails with an INTERNALERROR naming no test.
 TEST_WORKERS ?= 4
 
 # The documentation site first (mkdocs.yml): strict, so a broken link or anchor, or a page left out
 # of its nav, fails here; build/ is not tracked.
 test: setup ha-env
 	NO_MKDOCS_2_WARNING=1 $(PY) -m mkdocs build --strict --site-dir build/site
-	$(PY) -m pytest -n $(TEST_WORKERS) --dist loadgroup --max-worker-restart=0 --durations=15
+	$(PY) -m pytest -n $(TEST_WORKERS) --dist loadfile --max-worker-restart=0 --durations=15
 
 # Each set-up step is setup.sh's: it says what it does and about how long it takes, and shows one
 # line per package. Home Assistant may fail (no PyPI, another Python) without touching .venv: the

@@ -276,9 +276,26 @@ def tiny_emotion(tmp_path_factory) -> Path:
     return build_emotion(tmp_path_factory.mktemp("models") / "emotion")
 
 
-SHARED_WORKER = {"test_serve.py": "ray", "test_serve_hostile.py": "ray", "test_bench.py": "bench", "test_engines.py": "bench"}
+ONE_AT_A_TIME = {"test_serve.py": "ray", "test_serve_hostile.py": "ray", "test_bench.py": "bench", "test_engines.py": "bench"}
 """Files whose tests must not run at the same time: those that start a local Ray cluster with Serve,
 and those that run `monitord bench` (two benchmarks would measure each other)."""
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_file_of_a_group_at_a_time(request, tmp_path_factory):
+    """A file of ONE_AT_A_TIME holds its group's lock while its tests run (pytest-xdist workers share
+    the lock folder, their base temporary folders' parent): a worker with the other file waits."""
+    group = ONE_AT_A_TIME.get(request.path.name)
+    if group is None:
+        yield
+        return
+    from filelock import FileLock
+
+    root = tmp_path_factory.getbasetemp()
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        root = root.parent
+    with FileLock(str(root / f"{group}.lock"), timeout=1800 * time_scale()):
+        yield
 
 
 def pytest_configure(config):
@@ -290,13 +307,9 @@ def pytest_configure(config):
 
 
 def pytest_collection_modifyitems(config, items):
-    """Under pytest-xdist (`make test`: ``-n 4 --dist loadgroup``) a file's tests share one worker, so
-    a module's fixtures (a Ray cluster, a trained model) are built once; the files of SHARED_WORKER
-    share one by group."""
+    """A test's ``timeout`` mark times the time scale too."""
     scale = time_scale()
     for item in items:
         mark = item.get_closest_marker("timeout")
         if mark is not None and mark.args and scale > 1:
             item.add_marker(pytest.mark.timeout(float(mark.args[0]) * scale), append=False)
-        if not any(m.name == "xdist_group" for m in item.iter_markers()):
-            item.add_marker(pytest.mark.xdist_group(SHARED_WORKER.get(item.path.name, item.path.name)))
