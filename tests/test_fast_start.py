@@ -373,6 +373,15 @@ def test_a_background_load_that_fails_says_model_unavailable(tmp_path, random_cl
     assert code == 0
 
 
+def reload_clap_labels(config: Path, labels: list[str], events: Path, bound: float) -> None:
+    """CLAP's labels in the config file changed, then the reload a SIGHUP starts (run's own handler,
+    called once run has installed it: after its dashboard is up); waits for the ``reloaded`` status."""
+    config.write_text(config.read_text().replace("labels: [alarm clock, speech, silence]", f"labels: [{', '.join(labels)}]"))
+    assert wait_until(lambda: run_handler(signal.SIGHUP, signal.SIG_IGN), bound)
+    run_handler(signal.SIGHUP, signal.SIG_IGN)(signal.SIGHUP, None)
+    assert wait_until(lambda: logged(events, "status", status="reloaded"), bound), logged(events, "status", status="reload_failed")
+
+
 def test_a_reload_while_a_model_loads_reaches_it_before_it_joins(tmp_path, random_clap, slow_load, caplog):
     """The labels a SIGHUP reload sets while CLAP is still loading (built from the config read before)
     are the ones it scores with once it joins."""
@@ -387,13 +396,7 @@ def test_a_reload_while_a_model_loads_reaches_it_before_it_joins(tmp_path, rando
         try:
             assert wait_until(lambda: get_state(url) is not None, bound)
             assert wait_until(load.began.is_set, bound) and not load.built.is_set()
-            config.write_text(config.read_text().replace("labels: [alarm clock, speech, silence]",
-                                                         f"labels: [{', '.join(new_labels)}]"))
-            # as a SIGHUP would: run's own handler, once it has one (it installs it after the dashboard is up)
-            assert wait_until(lambda: run_handler(signal.SIGHUP, signal.SIG_IGN), bound)
-            run_handler(signal.SIGHUP, signal.SIG_IGN)(signal.SIGHUP, None)
-            assert wait_until(lambda: logged(events, "status", status="reloaded"), bound), \
-                logged(events, "status", status="reload_failed")
+            reload_clap_labels(config, new_labels, events, bound)
             load.release.set()
             assert wait_until(lambda: logged(events, "status", status="model_loaded"), bound), \
                 logged(events, "status", status="model_unavailable")
@@ -440,12 +443,7 @@ def test_a_model_that_joins_while_a_reload_prepares_labels_scores_the_new_ones(t
         try:
             assert wait_until(lambda: get_state(url) is not None, bound)
             assert wait_until(load.began.is_set, bound)
-            config.write_text(config.read_text().replace("labels: [alarm clock, speech, silence]",
-                                                         f"labels: [{', '.join(new_labels)}]"))
-            assert wait_until(lambda: run_handler(signal.SIGHUP, signal.SIG_IGN), bound)
-            run_handler(signal.SIGHUP, signal.SIG_IGN)(signal.SIGHUP, None)
-            assert wait_until(lambda: logged(events, "status", status="reloaded"), bound), \
-                logged(events, "status", status="reload_failed")
+            reload_clap_labels(config, new_labels, events, bound)
             assert joined_before_swap.is_set()
             assert get_state(url)["models"]["clap"]["labels"] == new_labels
         finally:

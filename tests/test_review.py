@@ -15,7 +15,7 @@ from monitord.config import RuleConfig
 from monitord.stage import Channel
 from monitord.types import (Event, Outcome, Publication, RulesChange, Scores, ScoredWindow, StageState, Verdict, Window,
                             WindowFacts)
-from tests.conftest import wait_until
+from tests.conftest import time_scale, wait_until
 
 RATE = 16000
 
@@ -360,24 +360,38 @@ def test_a_reload_refused_for_timing_out_is_not_applied_later_behind_the_operato
     from tests.test_supervisor import make_daemon
 
     class Relabelled(ScriptedModel):
+        """Each batch is held until the test lets it go: the swap cannot begin while one is, whatever the load."""
+
+        def __init__(self):
+            super().__init__()
+            self.scoring, self.go_on = threading.Event(), threading.Event()
+
+        def score(self, windows, upstream=None):
+            self.scoring.set()
+            self.go_on.wait(60 * time_scale())
+            return super().score(windows, upstream)
+
         def prepare_labels(self, labels, prompt):
             return tuple(labels)
 
         def use_labels(self, prepared):
             self.labels = prepared
 
-    model = Relabelled(delay_s=0.25)  # a batch of 8 takes 2 s
+    model = Relabelled()
     daemon = make_daemon(tmp_path, model, count=20, realtime=False)
     daemon.start()
     try:
-        assert wait_until(lambda: daemon.inference.stats.batches >= 1, 20)
+        assert wait_until(model.scoring.is_set, 20 * time_scale())  # a batch in hand, held
         daemon.inference.stall_s = 0.3
         (tmp_path / "c2.yaml").write_text((tmp_path / "c.yaml").read_text().replace("labels: [tone, noise]",
                                                                                    "labels: [tone, noise, hum]"))
         assert daemon.apply_reload(load_config(tmp_path / "c2.yaml")) is False
-        time.sleep(3.0)  # the batch in hand ends
+        batches = daemon.inference.stats.batches
+        model.go_on.set()  # the batch in hand ends; the stage takes its jobs before the next batch
+        assert wait_until(lambda: daemon.inference.stats.batches > batches, 30 * time_scale())
         assert model.labels == ("tone", "noise"), "a refused reload was applied after all"
     finally:
+        model.go_on.set()
         daemon.stop(drain_timeout_s=0)
 
 
