@@ -101,7 +101,7 @@ class DeviceSource(LiveSource):
     ``stream.active`` turns False while we did not stop it, or no block arrives for
     ``watchdog_s`` (seen: killing the sound server stops callbacks with no status flag and no
     exception). Reopening re-initialises PortAudio, which lists no devices if it started while
-    the server was down, unless another device stream is still running.
+    the server was down, unless another device stream is open (re-initialising would close it).
     """
 
     _portaudio_lock = threading.Lock()
