@@ -228,12 +228,13 @@ def sound_server() -> Iterator[dict[str, str]]:
     need(shutil.which("pulseaudio") is not None and shutil.which("paplay") is not None,
          "PulseAudio is not installed (tests/sound-server.sh install)")
     runtime_dir = tempfile.mkdtemp(prefix="monitord-sound-")  # short: the server's socket path must fit 108 bytes
-    env = {**os.environ, "XDG_RUNTIME_DIR": runtime_dir}
+    env = {**os.environ, "XDG_RUNTIME_DIR": runtime_dir, "MONITORD_SOUND_OWNER": str(os.getpid())}
     previous = os.environ.get("XDG_RUNTIME_DIR")
     try:
         out = subprocess.run(["bash", str(SOUND_SERVER), "start"], env=env, capture_output=True, text=True, timeout=60)
         need(out.returncode == 0, f"the sound server did not start: {out.stderr.strip()}")
         os.environ["XDG_RUNTIME_DIR"] = runtime_dir
+        os.environ["MONITORD_SOUND_OWNER"] = env["MONITORD_SOUND_OWNER"]  # a restart in a test leaves a watcher too
         import sounddevice as sd
 
         sd._terminate()  # PortAudio lists devices as they were when it was initialised
@@ -242,6 +243,7 @@ def sound_server() -> Iterator[dict[str, str]]:
     finally:
         # `restart` (tests/test_faults.py) rewrites the pid files, so this stops whatever runs now
         subprocess.run(["bash", str(SOUND_SERVER), "stop"], env=env, capture_output=True, timeout=60)
+        os.environ.pop("MONITORD_SOUND_OWNER", None)
         if previous is None:
             os.environ.pop("XDG_RUNTIME_DIR", None)
         else:

@@ -10,6 +10,9 @@
 #   sound-server.sh stop [SIG]     stop what start started, by PID (SIG: TERM or KILL)
 #   sound-server.sh restart        stop, wait until really gone, start (for reconnect tests)
 #
+# With MONITORD_SOUND_OWNER=PID, start also leaves a watcher that stops the server once that process
+# is gone: a test process killed before its own stop (a crashed pytest-xdist worker) leaves nothing.
+#
 # The server and every process that talks to it must share XDG_RUNTIME_DIR (its socket lives there).
 # Notes seen on these machines:
 # - PortAudio's Debian build has no PulseAudio backend: devices are ALSA 'pulse' and 'default'.
@@ -41,6 +44,10 @@ start() {
     nohup parec -d vsink.monitor --latency-msec=10 --raw >/dev/null 2>&1 &
     echo $! >"$XDG_RUNTIME_DIR/keepalive.pid"
   fi
+  if [ -n "${MONITORD_SOUND_OWNER:-}" ] && ! { [ -s "$XDG_RUNTIME_DIR/watch.pid" ] && alive "$(cat "$XDG_RUNTIME_DIR/watch.pid")"; }; then
+    setsid nohup bash "$0" watch "$MONITORD_SOUND_OWNER" </dev/null >/dev/null 2>&1 &
+    echo $! >"$XDG_RUNTIME_DIR/watch.pid"
+  fi
   # Ready once the monitor delivers data.
   n=$( (timeout 5 parec -d vsink.monitor --latency-msec=10 --raw 2>/dev/null || true) | head -c 9600 | wc -c)
   [ "$n" -ge 9600 ] || { echo "sound-server: no data from vsink.monitor" >&2; exit 1; }
@@ -49,7 +56,7 @@ start() {
 
 stop() {
   local sig=${1:-TERM} f pid
-  for f in "$XDG_RUNTIME_DIR/pulse/pid" "$XDG_RUNTIME_DIR/keepalive.pid"; do
+  for f in "$XDG_RUNTIME_DIR/watch.pid" "$XDG_RUNTIME_DIR/pulse/pid" "$XDG_RUNTIME_DIR/keepalive.pid"; do
     [ -s "$f" ] || continue
     pid=$(cat "$f"); kill -s "$sig" "$pid" 2>/dev/null || true
     for _ in $(seq 50); do alive "$pid" || break; sleep 0.1; done
@@ -67,5 +74,9 @@ case "${1:-}" in
   start) start ;;
   stop) stop "${2:-TERM}" ;;
   restart) stop "${2:-TERM}"; start ;;
+  watch)  # (start's) until process $2 is gone, then stop
+    while alive "$2"; do sleep 1; done
+    rm -f "$XDG_RUNTIME_DIR/watch.pid"
+    stop TERM ;;
   *) echo "usage: $0 install|start|stop [TERM|KILL]|restart" >&2; exit 2 ;;
 esac

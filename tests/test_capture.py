@@ -121,3 +121,55 @@ def test_the_sound_server_and_its_keep_alive_stop_when_the_session_ends(tmp_path
     assert inner.returncode == 0, inner.stdout[-3000:] + inner.stderr[-3000:]
     assert "1 passed" in inner.stdout, inner.stdout[-3000:]
     assert not left, described
+
+
+KILL_AFTER_THE_TEST = """
+import os
+import signal
+
+
+def pytest_runtest_logreport(report):  # the test has run; as a crashed worker ends, no fixture's teardown runs
+    if report.when == "call":
+        os.kill(os.getpid(), signal.SIGKILL)
+"""
+
+
+def test_a_test_process_killed_mid_session_leaves_no_sound_server_behind(tmp_path):
+    """The session's own stop never runs in a killed process (a crashed pytest-xdist worker): the
+    watcher sound-server.sh leaves stops the server and its keep-alive once that process is gone."""
+    import os
+    import shutil
+    import subprocess
+    import sys
+
+    import psutil
+
+    from tests.conftest import REPO, need, time_scale, wait_until
+
+    need(shutil.which("pulseaudio") is not None, "PulseAudio is not installed (tests/sound-server.sh install)")
+    (tmp_path / "plugin").mkdir()
+    (tmp_path / "plugin" / "kill_after_the_test.py").write_text(KILL_AFTER_THE_TEST)
+    env = {k: v for k, v in os.environ.items() if k not in ("XDG_RUNTIME_DIR", "MONITORD_SOUND_OWNER")} | {
+        "TMPDIR": str(tmp_path), "PYTHONPATH": str(tmp_path / "plugin")}
+    inner = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-p", "kill_after_the_test",
+                            "tests/test_capture.py::test_an_unknown_device_lists_what_is_there"],
+                           cwd=REPO, env=env, capture_output=True, text=True, timeout=180)
+    assert inner.returncode == -9, inner.stdout[-3000:] + inner.stderr[-3000:]
+
+    def started_there() -> list[psutil.Process]:
+        found = []
+        for p in psutil.process_iter():
+            try:
+                if p.status() != psutil.STATUS_ZOMBIE and (any(str(tmp_path) in arg for arg in p.cmdline())
+                                                           or str(tmp_path) in p.environ().get("XDG_RUNTIME_DIR", "")):
+                    found.append(p)
+            except (psutil.NoSuchProcess, psutil.AccessDenied):
+                pass
+        return found
+
+    gone = wait_until(lambda: not started_there(), 30 * time_scale())
+    left = started_there()
+    described = [f"{p.pid} {' '.join(p.cmdline())}" for p in left]
+    for p in left:
+        p.kill()
+    assert gone, described
