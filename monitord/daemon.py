@@ -126,10 +126,6 @@ class Daemon:
         self._last_remote_overload: dict[str, float] = {}
         self._idle_turns = 0
         self._reference_round = 0
-        self._reloaded_labels: dict[str, tuple[tuple[str, ...], str] | None] = {}
-        """The labels a reload set for models not loaded yet (on the inference thread, as ``add_model`` reads them)."""
-        self._joined_labels: dict[str, tuple[tuple[str, ...], str] | None] = {}
-        """The labels each model loaded after the start joined with (``add_model``, on the inference thread)."""
 
     def _configured_sinks(self) -> list[Sink]:
         """The sinks the config asks for (MQTT, notifications); PublishError naming the extra to
@@ -280,8 +276,9 @@ class Daemon:
         def add() -> frozenset[str]:
             if self._closing.is_set():
                 return frozenset()
-            if name in self._reloaded_labels and self._reloaded_labels[name] != labels:
-                raise LabelsChanged(self._reloaded_labels[name])
+            # a reload sets the config on this thread too (its swap): what it says now is what the model joins with
+            if labels_in(self.config, name) != labels:
+                raise LabelsChanged(labels_in(self.config, name))
             waiting = frozenset(self.inactive_rules)
             try:
                 self.alerts.add_model(name, model.model_id)  # before it can score: its events name it
@@ -299,7 +296,6 @@ class Daemon:
                 self.inference.models_changed()
                 raise
             self.models = {**self.models, name: model}
-            self._joined_labels[name] = labels
             self.loading = self.loading - {name}
             self._update_inactive()
             self._embed_references_soon(self.config)
@@ -582,19 +578,17 @@ class Daemon:
                     raise ReloadError(f"models.{name}: new labels could not be prepared: {exc}") from None
 
         def swap() -> bool:  # on the inference thread, between two batches; False: nothing done, prepare again
-            if any(name in self.models and name not in loaded_before and self._joined_labels.get(name) != labels_in(new, name)
+            # a model that joined since the labels were prepared did so with the running config's labels
+            if any(name in self.models and name not in loaded_before and labels_in(self.config, name) != labels_in(new, name)
                    for name in new.models):
-                return False  # a model joined since the labels were prepared, with others than these
-            for name in new.models:
-                if name not in self.models:  # one loading reads them as it joins (add_model)
-                    self._reloaded_labels[name] = labels_in(new, name)
+                return False
             for name, loaded in reloaded.items():
                 self.models[name].use_weights(loaded)
             for name, labels in prepared.items():
                 self.models[name].use_labels(labels)
             self.alerts.not_like.references = self._references(new, only_cached=True)  # before the rules that use them
             self.inference.emit(RulesChange(new.rules))
-            # here, not on the caller's thread after: a model joining next (add_model, on this thread) reads it
+            # here, not on the caller's thread after: a model still loading joins with it (add_model, on this thread)
             self.config = self.config.model_copy(update={"rules": new.rules, "models": new.models})
             self._embed_references_soon(new)
             return True
