@@ -19,6 +19,7 @@ import threading
 import time
 from collections.abc import Callable, Collection, Mapping, Sequence
 from concurrent.futures import TimeoutError as FutureTimeout
+from dataclasses import dataclass
 
 import numpy as np
 
@@ -73,6 +74,24 @@ def labels_in(config: Config, name: str) -> tuple[tuple[str, ...], str] | None:
     model_config = config.models[name]
     labels = getattr(model_config, "labels", None)
     return None if labels is None else (tuple(labels), getattr(model_config, "prompt", ""))
+
+
+@dataclass(frozen=True)
+class Availability:
+    """Which configured models score and which rules can fire, for the config it was worked out
+    for. The daemon rebinds it whole (a model joins, one fails, a reload changes the rules), so a
+    reader on another thread (the dashboard) sees one state or the next, never half of each."""
+
+    config: Config
+    models: Mapping[str, Model]
+    unavailable: Mapping[str, ModelUnavailable]
+    inactive_models: Mapping[str, str]
+    """{model: why} for the models that are not loaded and those built on them (why: ``loading``
+    while a background load may still bring it)."""
+    inactive_rules: Mapping[str, str]
+    loading_models: frozenset[str]
+    """Those of the inactive models that wait on a load only; ``loading_rules`` likewise."""
+    loading_rules: frozenset[str]
 
 
 class Daemon:
@@ -196,15 +215,14 @@ class Daemon:
         self._embed_references_soon(self.config)
 
     def _update_inactive(self) -> None:
-        """``inactive_models`` and ``inactive_rules``: what cannot work without the models that are not
-        loaded, {name: why} and {rule id: why} (why: "loading" while a background load may still bring
-        it); ``loading_models`` and ``loading_rules``: those of them that wait on a load only."""
+        """Work ``availability`` out again from the config, the models loaded, those unavailable and
+        those loading."""
         absent = set(self.config.models) - set(self.models)
         models, rules = inactive_without(self.config, absent, loading=self.loading)
         settled_models, settled_rules = inactive_without(self.config, absent - self.loading)
-        self.loading_models = frozenset(models) - frozenset(settled_models)
-        self.loading_rules = frozenset(rules) - frozenset(settled_rules)
-        self.inactive_models, self.inactive_rules = models, rules
+        self.availability = Availability(self.config, self.models, dict(self.unavailable), models, rules,
+                                         frozenset(models) - frozenset(settled_models),
+                                         frozenset(rules) - frozenset(settled_rules))
 
     def load_later(self, names: Sequence[str], load: Callable[[str, Config], Model] | None = None) -> threading.Thread | None:
         """Load these optional models (``loading``) one after the other on a background thread, after
@@ -279,7 +297,7 @@ class Daemon:
             # a reload sets the config on this thread too (its swap): what it says now is what the model joins with
             if labels_in(self.config, name) != labels:
                 raise LabelsChanged(labels_in(self.config, name))
-            waiting = frozenset(self.inactive_rules)
+            waiting = frozenset(self.availability.inactive_rules)
             try:
                 self.alerts.add_model(name, model.model_id)  # before it can score: its events name it
                 model_input = model_inputs(self.config, {name: model})[name]
@@ -299,7 +317,7 @@ class Daemon:
             self.loading = self.loading - {name}
             self._update_inactive()
             self._embed_references_soon(self.config)
-            return waiting - frozenset(self.inactive_rules)
+            return waiting - frozenset(self.availability.inactive_rules)
 
         if self._closing.is_set():
             log.info("model %s: loaded after the stop began; dropped", name)
@@ -590,6 +608,7 @@ class Daemon:
             self.inference.emit(RulesChange(new.rules))
             # here, not on the caller's thread after: a model still loading joins with it (add_model, on this thread)
             self.config = self.config.model_copy(update={"rules": new.rules, "models": new.models})
+            self._update_inactive()  # the new rules on a model not loaded (yet) are inactive too
             self._embed_references_soon(new)
             return True
 

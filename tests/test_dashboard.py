@@ -110,6 +110,7 @@ def test_dashboard_shows_bars_events_and_try_it(tiny_clap, tmp_path):
 
 def test_a_non_loopback_dashboard_needs_a_token_and_checks_it(tiny_clap, tmp_path):
     from monitord.config import ConfigError, parse_config
+    from monitord.daemon import Availability
 
     base = f"sources: [{{id: a, device: default}}]\nmodels: {{clap: {{kind: clap, model: {tiny_clap}, labels: [a, b]}}}}\n"
     with pytest.raises(ConfigError, match="http.bind: binds a non-loopback address"):
@@ -122,6 +123,7 @@ def test_a_non_loopback_dashboard_needs_a_token_and_checks_it(tiny_clap, tmp_pat
     class FakeDaemon:  # the token gate needs no pipeline
         config = parse_config(base, tmp_path)
         models, clips = {}, None
+        availability = Availability(config, {}, {}, {}, {}, frozenset(), frozenset())
 
     client = TestClient(Dashboard(FakeDaemon(), "127.0.0.1:1", "a-long-enough-secret").app(), base_url="http://127.0.0.1:8080")
     assert client.get("/api/state").status_code == 401
@@ -142,11 +144,13 @@ def test_the_page_has_an_icon(tmp_path):
     from starlette.testclient import TestClient
 
     from monitord.config import parse_config
+    from monitord.daemon import Availability
     from monitord.output.dashboard import Dashboard
 
     class FakeDaemon:
         config = parse_config("sources: [{id: a, device: default}]\nmodels: {yam: {kind: yamnet}}\n", tmp_path)
         models, clips = {}, None
+        availability = Availability(config, {}, {}, {}, {}, frozenset(), frozenset())
 
     client = TestClient(Dashboard(FakeDaemon(), "127.0.0.1:1", None).app(), base_url="http://127.0.0.1:8080")
     icon = re.search(r'<link rel="icon" href="([^"]+)" type="image/svg\+xml">', client.get("/").text)

@@ -538,6 +538,7 @@ def test_the_page_says_a_source_is_down_and_why_panels_are_empty(tmp_path):
     """A microphone that is not there: the badge says down (not "quiet"), the timeline and events say
     why they are empty, and try-it says why there is no labels box."""
     from monitord.config import parse_config
+    from monitord.daemon import Availability
     from monitord.inference.models import ModelUnavailable
     from monitord.output.dashboard import Dashboard
     from monitord.stage import Health
@@ -551,11 +552,11 @@ models:
   clap: {kind: clap, model: ./no-such-clap, labels: [a, b], optional: true}
 """, tmp_path)
     mic = SimpleNamespace(id="porch", state=StageState.DEGRADED, connected=False, detail="waiting for a microphone")
+    models = {"yam": SimpleNamespace(device="cpu", model_id="yamnet:builtin", labels=("Speech",))}
+    unavailable = {"clap": ModelUnavailable("x", missing="the directory ./no-such-clap", fix="hf download laion/clap-htsat-unfused")}
     daemon = SimpleNamespace(
-        config=config, clips=None, sources=[mic], fatal=None, health=lambda: {"device-porch": Health(True, "")},
-        models={"yam": SimpleNamespace(device="cpu", model_id="yamnet:builtin", labels=("Speech",))},
-        inactive_models={"clap": "not loaded"}, inactive_rules={},
-        unavailable={"clap": ModelUnavailable("x", missing="the directory ./no-such-clap", fix="hf download laion/clap-htsat-unfused")})
+        config=config, clips=None, sources=[mic], fatal=None, health=lambda: {"device-porch": Health(True, "")}, models=models,
+        availability=Availability(config, models, unavailable, {"clap": "not loaded"}, {}, frozenset(), frozenset()))
     port = free_port()
     dashboard = Dashboard(daemon, f"127.0.0.1:{port}", None)
     dashboard.start()

@@ -12,7 +12,7 @@ import pytest
 import soundfile as sf
 
 from monitord.config import inactive_without, load_config, parse_config
-from monitord.daemon import Daemon
+from monitord.daemon import Availability, Daemon
 from monitord.inference.build import load_models
 from monitord.inference.models import ModelUnavailable
 from monitord.inference.models.loading import hf_command
@@ -112,8 +112,9 @@ def test_remote_models_show_as_remote_and_are_not_offered_to_try_it(tmp_path):
     config = load_config(write(tmp_path))
     remote = SimpleNamespace(device="remote", model_id="http://gpu-box:8000", labels=("cat meowing",))
     local = SimpleNamespace(device="cpu", model_id="yamnet:builtin", labels=("Cat",))
-    fake = SimpleNamespace(config=config, models={"yam": local, "clap": remote}, clips=None, sources=[],
-                           inactive_models={}, inactive_rules={}, unavailable={})
+    models = {"yam": local, "clap": remote}
+    fake = SimpleNamespace(config=config, models=models, clips=None, sources=[],
+                           availability=Availability(config, models, {}, {}, {}, frozenset(), frozenset()))
     dashboard = Dashboard(fake, "127.0.0.1:1", None)
     states = dashboard.model_states()
     assert states["clap"]["state"] == "remote" and states["yam"]["state"] == "active"
@@ -123,3 +124,66 @@ def test_remote_models_show_as_remote_and_are_not_offered_to_try_it(tmp_path):
     state = TestClient(dashboard.app(), base_url="http://127.0.0.1:8080").get("/api/state").json()
     assert state["models"]["clap"]["state"] == "remote" and state["try_it"] == {"yam": "yamnet"}
     assert state["source_states"] == {"porch": {"state": "starting", "detail": ""}}
+
+
+def test_a_rule_a_reload_adds_on_an_absent_model_shows_as_inactive(tmp_path):
+    from monitord.output.dashboard import Dashboard
+
+    config = load_config(write(tmp_path))
+    daemon = Daemon(config, load_models(config))
+    daemon.start()
+    try:
+        daemon.wait(threading.Event(), until_done=True)
+        added = config.rules[1].model_copy(update={"id": "cat-confirmed-2", "threshold": 0.6})
+        assert daemon.apply_reload(config.model_copy(update={"rules": (*config.rules, added)}))
+        rules = {r["id"]: r for r in Dashboard(daemon, "127.0.0.1:1", None).rule_states()}
+    finally:
+        daemon.stop()
+    assert rules["cat-confirmed-2"]["state"] == "inactive" and not rules["cat-confirmed-2"]["active"], rules["cat-confirmed-2"]
+    assert rules["cat-confirmed-2"]["detail"] == "model clap is not loaded"
+    assert rules["cat"]["state"] == "active"
+
+
+def test_the_dashboard_never_reads_half_of_a_change_in_what_is_loading(tmp_path):
+    """A writer flips an optional model between loading and not loaded the way the daemon does
+    (a failed load), while a reader takes the dashboard's model and rule states: each read is one
+    state or the other, never the model in one and its rule in the other."""
+    import sys
+
+    from monitord.output.dashboard import Dashboard
+
+    config = load_config(write(tmp_path))
+    models = load_models(config)
+    daemon = Daemon(config, {"yam": models["yam"]}, loading={"clap"})
+    dashboard = Dashboard(daemon, "127.0.0.1:1", None)
+    reason = ModelUnavailable("no", missing="the directory ./no-such-clap", fix="hf download it")
+    stop = threading.Event()
+
+    def flip() -> None:
+        while not stop.is_set():
+            daemon.unavailable, daemon.loading = {"clap": reason}, frozenset()  # as _not_loaded does
+            daemon._update_inactive()
+            daemon.unavailable, daemon.loading = {}, frozenset({"clap"})
+            daemon._update_inactive()
+
+    seen, torn = set(), []
+    interval = sys.getswitchinterval()
+    sys.setswitchinterval(1e-6)
+    writer = threading.Thread(target=flip, daemon=True)
+    writer.start()
+    try:
+        for _ in range(20000):
+            model = dashboard.model_states()["clap"]
+            rule = {r["id"]: r for r in dashboard.rule_states()}["cat-confirmed"]
+            model_state = (model["state"], model["detail"].startswith("not loaded: the directory"))
+            seen.add(model_state)
+            if model_state not in {("loading", False), ("inactive", True)} or rule["state"] not in ("loading", "inactive"):
+                torn.append((model, rule))
+            if len(seen) == 2 and len(torn) > 3:
+                break
+    finally:
+        stop.set()
+        writer.join()
+        sys.setswitchinterval(interval)
+    assert seen == {("loading", False), ("inactive", True)}, seen  # both states were read
+    assert not torn, torn[:3]

@@ -432,20 +432,17 @@ class Dashboard:
         """Per configured model: ``active`` (loaded, scoring here), ``remote`` (loaded, scoring on a
         remote backend), ``loading`` (an optional model loading in the background after the start, or
         built on one) or ``inactive`` (not loaded, or built on one that is not), and why."""
-        daemon = self.daemon
-        inactive = getattr(daemon, "inactive_models", {})
-        loading = getattr(daemon, "loading_models", ())
-        unavailable = getattr(daemon, "unavailable", {})
-        models = daemon.models
+        state = self.daemon.availability
         out = {}
-        for name, m in daemon.config.models.items():
-            model = models.get(name)
-            if name in inactive or model is None:
-                reason = unavailable.get(name)
-                why = inactive.get(name, "not loaded")
+        for name, m in state.config.models.items():
+            model = state.models.get(name)
+            if name in state.inactive_models or model is None:
+                reason = state.unavailable.get(name)
+                why = state.inactive_models.get(name, "not loaded")
                 if reason is not None:
                     why = f"not loaded: {reason.missing or reason}" + (f". Fix: {reason.fix}" if reason.fix else "")
-                out[name] = {"kind": m.kind, "state": "loading" if name in loading else "inactive", "detail": why, "labels": []}
+                out[name] = {"kind": m.kind, "state": "loading" if name in state.loading_models else "inactive",
+                             "detail": why, "labels": []}
             else:
                 remote = getattr(model, "device", "cpu") == "remote"
                 out[name] = {"kind": m.kind, "state": "remote" if remote else "active",
@@ -454,12 +451,12 @@ class Dashboard:
 
     def rule_states(self) -> list[dict[str, Any]]:
         """Per rule: ``active``, and ``state``: active, loading (its model loads in the background) or inactive."""
-        inactive = getattr(self.daemon, "inactive_rules", {})
-        loading = getattr(self.daemon, "loading_rules", ())
+        state = self.daemon.availability
+        inactive = state.inactive_rules
         return [{"id": r.id, "model": r.model, "label": r.label, "threshold": r.threshold,
                  "sources": list(r.sources) if r.sources else None, "active": r.id not in inactive,
-                 "state": "active" if r.id not in inactive else "loading" if r.id in loading else "inactive",
-                 "detail": inactive.get(r.id, "")} for r in self.daemon.config.rules]
+                 "state": "active" if r.id not in inactive else "loading" if r.id in state.loading_rules else "inactive",
+                 "detail": inactive.get(r.id, "")} for r in state.config.rules]
 
     def source_states(self) -> dict[str, dict[str, str]]:
         """Per source: up / down / ended / starting, and the detail (``waiting for a microphone ...``)."""
