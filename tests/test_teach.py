@@ -590,6 +590,26 @@ def test_eval_reports_a_rules_events_and_false_alarms_with_and_without_its_bank(
     assert rule["without_bank"]["false_alarms_per_hour"] > 0 == rule["with_bank"]["false_alarms_per_hour"]
 
 
+def test_no_label_a_rule_can_be_taught_under_names_another_rules_false_alarms(tmp_path):
+    """A bank keeps rule r's false alarms under ``not:r``. A CLAP label or YAMNet group spelled so
+    would let "yes, this" on its own rule teach r's false alarm, and a real glass break alike
+    would then be suppressed: the config names it instead."""
+    from tests.conftest import config_problems
+
+    config = """
+sources: [{id: a, device: default}]
+models:
+  clap: {kind: clap, model: x, labels: [glass breaking, "not:glass-break", noise]}
+  yam: {kind: yamnet, groups: {"not:glass": [Glass]}}
+rules:
+  - {id: glass-break, model: clap, label: glass breaking, threshold: 0.5, not_like: {bank: taught.npz}}
+  - {id: odd, model: clap, label: "not:glass-break", threshold: 0.5, not_like: {bank: taught.npz}}
+"""
+    problems = "\n".join(config_problems(config, tmp_path))
+    assert "models.clap.labels: 'not:glass-break' may not start with 'not:'" in problems, problems
+    assert "models.yam.groups.not:glass: 'not:glass' may not start with 'not:'" in problems, problems
+
+
 def test_config_checks_for_taught_models_and_not_like(tmp_path):
     from tests.conftest import config_problems
 

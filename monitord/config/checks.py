@@ -169,15 +169,27 @@ def _unknown_label(label: str, vocabulary: tuple[str, ...], model: str) -> str |
     return f"{label!r} is not a label of model {model!r}{hint}"
 
 
+NEGATIVE = "not:"
+"""How a bank names a rule's false alarms (``not:<rule>``, as monitord.teaching.bank does): no label
+a rule can have may start so, or "yes, this" on it would teach another rule's false alarm, and that
+rule's real sound alike would be suppressed."""
+
+
+def _negative_name(label: str) -> str:
+    return (f"{label!r} may not start with {NEGATIVE!r}: a not_like bank keeps a rule's false alarms under "
+            f"'not:<rule id>', so \"yes, this\" on a rule with this label would teach another rule's false alarm")
+
+
 def model_vocabulary(name: str, model: Any) -> tuple[tuple[str, ...] | None, list[Problem]]:
     """Every label a rule may name on this model, and any problems with the model's own names."""
     if model.kind == "clap":
-        return model.labels, []
+        return model.labels, [Problem(f"models.{name}.labels", _negative_name(label)) for label in model.labels
+                              if label.startswith(NEGATIVE)]
     if model.kind == "anomaly":
         return ("anomaly",), []
     if model.kind == "examples":
         duplicates = sorted(label for label, n in collections.Counter(model.labels).items() if n > 1)
-        bad = [label for label in model.labels if not label.strip() or label.startswith("not:")]
+        bad = [label for label in model.labels if not label.strip() or label.startswith(NEGATIVE)]
         return model.labels, ([Problem(f"models.{name}.labels", f"duplicate labels: {', '.join(duplicates)}")] if duplicates else []) + \
             [Problem(f"models.{name}.labels", f"{label!r} is not a label to teach (empty, or not:..., which names a rule's false alarms)")
              for label in bad]
@@ -195,6 +207,8 @@ def model_vocabulary(name: str, model: Any) -> tuple[tuple[str, ...] | None, lis
         return None, [Problem(f"{where}.class_map", f"cannot read the class map: {exc}")]
     problems = []
     for group, members in model.groups.items():
+        if group.startswith(NEGATIVE):
+            problems.append(Problem(f"{where}.groups.{group}", _negative_name(group)))
         if group in classes:
             problems.append(Problem(f"{where}.groups.{group}", f"group name {group!r} is also a class name: pick another"))
         if not members:

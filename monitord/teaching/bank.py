@@ -27,6 +27,8 @@ from pathlib import Path
 
 import numpy as np
 
+from monitord.config.checks import NEGATIVE  # one spelling: the config refuses labels that start with it
+
 log = logging.getLogger(__name__)
 
 FORMAT = "monitord.examples/1"
@@ -35,7 +37,6 @@ KEEP = 5
 MAX_EXAMPLES = 200_000
 MAX_DIM = 4096
 MAX_TEXT = 4096
-NEGATIVE = "not:"
 
 
 class BankError(Exception):
