@@ -44,6 +44,19 @@ def test_cooldown_suppresses_repeated_onsets():
     assert [e for e in events if e[1] == "onset"] == [(0.0, "onset"), (2.0, "onset")]
 
 
+def test_an_onset_exactly_one_cooldown_later_counts_though_window_times_are_floats():
+    """Window ends are sample counts over the rate: at a 0.1 s hop, 1.4 - 1.1 is 0.2999...98 s."""
+    rate, length, hop = 16000, 16000, 1600
+    t = [(k * hop + length) / rate for k in range(6)]
+    assert t[4] - t[1] < 0.3  # the floats themselves fall short
+    p = RuleParams(threshold=0.5, release=0.5, cooldown_s=0.3)
+    scores = [0.0, 0.9, 0.0, 0.0, 0.9, 0.0]
+    assert run(p, list(zip(t, scores))) == [(t[1], "onset"), (t[2], "offset"), (t[4], "onset"), (t[5], "offset")]
+    engine = AlertEngine([RuleConfig(id="r", model="m", label="x", threshold=0.5, cooldown_s=0.3)])
+    engine.states[("r", "a")] = RuleState(False, (False,), (False,), t[1])
+    assert engine.would_count("r", "a", 0.9, t[4])
+
+
 def test_an_unscored_window_never_starts_an_alert_even_at_threshold_zero():
     p = RuleParams(threshold=0.0, release=0.0)
     assert run(p, seq([None, None, None])) == []

@@ -161,6 +161,14 @@ def test_cooldown_between_onsets():
     assert onsets == [0, 50]  # 1 s after the first
 
 
+def test_an_onset_exactly_one_cooldown_later_counts_though_frame_times_are_floats():
+    params = FrameRuleParams.from_seconds(0.7, HOP, cooldown_s=0.1)
+    times = HOP * np.arange(8)
+    assert times[6] - times[1] < 0.1  # 0.0999...
+    values = np.array([0.1, 0.9, 0.1, 0.1, 0.1, 0.1, 0.9, 0.1])
+    assert [t.index for t in rule_run(params, times, values) if t.phase == "onset"] == [1, 6]
+
+
 def _chunks(n: int, cuts: list[int]) -> list[slice]:
     edges = [0, *sorted({c for c in cuts if 0 < c < n}), n]
     return [slice(a, b) for a, b in zip(edges[:-1], edges[1:])]

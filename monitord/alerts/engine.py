@@ -53,6 +53,16 @@ class RuleState:
     """Stream time of the last onset, for the cooldown."""
 
 
+SAME_TIME_S = 1e-6
+"""Stream times are sample counts over a rate, in floats (at a 0.1 s hop, 1.4 - 1.1 is 0.2999...98):
+times this close are one instant, less than a sample apart at any rate monitord reads."""
+
+
+def cooled(last_onset: float | None, t: float, cooldown_s: float) -> bool:
+    """Whether ``cooldown_s`` of stream time has passed at ``t`` since the last onset (None: none yet)."""
+    return last_onset is None or t - last_onset >= cooldown_s - SAME_TIME_S
+
+
 def step(state: RuleState, params: RuleParams, score: float | None, t: float) -> tuple[RuleState, Phase | None]:
     """Advance one window (stream time ``t``, its end); ``score`` None: a window no model scored."""
     n = params.of_windows
@@ -62,8 +72,7 @@ def step(state: RuleState, params: RuleParams, score: float | None, t: float) ->
         if not any(holding):
             return RuleState(False, above, holding, state.last_onset), "offset"
         return RuleState(True, above, holding, state.last_onset), None
-    cooled = state.last_onset is None or t - state.last_onset >= params.cooldown_s
-    if above[-1] and sum(above) >= params.min_windows and cooled:
+    if above[-1] and sum(above) >= params.min_windows and cooled(state.last_onset, t, params.cooldown_s):
         return RuleState(True, above, holding, t), "onset"
     return RuleState(False, above, holding, state.last_onset), None
 
@@ -147,8 +156,7 @@ class AlertEngine:
         out of its cooldown, and the score reaches its threshold (with k-of-n, one of the k windows).
         Read only."""
         state, params = self.states.get((rule_id, source), RuleState()), self._params[rule_id]
-        cooled = state.last_onset is None or t - state.last_onset >= params.cooldown_s
-        return not state.active and cooled and score >= params.threshold
+        return not state.active and cooled(state.last_onset, t, params.cooldown_s) and score >= params.threshold
 
     def active(self) -> list[tuple[str, str]]:
         """(rule, source) pairs with an alert on."""

@@ -30,6 +30,7 @@ from typing import Literal
 
 import numpy as np
 
+from monitord.alerts.engine import cooled
 from monitord.types import FrameScores
 
 GAP_FRAMES = 2.5
@@ -274,7 +275,7 @@ def rule_step(state: FrameRuleState, params: FrameRuleParams, times: Sequence[fl
             if score < params.release:
                 out.append(FrameTransition("offset", t, index, score, onset_at))
                 active = False
-        elif run >= params.hold_frames and (onset_at is None or t - onset_at >= params.cooldown_s):
+        elif run >= params.hold_frames and cooled(onset_at, t, params.cooldown_s):
             out.append(FrameTransition("onset", t, index, score, run_since))
             active, onset_at = True, t
         last = t
