@@ -182,3 +182,53 @@ def test_classify_refuses_a_file_claiming_100_mhz_with_exit_2(tmp_path, config):
     result = classify(path, config)
     assert result.returncode == 2, result.stderr
     assert "100000000 Hz is outside 8000-384000 Hz" in result.stderr and "Traceback" not in result.stderr
+
+
+def damaged_mp3s(tmp_path):
+    """An MP3 of 6 s (LAME, with its Xing/Info header) cut in half, and the half with a header
+    claiming 0x7FFFFFFF frames (about 29 days): (cut, claims_days, seconds really held)."""
+    import shutil
+    import struct
+
+    from tests.conftest import need, write_wav
+
+    need(shutil.which("ffmpeg") is not None, "ffmpeg is not installed (Debian package ffmpeg)")
+    rate = 22050
+    bursts = np.concatenate([np.concatenate([noise(0.5, rate, -12, seed=i), np.zeros(rate // 2, np.float32)]) for i in range(6)])
+    write_wav(tmp_path / "whole.wav", bursts, rate)
+    subprocess.run(["ffmpeg", "-nostdin", "-loglevel", "error", "-i", str(tmp_path / "whole.wav"), "-codec:a", "libmp3lame",
+                    "-b:a", "64k", str(tmp_path / "whole.mp3")], check=True, timeout=60)
+    data = (tmp_path / "whole.mp3").read_bytes()
+    cut = tmp_path / "cut.mp3"
+    cut.write_bytes(data[: len(data) // 2])
+    held = sf.read(str(cut), dtype="float32")[0].shape[0] / rate
+    header = bytearray(data[: len(data) // 2])
+    at = max(header.find(b"Xing"), header.find(b"Info"))
+    assert at >= 0 and struct.unpack(">I", header[at + 4 : at + 8])[0] & 1, "LAME wrote no frame count"
+    header[at + 8 : at + 12] = struct.pack(">I", 0x7FFFFFFF)
+    claims = tmp_path / "claims.mp3"
+    claims.write_bytes(bytes(header))
+    assert sf.info(str(cut)).duration > held + 2 and sf.info(str(claims)).duration > 86400
+    return cut, claims, held
+
+
+def test_a_damaged_file_is_read_for_what_it_holds_not_for_what_its_header_claims(tmp_path):
+    """soundfile's blocks() counts down the header's length and hands out its last buffer again
+    where the file ends early: the source played a cut MP3's last 0.1 s over and over to the
+    header's end, and one claiming 29 days forever. read_mono asked for 4.5 TiB at once."""
+    from monitord.audio import read_mono
+    from monitord.config import GateConfig, Config
+    from monitord.tools.classify import count_windows
+    from tests.conftest import file_windows
+
+    cut, claims, held = damaged_mp3s(tmp_path)
+    for path in (cut, claims):
+        rate, windows, statuses = file_windows(path, GateConfig(mode="energy", threshold_dbfs=-60), rates=(16000,))
+        assert windows[-1].stream_end <= held + 0.01, (path.name, windows[-1].stream_end, held)
+        eof = [detail for status, detail in statuses if status == "eof"]
+        assert len(eof) == 1 and f"after {held:.2f} s" in eof[0] and "cut short or damaged" in eof[0], statuses
+        samples, rate = read_mono(path)
+        assert abs(len(samples) / rate - held) < 0.01
+    config = Config.model_validate({"sources": [{"id": "a", "device": "default"}], "models": {"yam": {"kind": "yamnet"}}})
+    total, seconds = count_windows(claims, config)  # the header's word, for a progress bar: a count, not a list
+    assert seconds > 86400 and total > 86400

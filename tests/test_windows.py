@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from monitord.audio import resample
 from monitord.config import GateConfig
@@ -95,3 +97,11 @@ def test_short_file_gives_one_padded_window(tmp_path):
     assert len(windows) == 1
     w = windows[0]
     assert w.stream_start == 0.0 and w.stream_end == pytest.approx(0.7) and len(w.samples) == 2 * rate
+
+
+@given(st.integers(0, 5000), st.integers(1, 800), st.integers(1, 800))
+@settings(max_examples=400, deadline=None)
+def test_window_count_is_the_number_of_window_starts(total, length, hop):
+    from monitord.windowing.tiling import window_count
+
+    assert window_count(total, length, hop) == len(window_starts(total, length, hop))

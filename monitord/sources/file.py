@@ -64,17 +64,19 @@ class FileSource(Stage):
         except decode_errors as exc:
             self._failed(exc)
             return
+        claimed = f.frames
         with f:
-            blocks = f.blocks(blocksize=block, dtype="float32", always_2d=True)
             while not self.stopping.is_set():
                 self.beat()
                 try:
-                    chunk = next(blocks)
-                except StopIteration:
-                    break
+                    # read until a read gives nothing: soundfile's blocks() counts down the header's length
+                    # and hands out its last buffer again where a damaged file decodes to less
+                    chunk = f.read(block, dtype="float32", always_2d=True)
                 except decode_errors as exc:  # only decoding: the loop's own faults kill the stage
                     self._failed(exc)
                     return
+                if len(chunk) == 0:
+                    break
                 mono = to_mono(chunk)
                 if not self._wait_turn(len(mono)):
                     break
@@ -83,7 +85,9 @@ class FileSource(Stage):
                 self.stats.frames += len(mono)
         self.ring.close()
         if not self.stopping.is_set():
-            self.on_status(self.id, "eof", f"end of file after {self.ring.written / self.sample_rate:.2f} s")
+            short = (f" (its header says {claimed / self.sample_rate:.2f} s: the file is cut short or damaged)"
+                     if self.ring.written < claimed else "")
+            self.on_status(self.id, "eof", f"end of file after {self.ring.written / self.sample_rate:.2f} s{short}")
 
     def _failed(self, exc: Exception) -> None:
         """A file that cannot be decoded (further) is bad input, not a crash: an ``error`` status, no ``eof``."""

@@ -15,7 +15,7 @@ from monitord.inference.build import model_inputs
 from monitord.inference.models import Model
 from monitord.inference.scoring import Scorer
 from monitord.types import FrameScores, ScoredWindow, Verdict, Window
-from monitord.windowing.tiling import WindowCutter, window_starts
+from monitord.windowing.tiling import WindowCutter, window_count, window_starts
 
 __all__ = ["AudioFileError", "WindowResult", "audio_files", "classify_file", "classify_samples", "count_windows", "read_mono"]
 
@@ -78,7 +78,8 @@ class WindowResult:
 
 
 def count_windows(path: Path, config: Config) -> tuple[int, float]:
-    """How many windows a file gives, and its duration in seconds (from the header)."""
+    """How many windows a file gives, and its duration in seconds, as its header says (a damaged
+    one can say more than the file holds: the file is read until it ends, not for this long)."""
     import soundfile as sf
 
     try:
@@ -89,7 +90,7 @@ def count_windows(path: Path, config: Config) -> tuple[int, float]:
     if info.frames == 0:
         raise AudioFileError(f"audio file {path} holds no samples")
     length, hop = round(config.window.seconds * info.samplerate), round(config.window.hop_s * info.samplerate)
-    return len(window_starts(info.frames, length, hop)), info.frames / info.samplerate
+    return window_count(info.frames, length, hop), info.frames / info.samplerate
 
 
 def audio_files(paths: list[Path]) -> list[Path]:

@@ -51,6 +51,16 @@ def window_starts(total: int, length: int, hop: int) -> list[int]:
     return Tiler(length, hop).take(total, ended=True) if total > 0 else []
 
 
+def window_count(total: int, length: int, hop: int) -> int:
+    """``len(window_starts(total, length, hop))``, worked out without listing them."""
+    if total <= 0:
+        return 0
+    if total <= length:
+        return 1
+    whole = (total - length) // hop + 1
+    return whole + (total > (whole - 1) * hop + length)
+
+
 @dataclass(frozen=True)
 class ModelInput:
     """What the windowing stage needs to know of a model: its rate, and its own gate if it has one."""
