@@ -105,3 +105,24 @@ def test_window_count_is_the_number_of_window_starts(total, length, hop):
     from monitord.windowing.tiling import window_count
 
     assert window_count(total, length, hop) == len(window_starts(total, length, hop))
+
+
+@pytest.mark.parametrize("rate,hop_s", [(8000, 0.05), (22050, 0.02), (44100, 0.05), (48000, 0.25)])
+def test_the_smallest_ring_the_config_accepts_never_holds_a_file_up(tmp_path, rate, hop_s):
+    """A file source waits for room for a whole 0.1 s block; the windowing stage frees a window's
+    samples once it is whole. With a 2.05 s ring at a 0.05 s hop (accepted before) both waited
+    for good, while their heartbeats said running."""
+    from monitord.config import ConfigError, parse_config
+
+    def config(ring: float) -> str:
+        return (f"sources: [{{id: a, device: default}}]\nmodels: {{yam: {{kind: yamnet}}}}\n"
+                f"window: {{seconds: 2.0, hop_s: {hop_s}}}\npipeline: {{ring_seconds: {ring}}}\n")
+
+    smallest = 2.0 + max(hop_s, 0.1)
+    parse_config(config(smallest), tmp_path)
+    with pytest.raises(ConfigError, match="pipeline.ring_seconds: must be at least"):
+        parse_config(config(round(2.0 + hop_s, 3) if hop_s < 0.1 else smallest - 0.01), tmp_path)
+    path = write_wav(tmp_path / "a.wav", noise(4.0, rate, -20), rate)
+    _, windows, statuses = file_windows(path, GateConfig(mode="energy", threshold_dbfs=-50), rates=(16000,),
+                                        hop_s=hop_s, ring_seconds=smallest)
+    assert [s for s, _ in statuses] == ["up", "eof"] and windows[-1].stream_end == pytest.approx(4.0)

@@ -57,9 +57,10 @@ def cross_check(config: Config) -> list[Problem]:
     if window.hop_s > window.seconds:
         add("window.hop_s", f"hop ({window.hop_s} s) is longer than the window ({window.seconds} s): audio would be skipped; "
                             "shorten it or lengthen window.seconds")
-    needed = window.seconds + window.hop_s
+    needed = window.seconds + max(window.hop_s, FILE_BLOCK_S)
     if config.pipeline.ring_seconds < needed:
-        add("pipeline.ring_seconds", f"must be at least {needed:g} s (window.seconds + window.hop_s)")
+        add("pipeline.ring_seconds", f"must be at least {needed:g} s (window.seconds + the longer of window.hop_s "
+                                     f"and the {FILE_BLOCK_S:g} s a file source decodes at a time)")
     if config.metrics.bind is not None:
         problem = _check_bind(config.metrics.bind, remote_ok=config.metrics.allow_remote,
                               remote_hint=": set metrics.allow_remote: true if you mean it")
@@ -168,6 +169,11 @@ def _unknown_label(label: str, vocabulary: tuple[str, ...], model: str) -> str |
     hint = f"; did you mean {close[0]!r}?" if close else ""
     return f"{label!r} is not a label of model {model!r}{hint}"
 
+
+FILE_BLOCK_S = 0.1
+"""Seconds a file source decodes at a time. It waits for room for a whole block in its ring, and
+the windowing stage frees a window's samples only once the window is whole: a ring shorter than a
+window and a block holds them both up, for good."""
 
 NEGATIVE = "not:"
 """How a bank names a rule's false alarms (``not:<rule>``, as monitord.teaching.bank does): no label

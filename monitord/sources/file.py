@@ -7,14 +7,13 @@ import time
 
 from monitord.audio import AudioFileError, check_format, to_mono
 from monitord.config import SourceConfig
+from monitord.config.checks import FILE_BLOCK_S
 from monitord.sources.common import CaptureStats, SourceError, StatusCallback
 from monitord.sources.ring import RingBuffer
 from monitord.stage import Stage
 
 log = logging.getLogger(__name__)
 
-FILE_BLOCK_S = 0.1
-"""Seconds decoded per block."""
 
 
 class FileSource(Stage):
