@@ -72,7 +72,7 @@ class WindowFacts:
     median_frame_dbfs: float
     clipped_ratio: float
     non_finite: int
-    """Samples that were NaN or Inf and were replaced by zero."""
+    """Samples that were NaN, Inf or past ±64 (garbage, not sound) and were replaced by zero."""
     dc_offset: float
     """Mean removed from the window (0.0 when below the limit and left alone)."""
     speech: Mapping[str, float] = field(default_factory=lambda: EMPTY)

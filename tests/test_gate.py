@@ -130,3 +130,34 @@ def test_each_gate_measures_with_its_own_vad():
     assert window.gates["emotion"] is Verdict.QUIET and window.gates["emotion2"] is Verdict.QUIET
     assert window.facts.speech["webrtc"] == 1.0 and window.facts.speech["silero"] == 0.0
     assert window.facts.speech_ratio == 0.0  # the speech share reported is silero's
+
+
+def test_garbage_floats_never_reach_a_model_and_are_counted():
+    """A corrupt float file's random bits: NaN, Inf and values up to 3e38, which overflowed the
+    level (+745 dBFS, passed) and reached the models as Inf/NaN after resampling."""
+    from monitord.config import WindowConfig
+    from monitord.windowing.tiling import ModelInput, WindowCutter
+
+    garbage = np.random.default_rng(1).integers(0, 2**32, 44100, dtype=np.uint32).view(np.float32)
+    huge = np.full(44100, 3e38, np.float32)
+    loud = tone(1000, 1.0, 44100, -6).copy()
+    loud[::100] = 1e30  # a sound with corrupt samples in it
+    cutter = WindowCutter("a", 44100, WindowConfig(seconds=1.0, hop_s=1.0), GateConfig(mode="energy", threshold_dbfs=-50),
+                          {"m": ModelInput(16000)})
+    for samples, expect_bad in ((garbage, None), (huge, 44100), (loud, 441)):
+        window = cutter.cut(samples, 0, 0.0, 1.0)
+        assert np.isfinite(window.samples).all() and np.isfinite(window.facts.rms_dbfs)
+        assert window.facts.rms_dbfs < 40, window.facts
+        if expect_bad is not None:
+            assert window.facts.non_finite == expect_bad
+        if window.passed:
+            assert np.isfinite(window.at_rate(16000)).all()
+    assert cutter.cut(loud, 0, 0.0, 1.0).passed  # the sound around the corrupt samples still counts
+
+
+@pytest.mark.parametrize("offset", [0.004, 0.009, 0.01, -0.2])
+def test_a_dc_offset_on_silence_is_no_sound(offset):
+    """Below DC_LIMIT the offset stays in the samples; levels are measured without it either way."""
+    x = np.full(32000, offset, np.float32) + noise(2.0, 16000, -90)
+    _, facts, verdict = inspect(x, 16000, GateConfig(mode="energy", threshold_dbfs=-50))
+    assert facts.rms_dbfs < -80 and verdict == Verdict.QUIET, facts

@@ -33,6 +33,11 @@ VAD_RATE = 16000
 VAD_FRAME = 480  # 30 ms at 16 kHz
 CLIP_LEVEL = 0.999
 DC_LIMIT = 0.01
+"""An offset this large is taken out of what the models get; levels are always measured without it."""
+GARBAGE_LEVEL = 64.0
+"""A float sample past this (36 dB over full scale) is no sound: a corrupt or mislabelled float file's
+random bits reach 3e38, overflow every sum (a level of +745 dBFS that passed the gate) and reached
+the models as Inf and NaN after resampling."""
 
 
 def dbfs(rms: float) -> float:
@@ -40,12 +45,13 @@ def dbfs(rms: float) -> float:
 
 
 def clean(samples: np.ndarray) -> tuple[np.ndarray, int, float]:
-    """Replace NaN/Inf by zero and remove a significant DC offset, on a copy when anything changes."""
-    finite = np.isfinite(samples)
-    non_finite = int(samples.size - np.count_nonzero(finite))
+    """Replace NaN, Inf and samples past ±GARBAGE_LEVEL by zero, and remove a significant DC offset,
+    on a copy when anything changes."""
+    sound = np.abs(samples) <= GARBAGE_LEVEL  # False for NaN too
+    non_finite = int(samples.size - np.count_nonzero(sound))
     if non_finite:
-        samples = np.where(finite, samples, np.float32(0.0)).astype(np.float32)
-    dc = float(samples.mean()) if samples.size else 0.0
+        samples = np.where(sound, samples, np.float32(0.0)).astype(np.float32)
+    dc = float(samples.mean(dtype=np.float64)) if samples.size else 0.0
     if abs(dc) >= DC_LIMIT:
         samples = samples - np.float32(dc)
     else:
@@ -54,8 +60,11 @@ def clean(samples: np.ndarray) -> tuple[np.ndarray, int, float]:
 
 
 def measure(samples: np.ndarray, sample_rate: int, non_finite: int = 0, dc_offset: float = 0.0) -> WindowFacts:
-    """Level, per-frame level and clipping of a clean mono window."""
-    x = samples.astype(np.float64, copy=False)
+    """Level, per-frame level and clipping of a clean mono window. Levels leave its mean out: a
+    converter's offset under DC_LIMIT is no sound (silence at 0.009 measured -41 dBFS and passed a
+    -50 dBFS gate, while 0.01, taken out, measured quiet)."""
+    raw = samples.astype(np.float64, copy=False)
+    x = raw - raw.mean() if raw.size else raw
     rms = float(np.sqrt(np.mean(x * x))) if x.size else 0.0
     frame = max(1, int(sample_rate * FRAME_S))
     n_frames = x.size // frame
@@ -65,7 +74,7 @@ def measure(samples: np.ndarray, sample_rate: int, non_finite: int = 0, dc_offse
         peak, median = float(frame_db.max()), float(np.median(frame_db))
     else:
         peak = median = dbfs(rms)
-    clipped = float(np.count_nonzero(np.abs(x) >= CLIP_LEVEL)) / x.size if x.size else 0.0
+    clipped = float(np.count_nonzero(np.abs(raw) >= CLIP_LEVEL)) / raw.size if raw.size else 0.0
     return WindowFacts(dbfs(rms), max(peak, SILENCE_DBFS), max(median, SILENCE_DBFS), clipped, non_finite, dc_offset)
 
 
