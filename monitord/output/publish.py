@@ -24,6 +24,13 @@ log = logging.getLogger(__name__)
 
 REPLAY_LIMIT = 1000
 REPLAY_MAX_REQUEST = 4096
+REPLAY_MAX_FRAMES = 3
+"""A request: a peer's identity, REQ's empty delimiter, the query. A message of more frames (each
+under REPLAY_MAX_REQUEST, a limit ZeroMQ applies per frame) is dropped unanswered, not echoed."""
+REPLAY_SEND_HWM = 2
+"""Answers kept for a peer that does not read them; later ones are dropped (ROUTER's behaviour at its
+high-water mark). At ZeroMQ's default of 1000, a peer that sent requests and never read made the
+daemon hold up to 1000 answers of 1000 events each (55 -> 558 MB from one peer)."""
 
 
 class PublishError(Exception):
@@ -63,7 +70,8 @@ class Publisher:
             if self.event_log is None:
                 raise PublishError("publish.replay_endpoint: needs publish.event_log (replay reads the log)")
             # a request is a few bytes: a peer sending more is cut off
-            router = self._bind(zmq.ROUTER, self.config.replay_endpoint, "publish.replay_endpoint", REPLAY_MAX_REQUEST)
+            router = self._bind(zmq.ROUTER, self.config.replay_endpoint, "publish.replay_endpoint", REPLAY_MAX_REQUEST,
+                                send_hwm=REPLAY_SEND_HWM)
             self.replay = ReplayServer(router, self.event_log)
             self.replay.start()
         log.info("publishing on %s (event log %s, next seq %d)", self.config.endpoint, self.config.event_log, self.seq + 1)
@@ -83,11 +91,14 @@ class Publisher:
         self._authenticator.start()
         self._authenticator.configure_curve(domain="*", location=curve.authorized_clients)
 
-    def _bind(self, kind: int, endpoint: str, key: str, max_message: int | None = None) -> zmq.Socket:
+    def _bind(self, kind: int, endpoint: str, key: str, max_message: int | None = None,
+              send_hwm: int | None = None) -> zmq.Socket:
         socket = self._context.socket(kind)
         socket.setsockopt(zmq.LINGER, 1000)
         if max_message is not None:  # before bind: it applies to the connections accepted after it
             socket.setsockopt(zmq.MAXMSGSIZE, max_message)
+        if send_hwm is not None:
+            socket.setsockopt(zmq.SNDHWM, send_hwm)
         if self.config.curve is not None:
             socket.curve_secretkey = self._server_secret
             socket.curve_publickey = self._server_public
@@ -175,7 +186,9 @@ class ReplayServer:
             while not self._stop.is_set():
                 if not self.socket.poll(100):
                     continue
-                frames = self.socket.recv_multipart()
+                frames = self._receive()
+                if frames is None:
+                    continue
                 envelope, request = frames[:-1], frames[-1]
                 try:
                     answer = self.answer(request)
@@ -185,6 +198,21 @@ class ReplayServer:
                 self.socket.send_multipart(envelope + answer)
         finally:
             self.socket.close(0)
+
+    def _receive(self) -> list[bytes] | None:
+        """One request's frames, read one at a time; None for a message of more than REPLAY_MAX_FRAMES
+        (the rest are read and let go: a peer's 100,000 frames are neither kept nor echoed back)."""
+        frames, too_many = [self.socket.recv()], False
+        while self.socket.getsockopt(zmq.RCVMORE):
+            frame = self.socket.recv()
+            if len(frames) < REPLAY_MAX_FRAMES:
+                frames.append(frame)
+            else:
+                too_many = True
+        if too_many:
+            log.warning("replay: a request of more than %d frames dropped unanswered", REPLAY_MAX_FRAMES)
+            return None
+        return frames
 
     def answer(self, request: bytes) -> list[bytes]:
         try:
