@@ -7,6 +7,14 @@ import re
 
 HOST_LABEL = re.compile(r"^(?!-)[a-z0-9-]{1,63}(?<!-)$")
 
+REQUEST_HEAD_S = 10.0
+"""Seconds an HTTP client of the dashboard or the metrics gets to send a whole request head once
+connected; then it is cut off. One that sent a little at a time kept its connection, and a file
+descriptor, for good: 1,100 of them used up the process's descriptors (slowloris)."""
+MAX_HTTP_CONNECTIONS = 256
+"""Connections one HTTP server (the dashboard, the metrics) keeps open at once; one more is closed
+as it comes."""
+
 
 def split_host_port(bind: str) -> tuple[str, int]:
     """'HOST:PORT' (an IPv6 host in brackets) -> (host, port); ValueError naming what is wrong."""

@@ -596,3 +596,80 @@ models:
             chrome.close()
     finally:
         dashboard.stop()
+
+
+@pytest.mark.parametrize("server", ["dashboard", "metrics"])
+def test_http_clients_that_never_finish_a_request_are_cut_off(server, monkeypatch):
+    """Slowloris: connections that send a little of a request head and then nothing held a file
+    descriptor each for good (1,100 of them used up the process's). Past MAX_HTTP_CONNECTIONS one
+    more is closed as it comes; one that has not sent its head within REQUEST_HEAD_S is closed;
+    a head past 16 KB is refused (the dashboard's parser kept 382 MB of header lines)."""
+    import socket
+
+    from monitord import net
+    from monitord.output.dashboard import Dashboard
+    from monitord.output.metrics import guarded_wsgi_server
+    from tests.conftest import free_port
+
+    monkeypatch.setattr(net, "MAX_HTTP_CONNECTIONS", 4)
+    monkeypatch.setattr(net, "REQUEST_HEAD_S", 120.0)
+    port = free_port()
+    if server == "dashboard":
+        dashboard = Dashboard(SimpleNamespace(), f"127.0.0.1:{port}", None)
+        dashboard.start()
+        stop, path = dashboard.stop, "/static/app.css"
+    else:
+        def app(environ, start_response):
+            start_response("200 OK", [("Content-Type", "text/plain")])
+            return [b"ok"]
+
+        metrics = guarded_wsgi_server("127.0.0.1", port, app)
+        import threading
+
+        threading.Thread(target=metrics.serve_forever, daemon=True).start()
+
+        def stop() -> None:
+            metrics.shutdown()
+            metrics.server_close()
+
+        path = "/metrics"
+    head = b"GET " + path.encode() + b" HTTP/1.1\r\nHost: 127.0.0.1:%d\r\n" % port
+
+    def connect() -> socket.socket:
+        s = socket.create_connection(("127.0.0.1", port), timeout=60)
+        s.sendall(head)  # and never the blank line that ends it
+        return s
+
+    def closed_by_server(s: socket.socket) -> bool:
+        try:
+            return s.recv(65536) == b"" or s.recv(65536) == b""  # (a 400 answer first, then the close)
+        except ConnectionResetError:
+            return True
+
+    try:
+        held = [connect() for _ in range(4)]
+        extra = connect()
+        assert closed_by_server(extra)  # within the 60 s recv timeout: not after the 120 s head limit
+        for s in held:
+            s.close()
+        monkeypatch.setattr(net, "REQUEST_HEAD_S", 0.5)
+        assert closed_by_server(connect())
+        if server == "dashboard":
+            big = socket.create_connection(("127.0.0.1", port), timeout=60)
+            refused = False
+            try:
+                big.sendall(head)
+                for i in range(2000):  # 8 MB of header lines, unless cut off first
+                    big.sendall(b"X-Pad-%05d: %s\r\n" % (i, b"a" * 4000))
+                big.sendall(b"\r\n")
+                answer = big.recv(65536)
+                refused = answer == b"" or answer.startswith(b"HTTP/1.1 4")
+            except (BrokenPipeError, ConnectionResetError):
+                refused = True
+            assert refused
+            big.close()
+        with socket.create_connection(("127.0.0.1", port), timeout=60) as s:  # a whole request still gets its answer
+            s.sendall(head + b"Connection: close\r\n\r\n")
+            assert s.recv(65536).startswith(b"HTTP/1.")
+    finally:
+        stop()

@@ -568,7 +568,7 @@ class Dashboard:
             sock.close()
             raise
         sock.listen(128)
-        config = uvicorn.Config(self.app(), log_level="warning", lifespan="off")
+        config = uvicorn.Config(self.app(), http=guarded_h11(), log_level="warning", lifespan="off")
         self._server = uvicorn.Server(config)
         self._socket = sock
         ready = threading.Event()
@@ -680,3 +680,47 @@ class TokenGate:
                 return
         await self.app(scope, receive, send)
 
+
+def guarded_h11() -> type:
+    """uvicorn's h11 protocol, whose request head is capped at 16 KB (httptools, uvicorn's default,
+    kept every header line: 382 MB of them took the process to 441 MB, before any token was
+    checked), with two guards: a connection that has not sent a whole request head within
+    REQUEST_HEAD_S (of its start, or of its last response) is closed, and one past
+    MAX_HTTP_CONNECTIONS is closed as it comes."""
+    import h11
+    from uvicorn.protocols.http.h11_impl import H11Protocol
+
+    from monitord import net
+
+    class GuardedH11Protocol(H11Protocol):
+        _head_timer: asyncio.TimerHandle | None = None
+
+        def connection_made(self, transport) -> None:  # type: ignore[override]
+            super().connection_made(transport)
+            if len(self.connections) > net.MAX_HTTP_CONNECTIONS:
+                log.warning("dashboard: %d connections open; one more closed", net.MAX_HTTP_CONNECTIONS)
+                transport.close()
+                return
+            self._wait_for_head()
+
+        def _wait_for_head(self) -> None:
+            # uvicorn's own keep-alive timer is cancelled by any byte received: no bound on a slow head
+            self._head_timer = self.loop.call_later(net.REQUEST_HEAD_S, self._head_late)
+
+        def _head_late(self) -> None:
+            if self.conn.their_state is h11.IDLE and not self.transport.is_closing():  # no whole head yet
+                self.transport.close()
+
+        def on_response_complete(self) -> None:
+            super().on_response_complete()
+            if self._head_timer is not None:
+                self._head_timer.cancel()
+            if not self.transport.is_closing():
+                self._wait_for_head()
+
+        def connection_lost(self, exc: Exception | None) -> None:
+            if self._head_timer is not None:
+                self._head_timer.cancel()
+            super().connection_lost(exc)
+
+    return GuardedH11Protocol

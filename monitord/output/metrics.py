@@ -85,16 +85,62 @@ class Metrics:
             self.last_event.labels(event.source).set(time.time())
 
     def serve(self, bind: str) -> None:
-        from prometheus_client import start_http_server
+        import threading
+
+        from prometheus_client import make_wsgi_app
 
         host, port = split_host_port(bind)
-        self._server, _thread = start_http_server(port, addr=host, registry=self.registry)
+        self._server = guarded_wsgi_server(host, port, make_wsgi_app(self.registry))
+        threading.Thread(target=self._server.serve_forever, name="metrics", daemon=True).start()
         log.info("metrics on http://%s/metrics", bind)
 
     def close(self) -> None:
         if self._server is not None:
             self._server.shutdown()
+            self._server.server_close()
             self._server = None
+
+
+def guarded_wsgi_server(host: str, port: int, app: Callable):
+    """prometheus_client's server (a thread per connection), with a socket timeout of REQUEST_HEAD_S
+    on each connection and at most MAX_HTTP_CONNECTIONS at once: its own kept a connection that
+    never finished its request, and its thread, for good."""
+    import socket
+    import threading
+    from socketserver import ThreadingMixIn
+    from wsgiref.simple_server import WSGIRequestHandler, WSGIServer
+
+    from monitord import net
+
+    class Handler(WSGIRequestHandler):
+        @property
+        def timeout(self) -> float:  # StreamRequestHandler sets it on the socket: a stalled read ends it
+            return net.REQUEST_HEAD_S
+
+        def log_message(self, format: str, *args) -> None:  # noqa: A002 - the base class's name
+            pass
+
+    class Server(ThreadingMixIn, WSGIServer):
+        daemon_threads = True
+        address_family = socket.AF_INET6 if ":" in host else socket.AF_INET
+        places = threading.BoundedSemaphore(net.MAX_HTTP_CONNECTIONS)
+
+        def process_request(self, request, client_address) -> None:
+            if not self.places.acquire(blocking=False):
+                log.warning("metrics: %d connections open; one more closed", net.MAX_HTTP_CONNECTIONS)
+                self.shutdown_request(request)
+                return
+            super().process_request(request, client_address)
+
+        def process_request_thread(self, request, client_address) -> None:
+            try:
+                super().process_request_thread(request, client_address)
+            finally:
+                self.places.release()
+
+    server = Server((host, port), Handler)
+    server.set_app(app)
+    return server
 
 
 class _Collector:
