@@ -221,6 +221,49 @@ def test_an_output_stage_that_dies_after_logging_an_event_does_not_log_it_again_
     assert details == ["0", "1"], details
 
 
+def test_an_output_stage_that_dies_publishing_clip_statuses_publishes_the_rest_once_after_restart(tmp_path):
+    """Two clips written at once: the stage died on the first one's status (its feed raised), and
+    the second's status, already taken from the clip writer, was never published."""
+    from monitord.config import ClipsConfig
+    from monitord.output.clips import ClipWriter
+    from monitord.sources.ring import RingBuffer
+
+    class Feed:
+        failed = False
+
+        def on_window(self, scored):
+            pass
+
+        def on_event(self, event):
+            if event.status == "clip" and not Feed.failed:
+                Feed.failed = True
+                raise RuntimeError("dashboard feed bug")
+
+    stage, inbox, publisher = output_stage(tmp_path, feed=Feed())
+    clips = ClipWriter(ClipsConfig(enabled=True, dir=str(tmp_path / "clips"), pre_s=0.1, post_s=0.1))
+    clips.open()
+    stage.clips = clips
+    ring = RingBuffer(16000 * 4, 16000)
+    ring.write(np.zeros(16000 * 2, np.float32))
+    for seq in (1, 2):  # two onsets whose clips are due: the post-roll is in the ring already
+        clips.request("rec", ring, 0, 8000, clips.path_for("rec", "r", "2026-01-01T00:00:00.000Z"), seq)
+    stage.start()
+    try:
+        assert stage.join(10) and stage.state is StageState.FAILED
+        stage.restart()  # as the supervisor does
+        inbox.put(status_publication(3))
+        deadline = time.monotonic() + 30
+        while (len(inbox) or not stage.idle) and time.monotonic() < deadline:
+            time.sleep(0.05)
+    finally:
+        inbox.close()
+        stage.join(5)
+        publisher.close()
+    logged = [json.loads(line) for line in (tmp_path / "e.jsonl").read_bytes().splitlines()]
+    assert sorted(e["onset_seq"] for e in logged if e.get("status") == "clip") == [1, 2], logged
+    assert [e["seq"] for e in logged] == list(range(1, len(logged) + 1)) and len(logged) == 3
+
+
 @pytest.mark.parametrize("stage_name", ["alerts", "output"])
 def test_a_stop_while_a_stage_waits_for_its_restart_still_ends_alerts_and_writes_every_event(tmp_path, stage_name):
     """SIGTERM during a stage's restart backoff (1-4 s): stop() joins the dead thread (at once),

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import logging
 import time
+from collections import deque
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -83,10 +84,13 @@ class OutputStage(Stage):
         self.stats = OutputStats()
         self._in_hand: Publication | None = None
         """The event being written: retried first by a restarted stage, so it is not lost."""
+        self._clip_statuses: deque[Publication] = deque()
+        """Statuses of clips written (taken from the clip writer) and not yet published: a restarted
+        stage publishes them first."""
 
     @property
     def idle(self) -> bool:
-        return self._in_hand is None and (self.clips is None or not self.clips.pending)
+        return self._in_hand is None and not self._clip_statuses and (self.clips is None or not self.clips.pending)
 
     def run(self) -> None:
         while True:
@@ -178,15 +182,18 @@ class OutputStage(Stage):
             return published
 
     def _write_clips(self, flush: bool = False) -> None:
-        if self.clips is None or not self.clips.pending:
-            return
-        for result in self.clips.poll(flush):
-            request = result.request
-            if result.path is not None:
-                self.stats.clips += 1
-                self._publish(Publication(self.status(request.source, "clip", result.detail, clip=str(result.path),
-                                                      onset_seq=request.onset_seq)))
-            else:
-                self.stats.clip_failures += 1
-                self._publish(Publication(self.status(request.source, "clip_error", result.detail, onset_seq=request.onset_seq)))
+        if self.clips is not None and self.clips.pending:
+            for result in self.clips.poll(flush):
+                request = result.request
+                if result.path is not None:
+                    self.stats.clips += 1
+                    status = self.status(request.source, "clip", result.detail, clip=str(result.path), onset_seq=request.onset_seq)
+                else:
+                    self.stats.clip_failures += 1
+                    status = self.status(request.source, "clip_error", result.detail, onset_seq=request.onset_seq)
+                self._clip_statuses.append(Publication(status))
+        while self._clip_statuses:
+            self._in_hand = self._clip_statuses.popleft()
+            self._publish(self._in_hand)
+            self._in_hand = None
 
