@@ -30,6 +30,21 @@ def check_format(rate: int, channels: int, name: str) -> None:
         raise AudioFileError(f"{name}: {channels} channels (at most {MAX_CHANNELS})")
 
 
+def audio_file_info(path: str | Path):
+    """soundfile's info on an audio file monitord can read as a source; AudioFileError naming the file
+    where it cannot be read, holds a rate or channel count outside what monitord takes, or no samples."""
+    import soundfile as sf
+
+    try:
+        info = sf.info(str(path))
+    except (RuntimeError, sf.LibsndfileError) as exc:
+        raise AudioFileError(f"cannot read audio file {path}: {exc}") from None
+    check_format(int(info.samplerate), int(info.channels), f"audio file {path}")
+    if info.frames == 0:
+        raise AudioFileError(f"audio file {path} holds no samples")
+    return info
+
+
 def to_mono(frames: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
     """(frames, channels) -> (frames,) float32, the mean of the channels; a 1-D input is returned as it is.
 

@@ -50,6 +50,7 @@ def cmd_check_config(args: argparse.Namespace) -> int:
     from monitord.teaching.checks import check_banks
 
     problems, notes = check_banks(config)  # the banks and references, read as `run` reads them
+    problems += _unreadable_files(config)
     if problems:
         for problem in problems:
             print(f"monitord: {problem}", file=sys.stderr)
@@ -64,6 +65,21 @@ def cmd_check_config(args: argparse.Namespace) -> int:
     for note in notes:
         print(note)
     return EXIT_OK
+
+
+def _unreadable_files(config) -> list[str]:
+    """The file sources `run` would refuse, opened as it opens them (the config check sees only that
+    the file is there)."""
+    from monitord.audio import AudioFileError, audio_file_info
+
+    problems = []
+    for i, source in enumerate(config.sources):
+        if source.file is not None:
+            try:
+                audio_file_info(source.file)
+            except AudioFileError as exc:
+                problems.append(f"sources.{i}.file: {exc}")
+    return problems
 
 
 def cmd_run(args: argparse.Namespace) -> int:

@@ -232,3 +232,11 @@ def test_a_damaged_file_is_read_for_what_it_holds_not_for_what_its_header_claims
     config = Config.model_validate({"sources": [{"id": "a", "device": "default"}], "models": {"yam": {"kind": "yamnet"}}})
     total, seconds = count_windows(claims, config)  # the header's word, for a progress bar: a count, not a list
     assert seconds > 86400 and total > 86400
+
+
+def test_check_config_refuses_a_file_source_that_run_would_refuse(tmp_path):
+    (tmp_path / "text.wav").write_text("this is not audio\n" * 100)
+    (tmp_path / "c.yaml").write_text("sources: [{id: a, file: text.wav}]\nmodels: {yam: {kind: yamnet}}\n")
+    out = subprocess.run(monitord_cmd("check-config", str(tmp_path / "c.yaml")), cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 2 and "ok" not in out.stdout, out.stdout
+    assert f"sources.0.file: cannot read audio file {tmp_path / 'text.wav'}" in out.stderr, out.stderr

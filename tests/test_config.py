@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from monitord.config import ConfigError, load_config
-from tests.conftest import REPO, monitord_cmd
+from tests.conftest import REPO, monitord_cmd, silence, write_wav
 
 VALID = """
 sources:
@@ -49,7 +49,7 @@ publish:
 
 
 def write(tmp_path: Path, text: str) -> Path:
-    (tmp_path / "sample.wav").write_bytes(b"")  # existence is all the validator checks
+    write_wav(tmp_path / "sample.wav", silence(0.5, 16000), 16000)  # parse_config checks it is there; check-config reads it
     path = tmp_path / "monitord.yaml"
     path.write_text(textwrap.dedent(text))
     return path

@@ -39,6 +39,8 @@ def load_config(path: str | os.PathLike[str]) -> Config:
 
 MAX_CONFIG_BYTES = 8 * 2**20
 """A config file past this is refused, not read (/dev/zero, a log given by mistake): a real one is KBs."""
+MAX_PROBLEMS = 100
+"""Problems a refused config lists; a YAML alias repeated a thousand times can make a million."""
 
 
 def _read(path: Path) -> str:
@@ -128,7 +130,11 @@ def parse_config(text: str, base_dir: Path) -> Config:
     config = _resolve_paths(config, base_dir)
     problems = cross_check(config)
     if problems:
-        raise ConfigError([Problem(p.path, p.message, line_of(root_node, p.path)) for p in problems])
+        shown = [Problem(p.path, p.message, line_of(root_node, p.path)) for p in problems[:MAX_PROBLEMS]]
+        if len(problems) > MAX_PROBLEMS:
+            shown.append(Problem("config", f"and {len(problems) - MAX_PROBLEMS} more problems (the first {MAX_PROBLEMS} "
+                                           f"are above)"))
+        raise ConfigError(shown)
     for warning in config_warnings(config):
         log.warning("%s", Problem(warning.path, warning.message, line_of(root_node, warning.path)))
     return config

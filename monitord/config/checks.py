@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import collections
 import difflib
+import functools
 import re
 from pathlib import Path
 from collections.abc import Collection
@@ -162,6 +163,7 @@ def _check_frame_rule(where: str, rule: RuleConfig, model: Any) -> list[Problem]
             for key in ("min_windows", "of_windows") if getattr(rule, key) != 1]
 
 
+@functools.lru_cache(maxsize=4096)  # a YAML alias can repeat one list of unknown names a thousand times
 def _unknown_label(label: str, vocabulary: tuple[str, ...], model: str) -> str | None:
     if label in vocabulary:
         return None

@@ -5,7 +5,7 @@ from __future__ import annotations
 import logging
 import time
 
-from monitord.audio import AudioFileError, check_format, to_mono
+from monitord.audio import AudioFileError, audio_file_info, to_mono
 from monitord.config import SourceConfig
 from monitord.config.checks import FILE_BLOCK_S
 from monitord.sources.common import CaptureStats, SourceError, StatusCallback
@@ -25,23 +25,15 @@ class FileSource(Stage):
     """
 
     def __init__(self, config: SourceConfig, ring_seconds: float, on_status: StatusCallback):
-        import soundfile as sf
-
         super().__init__(f"file-{config.id}", stall_s=30.0)
         assert config.file is not None
         self.config = config
         self.id = config.id
         self.path = config.file
         try:
-            info = sf.info(self.path)
-        except (RuntimeError, sf.LibsndfileError) as exc:
-            raise SourceError(f"cannot read audio file {self.path}: {exc}") from None
-        try:
-            check_format(int(info.samplerate), int(info.channels), f"audio file {self.path}")
+            info = audio_file_info(self.path)
         except AudioFileError as exc:
             raise SourceError(str(exc)) from None
-        if info.frames == 0:
-            raise SourceError(f"audio file {self.path} holds no samples")
         self.sample_rate = int(info.samplerate)
         self.ring = RingBuffer(int(ring_seconds * self.sample_rate), self.sample_rate)
         self.on_status = on_status

@@ -9,7 +9,7 @@ from typing import Any
 
 import numpy as np
 
-from monitord.audio import AudioFileError, check_format, read_mono
+from monitord.audio import AudioFileError, audio_file_info, read_mono
 from monitord.config import Config
 from monitord.inference.build import model_inputs
 from monitord.inference.models import Model
@@ -80,15 +80,7 @@ class WindowResult:
 def count_windows(path: Path, config: Config) -> tuple[int, float]:
     """How many windows a file gives, and its duration in seconds, as its header says (a damaged
     one can say more than the file holds: the file is read until it ends, not for this long)."""
-    import soundfile as sf
-
-    try:
-        info = sf.info(str(path))
-    except (RuntimeError, sf.LibsndfileError) as exc:
-        raise AudioFileError(f"cannot read audio file {path}: {exc}") from None
-    check_format(int(info.samplerate), int(info.channels), str(path))
-    if info.frames == 0:
-        raise AudioFileError(f"audio file {path} holds no samples")
+    info = audio_file_info(path)
     length, hop = round(config.window.seconds * info.samplerate), round(config.window.hop_s * info.samplerate)
     return window_count(info.frames, length, hop), info.frames / info.samplerate
 
