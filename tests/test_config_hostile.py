@@ -683,3 +683,18 @@ def test_a_list_of_unknown_names_aliased_a_thousand_times_is_refused_in_seconds(
     assert len(problems) == 101 and problems[-1].message == "and 999900 more problems (the first 100 are above)"
     assert problems[0].path == "models.y.groups.g0.0" and "'zz0qq' is not a class of model 'y'" in problems[0].message
     print(f"refused in {time.process_time() - began:.1f} s of CPU")
+
+
+@pytest.mark.parametrize("key,value", [("sources.0.device", "yes"), ("sources.0.device", "off"), ("window.seconds", "true"),
+                                       ("gate.vad_aggressiveness", "no")])
+def test_yes_and_no_are_not_taken_for_numbers(tmp_path, key, value):
+    """YAML reads yes/no/on/off as true/false; pydantic took those as 1 and 0 (`device: off` was device 0)."""
+    section, *rest = key.split(".")
+    text = {"sources": f"sources: [{{id: a, device: {value}}}]\n", "window": f"sources: [{{id: a, device: default}}]\nwindow: {{seconds: {value}}}\n",
+            "gate": f"sources: [{{id: a, device: default}}]\ngate: {{vad_aggressiveness: {value}}}\n"}[section]
+    with pytest.raises(ConfigError) as info:
+        parse_config(text + "models: {yam: {kind: yamnet}}\n", tmp_path)
+    assert [p.path for p in info.value.problems] == [key] and "YAML reads yes, no, on and off" in info.value.problems[0].message
+    if section == "sources":  # quoted, it is a device name
+        quoted = text.replace(f"device: {value}", f"device: '{value}'")
+        assert parse_config(quoted + "models: {yam: {kind: yamnet}}\n", tmp_path).sources[0].device == value

@@ -21,6 +21,25 @@ class _Strict(BaseModel):
     # an upper bound: beyond it a value cannot be slept on, allocated or handed to a C int
     model_config = ConfigDict(extra="forbid", frozen=True, strict=False, allow_inf_nan=False)
 
+    @field_validator("*", mode="before")
+    @classmethod
+    def _no_yes_or_no_for_numbers(cls, value: Any, info: Any) -> Any:
+        # YAML reads yes, no, on, off as true and false, and pydantic took those as 1 and 0:
+        # `device: off` was the device at index 0, `seconds: true` a 1 s window
+        if isinstance(value, bool) and not _takes_bool(cls.model_fields[info.field_name].annotation):
+            raise ValueError(f"{str(value).lower()} (YAML reads yes, no, on and off so) is not a number or a name "
+                             f"here: write the value itself, in quotes if it is a name")
+        return value
+
+
+def _takes_bool(annotation: Any) -> bool:
+    """Whether a field's type lets a YAML yes/no through as what it is (bool, or Any)."""
+    import typing
+
+    if annotation is bool or annotation is Any:
+        return True
+    return any(_takes_bool(a) for a in typing.get_args(annotation))
+
 
 class GateConfig(_Strict):
     """Which windows are worth scoring."""
