@@ -93,8 +93,9 @@ class SourceConfig(_Strict):
 
 
 class WindowConfig(_Strict):
-    seconds: float = Field(2.0, gt=0.0, le=60.0)
-    hop_s: float = Field(0.5, gt=0.0, le=60.0)
+    seconds: float = Field(2.0, ge=0.1, le=60.0)
+    hop_s: float = Field(0.5, ge=0.01, le=60.0)
+    """At least 10 ms, finer than any model's own frames: a hop of 1e-9 s was one sample, 48,000 windows a second."""
 
 
 class CascadeConfig(_Strict):
