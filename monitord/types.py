@@ -321,12 +321,20 @@ class Event:
         return ordered
 
     def to_json(self) -> str:
-        """Compact JSON; a non-finite number anywhere becomes null (JSON has no NaN)."""
+        """Compact JSON that encodes as UTF-8; a non-finite number anywhere becomes null (JSON has no NaN)."""
         data = self.to_dict()
         try:
-            return json.dumps(data, separators=(",", ":"), ensure_ascii=False, allow_nan=False)
+            text = json.dumps(data, separators=(",", ":"), ensure_ascii=False, allow_nan=False)
         except ValueError:
-            return json.dumps(_finite(data), separators=(",", ":"), ensure_ascii=False, allow_nan=False)
+            data = _finite(data)
+            text = json.dumps(data, separators=(",", ":"), ensure_ascii=False, allow_nan=False)
+        try:
+            text.encode()
+        except UnicodeEncodeError:
+            # a lone surrogate (a file name's undecodable bytes, as Python keeps them) cannot be
+            # UTF-8: escaped, it can (an event that cannot be written would stop the output stage for good)
+            text = json.dumps(data, separators=(",", ":"), ensure_ascii=True, allow_nan=False)
+        return text
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> "Event":

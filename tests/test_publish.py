@@ -424,3 +424,26 @@ def test_a_replay_peer_cannot_make_the_daemon_hold_what_it_does_not_read(tmp_pat
         greedy.close()
     finally:
         p.close()
+
+
+def test_an_event_naming_a_file_with_undecodable_bytes_is_logged_and_sent(tmp_path):
+    """os.listdir keeps a file name's undecodable bytes as lone surrogates, which UTF-8 cannot
+    encode: such an event raised in the publisher, and the output stage, retrying it after each
+    restart, would have died for good."""
+    import os
+
+    folder = tmp_path / "refs"
+    folder.mkdir()
+    (folder / os.fsdecode(b"glass-\xff.wav")).write_bytes(b"")
+    name = os.listdir(folder)[0]
+    event = Event(kind="status", source="daemon", time=iso_utc(0.0), host="h", status="reference_error",
+                  detail=f"cannot read {folder / name}")
+    endpoint = f"tcp://127.0.0.1:{free_port()}"
+    p = Publisher(PublishConfig(endpoint=endpoint, event_log=str(tmp_path / "e.jsonl")), zmq.Context())
+    p.start()
+    try:
+        p.publish(event)
+    finally:
+        p.close()
+    logged = json.loads((tmp_path / "e.jsonl").read_bytes())
+    assert logged["detail"] == f"cannot read {folder / name}"  # the same text back, escaped in the JSON
