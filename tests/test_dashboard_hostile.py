@@ -673,3 +673,26 @@ def test_http_clients_that_never_finish_a_request_are_cut_off(server, monkeypatc
             assert s.recv(65536).startswith(b"HTTP/1.")
     finally:
         stop()
+
+
+def test_a_dashboard_server_that_dies_leaves_no_loop_for_pushes_to_pile_up_on(monkeypatch):
+    """uvicorn's serve() raising (or exiting) skipped closing the loop: every window's push then
+    queued a callback on a loop nobody ran, for as long as the daemon ran."""
+    import uvicorn
+
+    from monitord.output.dashboard import Dashboard
+    from tests.conftest import free_port
+
+    async def broken_serve(self, sockets=None):
+        raise RuntimeError("the server failed")
+
+    monkeypatch.setattr(uvicorn.Server, "serve", broken_serve)
+    dashboard = Dashboard(SimpleNamespace(), f"127.0.0.1:{free_port()}", None)
+    dashboard.start()
+    dashboard._thread.join(30)
+    assert not dashboard._thread.is_alive()
+    loop = dashboard.broadcaster.loop
+    assert loop is None or loop.is_closed()
+    for _ in range(1000):
+        dashboard.broadcaster.push("window", {"source": "a"})  # nothing queued, nothing raised
+    dashboard._socket.close()

@@ -578,8 +578,13 @@ class Dashboard:
             asyncio.set_event_loop(loop)
             self.broadcaster.loop = loop
             ready.set()
-            loop.run_until_complete(self._server.serve(sockets=[self._socket]))
-            loop.close()
+            try:
+                loop.run_until_complete(self._server.serve(sockets=[self._socket]))
+            except BaseException:  # noqa: BLE001 - uvicorn exits with SystemExit too; /healthz names the dead thread
+                log.exception("dashboard: its server stopped")
+            finally:  # a server that raised (or exited) too: pushes must not pile up on a loop nobody runs
+                self.broadcaster.loop = None
+                loop.close()
 
         self._thread = threading.Thread(target=run, name="dashboard", daemon=True)
         self._thread.start()
