@@ -173,11 +173,13 @@ def test_the_dashboard_never_reads_half_of_a_change_in_what_is_loading(tmp_path)
     writer.start()
     try:
         for _ in range(20000):
-            model = dashboard.model_states()["clap"]
-            rule = {r["id"]: r for r in dashboard.rule_states()}["cat-confirmed"]
+            availability = daemon.availability  # one snapshot, as the page's answer takes it
+            model, rules = dashboard.model_states(availability)["clap"], dashboard.rule_states(availability)
+            rule = {r["id"]: r for r in rules}["cat-confirmed"]
+            # one state or the other: loading (no reason yet) or not loaded (the reason), the model and its rule alike
             model_state = (model["state"], model["detail"].startswith("not loaded: the directory"))
             seen.add(model_state)
-            if model_state not in {("loading", False), ("inactive", True)} or rule["state"] not in ("loading", "inactive"):
+            if model_state not in {("loading", False), ("inactive", True)} or rule["state"] != model["state"]:
                 torn.append((model, rule))
             if len(seen) == 2 and len(torn) > 3:
                 break
@@ -187,3 +189,30 @@ def test_the_dashboard_never_reads_half_of_a_change_in_what_is_loading(tmp_path)
         sys.setswitchinterval(interval)
     assert seen == {("loading", False), ("inactive", True)}, seen  # both states were read
     assert not torn, torn[:3]
+
+
+def test_the_pages_answer_reads_one_state_for_models_and_rules(tmp_path):
+    """/api/state read the daemon's state once for the models and again for the rules: a change
+    between the two showed a model loading and its rule inactive. Here the state changes at
+    every read."""
+    from starlette.testclient import TestClient
+
+    from monitord.output.dashboard import Dashboard
+
+    config = load_config(write(tmp_path))
+    models = load_models(config)
+    daemon = Daemon(config, {"yam": models["yam"]}, loading={"clap"})
+    loading = daemon.availability
+    daemon.unavailable, daemon.loading = {"clap": ModelUnavailable("no", missing="the directory x")}, frozenset()
+    daemon._update_inactive()
+    failed = daemon.availability
+    states = iter([loading, failed] * 10)
+
+    class Flipping(SimpleNamespace):
+        availability = property(lambda self: next(states))
+
+    flipping = Flipping(config=config, clips=None, sources=[], models=daemon.models)
+    state = TestClient(Dashboard(flipping, "127.0.0.1:1", None).app(), base_url="http://127.0.0.1:8080").get("/api/state").json()
+    rule = {r["id"]: r for r in state["rules"]}["cat-confirmed"]
+    assert state["models"]["clap"]["state"] == rule["state"] == "loading", (state["models"]["clap"], rule)
+

@@ -447,3 +447,20 @@ def test_an_event_naming_a_file_with_undecodable_bytes_is_logged_and_sent(tmp_pa
         p.close()
     logged = json.loads((tmp_path / "e.jsonl").read_bytes())
     assert logged["detail"] == f"cannot read {folder / name}"  # the same text back, escaped in the JSON
+
+    # and the dashboard, which lists it among the recent events, still answers (it gave 500s)
+    from types import SimpleNamespace
+
+    from starlette.testclient import TestClient
+
+    from monitord.config import parse_config
+    from monitord.daemon import Availability
+    from monitord.output.dashboard import Dashboard
+
+    config = parse_config("sources: [{id: a, device: default}]\nmodels: {yam: {kind: yamnet}}\n", tmp_path)
+    daemon = SimpleNamespace(config=config, models={}, clips=None, sources=[],
+                             availability=Availability(config, {}, {}, {}, {}, frozenset(), frozenset()))
+    dashboard = Dashboard(daemon, "127.0.0.1:1", None)
+    dashboard.on_event(event)
+    answer = TestClient(dashboard.app(), base_url="http://127.0.0.1:8080", raise_server_exceptions=False).get("/api/state")
+    assert answer.status_code == 200 and answer.json()["events"][0]["detail"] == f"cannot read {folder / name}"

@@ -186,6 +186,22 @@ def test_an_fsync_error_while_rotating_the_log_neither_duplicates_an_event_nor_k
     assert logged_seqs(tmp_path) == [1, 2, 3]
 
 
+def restart_after_its_death(stage, inbox, publisher, then) -> None:
+    """Wait for the output stage to die, restart it as the supervisor does, hand it ``then`` and
+    wait until it has published all it holds; then close it and its publisher."""
+    try:
+        assert stage.join(30) and stage.state is StageState.FAILED
+        stage.restart()
+        inbox.put(then)
+        deadline = time.monotonic() + 60
+        while (len(inbox) or not stage.idle) and time.monotonic() < deadline:
+            time.sleep(0.05)
+    finally:
+        inbox.close()
+        stage.join(5)
+        publisher.close()
+
+
 def test_an_output_stage_that_dies_after_logging_an_event_does_not_log_it_again_on_restart(tmp_path):
     """The event in hand is retried whole by a restarted output stage, log included: if the stage
     died after the log had it (the dashboard feed, a clip request, the metrics hook raised), the
@@ -205,18 +221,8 @@ def test_an_output_stage_that_dies_after_logging_an_event_does_not_log_it_again_
 
     stage, inbox, publisher = output_stage(tmp_path, feed=Feed())
     stage.start()
-    try:
-        inbox.put(status_publication(0))
-        assert stage.join(5) and stage.state is StageState.FAILED
-        stage.restart()  # as the supervisor does
-        inbox.put(status_publication(1))
-        deadline = time.monotonic() + 5
-        while (len(inbox) or not stage.idle) and time.monotonic() < deadline:
-            time.sleep(0.05)
-    finally:
-        inbox.close()
-        stage.join(5)
-        publisher.close()
+    inbox.put(status_publication(0))
+    restart_after_its_death(stage, inbox, publisher, then=status_publication(1))
     details = [json.loads(line)["detail"] for line in (tmp_path / "e.jsonl").read_bytes().splitlines()]
     assert details == ["0", "1"], details
 
@@ -248,17 +254,7 @@ def test_an_output_stage_that_dies_publishing_clip_statuses_publishes_the_rest_o
     for seq in (1, 2):  # two onsets whose clips are due: the post-roll is in the ring already
         clips.request("rec", ring, 0, 8000, clips.path_for("rec", "r", "2026-01-01T00:00:00.000Z"), seq)
     stage.start()
-    try:
-        assert stage.join(10) and stage.state is StageState.FAILED
-        stage.restart()  # as the supervisor does
-        inbox.put(status_publication(3))
-        deadline = time.monotonic() + 30
-        while (len(inbox) or not stage.idle) and time.monotonic() < deadline:
-            time.sleep(0.05)
-    finally:
-        inbox.close()
-        stage.join(5)
-        publisher.close()
+    restart_after_its_death(stage, inbox, publisher, then=status_publication(3))
     logged = [json.loads(line) for line in (tmp_path / "e.jsonl").read_bytes().splitlines()]
     assert sorted(e["onset_seq"] for e in logged if e.get("status") == "clip") == [1, 2], logged
     assert [e["seq"] for e in logged] == list(range(1, len(logged) + 1)) and len(logged) == 3

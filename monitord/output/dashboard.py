@@ -38,6 +38,16 @@ from monitord.net import host_allowed, host_name, is_loopback, split_host_port, 
 log = logging.getLogger(__name__)
 
 STATIC = Path(__file__).parent / "static"
+
+
+class JsonResponse(JSONResponse):
+    """Starlette's JSONResponse, with text UTF-8 cannot hold escaped instead of a 500: a lone
+    surrogate, as Python keeps a file name's undecodable bytes, in one event of the list kept
+    /api/state failing until 200 more events pushed it out."""
+
+    def render(self, content: Any) -> bytes:
+        text = json.dumps(content, ensure_ascii=False, allow_nan=False, indent=None, separators=(",", ":"))
+        return text.encode("utf-8", "backslashreplace")  # inside a JSON string, \udcff is that character's escape
 CLIENT_QUEUE = 256
 RECENT_EVENTS = 200
 TRY_MAX_WINDOWS = 30
@@ -126,14 +136,12 @@ def same_origin(request) -> bool:
 async def body_or_refusal(request, limit: int, timeout_s: float, late: str, too_large: str):
     """(the body, spooled, None) or (None, the 408 or 413 answer): ``late`` names what did not arrive
     in time, ``too_large`` says what the limit is."""
-    from starlette.responses import JSONResponse
-
     try:
         body = await read_capped(request, limit, timeout_s)
     except asyncio.TimeoutError:
-        return None, JSONResponse({"error": f"{late} did not arrive within {timeout_s:g} s"}, status_code=408)
+        return None, JsonResponse({"error": f"{late} did not arrive within {timeout_s:g} s"}, status_code=408)
     if body is None:
-        return None, JSONResponse({"error": too_large}, status_code=413)
+        return None, JsonResponse({"error": too_large}, status_code=413)
     return body, None
 
 
@@ -231,11 +239,12 @@ class Handlers:
         return FileResponse(STATIC / "favicon.svg", media_type="image/svg+xml")
 
     async def state(self, request):
-        return JSONResponse({
+        availability = self.dashboard.daemon.availability  # read once: the models and the rules of one state
+        return JsonResponse({
             "sources": [s.id for s in self.dashboard.daemon.config.sources],
             "source_states": self.dashboard.source_states(),
-            "models": self.dashboard.model_states(),
-            "rules": self.dashboard.rule_states(),
+            "models": self.dashboard.model_states(availability),
+            "rules": self.dashboard.rule_states(availability),
             "events": list(self.dashboard.broadcaster.recent_events)[::-1],
             "latest": list(self.dashboard.broadcaster.latest.values()),
             "try_it": self.dashboard.try_models(),
@@ -263,15 +272,15 @@ class Handlers:
 
     async def healthz(self, request):
         report = self.dashboard.health_report()
-        return JSONResponse(report, status_code=200 if report["healthy"] else 503, headers={"Cache-Control": "no-store"})
+        return JsonResponse(report, status_code=200 if report["healthy"] else 503, headers={"Cache-Control": "no-store"})
 
     async def try_it(self, request):
         if not same_origin(request):
-            return JSONResponse({"error": "cross-site request refused"}, status_code=403)
+            return JsonResponse({"error": "cross-site request refused"}, status_code=403)
         if not request.headers.get("content-type", "").startswith("multipart/form-data"):
-            return JSONResponse({"error": "send the file as multipart/form-data"}, status_code=415)
+            return JsonResponse({"error": "send the file as multipart/form-data"}, status_code=415)
         if self.dashboard._uploads >= TRY_MAX_IN_FLIGHT:  # each holds memory and a temporary file while it waits its turn
-            return JSONResponse({"error": "other uploads are being scored: try again in a moment"}, status_code=429,
+            return JsonResponse({"error": "other uploads are being scored: try again in a moment"}, status_code=429,
                                 headers={"Retry-After": "5"})
         self.dashboard._uploads += 1
         try:
@@ -295,29 +304,29 @@ class Handlers:
         upload, labels_text = form.get("file"), str(form.get("labels") or "")
         labels = [x.strip() for x in labels_text.split(",") if x.strip()]
         if upload is None or not hasattr(upload, "read"):
-            return JSONResponse({"error": "attach an audio file"}, status_code=400)
+            return JsonResponse({"error": "attach an audio file"}, status_code=400)
         usable = self.dashboard.try_models()
         if not usable:
-            return JSONResponse({"error": "no model that can score an upload is loaded"}, status_code=400)
+            return JsonResponse({"error": "no model that can score an upload is loaded"}, status_code=400)
         has_clap = "clap" in usable.values()
         if labels and has_clap and (len(labels) < 2 or len(set(labels)) != len(labels)):
-            return JSONResponse({"error": "type at least two different labels, comma-separated"}, status_code=400)
+            return JsonResponse({"error": "type at least two different labels, comma-separated"}, status_code=400)
         if not labels and set(usable.values()) == {"clap"}:
-            return JSONResponse({"error": "type at least two different labels, comma-separated"}, status_code=400)
+            return JsonResponse({"error": "type at least two different labels, comma-separated"}, status_code=400)
         if len(labels) > TRY_MAX_LABELS:
-            return JSONResponse({"error": f"at most {TRY_MAX_LABELS} labels"}, status_code=400)
+            return JsonResponse({"error": f"at most {TRY_MAX_LABELS} labels"}, status_code=400)
         try:
             async with self.dashboard._try_lock:
                 result = await self.dashboard.classify_upload(upload.file, labels)
         except ValueError as exc:
-            return JSONResponse({"error": str(exc)}, status_code=400)
-        return JSONResponse(result)
+            return JsonResponse({"error": str(exc)}, status_code=400)
+        return JsonResponse(result)
 
     async def feedback(self, request):
         from monitord.teaching.feedback import MAX_REQUEST_BYTES, FeedbackError, parse_request
 
         if not same_origin(request):
-            return JSONResponse({"error": "cross-site request refused"}, status_code=403)
+            return JsonResponse({"error": "cross-site request refused"}, status_code=403)
         body, refusal = await body_or_refusal(request, MAX_REQUEST_BYTES, FEEDBACK_BODY_TIMEOUT_S, "the request",
                                               f"a feedback request is at most {MAX_REQUEST_BYTES} bytes")
         if refusal is not None:
@@ -329,8 +338,8 @@ class Handlers:
             async with self.dashboard._feedback_lock:  # one at a time: each waits for the inference thread once
                 result = await asyncio.get_running_loop().run_in_executor(None, self.dashboard.daemon.feedback, seq, verdict, "dashboard")
         except FeedbackError as exc:
-            return JSONResponse({"error": str(exc)}, status_code=exc.status)
-        return JSONResponse(result)
+            return JsonResponse({"error": str(exc)}, status_code=exc.status)
+        return JsonResponse(result)
 
     async def clip(self, request):
         clips = self.dashboard.daemon.clips
@@ -428,11 +437,11 @@ class Dashboard:
 
     # what the page shows besides the stream: which models and rules work, and each source's state
 
-    def model_states(self) -> dict[str, dict[str, Any]]:
+    def model_states(self, availability: Any = None) -> dict[str, dict[str, Any]]:
         """Per configured model: ``active`` (loaded, scoring here), ``remote`` (loaded, scoring on a
         remote backend), ``loading`` (an optional model loading in the background after the start, or
         built on one) or ``inactive`` (not loaded, or built on one that is not), and why."""
-        state = self.daemon.availability
+        state = availability or self.daemon.availability
         out = {}
         for name, m in state.config.models.items():
             model = state.models.get(name)
@@ -449,9 +458,9 @@ class Dashboard:
                              "detail": getattr(model, "model_id", ""), "labels": list(getattr(model, "labels", ()))[:64]}
         return out
 
-    def rule_states(self) -> list[dict[str, Any]]:
+    def rule_states(self, availability: Any = None) -> list[dict[str, Any]]:
         """Per rule: ``active``, and ``state``: active, loading (its model loads in the background) or inactive."""
-        state = self.daemon.availability
+        state = availability or self.daemon.availability
         inactive = state.inactive_rules
         return [{"id": r.id, "model": r.model, "label": r.label, "threshold": r.threshold,
                  "sources": list(r.sources) if r.sources else None, "active": r.id not in inactive,
