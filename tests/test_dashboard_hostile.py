@@ -654,6 +654,27 @@ def test_http_clients_that_never_finish_a_request_are_cut_off(server, monkeypatc
             s.close()
         monkeypatch.setattr(net, "REQUEST_HEAD_S", 0.5)
         assert closed_by_server(connect())
+        trickled = connect()  # a byte every 0.1 s: a socket timeout would never end it, a deadline does
+        try:
+            for _ in range(1200):
+                trickled.sendall(b"X")
+                time.sleep(0.1)
+        except (BrokenPipeError, ConnectionResetError):
+            pass
+        else:
+            raise AssertionError("a head trickled for 120 s was never cut off")
+        if server == "dashboard":  # a body its answer (405) did not wait for, never finished
+            unread = socket.create_connection(("127.0.0.1", port), timeout=60)
+            unread.sendall(b"POST " + path.encode() + b" HTTP/1.1\r\nHost: 127.0.0.1:%d\r\nContent-Length: 100000000\r\n\r\n" % port)
+            assert unread.recv(65536).startswith(b"HTTP/1.1 405")
+            try:
+                for _ in range(1200):
+                    unread.sendall(b"X" * 10)
+                    time.sleep(0.1)
+            except (BrokenPipeError, ConnectionResetError):
+                pass
+            else:
+                raise AssertionError("a body trickled for 120 s after the answer was never cut off")
         if server == "dashboard":
             big = socket.create_connection(("127.0.0.1", port), timeout=60)
             refused = False

@@ -699,8 +699,8 @@ def guarded_h11() -> type:
     """uvicorn's h11 protocol, whose request head is capped at 16 KB (httptools, uvicorn's default,
     kept every header line: 382 MB of them took the process to 441 MB, before any token was
     checked), with two guards: a connection that has not sent a whole request head within
-    REQUEST_HEAD_S (of its start, or of its last response) is closed, and one past
-    MAX_HTTP_CONNECTIONS is closed as it comes."""
+    REQUEST_HEAD_S of its start or of its last answer (nor the rest of a body its answer did not
+    wait for) is closed, and one past MAX_HTTP_CONNECTIONS is closed as it comes."""
     import h11
     from uvicorn.protocols.http.h11_impl import H11Protocol
 
@@ -722,7 +722,10 @@ def guarded_h11() -> type:
             self._head_timer = self.loop.call_later(net.REQUEST_HEAD_S, self._head_late)
 
         def _head_late(self) -> None:
-            if self.conn.their_state is h11.IDLE and not self.transport.is_closing():  # no whole head yet
+            no_head = self.conn.their_state is h11.IDLE
+            # answered (a 401, a 405) without reading a body that is still coming: nothing waits for it
+            unread_body = self.conn.our_state in (h11.DONE, h11.MUST_CLOSE) and self.conn.their_state is not h11.DONE
+            if (no_head or unread_body) and not self.transport.is_closing():
                 self.transport.close()
 
         def on_response_complete(self) -> None:

@@ -113,16 +113,34 @@ def guarded_wsgi_server(host: str, port: int, app: Callable):
     from monitord import net
 
     class Handler(WSGIRequestHandler):
-        @property
-        def timeout(self) -> float:  # StreamRequestHandler sets it on the socket: a stalled read ends it
-            return net.REQUEST_HEAD_S
+        def setup(self) -> None:
+            super().setup()
+            # a deadline for the whole head, not a socket timeout, which each trickled byte restarts
+            self._late = threading.Timer(net.REQUEST_HEAD_S, self._cut_off)
+            self._late.daemon = True
+            self._late.start()
+
+        def _cut_off(self) -> None:
+            try:
+                self.connection.shutdown(socket.SHUT_RDWR)  # the handler's blocked read returns: it ends
+            except OSError:
+                pass
+
+        def parse_request(self) -> bool:
+            whole = super().parse_request()
+            self._late.cancel()
+            return whole
+
+        def finish(self) -> None:
+            self._late.cancel()
+            super().finish()
 
         def log_message(self, format: str, *args) -> None:  # noqa: A002 - the base class's name
             pass
 
     class Server(ThreadingMixIn, WSGIServer):
         daemon_threads = True
-        address_family = socket.AF_INET6 if ":" in host else socket.AF_INET
+        address_family = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0][0]  # localhost may be ::1
         places = threading.BoundedSemaphore(net.MAX_HTTP_CONNECTIONS)
 
         def process_request(self, request, client_address) -> None:
@@ -130,7 +148,11 @@ def guarded_wsgi_server(host: str, port: int, app: Callable):
                 log.warning("metrics: %d connections open; one more closed", net.MAX_HTTP_CONNECTIONS)
                 self.shutdown_request(request)
                 return
-            super().process_request(request, client_address)
+            try:
+                super().process_request(request, client_address)
+            except BaseException:  # no thread started: its place is free again
+                self.places.release()
+                raise
 
         def process_request_thread(self, request, client_address) -> None:
             try:
