@@ -422,6 +422,22 @@ def test_a_replay_peer_cannot_make_the_daemon_hold_what_it_does_not_read(tmp_pat
         assert empty == b"" and json.loads(header)["count"] == 1 and len(events) == 1
         req.close()
         greedy.close()
+
+        # a REQ client behind a broker (its identity frame added to the request) is answered still
+        import threading
+
+        front_endpoint = f"tcp://127.0.0.1:{free_port()}"
+        front, back = ctx.socket(zmq.ROUTER), ctx.socket(zmq.DEALER)
+        front.bind(front_endpoint)
+        back.connect(replay)
+        threading.Thread(target=zmq.proxy, args=(front, back), daemon=True).start()
+        behind = ctx.socket(zmq.REQ)
+        behind.setsockopt(zmq.LINGER, 0)
+        behind.connect(front_endpoint)
+        behind.send(b'{"since": 998}')
+        assert behind.poll(10000)
+        assert json.loads(behind.recv_multipart()[0])["count"] == 2
+        behind.close()
     finally:
         p.close()
 

@@ -59,7 +59,7 @@ def cross_check(config: Config) -> list[Problem]:
         add("window.hop_s", f"hop ({window.hop_s} s) is longer than the window ({window.seconds} s): audio would be skipped; "
                             "shorten it or lengthen window.seconds")
     needed = window.seconds + max(window.hop_s, FILE_BLOCK_S)
-    if config.pipeline.ring_seconds < needed:
+    if config.pipeline.ring_seconds < needed - 1e-9:  # 1.3 + 0.1 is 1.4000000000000001
         add("pipeline.ring_seconds", f"must be at least {needed:g} s (window.seconds + the longer of window.hop_s "
                                      f"and the {FILE_BLOCK_S:g} s a file source decodes at a time)")
     if config.metrics.bind is not None:

@@ -24,9 +24,10 @@ log = logging.getLogger(__name__)
 
 REPLAY_LIMIT = 1000
 REPLAY_MAX_REQUEST = 4096
-REPLAY_MAX_FRAMES = 3
-"""A request: a peer's identity, REQ's empty delimiter, the query. A message of more frames (each
-under REPLAY_MAX_REQUEST, a limit ZeroMQ applies per frame) is dropped unanswered, not echoed."""
+REPLAY_MAX_FRAMES = 16
+"""A request: a peer's identity (one more per broker on the way), REQ's empty delimiter, the query.
+A message of more frames (each under REPLAY_MAX_REQUEST, a limit ZeroMQ applies per frame) is
+dropped unanswered, not echoed: 100,000 frames were held and sent back."""
 REPLAY_SEND_HWM = 2
 """Answers kept for a peer that does not read them; later ones are dropped (ROUTER's behaviour at its
 high-water mark). At ZeroMQ's default of 1000, a peer that sent requests and never read made the

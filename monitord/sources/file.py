@@ -76,8 +76,9 @@ class FileSource(Stage):
                 self.stats.frames += len(mono)
         self.ring.close()
         if not self.stopping.is_set():
+            # a header without a frame count (an MP3's) is an estimate from the bitrate: a little off
             short = (f" (its header says {claimed / self.sample_rate:.2f} s: the file is cut short or damaged)"
-                     if self.ring.written < claimed else "")
+                     if self.ring.written < claimed - max(0.5 * self.sample_rate, 0.02 * claimed) else "")
             self.on_status(self.id, "eof", f"end of file after {self.ring.written / self.sample_rate:.2f} s{short}")
 
     def _failed(self, exc: Exception) -> None:
