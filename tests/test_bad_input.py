@@ -229,6 +229,13 @@ def test_a_damaged_file_is_read_for_what_it_holds_not_for_what_its_header_claims
         assert len(eof) == 1 and f"after {held:.2f} s" in eof[0] and "cut short or damaged" in eof[0], statuses
         samples, rate = read_mono(path)
         assert abs(len(samples) / rate - held) < 0.01
+    # a whole MP3 without a frame count (its length estimated from the bitrate, a little long) is not called damaged
+    plain = tmp_path / "plain.mp3"
+    subprocess.run(["ffmpeg", "-nostdin", "-loglevel", "error", "-i", str(tmp_path / "whole.wav"), "-codec:a", "libmp3lame",
+                    "-b:a", "64k", "-write_xing", "0", str(plain)], check=True, timeout=60)
+    _, _, statuses = file_windows(plain, GateConfig(mode="energy", threshold_dbfs=-60), rates=(16000,))
+    eof = [detail for status, detail in statuses if status == "eof"]
+    assert len(eof) == 1 and "damaged" not in eof[0], eof
     config = Config.model_validate({"sources": [{"id": "a", "device": "default"}], "models": {"yam": {"kind": "yamnet"}}})
     total, seconds = count_windows(claims, config)  # the header's word, for a progress bar: a count, not a list
     assert seconds > 86400 and total > 86400

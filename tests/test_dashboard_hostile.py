@@ -621,7 +621,7 @@ def test_http_clients_that_never_finish_a_request_are_cut_off(server, monkeypatc
     else:
         def app(environ, start_response):
             start_response("200 OK", [("Content-Type", "text/plain")])
-            return [b"ok"]
+            return [b"x" * (8 << 20) if environ["PATH_INFO"] == "/big" else b"ok"]
 
         metrics = guarded_wsgi_server("127.0.0.1", port, app)
         import threading
@@ -663,7 +663,20 @@ def test_http_clients_that_never_finish_a_request_are_cut_off(server, monkeypatc
             pass
         else:
             raise AssertionError("a head trickled for 120 s was never cut off")
-        if server == "dashboard":  # a body its answer (405) did not wait for, never finished
+        if server == "dashboard":
+            from monitord.output import dashboard as module
+
+            # a body its early answer (405) did not wait for, sent whole by a client on a slow link
+            # (as http.client does, before it reads the answer): given the time an upload's body gets
+            monkeypatch.setattr(module, "TRY_BODY_TIMEOUT_S", 60.0)
+            with socket.create_connection(("127.0.0.1", port), timeout=60) as slow:
+                slow.sendall(b"POST " + path.encode() + b" HTTP/1.1\r\nHost: 127.0.0.1:%d\r\nContent-Length: 20000\r\n\r\n" % port)
+                for _ in range(20):  # 2 s, four times REQUEST_HEAD_S
+                    slow.sendall(b"X" * 1000)
+                    time.sleep(0.1)
+                assert slow.recv(65536).startswith(b"HTTP/1.1 405")
+            # and one that never finishes it
+            monkeypatch.setattr(module, "TRY_BODY_TIMEOUT_S", 0.5)
             unread = socket.create_connection(("127.0.0.1", port), timeout=60)
             unread.sendall(b"POST " + path.encode() + b" HTTP/1.1\r\nHost: 127.0.0.1:%d\r\nContent-Length: 100000000\r\n\r\n" % port)
             assert unread.recv(65536).startswith(b"HTTP/1.1 405")
@@ -689,6 +702,27 @@ def test_http_clients_that_never_finish_a_request_are_cut_off(server, monkeypatc
                 refused = True
             assert refused
             big.close()
+        if server == "metrics":  # whole requests whose answers are never read: each write has a deadline too
+            readers = [socket.create_connection(("127.0.0.1", port), timeout=60) for _ in range(4)]
+            for r in readers:
+                r.sendall(b"GET /big HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n")
+
+            def scraped() -> bool:
+                try:
+                    with socket.create_connection(("127.0.0.1", port), timeout=60) as s:
+                        s.sendall(head + b"Connection: close\r\n\r\n")
+                        return s.recv(65536).startswith(b"HTTP/1.")
+                except (BrokenPipeError, ConnectionResetError):
+                    return False
+
+            for _ in range(600):  # closed as one too many until the readers' places are free again
+                if scraped():
+                    break
+                time.sleep(0.1)
+            else:
+                raise AssertionError("four clients that never read their answers held every place for 60 s")
+            for r in readers:
+                r.close()
         with socket.create_connection(("127.0.0.1", port), timeout=60) as s:  # a whole request still gets its answer
             s.sendall(head + b"Connection: close\r\n\r\n")
             assert s.recv(65536).startswith(b"HTTP/1.")

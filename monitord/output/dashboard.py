@@ -699,8 +699,9 @@ def guarded_h11() -> type:
     """uvicorn's h11 protocol, whose request head is capped at 16 KB (httptools, uvicorn's default,
     kept every header line: 382 MB of them took the process to 441 MB, before any token was
     checked), with two guards: a connection that has not sent a whole request head within
-    REQUEST_HEAD_S of its start or of its last answer (nor the rest of a body its answer did not
-    wait for) is closed, and one past MAX_HTTP_CONNECTIONS is closed as it comes."""
+    REQUEST_HEAD_S of its start or of its last answer (nor, within TRY_BODY_TIMEOUT_S of the answer,
+    the rest of a body the answer did not wait for) is closed, and one past MAX_HTTP_CONNECTIONS is
+    closed as it comes."""
     import h11
     from uvicorn.protocols.http.h11_impl import H11Protocol
 
@@ -717,9 +718,9 @@ def guarded_h11() -> type:
                 return
             self._wait_for_head()
 
-        def _wait_for_head(self) -> None:
+        def _wait_for_head(self, seconds: float | None = None) -> None:
             # uvicorn's own keep-alive timer is cancelled by any byte received: no bound on a slow head
-            self._head_timer = self.loop.call_later(net.REQUEST_HEAD_S, self._head_late)
+            self._head_timer = self.loop.call_later(net.REQUEST_HEAD_S if seconds is None else seconds, self._head_late)
 
         def _head_late(self) -> None:
             no_head = self.conn.their_state is h11.IDLE
@@ -733,7 +734,10 @@ def guarded_h11() -> type:
             if self._head_timer is not None:
                 self._head_timer.cancel()
             if not self.transport.is_closing():
-                self._wait_for_head()
+                # a body still coming after an early answer (a 413, 429, 401) gets the time an
+                # upload's body gets: a client on a slow link sends it all before it reads the answer
+                unread_body = self.conn.their_state is h11.SEND_BODY
+                self._wait_for_head(TRY_BODY_TIMEOUT_S if unread_body else None)
 
         def connection_lost(self, exc: Exception | None) -> None:
             if self._head_timer is not None:

@@ -102,9 +102,10 @@ class Metrics:
 
 
 def guarded_wsgi_server(host: str, port: int, app: Callable):
-    """prometheus_client's server (a thread per connection), with a socket timeout of REQUEST_HEAD_S
-    on each connection and at most MAX_HTTP_CONNECTIONS at once: its own kept a connection that
-    never finished its request, and its thread, for good."""
+    """prometheus_client's server (a thread per connection), where a request head must come whole
+    within REQUEST_HEAD_S and each write of the answer within as long again, with at most
+    MAX_HTTP_CONNECTIONS at once: its own kept a connection that never finished its request, and
+    its thread, for good."""
     import socket
     import threading
     from socketserver import ThreadingMixIn
@@ -129,6 +130,7 @@ def guarded_wsgi_server(host: str, port: int, app: Callable):
         def parse_request(self) -> bool:
             whole = super().parse_request()
             self._late.cancel()
+            self.connection.settimeout(net.REQUEST_HEAD_S)  # and an answer its client does not read ends too
             return whole
 
         def finish(self) -> None:
