@@ -698,3 +698,12 @@ def test_yes_and_no_are_not_taken_for_numbers(tmp_path, key, value):
     if section == "sources":  # quoted, it is a device name
         quoted = text.replace(f"device: {value}", f"device: '{value}'")
         assert parse_config(quoted + "models: {yam: {kind: yamnet}}\n", tmp_path).sources[0].device == value
+
+
+@pytest.mark.parametrize("key,value", [("hop_s", "1e-9"), ("seconds", "1e-9")])
+def test_a_window_or_hop_of_next_to_nothing_is_refused(tmp_path, key, value):
+    """A 1e-9 s hop was one sample: 48,000 windows a second from one microphone."""
+    with pytest.raises(ConfigError) as info:
+        parse_config(f"sources: [{{id: a, device: default}}]\nmodels: {{yam: {{kind: yamnet}}}}\nwindow: {{{key}: {value}}}\n",
+                     tmp_path)
+    assert [p.path for p in info.value.problems] == [f"window.{key}"], info.value.problems
