@@ -646,6 +646,19 @@ def test_http_clients_that_never_finish_a_request_are_cut_off(server, monkeypatc
         except ConnectionResetError:
             return True
 
+    def cut_off_while_trickling(s: socket.socket, chunk: bytes) -> bool:
+        """Whether the server cuts ``s`` off while it sends ``chunk`` every 0.1 s for up to 120 s."""
+        try:
+            for _ in range(1200):
+                s.sendall(chunk)
+                time.sleep(0.1)
+        except (BrokenPipeError, ConnectionResetError):
+            return True
+        return False
+
+    def post_head(length: int) -> bytes:
+        return b"POST " + path.encode() + b" HTTP/1.1\r\nHost: 127.0.0.1:%d\r\nContent-Length: %d\r\n\r\n" % (port, length)
+
     try:
         held = [connect() for _ in range(4)]
         extra = connect()
@@ -654,15 +667,8 @@ def test_http_clients_that_never_finish_a_request_are_cut_off(server, monkeypatc
             s.close()
         monkeypatch.setattr(net, "REQUEST_HEAD_S", 0.5)
         assert closed_by_server(connect())
-        trickled = connect()  # a byte every 0.1 s: a socket timeout would never end it, a deadline does
-        try:
-            for _ in range(1200):
-                trickled.sendall(b"X")
-                time.sleep(0.1)
-        except (BrokenPipeError, ConnectionResetError):
-            pass
-        else:
-            raise AssertionError("a head trickled for 120 s was never cut off")
+        # a byte every 0.1 s: a socket timeout would never end it, a deadline does
+        assert cut_off_while_trickling(connect(), b"X"), "a head trickled for 120 s was never cut off"
         if server == "dashboard":
             from monitord.output import dashboard as module
 
@@ -670,7 +676,7 @@ def test_http_clients_that_never_finish_a_request_are_cut_off(server, monkeypatc
             # (as http.client does, before it reads the answer): given the time an upload's body gets
             monkeypatch.setattr(module, "TRY_BODY_TIMEOUT_S", 60.0)
             with socket.create_connection(("127.0.0.1", port), timeout=60) as slow:
-                slow.sendall(b"POST " + path.encode() + b" HTTP/1.1\r\nHost: 127.0.0.1:%d\r\nContent-Length: 20000\r\n\r\n" % port)
+                slow.sendall(post_head(20000))
                 for _ in range(20):  # 2 s, four times REQUEST_HEAD_S
                     slow.sendall(b"X" * 1000)
                     time.sleep(0.1)
@@ -678,17 +684,10 @@ def test_http_clients_that_never_finish_a_request_are_cut_off(server, monkeypatc
             # and one that never finishes it
             monkeypatch.setattr(module, "TRY_BODY_TIMEOUT_S", 0.5)
             unread = socket.create_connection(("127.0.0.1", port), timeout=60)
-            unread.sendall(b"POST " + path.encode() + b" HTTP/1.1\r\nHost: 127.0.0.1:%d\r\nContent-Length: 100000000\r\n\r\n" % port)
+            unread.sendall(post_head(100_000_000))
             assert unread.recv(65536).startswith(b"HTTP/1.1 405")
-            try:
-                for _ in range(1200):
-                    unread.sendall(b"X" * 10)
-                    time.sleep(0.1)
-            except (BrokenPipeError, ConnectionResetError):
-                pass
-            else:
-                raise AssertionError("a body trickled for 120 s after the answer was never cut off")
-        if server == "dashboard":
+            assert cut_off_while_trickling(unread, b"X" * 10), "a body trickled for 120 s after the answer was never cut off"
+
             big = socket.create_connection(("127.0.0.1", port), timeout=60)
             refused = False
             try:
