@@ -102,7 +102,11 @@ def test_a_stale_retained_topic_whose_emptying_was_lost_with_the_connection_is_e
             def lossy(topic, payload, qos=0, retain=False):
                 if self.lose_empties and payload in (b"", ""):
                     self.mid += 1
-                    self.up = False  # the connection goes down before the broker has it
+                    # the connection goes down before the broker has it, and this client stays down
+                    # even once the test brings the broker back (which it may do before the sink's
+                    # connect has returned: the sink must still see this connection as lost)
+                    client.connected = False
+                    self.up = False
                     return _Info(self.mid)
                 return publish(topic, payload, qos, retain)
 
