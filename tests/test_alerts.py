@@ -156,3 +156,21 @@ def test_changed_rules_end_their_alerts_and_unchanged_ones_keep_state():
     engine, ended = engine.with_rules((kept, rule(id="changed", threshold=0.7)))
     assert [(f.rule.id, f.phase, f.reason) for f in ended] == [("changed", "offset", "rule changed")]
     assert engine.active() == [("kept", "k")]
+
+
+def test_a_retuned_rule_keeps_its_cooldown_so_a_reload_does_not_alert_again_on_the_same_sound():
+    """A reload that changed only a rule's threshold ended its alert ("rule changed") and forgot
+    its last onset: the next loud window of the same glass break alerted again, a second push
+    notification for one sound, inside the rule's 30 s cooldown. The cooldown now holds over a
+    retune; a rule of that id that now listens for another label starts afresh."""
+    glass = rule(cooldown_s=30.0)
+    engine = AlertEngine((glass,))
+    assert [f.phase for f in engine.observe("k", outcome("clap", 0.9, "glass breaking"), 1.0)] == ["onset"]
+    retuned, ended = engine.with_rules((rule(cooldown_s=30.0, threshold=0.7),))
+    assert [(f.phase, f.reason) for f in ended] == [("offset", "rule changed")]
+    assert retuned.observe("k", outcome("clap", 0.9, "glass breaking"), 2.0) == []
+    assert retuned.observe("k", outcome("clap", 0.9, "glass breaking"), 30.5) == []
+    assert [f.phase for f in retuned.observe("k", outcome("clap", 0.9, "glass breaking"), 31.0)] == ["onset"]
+
+    relabelled, _ = engine.with_rules((rule(cooldown_s=30.0, label="dog barking"),))
+    assert [f.phase for f in relabelled.observe("k", outcome("clap", 0.9, "dog barking"), 2.0)] == ["onset"]

@@ -223,3 +223,28 @@ def test_the_streaming_tracker_fires_a_hold_rule_where_the_merged_curve_held_and
     assert [(a.rule.id, a.transition.phase) for a in alerts] == [("angry", "onset"), ("angry", "offset")]
     assert alerts[0].transition.time == pytest.approx(expected_onset) and alerts[0].transition.since == pytest.approx(first)
     assert alerts[1].transition.time == pytest.approx(curve.times[-1] + HOP)  # the frames ended there
+
+
+def test_a_retuned_frame_rule_keeps_its_cooldown_over_a_reload():
+    """As for window rules (test_alerts): a frame rule whose threshold a reload changed ends its
+    alert and keeps its last onset, so the same sound does not alert again inside the cooldown."""
+    from monitord.alerts.frames import FrameTracker
+    from monitord.config import RuleConfig
+
+    def window(tracker, start, values=(0.1, 0.9)):
+        times = start + OFFSET + HOP * np.arange(round(2.0 / HOP))
+        frames = FrameScores(start + OFFSET, HOP, np.tile(np.float32(values), (len(times), 1)))
+        return [(a.transition.phase, a.transition.time) for a in tracker.observe("s", "emo", start, start + 2.0, frames, ("a", "b"))[1]]
+
+    angry = dict(id="angry", model="emo", label="b", hold_s=0.2, cooldown_s=20.0)
+    tracker = FrameTracker([RuleConfig(threshold=0.7, **angry)])
+    fired = [p for start in (0.0, 0.5, 1.0) for p in window(tracker, start)]
+    assert [p for p, _ in fired] == ["onset"]
+    onset = fired[0][1]
+    retuned, ended = tracker.with_rules([RuleConfig(threshold=0.8, **angry)])
+    assert [a.transition.phase for a in ended] == ["offset"]
+    later = [p for start in (1.5, 2.0, 2.5, 3.0) for p in window(retuned, start)]
+    assert later == [], "the retuned rule alerted again inside its cooldown"
+    relabelled, _ = tracker.with_rules([RuleConfig(threshold=0.8, **{**angry, "label": "a"})])
+    again = [p for start in (1.5, 2.0) for p, t in window(relabelled, start, (0.9, 0.1)) if t < onset + 20.0]
+    assert again == ["onset"], "a rule now listening for another label starts afresh"

@@ -164,17 +164,28 @@ class AlertEngine:
 
     def with_rules(self, rules: tuple[RuleConfig, ...]) -> tuple["AlertEngine", list[Transition]]:
         """An engine for new rules, and offsets for the alerts of rules that changed or went away;
-        unchanged rules keep their state (a reload does not reset them)."""
+        unchanged rules keep their state (a reload does not reset them). A retuned rule (same id,
+        model and label) keeps the time of its last onset: the cooldown still holds, so a reload
+        does not alert again on the sound it just alerted on."""
         unchanged = {r.id for r in self.rules if r in rules}
+        retuned = {r.id for r in self.rules if r.id not in unchanged} & {r.id for r in rules if retunes(self.rules, r)}
         ended = self.end(None, "rule changed", {r.id for r in self.rules} - unchanged)
         engine = AlertEngine(rules)
         engine.states.update({key: state for key, state in self.states.items() if key[0] in unchanged})
+        engine.states.update({key: RuleState(last_onset=state.last_onset) for key, state in self.states.items()
+                              if key[0] in retuned and state.last_onset is not None})
         return engine, ended
 
     def _warn_missing(self, rule: RuleConfig, model: str) -> None:
         if (rule.id, model) not in self._missing_warned:
             self._missing_warned.add((rule.id, model))
             log.warning("rule %s: model %s gave no score for %r; the rule waits", rule.id, model, rule.label)
+
+
+def retunes(old_rules: Iterable[RuleConfig], rule: RuleConfig) -> bool:
+    """Whether ``rule`` replaces an old rule of its id that listened for the same thing (model and
+    label): only its decision changed (threshold, release, k-of-n, cooldown, smoothing)."""
+    return any(old.id == rule.id and old.model == rule.model and old.label == rule.label for old in old_rules)
 
 
 def _watches(rule: RuleConfig, source: str) -> bool:

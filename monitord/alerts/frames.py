@@ -30,7 +30,7 @@ from typing import Literal
 
 import numpy as np
 
-from monitord.alerts.engine import cooled
+from monitord.alerts.engine import cooled, retunes
 from monitord.types import FrameScores
 
 GAP_FRAMES = 2.5
@@ -386,17 +386,22 @@ class FrameTracker:
 
     def with_rules(self, rules: Sequence[object]) -> tuple["FrameTracker", list[FrameAlert]]:
         """A tracker for new rules keeping the merged frames and unchanged rules' states; changed or
-        removed rules' alerts end here."""
+        removed rules' alerts end here. A retuned rule keeps the time of its last onset (the cooldown
+        still holds: see ``AlertEngine.with_rules``)."""
         tracker = FrameTracker(rules)
         kept = {r.id for r in self.rules if r in tracker.rules}
+        retuned = {r.id for r in tracker.rules if r.id not in kept and retunes(self.rules, r)}
         ended = []
         for (rule_id, source), state in self._states.items():
             if rule_id in kept:
                 tracker._states[(rule_id, source)] = state
-            elif state.active:
+                continue
+            if state.active:
                 rule = next(r for r in self.rules if r.id == rule_id)
                 _, transitions = rule_close(state, self._params[rule_id])
                 ended += [FrameAlert(rule, t, source) for t in transitions]
+            if rule_id in retuned and state.onset_at is not None:
+                tracker._states[(rule_id, source)] = FrameRuleState(onset_at=state.onset_at)
         tracker._merge, tracker._labels = dict(self._merge), dict(self._labels)
         tracker._params = {k: v for k, v in self._params.items() if k in kept}
         return tracker, ended
