@@ -750,3 +750,76 @@ def test_a_dashboard_server_that_dies_leaves_no_loop_for_pushes_to_pile_up_on(mo
     for _ in range(1000):
         dashboard.broadcaster.push("window", {"source": "a"})  # nothing queued, nothing raised
     dashboard._socket.close()
+
+
+def _serve_metrics(host: str, port: int):
+    from monitord.output.metrics import guarded_wsgi_server
+
+    def app(environ, start_response):
+        start_response("200 OK", [("Content-Type", "text/plain")])
+        return [b"ok"]
+
+    server = guarded_wsgi_server(host, port, app)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    return server
+
+
+def test_a_metrics_connection_whose_thread_cannot_start_gives_its_place_back(monkeypatch):
+    """A connection takes one of MAX_HTTP_CONNECTIONS places and its thread gives it back when it
+    ends. When the thread could not start (out of threads: "can't start new thread"), the place was
+    never given back: after as many such failures as there are places, Prometheus was locked out."""
+    from monitord import net
+
+    monkeypatch.setattr(net, "MAX_HTTP_CONNECTIONS", 2)
+    real_start, failures = threading.Thread.start, []
+
+    def start(thread):
+        if getattr(thread, "_target", None) is not None and thread._target.__name__ == "process_request_thread" \
+                and len(failures) < 3:
+            failures.append(thread)
+            raise RuntimeError("can't start new thread")
+        return real_start(thread)
+
+    port = free_port()
+    server = _serve_metrics("127.0.0.1", port)
+    monkeypatch.setattr(threading.Thread, "start", start)
+    try:
+        for _ in range(3):
+            conn = http.client.HTTPConnection("127.0.0.1", port, timeout=30)
+            with pytest.raises((ConnectionError, http.client.HTTPException)):
+                conn.request("GET", "/metrics")
+                conn.getresponse()
+            conn.close()
+        assert len(failures) == 3
+        conn = http.client.HTTPConnection("127.0.0.1", port, timeout=30)
+        conn.request("GET", "/metrics")
+        answer = conn.getresponse()
+        assert (answer.status, answer.read()) == (200, b"ok"), "the places of connections whose thread never started stayed taken"
+        conn.close()
+    finally:
+        monkeypatch.setattr(threading.Thread, "start", real_start)
+        server.shutdown()
+        server.server_close()
+
+
+def test_metrics_on_an_ipv6_host_binds_and_answers():
+    """The metrics server was an IPv4 server whatever its host: `metrics: {bind: "[::1]:9464"}`, or a
+    localhost that resolves to ::1 first, failed at start with "Address family not supported"."""
+    import socket
+
+    try:
+        with socket.socket(socket.AF_INET6, socket.SOCK_STREAM) as probe:
+            probe.bind(("::1", 0))
+    except OSError as exc:
+        pytest.skip(f"this machine has no IPv6 loopback to bind ({exc})")
+    port = free_port()
+    server = _serve_metrics("::1", port)
+    try:
+        conn = http.client.HTTPConnection("::1", port, timeout=30)
+        conn.request("GET", "/metrics")
+        answer = conn.getresponse()
+        assert (answer.status, answer.read()) == (200, b"ok")
+        conn.close()
+    finally:
+        server.shutdown()
+        server.server_close()
