@@ -83,6 +83,75 @@ def test_a_microphone_reconnecting_leaves_another_microphones_open_stream_alone(
     assert out.returncode == 0 and out.stdout.strip() == "OK", (out.returncode, out.stderr[-3000:])
 
 
+AN_UNCLOSABLE_STREAM = """
+from monitord.config import SourceConfig
+from monitord.sources.device import DeviceSource
+
+a = DeviceSource(SourceConfig(id="a", device="default", sample_rate=48000), 5.0, lambda *s: None)
+b = DeviceSource(SourceConfig(id="b", device="default", sample_rate=48000), 5.0, lambda *s: None)
+stream = a._stream
+
+
+def refuse(ignore_errors=True):  # PortAudio refusing to close (a hung sound server): it keeps the stream
+    raise a._sd.PortAudioError("Unanticipated host error", -9999)
+
+
+stream.close = refuse
+a.disconnect()
+assert a._stream is None and DeviceSource._unclosed == [stream], DeviceSource._unclosed
+b.disconnect()
+b.connect()  # b reconnects: PortAudio must not be re-initialised while it still holds a's stream
+stream.start()  # still PortAudio's: it runs (a re-initialisation would have freed it under us)
+assert a.ring.wait_for(4800, timeout=10), "the kept stream did not run"
+assert b.ring.wait_for(4800, timeout=10), "b captured nothing"
+b.disconnect()
+print("OK", flush=True)
+"""
+
+
+def test_a_stream_portaudio_would_not_close_is_kept_and_portaudio_not_reinitialised_under_it(sound_server):
+    """A stream whose close PortAudio refused is still PortAudio's (and may still call its callback):
+    another source reconnecting re-initialised PortAudio regardless, freeing it under its owner. It is
+    kept, and no re-initialisation happens while it is; in a process of its own (a crash ends it)."""
+    import os
+    import subprocess
+    import sys
+
+    from tests.conftest import REPO, time_scale
+
+    out = subprocess.run([sys.executable, "-X", "faulthandler", "-c", AN_UNCLOSABLE_STREAM], cwd=REPO,
+                         env={**os.environ, **sound_server}, capture_output=True, text=True, timeout=120 * time_scale())
+    assert out.returncode == 0 and out.stdout.strip() == "OK", (out.returncode, out.stderr[-3000:])
+
+
+def test_a_device_source_stops_within_its_bound_while_portaudio_is_busy_elsewhere(sound_server, monkeypatch, caplog):
+    """PortAudio hung in another source's close (a dead sound server) holds its lock: a stopping
+    source waited for it for good, and with it the daemon's stop. It waits STOP_WAIT_S, says so,
+    and goes on."""
+    import logging
+    import threading
+
+    from monitord.sources import device
+
+    monkeypatch.setattr(device, "STOP_WAIT_S", 0.5)
+    source = DeviceSource(SourceConfig(id="mic", device="default", sample_rate=RATE), 5.0, lambda *a: None)
+    source.start()
+    assert source.ring.wait_for(RATE // 10, timeout=30), "no audio captured"
+    stopper = threading.Thread(target=source.stop, daemon=True)
+    with caplog.at_level(logging.WARNING, logger="monitord.sources.device"):
+        DeviceSource._portaudio_lock.acquire()  # the source hung elsewhere
+        try:
+            stopper.start()
+            stopper.join(60)
+            stopped = not stopper.is_alive()
+        finally:
+            DeviceSource._portaudio_lock.release()
+    stopper.join(60)
+    assert source.join(60)
+    assert stopped, "the stop waited on PortAudio's lock past its bound"
+    assert "PortAudio is busy elsewhere" in caplog.text
+
+
 def test_an_unknown_device_lists_what_is_there(sound_server):
     with pytest.raises(SourceError) as info:
         resolve_device("no such microphone")
