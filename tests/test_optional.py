@@ -216,3 +216,26 @@ def test_the_pages_answer_reads_one_state_for_models_and_rules(tmp_path):
     rule = {r["id"]: r for r in state["rules"]}["cat-confirmed"]
     assert state["models"]["clap"]["state"] == rule["state"] == "loading", (state["models"]["clap"], rule)
 
+
+
+def test_try_it_offers_the_models_the_same_answer_shows_loaded(tmp_path):
+    """/api/state took its try-it list from the daemon's models, not from the state it read for the
+    models panel: a model joining between the two was offered to try while shown loading."""
+    from starlette.testclient import TestClient
+
+    from monitord.output.dashboard import Dashboard
+
+    config = load_config(write(tmp_path))
+    yam = SimpleNamespace(device="cpu", model_id="yamnet:builtin", labels=("Cat",))
+    clap = SimpleNamespace(device="cpu", model_id="laion/clap", labels=("cat meowing",))
+    loading = Availability(config, {"yam": yam}, {}, {"clap": "loading"}, {}, frozenset({"clap"}), frozenset())
+    joined = Availability(config, {"yam": yam, "clap": clap}, {}, {}, {}, frozenset(), frozenset())
+    states = iter([loading, joined] * 10)
+
+    class Joining(SimpleNamespace):
+        availability = property(lambda self: next(states))
+
+    daemon = Joining(config=config, clips=None, sources=[], models=joined.models)  # the model joined meanwhile
+    state = TestClient(Dashboard(daemon, "127.0.0.1:1", None).app(), base_url="http://127.0.0.1:8080").get("/api/state").json()
+    shown = {name for name, m in state["models"].items() if m["state"] == "active"}
+    assert set(state["try_it"]) == shown == {"yam"}, (state["try_it"], state["models"])

@@ -247,7 +247,7 @@ class Handlers:
             "rules": self.dashboard.rule_states(availability),
             "events": list(self.dashboard.broadcaster.recent_events)[::-1],
             "latest": list(self.dashboard.broadcaster.latest.values()),
-            "try_it": self.dashboard.try_models(),
+            "try_it": self.dashboard.try_models(availability),
         })
 
     async def events(self, request):
@@ -482,11 +482,12 @@ class Dashboard:
                 out[source.id] = {"state": "down", "detail": getattr(source, "detail", "") or value}
         return out
 
-    def try_models(self) -> dict[str, str]:
+    def try_models(self, availability: Any = None) -> dict[str, str]:
         """What the try-it panel can use: {model name: kind} for loaded local CLAP and YAMNet models."""
-        return {name: m.kind for name, m in self.daemon.config.models.items()
-                if m.kind in ("clap", "yamnet") and name in self.daemon.models
-                and getattr(self.daemon.models[name], "device", "cpu") != "remote"}
+        state = availability or self.daemon.availability
+        return {name: m.kind for name, m in state.config.models.items()
+                if m.kind in ("clap", "yamnet") and name in state.models
+                and getattr(state.models[name], "device", "cpu") != "remote"}
 
     async def classify_upload(self, data: bytes | IO[bytes], labels: list[str]) -> dict[str, Any]:
         """What the loaded models make of an uploaded file: YAMNet's top classes and groups and,
@@ -501,11 +502,12 @@ class Dashboard:
         live labels are untouched."""
         import io
 
-        usable = self.try_models()
+        state = self.daemon.availability  # read once: the models offered are the models used
+        usable = self.try_models(state)
         names = [n for n, kind in usable.items() if kind == "yamnet" or (kind == "clap" and labels)]
         if not names:
             raise ValueError("no loaded model can score this upload (CLAP needs labels)")
-        models = {name: self.daemon.models[name] for name in names}
+        models = {name: state.models[name] for name in names}
         file = io.BytesIO(data) if isinstance(data, (bytes, bytearray)) else data
         loop = asyncio.get_running_loop()
         windows = await loop.run_in_executor(self._upload_thread, self._cut_upload, file, models)
