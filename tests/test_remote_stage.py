@@ -522,9 +522,11 @@ def test_over_the_bound_a_live_source_drops_its_own_oldest_waiting_window_even_o
     try:
         for i in range(7):
             queue.put(loud_window("a", i), live=True)
-            assert wait_until(lambda: len(queue) == 0 and stage.idle is False and not stage._in_hand, 5)
-            assert stage.remote_waiting <= 4
-        assert dropped == [0, 1, 2, 3] and stage.stats.remote_dropped == {"a": 4}  # window 0 was in the air
+            # the window is taken in (out of hand) a moment before the oldest waiting one is dropped
+            assert wait_until(lambda: len(queue) == 0 and stage.idle is False and not stage._in_hand
+                              and stage.remote_waiting <= 4, 10 * time_scale()), stage.remote_waiting
+        assert wait_until(lambda: dropped == [0, 1, 2, 3], 10 * time_scale()), dropped
+        assert stage.stats.remote_dropped == {"a": 4}  # window 0 was in the air
         release.set()
         verdicts: dict[int, list] = {}
         while len(verdicts) < 7 or any(len(v) < 2 for v in verdicts.values()):
@@ -559,7 +561,8 @@ def test_stopping_drains_remote_work_within_the_drain_timeout_and_hands_on_what_
             self.answer.wait(10)
             return [Scores(w, "clap", "r", {"tone": 1.0, "noise": 0.0}) for w in windows]
 
-    def stop_with_work_waiting(answer: threading.Event, drain_s: float) -> tuple[InferenceStage, list, float]:
+    def stop_with_work_waiting(answer: threading.Event, drain_s: float,
+                               answer_after_s: float | None = None) -> tuple[InferenceStage, list, float]:
         queue, out = WindowQueue(64), Channel(64)
         stage = InferenceStage(queue, Scorer([Remote(answer), LocalTier("yam", SimpleNamespace(batch_max=2, batch_wait_ms=1, gated_by=None))]),
                                out, max_in_flight=1)
@@ -567,16 +570,16 @@ def test_stopping_drains_remote_work_within_the_drain_timeout_and_hands_on_what_
             queue.put(loud_window("a", i), live=False)
         queue.put(StreamEnd("a", 6.0), live=False)
         stage.start()
-        assert wait_until(lambda: len(queue) == 0 and stage.remote_waiting == 6, 5)
+        assert wait_until(lambda: len(queue) == 0 and stage.remote_waiting == 6, 10 * time_scale())
+        if answer_after_s is not None:  # from here: a timer started before could answer before all six wait
+            threading.Timer(answer_after_s, answer.set).start()
         began = time.monotonic()
         stage.finish(drain_s)
         assert stage.join(drain_s + 5), "the stage did not stop"
         took = time.monotonic() - began
         return stage, [item for item in out.drain()], took
 
-    answer = threading.Event()
-    threading.Timer(0.5, answer.set).start()
-    stage, items, took = stop_with_work_waiting(answer, 10.0)  # the answers come within the drain timeout
+    stage, items, took = stop_with_work_waiting(threading.Event(), 10.0, answer_after_s=0.5)  # the answers come within the drain timeout
     remote = [s for s in items if isinstance(s, ScoredWindow) and s.verdict("clap") is not None]
     assert [s.verdict("clap") for s in remote] == [Verdict.SCORED] * 6 and isinstance(items[-1], StreamEnd)
     assert stage.stats.abandoned_at_shutdown == 0 and took < 5 * time_scale()

@@ -41,10 +41,23 @@ class FakeBroker:
     is kept and acknowledged at once (unless ``hold_acks``)."""
 
     def __init__(self):
-        self.up = False
+        self._up = False
+        self.downs = 0
+        """Times the broker went down: a client connected before a down stays disconnected (tests bring
+        the broker back as soon as the sink noticed, which may be before its connect has returned)."""
         self.published: list[tuple[str, str, bool]] = []
         self.lock = threading.Lock()
         self.mid = 0
+
+    @property
+    def up(self) -> bool:
+        return self._up
+
+    @up.setter
+    def up(self, value: bool) -> None:
+        if self._up and not value:
+            self.downs += 1
+        self._up = value
 
     def factory(self):
         broker = self
@@ -54,10 +67,12 @@ class FakeBroker:
 
             def __init__(self):
                 self.connected = False
+                self.downs = broker.downs
 
             def connect(self, host, port, keepalive):
                 if not broker.up:
                     raise ConnectionRefusedError(111, "Connection refused")
+                self.downs = broker.downs
 
             def loop_start(self):
                 self.connected = True
@@ -70,7 +85,7 @@ class FakeBroker:
                 self.connected = False
 
             def is_connected(self):
-                return self.connected and broker.up
+                return self.connected and broker.up and self.downs == broker.downs
 
             def publish(self, topic, payload, qos=0, retain=False):
                 with broker.lock:
