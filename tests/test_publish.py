@@ -11,7 +11,7 @@ from monitord.config import PublishConfig
 from monitord.types import SCHEMA, Event, iso_utc
 from monitord.output.eventlog import EventLog, last_seq_in
 from monitord.output.publish import Publisher, PublishError
-from tests.conftest import free_port
+from tests.conftest import free_port, wait_until
 
 
 def status(source="s", status="up"):
@@ -255,6 +255,9 @@ def test_replay_stays_gapless_while_the_log_rotates_under_it(tmp_path, capsys):
     client = ReplayClient(ctx, replay)
     fetches, bad, told = 0, [], []
     try:
+        # a replay of fewer than two events counts as bad below: not while the publisher (slow to start
+        # on a loaded box) has made only one
+        assert wait_until(lambda: p.seq >= 10, 60)
         deadline = time.monotonic() + 60
         while fetches < 60 and time.monotonic() < deadline:  # a count, not a rate: the machine may be busy
             since = max(0, p.seq - 200)  # further back than the log keeps: the replay starts at the oldest kept
