@@ -22,7 +22,7 @@ import numpy as np
 import pytest
 import soundfile as sf
 
-from tests.conftest import AUDIO, REPO, free_port, need, noise, silence, wait_until, write_wav
+from tests.conftest import AUDIO, REPO, free_port, need, noise, silence, time_scale, wait_until, write_wav
 
 MB = 2**20
 RSS_BOUND = 64 * MB
@@ -314,7 +314,8 @@ def test_state_answers_within_200_ms_while_a_try_it_request_runs(served, tmp_pat
     print(f"\n[/api/state during try-it] {len(latencies)} polls, max {max(latencies) * 1e3:.0f} ms, "
           f"median {sorted(latencies)[len(latencies) // 2] * 1e3:.0f} ms")
     assert len(latencies) >= 10, "the uploads were too quick to overlap with any poll"
-    assert max(latencies) < STATE_BOUND_S, f"/api/state took {max(latencies) * 1e3:.0f} ms during a try-it request"
+    # not held behind the upload (that is seconds, the whole request); scaled, as a loaded box is slower at everything
+    assert max(latencies) < STATE_BOUND_S * time_scale(), f"/api/state took {max(latencies) * 1e3:.0f} ms during a try-it request"
 
 
 def test_decoding_reads_in_blocks_and_never_past_the_cap(tmp_path):

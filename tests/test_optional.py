@@ -239,3 +239,35 @@ def test_try_it_offers_the_models_the_same_answer_shows_loaded(tmp_path):
     state = TestClient(Dashboard(daemon, "127.0.0.1:1", None).app(), base_url="http://127.0.0.1:8080").get("/api/state").json()
     shown = {name for name, m in state["models"].items() if m["state"] == "active"}
     assert set(state["try_it"]) == shown == {"yam"}, (state["try_it"], state["models"])
+
+
+def test_an_upload_is_scored_by_the_models_its_request_was_checked_against(tmp_path):
+    """The upload's answer checked its labels against one state (no CLAP yet: one label is fine for
+    YAMNet) and scored with another read later (CLAP joined): CLAP scored a single label, whose
+    softmax is 1.0 whatever the sound."""
+    import asyncio
+    import io
+
+    from monitord.output.dashboard import Dashboard, Handlers
+
+    config = load_config(write(tmp_path))
+    yam = SimpleNamespace(device="cpu", model_id="yamnet:builtin", labels=("Cat",))
+    clap = SimpleNamespace(device="cpu", model_id="laion/clap", labels=("cat meowing",))
+    loading = Availability(config, {"yam": yam}, {}, {"clap": "loading"}, {}, frozenset({"clap"}), frozenset())
+    joined = Availability(config, {"yam": yam, "clap": clap}, {}, {}, {}, frozenset(), frozenset())
+    states = iter([loading] + [joined] * 10)
+
+    class Joining(SimpleNamespace):
+        availability = property(lambda self: next(states))
+
+    dashboard = Dashboard(Joining(config=config, clips=None, sources=[], models=joined.models), "127.0.0.1:1", None)
+    used = {}
+
+    def cut(file, models):  # where the models to score with are known: stop there
+        used.update(models)
+        raise ValueError("stop here")
+
+    dashboard._cut_upload = cut
+    form = {"file": SimpleNamespace(read=lambda *a: b"", file=io.BytesIO(b"x")), "labels": "dog"}
+    answer = asyncio.run(Handlers(dashboard).answer_upload(form))
+    assert answer.status_code == 400 and sorted(used) == ["yam"], (answer.body, sorted(used))

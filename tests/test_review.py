@@ -336,8 +336,9 @@ def test_a_small_try_it_upload_is_not_decoded_whole(tmp_path):
         future.set_result(fn())
         return future
 
-    daemon = SimpleNamespace(models={"clap": TryItModel()}, score_upload=score_upload,
-                             config=SimpleNamespace(models={"clap": SimpleNamespace(kind="clap")}, window=WindowConfig()))
+    models, config = {"clap": TryItModel()}, SimpleNamespace(models={"clap": SimpleNamespace(kind="clap")}, window=WindowConfig())
+    daemon = SimpleNamespace(models=models, score_upload=score_upload, config=config,
+                             availability=SimpleNamespace(config=config, models=models))
     dashboard = Dashboard(daemon, "127.0.0.1:8080", None)
     tracemalloc.start()
     try:

@@ -184,8 +184,10 @@ class AlertEngine:
 
 def retunes(old_rules: Iterable[RuleConfig], rule: RuleConfig) -> bool:
     """Whether ``rule`` replaces an old rule of its id that listened for the same thing (model and
-    label): only its decision changed (threshold, release, k-of-n, cooldown, smoothing)."""
-    return any(old.id == rule.id and old.model == rule.model and old.label == rule.label for old in old_rules)
+    label) the same way (window or frame rule): only its decision changed (threshold, release,
+    k-of-n, cooldown; a frame rule's smoothing or hold)."""
+    return any(old.id == rule.id and old.model == rule.model and old.label == rule.label
+               and old.is_frame_rule == rule.is_frame_rule for old in old_rules)
 
 
 def _watches(rule: RuleConfig, source: str) -> bool:

@@ -305,7 +305,8 @@ class Handlers:
         labels = [x.strip() for x in labels_text.split(",") if x.strip()]
         if upload is None or not hasattr(upload, "read"):
             return JsonResponse({"error": "attach an audio file"}, status_code=400)
-        usable = self.dashboard.try_models()
+        state = self.dashboard.daemon.availability  # the models checked here are the models that score
+        usable = self.dashboard.try_models(state)
         if not usable:
             return JsonResponse({"error": "no model that can score an upload is loaded"}, status_code=400)
         has_clap = "clap" in usable.values()
@@ -317,7 +318,7 @@ class Handlers:
             return JsonResponse({"error": f"at most {TRY_MAX_LABELS} labels"}, status_code=400)
         try:
             async with self.dashboard._try_lock:
-                result = await self.dashboard.classify_upload(upload.file, labels)
+                result = await self.dashboard.classify_upload(upload.file, labels, state)
         except ValueError as exc:
             return JsonResponse({"error": str(exc)}, status_code=400)
         return JsonResponse(result)
@@ -489,7 +490,7 @@ class Dashboard:
                 if m.kind in ("clap", "yamnet") and name in state.models
                 and getattr(state.models[name], "device", "cpu") != "remote"}
 
-    async def classify_upload(self, data: bytes | IO[bytes], labels: list[str]) -> dict[str, Any]:
+    async def classify_upload(self, data: bytes | IO[bytes], labels: list[str], availability: Any = None) -> dict[str, Any]:
         """What the loaded models make of an uploaded file: YAMNet's top classes and groups and,
         where a CLAP model is loaded and labels were typed, CLAP's zero-shot probabilities, all from
         the window the recording is heard in (the loudest; see ``heard_window``), with every
@@ -502,7 +503,7 @@ class Dashboard:
         live labels are untouched."""
         import io
 
-        state = self.daemon.availability  # read once: the models offered are the models used
+        state = availability or self.daemon.availability  # read once: the models offered are the models used
         usable = self.try_models(state)
         names = [n for n, kind in usable.items() if kind == "yamnet" or (kind == "clap" and labels)]
         if not names:
