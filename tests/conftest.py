@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import itertools
 import os
 import shutil
 import socket
@@ -153,7 +154,28 @@ def config_problems(text: str, base_dir: Path) -> list[str]:
     return [str(p) for p in info.value.problems]
 
 
+PORTS_FROM, PORTS_PER_WORKER, PORT_BLOCKS = 20000, 1500, 8
+"""free_port's ports: below Linux's ephemeral range (32768 up), one block per pytest-xdist worker."""
+_next_port = itertools.count(os.getpid() % PORTS_PER_WORKER)
+
+
 def free_port() -> int:
+    """A loopback port nothing is bound to now. Not one the kernel picked (bind to 0): that comes from
+    the ephemeral range, where the kernel also picks the local port of every outgoing connection (any
+    test's HTTP, ZeroMQ, Ray or PulseAudio client), so it could be taken before the test bound it (CI
+    under load: "Address already in use"). Below that range, in this worker's own block, only this
+    process and the tests of this worker hand ports out."""
+    worker = os.environ.get("PYTEST_XDIST_WORKER", "")
+    index = int(worker[2:]) + 1 if worker[2:].isdigit() else 0
+    block = PORTS_FROM + (index % PORT_BLOCKS) * PORTS_PER_WORKER
+    for _ in range(PORTS_PER_WORKER):
+        port = block + next(_next_port) % PORTS_PER_WORKER
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:
+                continue  # bound by something else, or in TIME_WAIT: the next one
+            return port
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
