@@ -824,3 +824,44 @@ def test_metrics_on_an_ipv6_host_binds_and_answers():
     finally:
         server.shutdown()
         server.server_close()
+
+
+def test_an_alert_published_while_the_page_opens_is_shown(tmp_path):
+    """The page read /api/state, then subscribed to /api/events: an alert published between the two
+    was in neither, and the page never showed it (CI under load: the "not this" button of a real
+    glass-break onset never appeared). Here the alert is published while the page's subscription is
+    on its way to the server."""
+    from monitord.config import parse_config
+    from monitord.daemon import Availability
+    from monitord.output.dashboard import Dashboard
+    from tests.conftest import headless_chromium
+
+    config = parse_config("""
+sources: [{id: porch, device: default, retry: true}]
+models: {yam: {kind: yamnet}}
+rules: [{id: glass-break, model: yam, label: Glass, threshold: 0.3}]
+""", tmp_path)
+    models = {"yam": SimpleNamespace(device="cpu", model_id="yamnet:builtin", labels=("Glass",))}
+    daemon = SimpleNamespace(config=config, clips=None, sources=[], fatal=None, health=lambda: {}, models=models,
+                             availability=Availability(config, models, {}, {}, {}, frozenset(), frozenset()))
+    port = free_port()
+    dashboard = Dashboard(daemon, f"127.0.0.1:{port}", None)
+    dashboard.start()
+    onset = {"kind": "alert", "phase": "onset", "rule": "glass-break", "source": "porch", "label": "Glass", "score": 0.9,
+             "stream_start": 0.0, "stream_end": 2.0, "seq": 7, "id": "x7", "time": "now", "latency_ms": 40}
+
+    def publish_meanwhile(route) -> None:  # the subscription has left the page, not reached the server
+        dashboard.broadcaster.push("event", onset)
+        route.continue_()
+
+    try:
+        with headless_chromium() as chrome:
+            page = chrome.new_page()
+            page.route("**/api/events*", publish_meanwhile)
+            page.goto(f"http://127.0.0.1:{port}/")
+            page.locator("#connection.on").wait_for(timeout=30000)
+            shown = page.locator('#events li.onset[data-rule="glass-break"]')
+            assert wait_until(lambda: shown.count() == 1, 10), "the alert published while the page opened is not shown"
+            assert page.locator('#events li.onset[data-rule="glass-break"] button[data-verdict="not_this"]').count() == 1
+    finally:
+        dashboard.stop()

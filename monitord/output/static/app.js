@@ -304,6 +304,26 @@ function feedbackButtons(e) {
 }
 
 async function start() {
+  // Subscribe first, then read the state: an event published between the two is then in the state
+  // or on the channel (or both: shown once), never in neither. Messages wait until the state is shown.
+  const channel = new EventSource(withToken("api/events"));
+  const early = [];
+  let ready = false;
+  const onLiveEvent = (e) => onEvent(e, true);
+  const deliver = (handler) => (m) => {
+    const data = JSON.parse(m.data);
+    if (ready) handler(data); else early.push([handler, data]);
+  };
+  const badge = document.getElementById("connection");
+  channel.onopen = () => { badge.textContent = "live"; badge.className = "badge on"; };
+  channel.onerror = () => { badge.textContent = "reconnecting"; badge.className = "badge off"; };
+  channel.addEventListener("window", deliver(onWindow));
+  channel.addEventListener("scores", deliver(onScores));
+  channel.addEventListener("event", deliver(onLiveEvent));
+  await new Promise((resolve) => {  // subscribed (or failing to: the state is shown all the same)
+    channel.addEventListener("open", resolve, { once: true });
+    channel.addEventListener("error", resolve, { once: true });
+  });
   const response = await fetch(withToken("api/state"));
   const initial = await response.json();
   state.models = initial.models;
@@ -313,13 +333,9 @@ async function start() {
   initial.events.slice().reverse().forEach(onEvent);
   for (const m of initial.latest) (m.scores && m.model_name ? onScores : onWindow)(m);
   setUpTryIt(initial.try_it || {});
-  const channel = new EventSource(withToken("api/events"));
-  const badge = document.getElementById("connection");
-  channel.onopen = () => { badge.textContent = "live"; badge.className = "badge on"; };
-  channel.onerror = () => { badge.textContent = "reconnecting"; badge.className = "badge off"; };
-  channel.addEventListener("window", (m) => onWindow(JSON.parse(m.data)));
-  channel.addEventListener("scores", (m) => onScores(JSON.parse(m.data)));
-  channel.addEventListener("event", (m) => onEvent(JSON.parse(m.data), true));
+  const shown = new Set(initial.events.map((e) => e.seq));
+  ready = true;
+  for (const [handler, data] of early) if (handler !== onLiveEvent || !shown.has(data.seq)) handler(data);
 }
 
 function setUpTryIt(models) {
