@@ -168,7 +168,7 @@ class AlertEngine:
         model and label) keeps the time of its last onset: the cooldown still holds, so a reload
         does not alert again on the sound it just alerted on."""
         unchanged = {r.id for r in self.rules if r in rules}
-        retuned = {r.id for r in self.rules if r.id not in unchanged} & {r.id for r in rules if retunes(self.rules, r)}
+        retuned = {r.id for r in rules if r.id not in unchanged and retunes(self.rules, r)}
         ended = self.end(None, "rule changed", {r.id for r in self.rules} - unchanged)
         engine = AlertEngine(rules)
         engine.states.update({key: state for key, state in self.states.items() if key[0] in unchanged})
